@@ -1,0 +1,87 @@
+"""Shared fixtures: real landing folders on disk, a real DuckDB file, Dagster's own in-process execution."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+
+from dagster_project.cli import run_sync
+from upstack_pipeline.settings import Settings
+
+NOW = datetime.now(timezone.utc)
+
+
+def make_event(event_id: str, **overrides) -> dict:
+    """A valid AddToCart event; keyword arguments replace top-level fields."""
+    event = {
+        "event_id": event_id,
+        "event_name": "AddToCart",
+        "event_time": (NOW - timedelta(hours=1)).isoformat(),
+        "shop": "acme.myshopify.com",
+        "anonymous_id": "anon-1",
+        "session_id": "sess-1",
+        "event_source_url": "https://acme.myshopify.com/products/mug?_kx=abc",
+        "user_data": {"email": "jane@gmail.com", "klaviyo_identified": False, "client_ip_address": "10.0.0.1"},
+        "custom_data": {
+            "value": 24.0, "currency": "USD",
+            "items": [{"id": "p1", "name": "Mug", "price": 12.0, "quantity": 2, "sku": "MUG-1"}],
+            "discount_codes": ["WELCOME"],
+        },
+        "consent": {"analytics": True, "marketing": True, "sale_of_data": False},
+    }
+    event.update(overrides)
+    return event
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    """Writes lines as NDJSON, gzip-compressed when the name ends in .gz."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = ("\n".join(lines) + "\n").encode()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
+
+
+def write_events(path: Path, events: list[dict]) -> Path:
+    return write_lines(path, [json.dumps(event) for event in events])
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    landing = tmp_path / "landing"
+    (landing / "events").mkdir(parents=True)
+    (landing / "customers").mkdir(parents=True)
+    return Settings(landing_dir=landing, warehouse_path=tmp_path / "warehouse.duckdb")
+
+
+@pytest.fixture
+def sync(settings: Settings):
+    """Runs the whole upstack_sync job in-process, as `upstack sync` does, against a test instance."""
+    instance_context = dg.instance_for_test()
+    instance = instance_context.__enter__()
+
+    def run() -> dg.ExecuteInProcessResult:
+        result = run_sync(settings, instance)
+        assert result.success, [failure.step_failure_data.error for failure in result.get_step_failure_events()]
+        return result
+
+    yield run
+    instance_context.__exit__(None, None, None)
+
+
+def query(settings: Settings, sql: str, parameters: list | None = None) -> list[tuple]:
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
+        connection.execute("set TimeZone = 'UTC'")
+        return connection.execute(sql, parameters).fetchall()
+
+
+def materialization(result: dg.ExecuteInProcessResult, asset: str) -> dict:
+    events = [event for event in result.get_asset_materialization_events()
+              if event.asset_key == dg.AssetKey(asset)]
+    assert len(events) == 1
+    return {key: value.value for key, value in events[0].materialization.metadata.items()}

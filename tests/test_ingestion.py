@@ -1,0 +1,232 @@
+"""Ingestion through the plain library: real files in every format, a real DuckDB warehouse."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import replace
+from datetime import timedelta
+
+import polars as pl
+import pytest
+
+from conftest import NOW, make_event, query, write_events, write_lines
+from upstack_pipeline.customers import ingest_customers
+from upstack_pipeline.events import ingest_events
+
+
+def ingest(settings):
+    return ingest_events(settings, now=NOW)
+
+
+def test_each_event_file_format_is_ingested_with_typed_columns(settings):
+    events_dir = settings.events_dir / "dt=2026-11-28" / "hour=14"
+    write_events(events_dir / "part-0001.ndjson", [make_event("plain")])
+    write_events(events_dir / "part-0002.ndjson.gz", [make_event("gzipped")])
+    pl.DataFrame([make_event("parquet", event_time="2026-11-28T09:00:00-05:00")]).write_parquet(
+        events_dir / "part-0003.parquet")
+
+    report = ingest(settings)
+
+    assert (report.files_read, report.ingested_rows, report.quarantined_rows) == (3, 3, 0)
+    rows = query(settings, """
+        select event_id, source_file, line_number, event_time, user_data.email, custom_data.value,
+               custom_data.items[1].quantity, custom_data.discount_codes, consent.marketing,
+               raw_json->>'$.event_id'
+        from raw_events order by event_id""")
+    assert [row[0] for row in rows] == ["gzipped", "parquet", "plain"]
+    assert rows[0][1] == "events/dt=2026-11-28/hour=14/part-0002.ndjson.gz"
+    assert all(row[2] == 1 for row in rows)
+    assert rows[1][3].isoformat() == "2026-11-28T14:00:00+00:00"  # the offset is honoured
+    assert rows[2][4:] == ("jane@gmail.com", 24.0, 2.0, ["WELCOME"], True, "plain")
+
+
+def test_every_kind_of_bad_line_is_quarantined_and_the_good_lines_of_the_same_file_are_kept(settings):
+    far_future = (NOW + timedelta(days=30)).isoformat()
+    no_event_id = make_event("x")
+    del no_event_id["event_id"]
+    lines = [
+        json.dumps(make_event("good-1")),                                                      # 1
+        '{"event_id": "truncated", "event_name": "AddTo',                                      # 2
+        json.dumps([make_event("in-an-array")]),                                               # 3
+        json.dumps(no_event_id),                                                               # 4
+        json.dumps(make_event(12345)),                                                         # 5
+        json.dumps(make_event("words-for-time", event_time="yesterday")),                      # 6
+        json.dumps(make_event("no-offset", event_time="2026-11-28T14:00:00")),                 # 7
+        json.dumps(make_event("from-the-future", event_time=far_future)),                      # 8
+        "",                                                                                    # 9: blank, ignored
+        json.dumps(make_event("string-value", custom_data={"value": "24.00"})),                # 10
+        json.dumps(make_event("bad-item", custom_data={"items": [{"id": "p1", "price": "12"}]})),  # 11
+        json.dumps(make_event("empty-name", event_name="")),                                   # 12
+        json.dumps(make_event("flag-as-text", user_data={"klaviyo_identified": "yes"})),       # 13
+        json.dumps(make_event("ancient", event_time="1999-12-31T23:00:00Z")),                  # 14
+        json.dumps(make_event("null-session", session_id=None)),                               # 15
+        json.dumps(make_event("good-2")),                                                      # 16
+    ]
+    path = write_lines(settings.events_dir / "mixed.ndjson", lines)
+    with open(path, "ab") as handle:
+        handle.write(json.dumps(make_event("bad-bytes")).encode().replace(b"jane", b"j\xffne") + b"\n")  # 17
+
+    report = ingest(settings)
+
+    assert report.ingested_rows == 2
+    assert query(settings, "select event_id from raw_events order by event_id") == [("good-1",), ("good-2",)]
+    quarantined = query(settings, """
+        select line_number, reason, detail, event_id from quarantined_events order by line_number""")
+    assert [(line, reason) for line, reason, _, _ in quarantined] == [
+        (2, "not_json"),
+        (3, "not_an_object"),
+        (4, "missing_field"),
+        (5, "wrong_type"),
+        (6, "unparseable_time"),
+        (7, "unparseable_time"),
+        (8, "future_time"),
+        (10, "wrong_type"),
+        (11, "wrong_type"),
+        (12, "missing_field"),
+        (13, "wrong_type"),
+        (14, "time_before_2000"),
+        (15, "missing_field"),
+        (17, "invalid_utf8"),
+    ]
+    details = {line: detail for line, _, detail, _ in quarantined}
+    assert "event_id" in details[4] and "event_id" in details[5]
+    assert "custom_data.value" in details[10]
+    assert "custom_data.items[0].price" in details[11]
+    assert "user_data.klaviyo_identified" in details[13]
+    assert "session_id" in details[15]
+    assert quarantined[5][3] == "no-offset"  # the event_id is kept when readable, to find the event upstream
+    raw_texts = query(settings, "select raw_text from quarantined_events where line_number = 2")
+    assert raw_texts == [(lines[1],)]
+    assert query(settings, "select lines, ingested_rows, quarantined_rows from ingested_files") == [(16, 2, 14)]
+
+
+def test_a_second_run_reads_nothing_and_a_new_file_is_read_alone(settings):
+    write_events(settings.events_dir / "a.ndjson.gz", [make_event("a1"), make_event("a2")])
+    assert ingest(settings).ingested_rows == 2
+
+    again = ingest(settings)
+    assert (again.files_read, again.lines, again.ingested_rows) == (0, 0, 0)
+
+    write_events(settings.events_dir / "b.ndjson.gz", [make_event("b1")])
+    later = ingest(settings)
+    assert (later.files_read, later.ingested_rows) == (1, 1)
+    assert query(settings, "select count(*) from raw_events") == [(3,)]
+
+
+def test_pixel_retries_are_kept_once_within_and_across_files_and_runs(settings):
+    write_events(settings.events_dir / "h14.ndjson", [make_event("e1"), make_event("e2"), make_event("e1")])
+    write_events(settings.events_dir / "h15.ndjson", [make_event("e2"), make_event("e3")])
+    first = ingest(settings)
+    write_events(settings.events_dir / "h16.ndjson", [make_event("e3"), make_event("e4")])
+    second = ingest(settings)
+
+    assert (first.ingested_rows, first.duplicate_rows) == (3, 2)
+    assert (second.ingested_rows, second.duplicate_rows) == (1, 1)
+    assert query(settings, "select event_id, source_file, line_number from raw_events order by event_id") == [
+        ("e1", "events/h14.ndjson", 1), ("e2", "events/h14.ndjson", 2),
+        ("e3", "events/h15.ndjson", 2), ("e4", "events/h16.ndjson", 2)]
+    assert query(settings, "select path, duplicate_rows from ingested_files order by path") == [
+        ("events/h14.ndjson", 1), ("events/h15.ndjson", 1), ("events/h16.ndjson", 1)]
+
+
+def test_a_file_changed_after_ingestion_is_reported_not_reread(settings):
+    path = write_events(settings.events_dir / "a.ndjson", [make_event("a1")])
+    ingest(settings)
+    write_events(path, [make_event("a1"), make_event("sneaked-in")])
+
+    report = ingest(settings)
+
+    assert report.changed_files == ["events/a.ndjson"]
+    assert report.ingested_rows == 0
+    assert query(settings, "select count(*) from raw_events") == [(1,)]
+    assert query(settings, "select path from changed_files") == [("events/a.ndjson",)]
+
+
+def test_a_touched_but_identical_file_is_not_a_change(settings):
+    path = write_events(settings.events_dir / "a.ndjson", [make_event("a1")])
+    ingest(settings)
+    os.utime(path, (1_900_000_000, 1_900_000_000))
+
+    report = ingest(settings)
+
+    assert report.changed_files == [] and report.files_read == 0
+    assert query(settings, "select count(*) from changed_files") == [(0,)]
+
+
+def test_unreadable_files_are_recorded_and_do_not_stop_the_others(settings):
+    whole = gzip.compress("\n".join(json.dumps(make_event(f"t{i}")) for i in range(500)).encode())
+    (settings.events_dir / "truncated.ndjson.gz").write_bytes(whole[: len(whole) // 2])
+    (settings.events_dir / "broken.parquet").write_bytes(b"PAR1 not really")
+    write_events(settings.events_dir / "fine.ndjson", [make_event("ok")])
+
+    report = ingest(settings)
+
+    assert set(report.unreadable_files) == {"events/truncated.ndjson.gz", "events/broken.parquet"}
+    assert report.ingested_rows == 1
+    assert query(settings, "select path, status from ingested_files where status = 'unreadable' order by path") == [
+        ("events/broken.parquet", "unreadable"), ("events/truncated.ndjson.gz", "unreadable")]
+    assert ingest(settings).unreadable_files == {}  # recorded once, not retried every run
+
+
+def test_files_still_being_written_and_other_formats_are_left_alone(settings):
+    write_events(settings.events_dir / ".part-0001.ndjson.gz", [make_event("half-written")])
+    write_events(settings.events_dir / "_tmp" / "part-0001.ndjson", [make_event("staging")])
+    (settings.events_dir / "README.txt").write_text("not data")
+    write_events(settings.events_dir / "deep" / "er" / "part.jsonl", [make_event("nested")])
+
+    report = ingest(settings)
+
+    assert report.files_read == 1
+    assert query(settings, "select event_id from raw_events") == [("nested",)]
+
+
+def test_line_numbers_stay_exact_deep_into_a_large_file(settings):
+    lines = [json.dumps(make_event(f"e{i}")) for i in range(150_000)]
+    lines[123_456] = "oops"
+    lines[140_000] = ""
+    write_lines(settings.events_dir / "big.ndjson.gz", lines)
+
+    report = ingest(settings)
+
+    assert report.ingested_rows == 149_998
+    assert query(settings, "select line_number, reason from quarantined_events") == [(123_457, "not_json")]
+    assert query(settings, "select line_number from raw_events where event_id in ('e140001', 'e149999') "
+                           "order by line_number") == [(140_002,), (150_000,)]
+
+
+def test_customers_exports_load_as_csv_and_parquet_and_the_newest_export_wins(settings):
+    (settings.customers_dir / "2026-11-01.csv").write_text(
+        "customer_id,email,phone,first_name,last_name,city,region,country,accepts_marketing\n"
+        "0071,jane@gmail.com,+14155550134,Jane,Doe,Austin,TX,US,yes\n"
+        ",nobody@gmail.com,,,,,,,no\n"
+        "0072,joe@yahoo.com,,Joe,Roe,Boston,MA,US,false\n")
+    pl.DataFrame({"customer_id": ["0071"], "email": ["jane.doe@gmail.com"], "accepts_marketing": ["no"]}) \
+        .write_parquet(settings.customers_dir / "2026-11-15.parquet")
+
+    report = ingest_customers(settings, now=NOW)
+
+    assert (report.files_read, report.ingested_rows, report.quarantined_rows) == (2, 3, 1)
+    assert query(settings, "select customer_id, email, phone, accepts_marketing from customers order by 1") == [
+        ("0071", "jane.doe@gmail.com", None, False), ("0072", "joe@yahoo.com", None, False)]
+    assert query(settings, "select line_number, reason from quarantined_customers") == [(3, "missing_field")]
+
+
+def test_a_customers_file_without_customer_ids_is_reported_unreadable(settings):
+    (settings.customers_dir / "wrong.csv").write_text("id,mail\n1,a@b.com\n")
+
+    report = ingest_customers(settings, now=NOW)
+
+    assert "customer_id" in report.unreadable_files["customers/wrong.csv"]
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 1 << 30])
+def test_batching_does_not_change_the_outcome(settings, batch_bytes):
+    for hour in range(5):
+        write_events(settings.events_dir / f"h{hour}.ndjson", [make_event(f"e{hour}"), make_event(f"e{hour + 1}")])
+
+    report = ingest_events(replace(settings, ingest_batch_bytes=batch_bytes), now=NOW)
+
+    assert (report.ingested_rows, report.duplicate_rows) == (6, 4)
+    assert query(settings, "select count(*), count(distinct event_id) from raw_events") == [(6, 6)]

@@ -1,0 +1,195 @@
+"""Moving landing files into the warehouse exactly once.
+
+Shared by every kind of landing file (events, customers): find the files not read yet, report the ones that
+changed after they were read, stage each batch of new files as lines, let the kind's SQL sort the lines into its
+tables, and record each file in the `ingested_files` ledger in the same transaction. A run killed at any point
+therefore leaves each file either fully ingested and recorded, or untouched and read again next run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Protocol
+
+import duckdb
+import polars as pl
+
+from upstack_pipeline.landing import (
+    ChangedFile,
+    KnownFile,
+    LandingFile,
+    batches,
+    discover,
+    split_new_and_changed,
+)
+from upstack_pipeline.warehouse import Warehouse
+
+STAGED_SCHEMA = {"source_file": pl.String, "line_number": pl.Int64, "raw_line": pl.String, "invalid_utf8": pl.Boolean}
+
+
+class UnreadableFileError(Exception):
+    """A landing file that cannot be read at all (corrupt gzip, broken Parquet)."""
+
+
+class FileKind(Protocol):
+    """What one kind of landing file needs beyond the shared bookkeeping."""
+
+    kind: str
+
+    def read_lines(self, landing_file: LandingFile) -> pl.DataFrame:
+        """The file as staged lines: line_number, raw_line, invalid_utf8 (see STAGED_SCHEMA)."""
+
+    def write_batch(self, connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
+        """Sort temp table staged_lines into the kind's tables; leave temp table batch_file_counts."""
+
+
+@dataclass
+class IngestReport:
+    kind: str
+    files_read: int = 0
+    unreadable_files: dict[str, str] = field(default_factory=dict)
+    changed_files: list[str] = field(default_factory=list)
+    lines: int = 0
+    ingested_rows: int = 0
+    duplicate_rows: int = 0
+    quarantined_rows: int = 0
+
+    def add(self, counts: dict[str, int]) -> None:
+        self.lines += counts["lines"]
+        self.ingested_rows += counts["ingested_rows"]
+        self.duplicate_rows += counts["duplicate_rows"]
+        self.quarantined_rows += counts["quarantined_rows"]
+
+
+def ingest_new_files(
+    warehouse: Warehouse,
+    landing_dir: Path,
+    file_kind: FileKind,
+    *,
+    now: datetime,
+    batch_bytes: int,
+    log: Callable[[str], None] = lambda message: None,
+) -> IngestReport:
+    report = IngestReport(kind=file_kind.kind)
+    with warehouse.connect() as connection:
+        new, changed, touched = split_new_and_changed(
+            discover(landing_dir, file_kind.kind), _known_files(connection, file_kind.kind)
+        )
+        _record_changed_and_touched(connection, changed, touched, now)
+    report.changed_files = [change.file.path for change in changed]
+    for change in changed:
+        log(f"{change.file.path} changed after it was ingested (sha256 {change.ingested_sha256[:12]}... -> "
+            f"{change.current_sha256[:12]}...); it is not read again. Landing files must be immutable: "
+            "write new data to a new file.")
+
+    for batch in batches(new, batch_bytes):
+        staged, unreadable = _stage(batch, file_kind)
+        with warehouse.connect() as connection:
+            connection.begin()
+            connection.register("staged_lines", staged)
+            file_kind.write_batch(connection, now)
+            counts = {
+                row[0]: dict(zip(("lines", "ingested_rows", "duplicate_rows", "quarantined_rows"), row[1:]))
+                for row in connection.execute(
+                    "select source_file, lines, ingested_rows, duplicate_rows, quarantined_rows "
+                    "from batch_file_counts"
+                ).fetchall()
+            }
+            for landing_file in batch:
+                file_counts = counts.get(landing_file.path, dict.fromkeys(
+                    ("lines", "ingested_rows", "duplicate_rows", "quarantined_rows"), 0))
+                _record_ingested(connection, landing_file, file_counts, unreadable.get(landing_file.path), now)
+                report.add(file_counts)
+            connection.unregister("staged_lines")
+            connection.commit()
+        report.files_read += len(batch) - len(unreadable)
+        report.unreadable_files.update(unreadable)
+        for path, error in unreadable.items():
+            log(f"{path} could not be read and was recorded as unreadable: {error}")
+    return report
+
+
+def _stage(batch: list[LandingFile], file_kind: FileKind) -> tuple[pl.DataFrame, dict[str, str]]:
+    frames, unreadable = [], {}
+    for landing_file in batch:
+        try:
+            lines = file_kind.read_lines(landing_file)
+        except UnreadableFileError as error:
+            unreadable[landing_file.path] = str(error)
+            continue
+        frames.append(lines.with_columns(source_file=pl.lit(landing_file.path)).select(
+            pl.col(name).cast(dtype) for name, dtype in STAGED_SCHEMA.items()))
+    return pl.concat(frames) if frames else pl.DataFrame(schema=STAGED_SCHEMA), unreadable
+
+
+def _known_files(connection: duckdb.DuckDBPyConnection, kind: str) -> dict[str, KnownFile]:
+    rows = connection.execute(
+        "select path, size_bytes, modified_at, content_sha256 from ingested_files where kind = ?", [kind]
+    ).fetchall()
+    return {path: KnownFile(size, modified_at, sha) for path, size, modified_at, sha in rows}
+
+
+def _record_changed_and_touched(
+    connection: duckdb.DuckDBPyConnection, changed: list[ChangedFile], touched: list[LandingFile], now: datetime
+) -> None:
+    for change in changed:
+        connection.execute(
+            "insert or ignore into changed_files values (?, ?, ?, ?, ?)",
+            [change.file.path, change.ingested_sha256, change.current_sha256, change.file.size_bytes, now],
+        )
+    for landing_file in touched:
+        connection.execute(
+            "update ingested_files set modified_at = ? where path = ?", [landing_file.modified_at, landing_file.path]
+        )
+
+
+def _record_ingested(
+    connection: duckdb.DuckDBPyConnection,
+    landing_file: LandingFile,
+    counts: dict[str, int],
+    error: str | None,
+    now: datetime,
+) -> None:
+    connection.execute(
+        "insert into ingested_files values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            landing_file.path, landing_file.kind, landing_file.size_bytes, landing_file.modified_at,
+            landing_file.sha256(), "unreadable" if error else "ingested", error,
+            counts["lines"], counts["ingested_rows"], counts["duplicate_rows"], counts["quarantined_rows"], now,
+        ],
+    )
+
+
+
+@dataclass(frozen=True)
+class TableOverview:
+    """What an operator wants to see after an ingestion: totals, this run's quarantine, a few sample rows."""
+
+    total_rows: int
+    total_quarantined: int
+    quarantined_this_run_by_reason: dict[str, int]
+    recent_rows: pl.DataFrame
+    quarantined_this_run: pl.DataFrame
+
+
+def overview(
+    warehouse: Warehouse, *, table: str, quarantine_table: str, recent_columns: str, now: datetime, limit: int = 5
+) -> TableOverview:
+    with warehouse.connect() as connection:
+        total_rows = connection.execute(f"select count(*) from {table}").fetchone()[0]
+        total_quarantined = connection.execute(f"select count(*) from {quarantine_table}").fetchone()[0]
+        by_reason = dict(connection.execute(
+            f"select reason, count(*) from {quarantine_table} where quarantined_at = ? group by reason "
+            "order by count(*) desc", [now]
+        ).fetchall())
+        recent = connection.sql(
+            f"select {recent_columns} from {table} order by ingested_at desc, source_file desc, line_number desc "
+            f"limit {limit}"
+        ).pl()
+        quarantined = connection.sql(
+            f"select source_file, line_number, reason, detail from {quarantine_table} where quarantined_at = ? "
+            f"order by source_file, line_number limit {limit * 2}", params=[now]
+        ).pl()
+    return TableOverview(total_rows, total_quarantined, by_reason, recent, quarantined)
