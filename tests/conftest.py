@@ -11,7 +11,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from dagster_project.cli import run_sync
+from dagster_project.definitions import run_sync
 from upstack_pipeline.settings import Settings
 
 NOW = datetime.now(timezone.utc)

@@ -1,0 +1,77 @@
+"""Landing files into the warehouse: `raw_events` and `customers`, with checks on the landing folder's health."""
+
+from datetime import datetime, timezone
+
+import dagster as dg
+
+from dagster_project.metadata import ingestion_metadata
+from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
+from upstack_pipeline.customers import ingest_customers
+from upstack_pipeline.events import ingest_events
+from upstack_pipeline.ingestion import overview
+
+landing_checks = [
+    dg.AssetCheckSpec("landing_files_unchanged", asset="raw_events",
+                      description="No landing file was rewritten after it was ingested."),
+    dg.AssetCheckSpec("landing_files_readable", asset="raw_events",
+                      description="Every landing file could be read (not corrupt, not truncated)."),
+    dg.AssetCheckSpec("event_ids_unique", asset="raw_events", blocking=True,
+                      description="Each event_id is kept once, whatever the pixel retried."),
+]
+
+
+@dg.asset(
+    pool=WAREHOUSE_POOL,
+    group_name="ingestion",
+    kinds={"duckdb"},
+    check_specs=landing_checks,
+    description="Storefront events from the landing folder's new files; bad lines go to quarantined_events.",
+)
+def raw_events(context: dg.AssetExecutionContext, upstack: UpstackResource):
+    now = datetime.now(timezone.utc)
+    report = ingest_events(upstack.settings(), now=now, log=context.log.warning)
+    table = overview(upstack.warehouse(), table="raw_events", quarantine_table="quarantined_events",
+                     recent_columns="event_id, event_name, event_time, anonymous_id, source_file", now=now)
+    yield dg.MaterializeResult(metadata=ingestion_metadata(report, table))
+    yield from landing_check_results(upstack)
+
+
+def landing_check_results(upstack: UpstackResource):
+    counts = upstack.warehouse().frame("""
+        select
+            (select count(*) from changed_files) as changed_files,
+            (select count(*) from ingested_files where status = 'unreadable') as unreadable_files,
+            (select count(*) - count(distinct event_id) from raw_events) as repeated_event_ids
+    """).row(0, named=True)
+    yield dg.AssetCheckResult(
+        check_name="landing_files_unchanged", passed=counts["changed_files"] == 0,
+        severity=dg.AssetCheckSeverity.WARN, metadata={"changed_files": counts["changed_files"]},
+        description=None if counts["changed_files"] == 0 else
+        "Some landing files changed after ingestion and were not re-read; see table changed_files. "
+        "Write new data to new files.",
+    )
+    yield dg.AssetCheckResult(
+        check_name="landing_files_readable", passed=counts["unreadable_files"] == 0,
+        severity=dg.AssetCheckSeverity.WARN, metadata={"unreadable_files": counts["unreadable_files"]},
+        description=None if counts["unreadable_files"] == 0 else
+        "Some landing files could not be read; see ingested_files where status = 'unreadable'. "
+        "Re-export them under a new name.",
+    )
+    yield dg.AssetCheckResult(
+        check_name="event_ids_unique", passed=counts["repeated_event_ids"] == 0,
+        metadata={"repeated_event_ids": counts["repeated_event_ids"]},
+    )
+
+
+@dg.asset(
+    pool=WAREHOUSE_POOL,
+    group_name="ingestion",
+    kinds={"duckdb"},
+    description="Shopify customers export (optional): links customer ids to emails; newest export wins.",
+)
+def customers(context: dg.AssetExecutionContext, upstack: UpstackResource) -> dg.MaterializeResult:
+    now = datetime.now(timezone.utc)
+    report = ingest_customers(upstack.settings(), now=now, log=context.log.warning)
+    table = overview(upstack.warehouse(), table="customers", quarantine_table="quarantined_customers",
+                     recent_columns="customer_id, first_name, city, country, source_file", now=now)
+    return dg.MaterializeResult(metadata=ingestion_metadata(report, table))

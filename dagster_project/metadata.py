@@ -1,0 +1,38 @@
+"""Turning library reports into asset metadata an operator can read in the Dagster UI."""
+
+from __future__ import annotations
+
+import dagster as dg
+import polars as pl
+
+from upstack_pipeline.ingestion import IngestReport, TableOverview
+
+
+def markdown_table(frame: pl.DataFrame, max_cell: int = 80) -> str:
+    if frame.is_empty():
+        return "_none_"
+
+    def cell(value: object) -> str:
+        text = "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+        return text if len(text) <= max_cell else text[: max_cell - 1] + "…"
+
+    header = "| " + " | ".join(frame.columns) + " |"
+    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
+    rows = ["| " + " | ".join(cell(value) for value in row) + " |" for row in frame.iter_rows()]
+    return "\n".join([header, rule, *rows])
+
+
+def ingestion_metadata(report: IngestReport, table: TableOverview) -> dict[str, dg.MetadataValue]:
+    return {
+        "dagster/row_count": dg.MetadataValue.int(table.total_rows),
+        "files_read": dg.MetadataValue.int(report.files_read),
+        "rows_ingested": dg.MetadataValue.int(report.ingested_rows),
+        "duplicates_skipped": dg.MetadataValue.int(report.duplicate_rows),
+        "rows_quarantined": dg.MetadataValue.int(report.quarantined_rows),
+        "quarantined_by_reason": dg.MetadataValue.json(table.quarantined_this_run_by_reason),
+        "quarantined_total": dg.MetadataValue.int(table.total_quarantined),
+        "unreadable_files": dg.MetadataValue.json(report.unreadable_files),
+        "changed_files": dg.MetadataValue.json(report.changed_files),
+        "preview": dg.MetadataValue.md(markdown_table(table.recent_rows)),
+        "quarantine_preview": dg.MetadataValue.md(markdown_table(table.quarantined_this_run)),
+    }

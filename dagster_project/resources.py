@@ -1,0 +1,38 @@
+"""Dagster's view of the project settings.
+
+Assets receive paths through this resource (shown in the UI, overridable per run or in tests); anything secret,
+such as the Klaviyo key, stays in the environment and is read through `Settings` at run time, so it never lands
+in run configuration or metadata.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from upstack_pipeline.settings import Settings
+from upstack_pipeline.warehouse import Warehouse
+
+# DuckDB takes one writer at a time: every asset that writes the warehouse runs in this pool, limited to one
+# slot in the shipped instance configuration (dagster_home/dagster.yaml).
+WAREHOUSE_POOL = "duckdb_warehouse"
+
+
+class UpstackResource(dg.ConfigurableResource):
+    """Where the landing folder and the DuckDB warehouse are."""
+
+    landing_dir: str
+    warehouse_path: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "UpstackResource":
+        return cls(landing_dir=str(settings.landing_dir), warehouse_path=str(settings.warehouse_path))
+
+    def settings(self) -> Settings:
+        return Settings.from_env().with_paths(
+            landing_dir=Path(self.landing_dir), warehouse_path=Path(self.warehouse_path)
+        )
+
+    def warehouse(self) -> Warehouse:
+        return Warehouse(Path(self.warehouse_path))

@@ -1,0 +1,118 @@
+"""The Dagster layer: definitions, the sync job with its checks, the landing sensor, the schedule, the pool."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from conftest import make_event, materialization, query, write_events, write_lines
+from dagster_project.definitions import SYNC_JOB_NAME, load_definitions
+from dagster_project.defs.sync import hourly_sync, landing_files_sensor
+from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def test_definitions_load():
+    definitions = load_definitions()
+    dg.Definitions.validate_loadable(definitions)
+    assert {key.to_user_string() for key in definitions.resolve_all_asset_keys()} >= {"raw_events", "customers"}
+
+
+@pytest.mark.parametrize("command", [
+    ["dagster", "definitions", "validate", "-w", "workspace.yaml"],
+    ["dg", "check", "defs"],
+])
+def test_both_entry_points_validate_the_same_code_location(command, tmp_path):
+    completed = subprocess.run(
+        [str(BIN / command[0]), *command[1:]], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=180,
+        env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "DAGSTER_HOME": str(tmp_path),
+             "VIRTUAL_ENV": str(BIN.parent)},
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_sync_materializes_both_tables_with_operator_metadata_and_passing_checks(settings, sync):
+    write_events(settings.events_dir / "dt=2026-11-28" / "a.ndjson.gz", [make_event("e1"), make_event("e2")])
+    write_lines(settings.events_dir / "dt=2026-11-28" / "b.ndjson", ['{"event_id": "e1"', '"just a string"'])
+    (settings.customers_dir / "customers.csv").write_text("customer_id,email\n1,jane@gmail.com\n")
+
+    result = sync()
+
+    events = materialization(result, "raw_events")
+    assert events["dagster/row_count"] == 2
+    assert (events["files_read"], events["rows_ingested"], events["rows_quarantined"]) == (2, 2, 2)
+    assert events["quarantined_by_reason"] == {"not_json": 1, "not_an_object": 1}
+    assert "e2" in events["preview"] and "not_json" in events["quarantine_preview"]
+    assert materialization(result, "customers")["dagster/row_count"] == 1
+    checks = {check.check_name: check.passed for check in result.get_asset_check_evaluations()}
+    assert checks == {"landing_files_unchanged": True, "landing_files_readable": True, "event_ids_unique": True}
+
+    rerun = materialization(sync(), "raw_events")
+    assert (rerun["files_read"], rerun["rows_ingested"], rerun["dagster/row_count"]) == (0, 0, 2)
+
+
+def test_landing_checks_warn_about_changed_and_unreadable_files(settings, sync):
+    path = write_events(settings.events_dir / "a.ndjson", [make_event("e1")])
+    sync()
+    write_events(path, [make_event("e1"), make_event("e2")])
+    (settings.events_dir / "b.parquet").write_bytes(b"not parquet")
+
+    result = sync()
+
+    failed = {check.check_name: check.severity for check in result.get_asset_check_evaluations() if not check.passed}
+    assert failed == {"landing_files_unchanged": dg.AssetCheckSeverity.WARN,
+                      "landing_files_readable": dg.AssetCheckSeverity.WARN}
+    assert query(settings, "select count(*) from raw_events") == [(1,)]
+
+
+def test_landing_sensor_requests_one_run_per_batch_of_new_files_and_none_for_old_ones(settings):
+    resources = {"upstack": UpstackResource.from_settings(settings)}
+    with dg.instance_for_test() as instance:
+        def tick(cursor):
+            context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
+            return landing_files_sensor(context)
+
+        assert isinstance(tick(None), dg.SkipReason)
+
+        write_events(settings.events_dir / "h14.ndjson.gz", [make_event("e1")])
+        (settings.customers_dir / "customers.csv").write_text("customer_id\n1\n")
+        first = tick(None)
+        assert len(first.run_requests) == 1  # targets the sensor's job, upstack_sync
+        assert first.run_requests[0].tags["upstack/new_files"] == "2"
+
+        assert isinstance(tick(first.cursor), dg.SkipReason)
+
+        write_events(settings.events_dir / "h15.ndjson.gz", [make_event("e2")])
+        write_events(settings.events_dir / ".h16.ndjson.gz", [make_event("e3")])  # still being written
+        second = tick(first.cursor)
+        assert len(second.run_requests) == 1
+        assert second.run_requests[0].tags["upstack/new_files"] == "1"
+        assert second.run_requests[0].run_key != first.run_requests[0].run_key
+
+
+def test_sensor_and_schedule_start_running_and_target_the_sync_job():
+    definitions = load_definitions()
+    assert definitions.resolve_sensor_def("landing_files_sensor").default_status == dg.DefaultSensorStatus.RUNNING
+    schedule = definitions.resolve_schedule_def("hourly_sync")
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert (schedule.cron_schedule, schedule.job_name) == ("0 * * * *", SYNC_JOB_NAME)
+    assert hourly_sync.job_name == landing_files_sensor.job_name == SYNC_JOB_NAME
+
+
+def test_every_asset_writing_the_warehouse_shares_one_pool_limited_to_one_slot(tmp_path):
+    job = load_definitions().resolve_job_def(SYNC_JOB_NAME)
+    pools = {node.name: node.definition.pool for node in job.graph.nodes}
+    assert {"raw_events", "customers"} <= set(pools) and set(pools.values()) == {WAREHOUSE_POOL}
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
