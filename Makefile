@@ -1,0 +1,29 @@
+# Two promises: `make demo` and `make test` work on a fresh machine with only Python 3.11+ and make.
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+# The first Python 3.11+ on PATH.
+PYTHON := $(shell for candidate in python3.13 python3.12 python3.11 python3; do \
+	$$candidate -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && { echo $$candidate; break; }; \
+	done)
+
+.PHONY: demo test dev bench
+
+$(INSTALLED): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "upstack-flows needs Python 3.11 or newer on PATH (python3.11, python3.12, ...)."; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(BIN)/upstack demo
+
+test: $(INSTALLED)
+	$(BIN)/pytest
+
+dev: $(INSTALLED)
+	DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+bench: $(INSTALLED)
+	$(BIN)/python bench/ingest.py
