@@ -1,21 +1,13 @@
--- Writes one classified batch (temp table classified_lines) to raw_events and quarantined_events, and leaves the
--- per-file outcome counts in temp table batch_file_counts for the ingested_files ledger.
--- An event_id already in raw_events, or seen earlier in this batch, is a pixel retry: counted, not kept again.
-
-create or replace temp table accepted_lines as
-select
-    classified.*,
-    row_number() over (partition by event.event_id order by source_file, line_number) = 1
-        and not exists (select 1 from raw_events as kept where kept.event_id = classified.event.event_id)
-        as is_first_sighting
-from classified_lines as classified
-where reason is null;
+-- Writes one judged batch: accepted first sightings to raw_events (typed once, here), every quarantined line to
+-- quarantined_events with a detail a person can act on, and the per-file outcome counts to temp table
+-- batch_file_counts for the ingested_files ledger.
+-- Input: temp tables staged_lines and line_verdicts (sql/line_verdicts.sql). Variable: ingested_at.
 
 insert into raw_events
 select
     event.event_id,
     event.event_name,
-    event_time,
+    verdict.event_time,
     event.shop,
     event.anonymous_id,
     event.session_id,
@@ -24,28 +16,69 @@ select
     event.user_data,
     event.custom_data,
     event.consent,
-    raw_line::json,
+    raw_line,
     source_file,
     line_number,
-    ingested_at
-from accepted_lines
-where is_first_sighting;
+    getvariable('ingested_at')
+from (
+    select
+        staged.source_file,
+        staged.line_number,
+        staged.raw_line,
+        verdict,
+        json_transform(staged.raw_line, '{
+            "event_id": "VARCHAR", "event_name": "VARCHAR", "shop": "VARCHAR",
+            "anonymous_id": "VARCHAR", "session_id": "VARCHAR", "event_source_url": "VARCHAR", "referrer": "VARCHAR",
+            "user_data": {
+                "email": "VARCHAR", "phone": "VARCHAR", "em": "VARCHAR", "ph": "VARCHAR", "external_id": "VARCHAR",
+                "first_name": "VARCHAR", "last_name": "VARCHAR", "city": "VARCHAR", "region": "VARCHAR",
+                "zip": "VARCHAR", "country": "VARCHAR", "kx": "VARCHAR", "klaviyo_identified": "BOOLEAN",
+                "fbp": "VARCHAR", "fbc": "VARCHAR", "gclid": "VARCHAR", "ttclid": "VARCHAR", "msclkid": "VARCHAR",
+                "client_ip_address": "VARCHAR", "client_user_agent": "VARCHAR"},
+            "custom_data": {
+                "value": "DOUBLE", "currency": "VARCHAR", "order_id": "VARCHAR", "checkout_url": "VARCHAR",
+                "discount_codes": ["VARCHAR"], "search_term": "VARCHAR",
+                "items": [{"id": "VARCHAR", "name": "VARCHAR", "price": "DOUBLE", "quantity": "DOUBLE",
+                           "sku": "VARCHAR", "variant": "VARCHAR", "brand": "VARCHAR", "category": "VARCHAR",
+                           "url": "VARCHAR", "image_url": "VARCHAR"}]},
+            "consent": {"analytics": "BOOLEAN", "marketing": "BOOLEAN", "sale_of_data": "BOOLEAN"}
+        }') as event
+    from staged_lines as staged
+    join line_verdicts as verdict using (source_file, line_number)
+    where verdict.is_first_sighting
+);
 
 insert into quarantined_events
-select source_file, line_number, raw_line, reason, detail, event_id_text, ingested_at
-from classified_lines
-where reason is not null;
+select
+    source_file,
+    line_number,
+    staged.raw_line,
+    verdict.reason,
+    case verdict.reason
+        when 'invalid_utf8' then 'the line is not valid UTF-8 (bad bytes are shown as U+FFFD)'
+        when 'not_json' then 'the line is not valid JSON'
+        when 'not_an_object' then 'the line is a JSON ' || lower(json_type(staged.raw_line)) || ', not an object'
+        when 'missing_field' then 'required field ' || verdict.bad_path || ' is missing, null or empty'
+        when 'wrong_type' then verdict.bad_path || ' is a JSON '
+            || lower(json_type(staged.raw_line, '$.' || verdict.bad_path)) || ', which the event contract does not allow'
+        when 'unparseable_time' then 'event_time ' || coalesce('"' || verdict.event_time_text || '"', 'null')
+            || ' is not an ISO 8601 date-time with an offset'
+        when 'future_time' then 'event_time ' || verdict.event_time_text
+            || ' is more than the allowed clock skew ahead of ingestion'
+        when 'time_before_2000' then 'event_time ' || verdict.event_time_text || ' is before 2000'
+    end,
+    verdict.event_id,
+    getvariable('ingested_at')
+from line_verdicts as verdict
+join staged_lines as staged using (source_file, line_number)
+where verdict.reason is not null;
 
 create or replace temp table batch_file_counts as
 select
     source_file,
     count(*) as lines,
-    count(*) filter (where outcome = 'ingested') as ingested_rows,
-    count(*) filter (where outcome = 'duplicate') as duplicate_rows,
-    count(*) filter (where outcome = 'quarantined') as quarantined_rows
-from (
-    select source_file, if(is_first_sighting, 'ingested', 'duplicate') as outcome from accepted_lines
-    union all
-    select source_file, 'quarantined' from classified_lines where reason is not null
-)
+    count(*) filter (where is_first_sighting) as ingested_rows,
+    count(*) filter (where reason is null and not is_first_sighting) as duplicate_rows,
+    count(*) filter (where reason is not null) as quarantined_rows
+from line_verdicts
 group by source_file;

@@ -1,7 +1,7 @@
 """Raw storefront events: the input contract (SPEC 3.1) and how a landing file becomes `raw_events` rows.
 
 The contract mirrors `raw-event.schema.json`. A line that breaks it is quarantined with a reason; it never stops
-a run. The checks themselves run in DuckDB (`sql/classified_lines.sql`) over a whole batch of lines at once.
+a run. The checks themselves run in DuckDB (`sql/line_verdicts.sql`) over a whole batch of lines at once.
 """
 
 from __future__ import annotations
@@ -71,17 +71,18 @@ class EventFiles:
         return read_ndjson_lines(landing_file)
 
     def write_batch(self, connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
-        connection.execute(read_sql("classified_lines"), {
-            "required_fields": list(REQUIRED_FIELDS),
+        connection.execute(read_sql("line_verdicts"), {
+            "required_fields": [name for name in REQUIRED_FIELDS if name != "event_time"],
             "field_names": list(EVENT_CONTRACT),
-            "field_paths": [_json_path(name) for name in EVENT_CONTRACT],
+            "field_paths": ["$"] + [_json_path(name) for name in EVENT_CONTRACT],
             "field_types": [list(types) for types in EVENT_CONTRACT.values()],
             "item_names": list(ITEM_CONTRACT),
-            "item_paths": [_json_path(name) for name in ITEM_CONTRACT],
+            "item_paths": ["$"] + [_json_path(name) for name in ITEM_CONTRACT],
             "item_types": [list(types) for types in ITEM_CONTRACT.values()],
             "now": now,
             "max_skew": self.max_clock_skew,
         })
+        connection.execute("set variable ingested_at = ?", [now])
         connection.execute(read_sql("raw_events"))
 
 

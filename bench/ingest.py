@@ -1,0 +1,94 @@
+"""How ingestion compares with DuckDB reading the same files on its own.
+
+Writes N realistic events as hourly gzip NDJSON files, then times, in the same process and run:
+  baseline: DuckDB `create table as select * from read_json(files)` (parse + type, no checks, no bookkeeping)
+  ours:     `upstack_pipeline.events.ingest_events` into a fresh warehouse (contract checks, quarantine,
+            duplicate removal, file ledger)
+and reports ours as a multiple of the baseline, since absolute seconds on a shared 2-core machine mean little.
+
+    .venv/bin/python bench/ingest.py [--events 1000000] [--files 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import duckdb
+
+from upstack_pipeline.events import ingest_events
+from upstack_pipeline.settings import Settings
+
+NAMES = ["PageView", "ViewContent", "ViewContent", "AddToCart", "InitiateCheckout", "Purchase"]
+
+
+def write_landing(root: Path, events: int, files: int, seed: int = 1) -> list[Path]:
+    rng = random.Random(seed)
+    start = datetime(2026, 11, 27, tzinfo=timezone.utc)
+    per_file = events // files
+    paths = []
+    for index in range(files):
+        lines = []
+        for number in range(per_file):
+            event_id = f"{index:03d}-{number:07d}"
+            lines.append(json.dumps({
+                "event_id": event_id,
+                "event_name": rng.choice(NAMES),
+                "event_time": (start + timedelta(hours=index, seconds=number % 3600)).isoformat(),
+                "shop": "acme.myshopify.com",
+                "anonymous_id": f"anon-{rng.randrange(200_000):06d}",
+                "session_id": f"sess-{rng.randrange(1_000_000):07d}",
+                "event_source_url": f"https://acme.myshopify.com/products/p{rng.randrange(60)}?utm_source=klaviyo",
+                "user_data": {"email": f"shopper{rng.randrange(50_000)}@gmail.com" if rng.random() < 0.1 else None,
+                              "klaviyo_identified": rng.random() < 0.3,
+                              "client_ip_address": f"10.{rng.randrange(256)}.{rng.randrange(256)}.1",
+                              "client_user_agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X)"},
+                "custom_data": {"value": 29.5, "currency": "USD",
+                                "items": [{"id": f"p{rng.randrange(60)}", "name": "Mug", "price": 29.5,
+                                           "quantity": 1, "sku": "MUG-1"}]},
+                "consent": {"analytics": True, "marketing": True, "sale_of_data": False},
+            }))
+        path = root / "events" / f"dt=2026-11-27/hour={index:02d}" / "part-0000.ndjson.gz"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode(), compresslevel=6))
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--files", type=int, default=24)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        paths = write_landing(root / "landing", args.events, args.files)
+        events = args.events // args.files * args.files
+
+        started = time.perf_counter()
+        with duckdb.connect(str(root / "baseline.duckdb")) as connection:
+            connection.execute("create table raw as select * from read_json(?, format = 'newline_delimited')",
+                               [[str(path) for path in paths]])
+        baseline = time.perf_counter() - started
+
+        settings = Settings(landing_dir=root / "landing", warehouse_path=root / "warehouse.duckdb")
+        started = time.perf_counter()
+        report = ingest_events(settings, now=datetime.now(timezone.utc))
+        ours = time.perf_counter() - started
+        assert report.ingested_rows == events, report
+
+    print(f"events: {events:,} in {args.files} gzip NDJSON files")
+    print(f"DuckDB read_json into a table (baseline): {baseline:6.2f} s  {events / baseline:>12,.0f} events/s")
+    print(f"upstack ingest_events:                     {ours:6.2f} s  {events / ours:>12,.0f} events/s")
+    print(f"ingestion takes {ours / baseline:.1f}x the baseline")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+-- The verdict on each staged landing line of one batch: a reason to quarantine it, or accepted (and then
+-- whether it is the first sighting of its event_id, or a pixel retry). Narrow on purpose: the wide typed rows
+-- are built once, straight into raw_events (sql/raw_events.sql), for accepted first sightings only.
+--
+-- Input: temp table staged_lines(source_file, line_number, raw_line, invalid_utf8).
+-- Parameters (from upstack_pipeline.events): $required_fields (all strings but event_time);
+-- $field_names / $field_paths / $field_types, the JSON types each object field may have ('MISSING' = absent
+-- key), where $field_paths has one more entry, '$', first, for the document itself; $item_names / $item_paths /
+-- $item_types, the same for each custom_data.items[] element; $now, the ingestion clock; $max_skew, how far
+-- ahead of it an event_time may be.
+
+create or replace temp table line_verdicts as
+with lines as (
+    select source_file, line_number, raw_line, invalid_utf8, json_valid(raw_line) as is_json
+    from staged_lines
+    where trim(raw_line) <> ''                  -- blank lines (a trailing newline) are not events
+),
+
+parsed as (                                     -- JSON functions only ever see valid JSON
+    select
+        source_file,
+        line_number,
+        invalid_utf8,
+        json_type(raw_line, $field_paths) as path_types,
+        json_extract_string(raw_line, ['$.custom_data.items', '$.custom_data.discount_codes', '$.event_time',
+                                       '$.event_id', '$.event_name', '$.shop', '$.anonymous_id', '$.session_id'])
+            as extracted                        -- items, codes, time, then $required_fields in order
+    from lines
+    where is_json
+),
+
+checked as (
+    select
+        source_file,
+        line_number,
+        invalid_utf8,
+        path_types,
+        extracted[3] as event_time_text,
+        extracted[4] as event_id,
+        [$field_names[i] for i in range(1, len($field_names) + 1)
+            if not list_contains($field_types[i], coalesce(path_types[i + 1], 'MISSING'))] as bad_fields,
+        [$required_fields[i] for i in range(1, len($required_fields) + 1)
+            if trim(extracted[i + 3]) = ''][1] as empty_field,
+        list_transform(json_transform(extracted[1], '["JSON"]'), lambda item: json_type(item, $item_paths))
+            as item_path_types,
+        json_type(extracted[2], '$[*]') as discount_code_types
+    from parsed
+),
+
+violations as (
+    select
+        *,
+        bad_fields
+        || coalesce(flatten(list_transform(range(1, len(item_path_types) + 1), lambda k:
+            case when item_path_types[k][1] <> 'OBJECT' then ['custom_data.items[' || (k - 1) || ']']
+            else ['custom_data.items[' || (k - 1) || '].' || $item_names[f] for f in range(1, len($item_names) + 1)
+                  if not list_contains($item_types[f], coalesce(item_path_types[k][f + 1], 'MISSING'))]
+            end)), [])
+        || coalesce(['custom_data.discount_codes[' || (k - 1) || ']'
+            for k in range(1, len(discount_code_types) + 1) if discount_code_types[k] <> 'VARCHAR'], [])
+            as bad_paths,
+        -- RFC 3339: a date-time with an explicit offset; without one the instant is a guess.
+        case when regexp_full_match(
+                event_time_text, '\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?([Zz]|[+-]\d{2}(:?\d{2})?)')
+            then try_cast(event_time_text as timestamptz)
+        end as event_time
+    from checked
+),
+
+judged as (
+    select
+        source_file,
+        line_number,
+        event_id,
+        event_time_text,
+        case
+            when invalid_utf8 then 'invalid_utf8'
+            when path_types[1] <> 'OBJECT' then 'not_an_object'
+            when list_contains($required_fields, bad_paths[1])
+                and coalesce(path_types[list_position($field_names, bad_paths[1]) + 1], 'NULL') = 'NULL'
+                then 'missing_field'
+            when len(bad_paths) > 0 then 'wrong_type'
+            when empty_field is not null then 'missing_field'
+            when event_time is null then 'unparseable_time'
+            when event_time > $now + $max_skew then 'future_time'
+            when event_time < timestamptz '2000-01-01 00:00:00+00' then 'time_before_2000'
+        end as reason,
+        coalesce(bad_paths[1], empty_field) as bad_path,
+        event_time
+    from violations
+)
+
+select source_file, line_number, event_id, reason, bad_path, event_time_text, event_time,
+       reason is null
+           and row_number() over (partition by reason is null, event_id order by source_file, line_number) = 1
+           and event_id not in (select event_id from raw_events) as is_first_sighting
+from judged
+union all
+select source_file, line_number, null, if(invalid_utf8, 'invalid_utf8', 'not_json'), null, null, null, false
+from lines
+where not is_json;
