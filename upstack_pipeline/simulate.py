@@ -1,0 +1,1449 @@
+"""Deterministic storefront traffic with ground truth, to measure identity resolution.
+
+Identity resolution can only be judged against the truth, and real pixel data never comes with it. This module
+invents a small world, lets it shop for a few days, and writes what a store's first-party pixel would have captured
+(the landing files of SPEC section 3) next to what really happened (who did each event).
+
+The model, in the order it is built:
+
+* **Catalogue**: about 60 sellable variants of 20 products of a lifestyle store. It is fixed (not seeded): a store's
+  catalogue does not change between test runs. Popularity is Zipf-like, so a few products dominate.
+* **People** live in households (one person for most, two to four for some, sharing a city, a home IP address and
+  often a last name). Each has a unique, real-looking email, usually a phone (stored in E.164, typed in many
+  formats), a Klaviyo exchange id (`kx`, constant per person), consent flags and, for about a third, a Shopify
+  customer account. One or two people are store staff.
+* **Devices and browsers**: every person has 1-3 devices (phone, desktop, tablet) and every device 1-2 browsers
+  (Safari on iOS or macOS, Chrome on Android or desktop, the Instagram or TikTok in-app browser). A browser keeps
+  the pixel's `anonymous_id` cookie. Safari and in-app browsers (`itp`) lose it after 7 days without a visit and,
+  like every browser now and then, at random (private browsing, "clear history"): the browser stays the same in
+  the truth, its cookie is new.
+* **Sessions**: each person gets a number of visits over the window (most people are one-off visitors, a minority
+  come back often) at local times following a daily rhythm. A session uses one browser and runs
+  PageView -> 1-5 ViewContent -> maybe AddToCart -> maybe the checkout funnel (InitiateCheckout, AddShippingInfo,
+  AddPaymentInfo) -> maybe Purchase, a few seconds to minutes apart. Its landing page carries the traffic source:
+  a Klaviyo email click (`_kx`), an ad click (`fbclid`, `gclid`, `ttclid`), organic search, a referral or nothing.
+* **Identity signals** appear where a real shop produces them: the email typed in checkout (sometimes with stray
+  spaces or capitals), phone, name and address from the shipping step, a login (`Identify` with the customer id,
+  after which `external_id` rides on the session), a newsletter form (`Identify` with the email only), `_kx` and
+  ad click ids on the landing session.
+* **Klaviyo's own cookie** is simulated to fill `user_data.klaviyo_identified`: a browser becomes known to Klaviyo
+  after a Klaviyo click, a typed email, a form or a login on its current cookie, and for Safari and in-app browsers
+  only for 7 days after that signal. Many returning shoppers are therefore *not* natively identified, which is the
+  gap the pipeline exists to close. Some browsers start the window already known from earlier visits.
+* **Adversarial scenarios** are planned on purpose, a few per run at least, because they are where a resolver
+  merges the wrong people: a family tablet shared by a household, a forwarded Klaviyo email (one person's `_kx` in
+  another person's browser), an ad click handed over from an in-app browser to Safari, an ad link shared between two
+  people, placeholder emails, staff test orders with the store's support address, and cookie resets.
+* **Transport noise**: about 1% of events are re-sent by the pixel as identical lines (sometimes an hour later, in
+  the next file) and about 0.2% of lines are broken in one of seven ways (see `BAD_LINE_KINDS`).
+
+Conventions a reader of the files needs: on `AddToCart`, `custom_data.items[0]` is the line just added and the rest
+is the cart before it, `value` is the cart value after the add. The `fbc` cookie value embeds the time the cookie was
+written in that browser, so in an in-app handoff the two browsers share the `fbclid` (and the landing URL) but not
+the exact `fbc` string.
+
+Everything is drawn from one `random.Random(seed)` in a fixed order and all times are integer milliseconds, so the
+same arguments give byte-identical files. Sessions are generated in start-time order and each hour's file is written
+as soon as no later session can add to it, so memory stays bounded by a few hours of traffic.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import itertools
+import json
+import math
+import os
+import random
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+__all__ = ["SimulationSummary", "simulate"]
+
+SECOND = 1000
+MINUTE = 60 * SECOND
+HOUR = 60 * MINUTE
+DAY = 24 * HOUR
+KLAVIYO_COOKIE_TTL = 7 * DAY  # Safari ITP cap on script-written cookies, applied to in-app browsers as well
+ANONYMOUS_COOKIE_IDLE_TTL = 7 * DAY  # the pixel cookie on Safari and in-app browsers dies after a week of absence
+
+SCENARIOS = (
+    "normal",
+    "shared_tablet",
+    "forwarded_email",
+    "in_app_handoff",
+    "cookie_reset",
+    "placeholder_email",
+    "staff_test",
+    "shared_ad_link",
+)
+
+BAD_LINE_KINDS = (
+    "truncated",  # not JSON: the collector cut the line
+    "array",  # a JSON array instead of an object
+    "missing_field",  # a required field is absent
+    "wrong_type",  # event_id a number, or custom_data.value a string
+    "bad_time",  # event_time not a timestamp
+    "future_time",  # event_time 30 days ahead (a device clock or a replay bug)
+    "empty_name",  # event_name ""
+)
+
+PLACEHOLDER_EMAILS = ("test@test.com", "undefined", "", "none@none.com")
+
+REQUIRED_FIELDS = ("event_id", "event_name", "event_time", "shop", "anonymous_id", "session_id")
+
+RETRY_RATE = 0.01
+BAD_LINE_RATE = 0.002
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference data
+# ---------------------------------------------------------------------------------------------------------------
+
+EMAIL_DOMAINS = ("gmail.com", "icloud.com", "yahoo.com", "outlook.com", "hotmail.com", "proton.me")
+EMAIL_DOMAIN_WEIGHTS = (46, 19, 12, 10, 9, 4)
+
+FIRST_NAMES = (
+    "Olivia", "Emma", "Ava", "Sophia", "Isabella", "Mia", "Amelia", "Harper", "Evelyn", "Abigail", "Emily",
+    "Elizabeth", "Sofia", "Avery", "Ella", "Scarlett", "Grace", "Chloe", "Victoria", "Riley", "Aria", "Lily",
+    "Zoë", "Nora", "Hannah", "Layla", "Priya", "Mei", "Aaliyah", "Camila", "Renée", "Maya", "Leah", "Naomi",
+    "Liam", "Noah", "William", "James", "Oliver", "Benjamin", "Elijah", "Lucas", "Mason", "Logan", "Alexander",
+    "Ethan", "Jacob", "Michael", "Daniel", "Henry", "Jackson", "Sebastian", "Aiden", "Matthew", "Samuel", "David",
+    "Joseph", "Carter", "Owen", "Wyatt", "John", "Jack", "Luke", "Jayden", "Dylan", "Levi", "Isaac", "Gabriel",
+    "José", "Mateo", "Arjun", "Wei", "Kwame", "Andre", "Marcus", "Tyler", "Ryan", "Nathan", "Caleb", "Julian",
+)
+LAST_NAMES = (
+    "Smith", "Johnson", "Williams", "Brown", "Jones", "Garcia", "Miller", "Davis", "Rodriguez", "Martinez",
+    "Hernandez", "Lopez", "Gonzalez", "Wilson", "Anderson", "Thomas", "Taylor", "Moore", "Jackson", "Martin", "Lee",
+    "Perez", "Thompson", "White", "Harris", "Sanchez", "Clark", "Ramirez", "Lewis", "Robinson", "Walker", "Young",
+    "Allen", "King", "Wright", "Scott", "Torres", "Nguyen", "Hill", "Flores", "Green", "Adams", "Nelson", "Baker",
+    "Hall", "Rivera", "Campbell", "Mitchell", "Carter", "Roberts", "Patel", "Kim", "Chen", "O'Brien", "Murphy",
+    "Cook", "Rogers", "Morgan", "Peterson", "Cooper", "Reed", "Bailey", "Bell", "Gomez", "Kelly", "Howard", "Ward",
+    "Cox", "Diaz", "Richardson", "Wood", "Watson", "Brooks", "Bennett", "Gray", "James", "Reyes", "Cruz", "Hughes",
+    "Price", "Myers", "Long", "Foster", "Sanders", "Ross", "Morales", "Powell", "Sullivan", "Russell", "Ortiz",
+)
+
+
+@dataclass(frozen=True)
+class City:
+    name: str
+    region: str
+    country: str
+    postal_prefix: str
+    utc_offset_minutes: int  # standard time; the simulation ignores daylight saving
+    area_codes: tuple[str, ...]
+    weight: int
+
+
+CITIES = (
+    City("New York", "NY", "US", "100", -300, ("212", "646", "917"), 9),
+    City("Brooklyn", "NY", "US", "112", -300, ("718", "347"), 6),
+    City("Los Angeles", "CA", "US", "900", -480, ("213", "323", "310"), 9),
+    City("San Francisco", "CA", "US", "941", -480, ("415", "628"), 5),
+    City("San Diego", "CA", "US", "921", -480, ("619", "858"), 4),
+    City("Seattle", "WA", "US", "981", -480, ("206",), 4),
+    City("Portland", "OR", "US", "972", -480, ("503", "971"), 3),
+    City("Phoenix", "AZ", "US", "850", -420, ("602", "480"), 4),
+    City("Denver", "CO", "US", "802", -420, ("303", "720"), 4),
+    City("Salt Lake City", "UT", "US", "841", -420, ("801",), 2),
+    City("Austin", "TX", "US", "787", -360, ("512", "737"), 4),
+    City("Dallas", "TX", "US", "752", -360, ("214", "972"), 5),
+    City("Houston", "TX", "US", "770", -360, ("713", "832"), 5),
+    City("Chicago", "IL", "US", "606", -360, ("312", "773"), 7),
+    City("Minneapolis", "MN", "US", "554", -360, ("612",), 3),
+    City("Nashville", "TN", "US", "372", -360, ("615",), 3),
+    City("New Orleans", "LA", "US", "701", -360, ("504",), 2),
+    City("Atlanta", "GA", "US", "303", -300, ("404", "470"), 5),
+    City("Miami", "FL", "US", "331", -300, ("305", "786"), 5),
+    City("Tampa", "FL", "US", "336", -300, ("813",), 3),
+    City("Charlotte", "NC", "US", "282", -300, ("704", "980"), 3),
+    City("Raleigh", "NC", "US", "276", -300, ("919",), 2),
+    City("Washington", "DC", "US", "200", -300, ("202",), 3),
+    City("Philadelphia", "PA", "US", "191", -300, ("215", "267"), 4),
+    City("Pittsburgh", "PA", "US", "152", -300, ("412",), 2),
+    City("Boston", "MA", "US", "021", -300, ("617", "857"), 4),
+    City("Columbus", "OH", "US", "432", -300, ("614",), 2),
+    City("Detroit", "MI", "US", "482", -300, ("313",), 2),
+    City("Honolulu", "HI", "US", "968", -600, ("808",), 1),
+    City("Toronto", "ON", "CA", "M5V", -300, ("416", "647"), 3),
+    City("Vancouver", "BC", "CA", "V6B", -480, ("604", "778"), 2),
+)
+CITY_CUM_WEIGHTS = tuple(itertools.accumulate(c.weight for c in CITIES))
+
+# Local hour of day -> relative traffic: quiet nights, a lunch bump and an evening peak.
+DIURNAL = (1.0, 0.6, 0.4, 0.3, 0.3, 0.5, 1.0, 2.0, 3.0, 3.5, 4.0, 4.5,
+           5.0, 5.0, 4.5, 4.5, 5.0, 5.5, 6.5, 8.0, 8.5, 7.5, 5.0, 2.5)
+DIURNAL_CUM = tuple(itertools.accumulate(DIURNAL))
+
+# (product title, category, brand, price, variants): 20 products x 3 variants = 60 catalogue entries.
+PRODUCTS = (
+    ("Everyday Crew Tee", "Apparel > T-Shirts", "North Loop", 28.0, ("Black / M", "Heather Grey / L", "Sage / S")),
+    ("Heavyweight Hoodie", "Apparel > Hoodies", "North Loop", 72.0, ("Charcoal / M", "Oatmeal / L", "Navy / XL")),
+    ("Relaxed Jogger", "Apparel > Pants", "North Loop", 64.0, ("Black / S", "Olive / M", "Grey / L")),
+    ("Packable Rain Jacket", "Apparel > Outerwear", "Summit Supply", 128.0, ("Yellow / M", "Black / L", "Teal / S")),
+    ("Merino Beanie", "Accessories > Hats", "Field & Pine", 34.0, ("Charcoal", "Rust", "Navy")),
+    ("Canvas Tote", "Accessories > Bags", "Field & Pine", 38.0, ("Natural", "Black", "Forest")),
+    ("Leather Card Wallet", "Accessories > Wallets", "Field & Pine", 48.0, ("Tan", "Black", "Oxblood")),
+    ("Trail Socks 3-Pack", "Accessories > Socks", "Summit Supply", 24.0, ("S/M", "L/XL", "Kids")),
+    ("Stoneware Mug", "Home > Kitchen", "Kiln & Co", 24.0, ("Speckled White", "Moss", "Slate")),
+    ("Soy Candle", "Home > Candles", "Kiln & Co", 32.0, ("Cedar", "Fig", "Sea Salt")),
+    ("Waffle Throw Blanket", "Home > Bedding", "Kiln & Co", 89.0, ("Ivory", "Clay", "Sage")),
+    ("Bamboo Sheet Set", "Home > Bedding", "Kiln & Co", 149.0, ("Queen / White", "King / Oat", "Full / Sage")),
+    ("Linen Pillow Cover", "Home > Decor", "Kiln & Co", 29.0, ("Flax", "Rust", "Indigo")),
+    ("Ceramic Planter", "Home > Decor", "Kiln & Co", 42.0, ("Small", "Medium", "Large")),
+    ("Daily Face Serum", "Beauty > Skincare", "Lumen Botanics", 46.0, ("30 ml", "50 ml", "Travel 10 ml")),
+    ("Whipped Body Butter", "Beauty > Body", "Lumen Botanics", 26.0, ("Vanilla", "Unscented", "Grapefruit")),
+    ("Mineral Sunscreen SPF 30", "Beauty > Skincare", "Lumen Botanics", 32.0, ("50 ml", "100 ml", "Tinted 50 ml")),
+    ("Insulated Water Bottle", "Outdoor > Drinkware", "Summit Supply", 36.0,
+     ("Glacier / 20 oz", "Forest / 32 oz", "Sand / 20 oz")),
+    ("Cork Yoga Mat", "Outdoor > Fitness", "Summit Supply", 68.0, ("Standard", "Long", "Travel")),
+    ("Trail Daypack 18L", "Outdoor > Bags", "Summit Supply", 96.0, ("Black", "Moss", "Ember")),
+)
+
+HOME_IP_BLOCKS = ("24.5", "67.180", "73.162", "98.207", "76.102", "108.28", "174.63", "71.229", "69.181", "99.33",
+                  "68.4", "47.150", "107.77", "75.183", "50.35", "66.31")
+CARRIER_NAT_BLOCKS = ("172.58", "172.56", "174.205", "107.115", "166.198")  # many phones share these addresses
+PRIVATE_RELAY_BLOCKS = ("172.225", "104.28", "146.75")
+
+IOS_VERSIONS = ("17_6_1", "18_1_1", "18_3_2", "18_5")
+MAC_SAFARI_VERSIONS = ("17.6", "18.1", "18.3", "18.5")
+CHROME_MAJORS = ("131", "133", "135", "137")
+ANDROID_MODELS = (("14", "Pixel 8", "shiba"), ("15", "Pixel 9 Pro", "caiman"), ("14", "SM-S921U", "e1q"),
+                  ("13", "SM-A536U", "a53x"), ("14", "moto g 5G - 2024", "fogona"))
+IPHONE_MODELS = ("iPhone14,5", "iPhone15,2", "iPhone15,4", "iPhone16,1", "iPhone17,3")
+
+KLAVIYO_CAMPAIGNS = ("Weekend Edit", "New Arrivals", "Back in Stock", "Browse Abandonment", "Cart Reminder",
+                     "Fall Restock", "Members Early Access", "Gift Guide")
+AD_CAMPAIGNS = ("prospecting_broad", "retargeting_7d", "lookalike_purchasers", "brand_search", "shopping_pmax",
+                "ugc_creators")
+DISCOUNTS = (("WELCOME10", 0.10), ("FREESHIP", 0.0), ("VIP15", 0.15))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public result
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimulationSummary:
+    out_dir: Path
+    people: int
+    events: int  # distinct valid events written (excluding duplicates and bad lines)
+    event_lines: int  # all lines written to event files
+    duplicate_lines: int  # pixel retries (exact re-sends of an already written event_id)
+    bad_lines: int
+    event_files: int
+    customers: int
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entities
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Product:
+    """One sellable variant; `item` is its pixel line-item, prebuilt because it is serialised millions of times."""
+
+    id: str
+    name: str
+    price: float
+    sku: str
+    variant: str
+    brand: str
+    category: str
+    url: str
+    image_url: str
+    item: dict = field(repr=False, compare=False, hash=False)
+
+
+@dataclass(slots=True, eq=False)
+class Browser:
+    """Mutable because cookies live and die as the simulation runs."""
+
+    browser_id: str
+    kind: str
+    user_agent: str
+    itp: bool  # Safari or in-app: script cookies capped at 7 days, cookie jar lost after a week away
+    device: Device
+    anonymous_id: str | None = None
+    fbp: str | None = None
+    last_seen: int | None = None
+    klaviyo_known_at: int | None = None  # when Klaviyo's cookie on the current anonymous_id last learnt who this is
+    busy_until: int = 0
+    seen_in_window: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class Device:
+    device_id: str
+    kind: str  # iphone, android, desktop, tablet
+    home_ip: str
+    ipv6_prefix: str | None
+    private_relay: bool
+    browsers: list[Browser] = field(default_factory=list)
+    network_ip: str | None = None  # the phone's current network, kept for half an hour
+    network_until: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class Person:
+    person_id: str
+    household_id: str
+    first_name: str
+    last_name: str
+    email: str
+    phone: str | None  # E.164
+    city: City
+    postal_code: str
+    customer_id: str | None
+    kx: str
+    subscribed: bool  # on the Klaviyo list, so receives emails to click
+    consent: dict
+    activity: float  # expected sessions per day
+    staff: bool = False
+    devices: list[Device] = field(default_factory=list)
+    browser_cum_weights: list[float] = field(default_factory=list)
+    session_browsers: list[Browser] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SessionPlan:
+    """What a session will be, decided up front so sessions can be generated in time order."""
+
+    start: int
+    seq: int
+    person: Person
+    browser: Browser
+    scenario: str = "normal"
+    channel: str = "direct"
+    click_id: str | None = None  # fbclid, gclid or ttclid depending on channel
+    kx: str | None = None  # the _kx on the landing URL (not necessarily the visitor's own)
+    short: bool = False  # a glance: landing and one product, no cart
+    signup_email: str | None = None  # typed into a newsletter form (real or placeholder)
+    checkout: str = "random"  # random | email (at least until the email is typed) | purchase
+    checkout_email: str | None = None  # typed at checkout instead of the person's email (staff tests)
+    landing_url: str | None = None  # fixed up front when two sessions must open the very same link
+    landing_product: Product | None = None
+
+
+@dataclass
+class _World:
+    shop: str
+    catalogue: list[Product]
+    catalogue_cum_weights: list[float]
+    people: list[Person]
+    households: dict[str, list[Person]]
+    carrier_nat_pool: list[str]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Random identifiers
+# ---------------------------------------------------------------------------------------------------------------
+
+_ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_URLSAFE = _ALNUM + "_-"
+_BASE36 = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+class _Ids:
+    """Opaque ids drawn from the run's generator, so a seed reproduces every cookie and click id."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    def uuid(self) -> str:
+        h = "%032x" % self.rng.getrandbits(128)
+        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+    def token(self, n: int, alphabet: str = _ALNUM) -> str:
+        return "".join(self.rng.choices(alphabet, k=n))
+
+    def kx(self) -> str:
+        return f"{self.token(43)}.{self.token(6)}"
+
+    def fbclid(self) -> str:
+        return "IwAR" + self.token(58, _URLSAFE)
+
+    def gclid(self) -> str:
+        return "Cj0KCQiA" + self.token(72, _URLSAFE)
+
+    def ttclid(self) -> str:
+        return "E_C_P_" + self.token(44, _URLSAFE)
+
+    def fbp(self, at_ms: int) -> str:
+        return f"fb.1.{at_ms}.{self.rng.randint(1_000_000_000, 2_147_483_647)}"
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _ascii(text: str) -> str:
+    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+
+
+def _poisson(rng: random.Random, lam: float) -> int:
+    if lam > 30:  # Knuth's method underflows; the normal approximation is plenty for visit counts
+        return max(0, round(rng.gauss(lam, math.sqrt(lam))))
+    limit, k, p = math.exp(-lam), 0, 1.0
+    while True:
+        p *= rng.random()
+        if p <= limit:
+            return k
+        k += 1
+
+
+def _format_time(ms: int, style: int, offset_minutes: int) -> str:
+    """Pixels disagree on formats; the instant is what matters, so the same moment appears as Z, +00:00 or local."""
+    if style == 2:
+        shifted = ms + offset_minutes * MINUTE
+        sign = "-" if offset_minutes < 0 else "+"
+        suffix = f"{sign}{abs(offset_minutes) // 60:02d}:{abs(offset_minutes) % 60:02d}"
+    else:
+        shifted = ms
+        suffix = "Z" if style == 0 else "+00:00"
+    seconds, millis = divmod(shifted, 1000)
+    t = time.gmtime(seconds)
+    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+            f".{millis:03d}{suffix}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building the world
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    out = "".join(ch.lower() if ch.isalnum() else "-" for ch in _ascii(text))
+    return "-".join(part for part in out.split("-") if part)
+
+
+def _build_catalogue(shop: str) -> list[Product]:
+    """Fixed, not seeded: the same store sells the same things in every run."""
+    catalogue = []
+    for p_index, (title, category, brand, price, variants) in enumerate(PRODUCTS):
+        product_id = str(8_031_245_000_000 + p_index * 7_919)
+        handle = _slug(title)
+        for v_index, variant in enumerate(variants):
+            variant_id = 44_872_310_000_000 + p_index * 131 + v_index
+            sku = f"{brand[:2].upper()}-{p_index + 1:03d}-{_slug(variant)[:10].upper()}"
+            url = f"https://{shop}/products/{handle}?variant={variant_id}"
+            image = f"https://cdn.shopify.com/s/files/1/0712/4839/2214/files/{handle}-{_slug(variant)}.jpg"
+            item = {"id": product_id, "name": title, "price": price, "quantity": 1, "sku": sku, "variant": variant,
+                    "brand": brand, "category": category, "url": url, "image_url": image}
+            catalogue.append(Product(product_id, title, price, sku, variant, brand, category, url, image, item))
+    return catalogue
+
+
+class _WorldBuilder:
+    """Builds people, households, devices and browsers; everything random comes from the run's generator."""
+
+    def __init__(self, rng: random.Random, ids: _Ids, shop: str, window_start: int) -> None:
+        self.rng = rng
+        self.ids = ids
+        self.shop = shop
+        self.window_start = window_start
+        self.emails: set[str] = set()
+        self.phones: set[str] = set()
+        self.browser_count = 0
+        self.device_count = 0
+
+    def build(self, visitors: int) -> _World:
+        catalogue = _build_catalogue(self.shop)
+        weights = [1.0 / (rank + 1) ** 0.8 for rank in range(len(catalogue))]
+        order = list(range(len(catalogue)))
+        self.rng.shuffle(order)  # which products are popular is the only seeded thing about the catalogue
+        cum, acc = [0.0] * len(catalogue), 0.0
+        for position, index in enumerate(order):
+            cum[index] = weights[position]
+        for i, w in enumerate(cum):
+            acc += w
+            cum[i] = acc
+        nat_pool = [self._ip(self.rng.choice(CARRIER_NAT_BLOCKS)) for _ in range(max(8, visitors // 400))]
+
+        staff_count = 0 if visitors < 10 else (1 if visitors < 1000 else 2)
+        people: list[Person] = []
+        households: dict[str, list[Person]] = {}
+        while len(people) < visitors:
+            size = 1 if staff_count > len(people) else self.rng.choices((1, 2, 3, 4), (70, 20, 8, 2))[0]
+            size = min(size, visitors - len(people))
+            household_id = f"H{len(households) + 1:06d}"
+            members = self._household(household_id, size, len(people), staff=len(people) < staff_count)
+            households[household_id] = members
+            people.extend(members)
+        return _World(self.shop, catalogue, cum, people, households, nat_pool)
+
+    def _ip(self, block: str) -> str:
+        return f"{block}.{self.rng.randint(0, 255)}.{self.rng.randint(1, 254)}"
+
+    def _household(self, household_id: str, size: int, offset: int, staff: bool) -> list[Person]:
+        rng = self.rng
+        city = CITIES[rng.choices(range(len(CITIES)), cum_weights=CITY_CUM_WEIGHTS)[0]]
+        postal = self._postal_code(city)
+        home_ip = self._ip(rng.choice(HOME_IP_BLOCKS))
+        family_name = rng.choice(LAST_NAMES)
+        members = []
+        for i in range(size):
+            last = family_name if (i == 0 or rng.random() < 0.7) else rng.choice(LAST_NAMES)
+            person = self._person(f"P{offset + i + 1:06d}", household_id, rng.choice(FIRST_NAMES), last, city,
+                                  postal, staff)
+            self._devices(person, home_ip)
+            members.append(person)
+        return members
+
+    def _postal_code(self, city: City) -> str:
+        if city.country == "CA":
+            return f"{city.postal_prefix} {self.rng.randint(1, 9)}{self.rng.choice('ABCEGHJKLMNPRSTVXY')}" \
+                   f"{self.rng.randint(1, 9)}"
+        return f"{city.postal_prefix}{self.rng.randint(1, 99):02d}"
+
+    def _person(self, person_id: str, household_id: str, first: str, last: str, city: City, postal: str,
+                staff: bool) -> Person:
+        rng = self.rng
+        has_account = not staff and rng.random() < 0.35
+        subscribed = not staff and rng.random() < (0.8 if has_account else 0.45)
+        marketing = rng.random() >= 0.05
+        consent = {"analytics": rng.random() >= 0.03, "marketing": marketing, "sale_of_data": rng.random() >= 0.08}
+        # most visitors come once; a minority browse the store every other day
+        activity = rng.choices((0.05, 0.4, 1.2), (50, 35, 15))[0]
+        customer_id = str(7_412_000_000_000 + int(person_id[1:]) * 1_000 + rng.randint(0, 999)) \
+            if has_account else None
+        return Person(person_id, household_id, first, last, self._email(first, last), self._phone(city),
+                      city, postal, customer_id, self.ids.kx(), subscribed, consent, activity, staff)
+
+    def _email(self, first: str, last: str) -> str:
+        """Name-based with a short random tail: real-looking, unique, and unlikely to be someone's real inbox."""
+        rng = self.rng
+        f, l = _slug(first).replace("-", ""), _slug(last).replace("-", "")
+        while True:
+            tail = rng.choice(("", str(rng.randint(1, 99)), str(rng.randint(1960, 2006)))) + self.ids.token(3, _BASE36)
+            local = rng.choice((f"{f}.{l}", f"{f}{l}", f"{f[0]}{l}", f"{f}_{l}", f"{f}{l[0]}", f"{l}.{f}")) + tail
+            email = f"{local}@{rng.choices(EMAIL_DOMAINS, EMAIL_DOMAIN_WEIGHTS)[0]}"
+            if email not in self.emails:
+                self.emails.add(email)
+                return email
+
+    def _phone(self, city: City) -> str | None:
+        """Fictional 555-01xx numbers first (NANP reserves them), so generated shoppers cannot be texted."""
+        rng = self.rng
+        if rng.random() < 0.15:
+            return None
+        for attempt in range(20):
+            area = rng.choice(city.area_codes) if attempt < 10 else \
+                f"{rng.randint(2, 9)}{rng.randint(0, 8)}{rng.randint(0, 9)}"
+            number = f"+1{area}55501{rng.randint(0, 99):02d}"
+            if number not in self.phones:
+                self.phones.add(number)
+                return number
+        while True:  # only very large runs get here
+            number = f"+1{rng.choice(city.area_codes)}{rng.randint(200, 999)}{rng.randint(0, 9999):04d}"
+            if number not in self.phones and number[5:8] != "555":
+                self.phones.add(number)
+                return number
+
+    def _devices(self, person: Person, home_ip: str) -> None:
+        rng = self.rng
+        kinds = []
+        if person.staff:
+            kinds = ["desktop"]
+        else:
+            if rng.random() < 0.95:
+                kinds.append("iphone" if rng.random() < 0.57 else "android")
+            if not kinds or rng.random() < 0.5:
+                kinds.append("desktop")
+            if len(kinds) < 3 and rng.random() < 0.12:
+                kinds.append("tablet")
+        for kind in kinds:
+            device = self.new_device(kind, home_ip)
+            if kind == "iphone":
+                self.add_browser(device, "safari_ios")
+                self._maybe_in_app(device)
+            elif kind == "android":
+                self.add_browser(device, "chrome_android")
+                self._maybe_in_app(device)
+            elif kind == "tablet":
+                self.add_browser(device, "safari_ipad")
+            else:
+                mac = rng.random() < 0.4
+                self.add_browser(device, "safari_mac" if mac and rng.random() < 0.6 else "chrome_desktop", mac=mac)
+                if rng.random() < 0.15:
+                    other = "chrome_desktop" if device.browsers[0].kind == "safari_mac" else \
+                        ("safari_mac" if mac else "chrome_desktop")
+                    self.add_browser(device, other, mac=mac)
+            person.devices.append(device)
+        self.refresh_browser_weights(person)
+
+    def _maybe_in_app(self, device: Device) -> None:
+        roll = self.rng.random()
+        if roll < 0.35:
+            self.add_browser(device, "instagram_inapp")
+        elif roll < 0.50:
+            self.add_browser(device, "tiktok_inapp")
+
+    def new_device(self, kind: str, home_ip: str) -> Device:
+        self.device_count += 1
+        rng = self.rng
+        ipv6 = None
+        if kind in ("iphone", "android") and rng.random() < 0.3:
+            ipv6 = f"2600:{rng.randint(0x380, 0x38f):x}:{rng.getrandbits(16):x}:{rng.getrandbits(16):x}"
+        relay = kind == "iphone" and rng.random() < 0.2
+        return Device(f"D{self.device_count:07d}", kind, home_ip, ipv6, relay)
+
+    def add_browser(self, device: Device, kind: str, mac: bool = False) -> Browser:
+        """A browser that existed before the window keeps its old cookie unless Safari already dropped it."""
+        self.browser_count += 1
+        rng = self.rng
+        itp = kind in ("safari_ios", "safari_ipad", "safari_mac", "instagram_inapp", "tiktok_inapp")
+        browser = Browser(f"B{self.browser_count:07d}", kind, self._user_agent(kind, mac), itp, device)
+        if rng.random() < 0.6:
+            browser.last_seen = self.window_start - rng.randint(HOUR, 40 * DAY)
+            browser.anonymous_id = self.ids.uuid()
+            browser.fbp = self.ids.fbp(browser.last_seen - rng.randint(0, 20 * DAY))
+        device.browsers.append(browser)
+        return browser
+
+    def _user_agent(self, kind: str, mac: bool) -> str:
+        rng = self.rng
+        ios = rng.choice(IOS_VERSIONS)
+        ios_dot = ".".join(ios.split("_")[:2])
+        chrome = rng.choice(CHROME_MAJORS)
+        android, model, codename = rng.choice(ANDROID_MODELS)
+        if kind == "safari_ios":
+            return (f"Mozilla/5.0 (iPhone; CPU iPhone OS {ios} like Mac OS X) AppleWebKit/605.1.15 "
+                    f"(KHTML, like Gecko) Version/{ios_dot} Mobile/15E148 Safari/604.1")
+        if kind in ("safari_ipad", "safari_mac"):  # iPadOS Safari asks for the desktop site by default
+            return (f"Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+                    f"Version/{rng.choice(MAC_SAFARI_VERSIONS)} Safari/605.1.15")
+        if kind == "chrome_android":
+            return (f"Mozilla/5.0 (Linux; Android 10; K) AppleWebKit/537.36 (KHTML, like Gecko) "
+                    f"Chrome/{chrome}.0.0.0 Mobile Safari/537.36")
+        if kind == "chrome_desktop":
+            platform = "Macintosh; Intel Mac OS X 10_15_7" if mac else "Windows NT 10.0; Win64; x64"
+            return (f"Mozilla/5.0 ({platform}) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/{chrome}.0.0.0 "
+                    f"Safari/537.36")
+        on_ios = rng.random() < 0.6
+        if kind == "instagram_inapp":
+            if on_ios:
+                return (f"Mozilla/5.0 (iPhone; CPU iPhone OS {ios} like Mac OS X) AppleWebKit/605.1.15 "
+                        f"(KHTML, like Gecko) Mobile/15E148 Instagram 365.0.0.29.87 ({rng.choice(IPHONE_MODELS)}; "
+                        f"iOS {ios}; en_US; en; scale=3.00; 1179x2556; 689103244)")
+            return (f"Mozilla/5.0 (Linux; Android {android}; {model} Build/AP2A.240905.003; wv) AppleWebKit/537.36 "
+                    f"(KHTML, like Gecko) Version/4.0 Chrome/{chrome}.0.6943.49 Mobile Safari/537.36 "
+                    f"Instagram 365.0.0.40.94 Android ({int(android) + 20}/{android}; 420dpi; 1080x2400; "
+                    f"{model}; {codename}; en_US; 689103251)")
+        if on_ios:
+            return (f"Mozilla/5.0 (iPhone; CPU iPhone OS {ios} like Mac OS X) AppleWebKit/605.1.15 "
+                    f"(KHTML, like Gecko) Mobile/15E148 musical_ly_38.2.0 JsSdk/2.0 NetType/WIFI "
+                    f"Channel/App Store ByteLocale/en Region/US WKWebView/1 BytedanceWebview/d8a21c6")
+        return (f"Mozilla/5.0 (Linux; Android {android}; {model} Build/AP2A.240905.003; wv) AppleWebKit/537.36 "
+                f"(KHTML, like Gecko) Version/4.0 Chrome/{chrome}.0.6943.49 Mobile Safari/537.36 trill_380203 "
+                f"JsSdk/1.0 NetType/WIFI Channel/googleplay AppName/trill app_version/38.2.3 ByteLocale/en")
+
+    @staticmethod
+    def refresh_browser_weights(person: Person) -> None:
+        """Phones dominate; in-app browsers only open from social apps, so they get little weight."""
+        weight = {"safari_ios": 5.0, "chrome_android": 5.0, "chrome_desktop": 3.0, "safari_mac": 3.0,
+                  "safari_ipad": 1.5, "instagram_inapp": 1.2, "tiktok_inapp": 0.8}
+        browsers, cum, acc = [], [], 0.0
+        for device in person.devices:
+            for position, browser in enumerate(device.browsers):
+                acc += weight[browser.kind] * (0.35 if position and device.kind == "desktop" else 1.0)
+                browsers.append(browser)
+                cum.append(acc)
+        person.session_browsers = browsers
+        person.browser_cum_weights = cum
+
+
+def _seed_klaviyo_cookies(rng: random.Random, world: _World) -> None:
+    """Klaviyo may already know a browser from before the window (a past click, checkout or form)."""
+    for person in world.people:
+        if person.staff:
+            continue
+        known_rate = 0.55 if (person.subscribed or person.customer_id) else 0.08
+        for device in person.devices:
+            for browser in device.browsers:
+                if browser.last_seen is not None and rng.random() < known_rate:
+                    browser.klaviyo_known_at = browser.last_seen - rng.randint(0, 25 * DAY)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planning sessions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Planner:
+    """Decides every session (who, where, when, how they arrive) before any event exists."""
+
+    def __init__(self, rng: random.Random, ids: _Ids, builder: _WorldBuilder, world: _World, start: int,
+                 end: int) -> None:
+        self.rng = rng
+        self.ids = ids
+        self.builder = builder
+        self.world = world
+        self.start = start
+        self.end = end
+        self.plans: list[SessionPlan] = []
+
+    def plan(self) -> list[SessionPlan]:
+        days = (self.end - self.start) / DAY
+        shoppers = [p for p in self.world.people if not p.staff]
+        for person in shoppers:
+            for _ in range(1 + _poisson(self.rng, person.activity * days)):
+                browser = self._pick_browser(person)
+                # the newsletter pop-up catches some shoppers who are not on the list yet
+                signup = person.email if not person.subscribed and self.rng.random() < 0.05 else None
+                self._add(person, browser, self._local_time(person), channel=self._channel(person, browser),
+                          signup_email=signup)
+        visitors = len(self.world.people)
+        self._shared_tablets(max(2, round(visitors * 0.006)))
+        self._forwarded_emails(shoppers, max(3, round(visitors * 0.004)))
+        self._in_app_handoffs(shoppers, max(3, round(visitors * 0.008)))
+        self._shared_ad_links(shoppers, max(3, round(visitors * 0.003)))
+        self._placeholder_emails(shoppers, max(3, round(visitors * 0.006)))
+        self._staff_tests()
+        self.plans.sort(key=lambda plan: (plan.start, plan.seq))
+        return self.plans
+
+    def _add(self, person: Person, browser: Browser, start: int, **kwargs) -> SessionPlan:
+        plan = SessionPlan(start, len(self.plans), person, browser, **kwargs)
+        self.plans.append(plan)
+        return plan
+
+    def _local_time(self, person: Person, hours: Iterable[int] | None = None) -> int:
+        """A moment in the window at a plausible local hour for the person, wrapped into the window."""
+        rng = self.rng
+        span = self.end - self.start
+        day = rng.randrange(max(1, span // DAY))
+        if hours is None:
+            hour = rng.choices(range(24), cum_weights=DIURNAL_CUM)[0]
+        else:
+            hour = rng.choice(list(hours))
+        local = day * DAY + hour * HOUR + rng.randrange(HOUR)
+        return self.start + (local - person.city.utc_offset_minutes * MINUTE) % span
+
+    def _product(self) -> Product:
+        return self.rng.choices(self.world.catalogue, cum_weights=self.world.catalogue_cum_weights)[0]
+
+    def _pick_browser(self, person: Person) -> Browser:
+        return person.session_browsers[
+            self.rng.choices(range(len(person.session_browsers)), cum_weights=person.browser_cum_weights)[0]]
+
+    def _channel(self, person: Person, browser: Browser) -> str:
+        rng = self.rng
+        if browser.kind == "instagram_inapp":
+            return "instagram_ad" if rng.random() < 0.8 else "instagram_social"
+        if browser.kind == "tiktok_inapp":
+            return "tiktok_ad" if rng.random() < 0.75 else "tiktok_social"
+        channels = ("direct", "organic", "klaviyo", "google_ad", "facebook_ad", "tiktok_ad", "referral")
+        weights = (28, 24, 20 if person.subscribed else 0, 11, 9, 3 if browser.device.kind != "desktop" else 0, 5)
+        return rng.choices(channels, weights)[0]
+
+    def _shared_tablets(self, count: int) -> None:
+        """A household iPad: each member shops on it at their own times and types their own email."""
+        families = [members for members in self.world.households.values()
+                    if len(members) >= 2 and not members[0].staff]
+        for members in self.rng.sample(families, min(count, len(families))):
+            device = self.builder.new_device("tablet", members[0].devices[0].home_ip)
+            tablet = self.builder.add_browser(device, "safari_ipad")
+            for person in members[:3]:
+                for visit in range(self.rng.randint(1, 3)):
+                    # each member's first visit reveals them, by checking out or by the newsletter form
+                    via_checkout = visit == 0 and self.rng.random() < 0.6
+                    via_form = visit == 0 and not via_checkout
+                    self._add(person, tablet, self._local_time(person), scenario="shared_tablet",
+                              channel=self.rng.choice(("direct", "organic")),
+                              checkout="email" if via_checkout else "random",
+                              signup_email=person.email if via_form else None)
+
+    def _forwarded_emails(self, shoppers: list[Person], count: int) -> None:
+        """Klaviyo documents it: a forwarded campaign identifies the reader as the original recipient."""
+        senders = [p for p in shoppers if p.subscribed]
+        if not senders or len(shoppers) < 2:
+            return
+        for _ in range(count):
+            sender = self.rng.choice(senders)
+            family = [p for p in self.world.households[sender.household_id] if p is not sender]
+            reader = self.rng.choice(family) if family and self.rng.random() < 0.5 else self.rng.choice(shoppers)
+            if reader is sender:
+                continue
+            browser = self._pick_browser(reader)
+            if browser.kind.endswith("_inapp"):
+                browser = reader.session_browsers[0]
+            self._add(reader, browser, self._local_time(reader), scenario="forwarded_email", channel="klaviyo",
+                      kx=sender.kx)
+
+    def _in_app_handoffs(self, shoppers: list[Person], count: int) -> None:
+        """An ad opens in Instagram's browser, the shopper taps 'Open in Safari': same click, second browser."""
+        for person in self.rng.sample(shoppers, min(count, len(shoppers))):
+            phone = next((d for d in person.devices if d.kind in ("iphone", "android")), None)
+            if phone is None:
+                continue
+            in_app = next((b for b in phone.browsers if b.kind.endswith("_inapp")), None)
+            if in_app is None:
+                in_app = self.builder.add_browser(phone, "instagram_inapp")
+                self.builder.refresh_browser_weights(person)
+            channel = "instagram_ad" if in_app.kind == "instagram_inapp" else "tiktok_ad"
+            product = self._product()
+            url, click = _landing_url(self.rng, self.ids, self.world.shop, channel, product, person.kx, None)
+            start = self._local_time(person)
+            link = {"click_id": click, "landing_url": url, "landing_product": product}
+            self._add(person, in_app, start, scenario="in_app_handoff", channel=channel, short=True, **link)
+            self._add(person, phone.browsers[0], start + self.rng.randint(1 * MINUTE, 6 * MINUTE),
+                      scenario="in_app_handoff", channel=channel + "_handoff", **link)
+
+    def _shared_ad_links(self, shoppers: list[Person], count: int) -> None:
+        """A shopper texts a product link copied from a Google ad; the gclid travels with it."""
+        if len(shoppers) < 2:
+            return
+        for _ in range(count):
+            clicker, friend = self.rng.sample(shoppers, 2)
+            product = self._product()
+            url, gclid = _landing_url(self.rng, self.ids, self.world.shop, "google_ad", product, clicker.kx, None)
+            link = {"click_id": gclid, "landing_url": url, "landing_product": product}
+            delay = self.rng.randint(5 * MINUTE, max(5 * MINUTE, min(2 * DAY, (self.end - self.start) // 2)))
+            start = self._local_time(clicker)
+            if start + delay >= self.end:  # keep both visits inside the window
+                start -= delay
+            clicker_browser = self._pick_browser(clicker)
+            if clicker_browser.kind.endswith("_inapp"):
+                clicker_browser = clicker.session_browsers[0]
+            friend_browser = friend.session_browsers[0]
+            self._add(clicker, clicker_browser, start, scenario="shared_ad_link", channel="google_ad", **link)
+            self._add(friend, friend_browser, start + delay, scenario="shared_ad_link", channel="shared_link", **link)
+
+    def _placeholder_emails(self, shoppers: list[Person], count: int) -> None:
+        """Shoppers who fob off a newsletter pop-up, and themes that send 'undefined' for an empty field."""
+        for index in range(min(count, len(shoppers) * 4)):
+            person = self.rng.choice(shoppers)
+            placeholder = PLACEHOLDER_EMAILS[index % len(PLACEHOLDER_EMAILS)]
+            browser = self._pick_browser(person)
+            if browser.kind.endswith("_inapp"):
+                browser = person.session_browsers[0]
+            self._add(person, browser, self._local_time(person), scenario="placeholder_email",
+                      channel=self._channel(person, browser), signup_email=placeholder)
+
+    def _staff_tests(self) -> None:
+        """Staff place test orders from the office with the store's support address after each theme change."""
+        support = f"support@{self.world.shop}"
+        days = max(1, (self.end - self.start) // DAY)
+        for person in (p for p in self.world.people if p.staff):
+            browser = person.session_browsers[0]
+            for _ in range(days):
+                for _ in range(self.rng.randint(1, 2)):
+                    self._add(person, browser, self._local_time(person, range(9, 18)), scenario="staff_test",
+                              channel="direct", checkout="purchase", checkout_email=support)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generating events
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Hit:
+    """One valid event and who truly did it."""
+
+    t: int
+    event: dict
+    truth: tuple[str, str, str, str, str, str]
+
+
+class _SessionRunner:
+    """Turns a plan into events, updating the browser's cookies as a real browser would."""
+
+    RANDOM_COOKIE_LOSS = {"safari_ios": 0.04, "safari_ipad": 0.03, "safari_mac": 0.03, "instagram_inapp": 0.12,
+                          "tiktok_inapp": 0.12, "chrome_android": 0.015, "chrome_desktop": 0.01}
+
+    def __init__(self, rng: random.Random, ids: _Ids, world: _World) -> None:
+        self.rng = rng
+        self.ids = ids
+        self.world = world
+        self.shop = world.shop
+        self.order_number = 6_112_004_000_000
+
+    # -- cookies ------------------------------------------------------------------------------------------------
+
+    def _open_cookie(self, browser: Browser, start: int) -> bool:
+        """Returns True when this visit starts on a fresh cookie that replaced one seen earlier in the window."""
+        if browser.anonymous_id is None:
+            self._new_cookie(browser, start)
+            return False
+        idle_expired = browser.itp and browser.last_seen is not None \
+            and start - browser.last_seen > ANONYMOUS_COOKIE_IDLE_TTL
+        if idle_expired or self.rng.random() < self.RANDOM_COOKIE_LOSS[browser.kind]:
+            self._new_cookie(browser, start)
+            return browser.seen_in_window
+        return False
+
+    def _new_cookie(self, browser: Browser, at: int) -> None:
+        browser.anonymous_id = self.ids.uuid()
+        browser.fbp = self.ids.fbp(at)
+        browser.klaviyo_known_at = None
+
+    @staticmethod
+    def klaviyo_knows(browser: Browser, t: int) -> bool:
+        known = browser.klaviyo_known_at
+        if known is None or known > t:
+            return False
+        return not browser.itp or t - known <= KLAVIYO_COOKIE_TTL
+
+    # -- the session --------------------------------------------------------------------------------------------
+
+    def run(self, plan: SessionPlan) -> list[_Hit]:
+        rng, person, browser = self.rng, plan.person, plan.browser
+        reset = self._open_cookie(browser, plan.start)
+        scenario = "cookie_reset" if reset and plan.scenario == "normal" else plan.scenario
+        session = _Session(self, plan, scenario)
+        t = plan.start
+
+        landing_product, page, came_from = self._landing(plan, session)
+        session.emit("PageView", t, page, came_from)
+        if plan.kx:
+            session.klaviyo_learns(t)
+        if person.customer_id and not plan.short and browser.kind not in ("instagram_inapp", "tiktok_inapp") \
+                and plan.scenario != "staff_test" and rng.random() < 0.15:
+            t += rng.randint(10 * SECOND, 60 * SECOND)
+            page, came_from = f"https://{self.shop}/account/login", page
+            session.login(t, page, came_from)
+        if not plan.short and rng.random() < 0.06:
+            t += rng.randint(5 * SECOND, 40 * SECOND)
+            term = rng.choice(landing_product.name.lower().split())
+            page, came_from = f"https://{self.shop}/search?q={term}", page
+            session.emit("Search", t, page, came_from, custom={"search_term": term})
+
+        viewed = []
+        views = 1 if plan.short else rng.choices((1, 2, 3, 4, 5), (22, 24, 22, 17, 15))[0]
+        for index in range(views):
+            product = landing_product if index == 0 else self._product()
+            t += rng.randint(3 * SECOND, 150 * SECOND)
+            if not page.startswith(product.url):  # a landing product page keeps its query string
+                page, came_from = product.url, page
+            session.emit("ViewContent", t, page, came_from, custom=self._money(product.price, [product.item]))
+            viewed.append(product)
+            if index == 0 and plan.signup_email is not None:
+                t += rng.randint(10 * SECOND, 50 * SECOND)
+                session.signup(t, page, came_from, plan.signup_email)
+        if plan.short:
+            return session.hits
+
+        cart_rate = 0.36 if plan.channel == "klaviyo" else 0.28
+        wants_checkout = plan.checkout != "random"
+        if not wants_checkout and rng.random() >= cart_rate:
+            return session.hits
+        cart: list[dict] = []
+        for _ in range(2 if rng.random() < 0.15 else 1):
+            product = viewed[-1] if rng.random() < 0.75 else rng.choice(viewed)
+            if not page.startswith(product.url):  # went back to an earlier product page to add it
+                page, came_from = product.url, page
+            quantity = rng.choices((1, 2, 3), (85, 12, 3))[0]
+            line = product.item if quantity == 1 else {**product.item, "quantity": quantity}
+            cart.insert(0, line)
+            t += rng.randint(5 * SECOND, 60 * SECOND)
+            session.emit("AddToCart", t, page, came_from, custom=self._money(self._total(cart), list(cart)))
+        if not wants_checkout and rng.random() >= 0.40:
+            return session.hits
+        self._checkout(session, plan, t, cart, page)
+        return session.hits
+
+    def _checkout(self, session: _Session, plan: SessionPlan, t: int, cart: list[dict], page: str) -> None:
+        rng = self.rng
+        checkout_url = f"https://{self.shop}/checkouts/cn/{self.ids.token(26, _ALNUM[:26] + '0123456789')}"
+        subtotal = self._total(cart)
+        email = plan.checkout_email or plan.person.email
+        if session.external_id or rng.random() < 0.45:  # logged in, Shop Pay or a remembered checkout
+            session.type_email(email)
+        t += rng.randint(10 * SECOND, 120 * SECOND)
+        custom = {"value": subtotal, "currency": "USD", "items": cart, "checkout_url": checkout_url}
+        session.emit("InitiateCheckout", t, checkout_url, page, custom=custom, checkout=True)
+
+        force = plan.checkout != "random"
+        if not force and rng.random() >= 0.85:
+            return
+        session.type_email(email)
+        session.type_address()
+        t += rng.randint(30 * SECOND, 180 * SECOND)
+        steps = {"value": subtotal, "currency": "USD", "checkout_url": checkout_url}
+        session.emit("AddShippingInfo", t, checkout_url, checkout_url, custom=steps, checkout=True)
+        if plan.checkout != "purchase" and rng.random() >= 0.85:
+            return
+        t += rng.randint(20 * SECOND, 150 * SECOND)
+        session.emit("AddPaymentInfo", t, checkout_url, checkout_url, custom=steps, checkout=True)
+        if plan.checkout != "purchase" and rng.random() >= 0.69:
+            return
+        t += rng.randint(5 * SECOND, 40 * SECOND)
+        self.order_number += rng.randint(1, 40)
+        codes, value = self._discount(plan, subtotal)
+        purchase = {"value": value, "currency": "USD", "items": cart, "order_id": str(self.order_number),
+                    "discount_codes": codes, "checkout_url": checkout_url}
+        session.emit("Purchase", t, f"{checkout_url}/thank-you", checkout_url, custom=purchase, checkout=True)
+
+    def _discount(self, plan: SessionPlan, subtotal: float) -> tuple[list[str], float]:
+        if plan.scenario == "staff_test":
+            return ["STAFFTEST100"], 0.0
+        shipping = 0.0 if subtotal >= 75 else 6.95
+        roll = self.rng.random()
+        if roll < 0.25:
+            code, rate = DISCOUNTS[0] if roll < 0.15 else DISCOUNTS[1 if roll < 0.2 else 2]
+            shipping = 0.0 if code == "FREESHIP" else shipping
+            return [code], round(subtotal * (1 - rate) + shipping, 2)
+        return [], round(subtotal + shipping, 2)
+
+    # -- pieces -------------------------------------------------------------------------------------------------
+
+    def _product(self) -> Product:
+        return self.rng.choices(self.world.catalogue, cum_weights=self.world.catalogue_cum_weights)[0]
+
+    @staticmethod
+    def _money(value: float, items: list[dict]) -> dict:
+        return {"value": value, "currency": "USD", "items": items}
+
+    @staticmethod
+    def _total(cart: list[dict]) -> float:
+        return round(sum(line["price"] * line["quantity"] for line in cart), 2)
+
+    def _landing(self, plan: SessionPlan, session: _Session) -> tuple[Product, str, str | None]:
+        """The landing URL and referrer say how the shopper arrived; the ids in the URL also go into user_data."""
+        rng, channel = self.rng, plan.channel
+        product = plan.landing_product or self._product()
+        url = plan.landing_url
+        if url is None:
+            url, plan.click_id = _landing_url(rng, self.ids, self.shop, channel, product, plan.kx or plan.person.kx,
+                                              plan.click_id)
+        in_app = plan.browser.kind.endswith("_inapp")
+        if channel == "klaviyo":
+            plan.kx = plan.kx or plan.person.kx
+            session.base["kx"] = plan.kx
+            referrer = rng.choice((None, None, "https://mail.google.com/", "https://outlook.live.com/"))
+        elif channel in FACEBOOK_CHANNELS:
+            session.base["fbc"] = f"fb.1.{plan.start}.{plan.click_id}"  # the _fbc cookie is written on landing
+            referrer = None if in_app or channel.endswith("_handoff") else \
+                ("https://l.facebook.com/" if channel == "facebook_ad" else "https://l.instagram.com/")
+        elif channel in TIKTOK_CHANNELS:
+            session.base["ttclid"] = plan.click_id
+            referrer = None
+        elif channel in GOOGLE_CHANNELS:
+            session.base["gclid"] = plan.click_id
+            referrer = "https://www.google.com/" if channel == "google_ad" else None  # a pasted link has none
+        elif channel == "organic":
+            referrer = rng.choice(("https://www.google.com/", "https://www.google.com/", "https://www.bing.com/",
+                                   "https://duckduckgo.com/"))
+        elif channel == "referral":
+            referrer = rng.choice(("https://www.reddit.com/", "https://www.pinterest.com/",
+                                   "https://thekitchn.com/best-mugs", "https://www.youtube.com/"))
+        elif channel in ("instagram_social", "tiktok_social"):
+            referrer = "https://www.instagram.com/" if channel == "instagram_social" else "https://www.tiktok.com/"
+        else:
+            referrer = None
+        return product, url, referrer
+
+
+FACEBOOK_CHANNELS = ("facebook_ad", "instagram_ad", "instagram_ad_handoff")
+TIKTOK_CHANNELS = ("tiktok_ad", "tiktok_ad_handoff")
+GOOGLE_CHANNELS = ("google_ad", "shared_link")
+
+
+def _landing_url(rng: random.Random, ids: _Ids, shop: str, channel: str, product: Product, kx: str,
+                 click_id: str | None) -> tuple[str, str | None]:
+    """Returns the landing URL and the click id in it (drawn here unless the click already exists)."""
+    page = product.url if rng.random() < 0.7 else f"https://{shop}/collections/{_slug(product.category)}"
+    sep = "&" if "?" in page else "?"
+    if channel == "direct":
+        return (f"https://{shop}/" if rng.random() < 0.6 else page), None
+    if channel in ("organic", "referral"):
+        return page, None
+    if channel == "klaviyo":
+        campaign = rng.choice(KLAVIYO_CAMPAIGNS).replace(" ", "%20")
+        return f"{page}{sep}_kx={kx}&utm_source=klaviyo&utm_medium=email&utm_campaign={campaign}", None
+    if channel in ("instagram_social", "tiktok_social"):
+        source = "ig" if channel == "instagram_social" else "tiktok"
+        return f"{page}{sep}utm_source={source}&utm_medium=social&utm_content=link_in_bio", None
+    campaign = rng.choice(AD_CAMPAIGNS)
+    if channel in FACEBOOK_CHANNELS:
+        click_id = click_id or ids.fbclid()
+        source = "facebook" if channel == "facebook_ad" else "instagram"
+        return f"{page}{sep}utm_source={source}&utm_medium=paid&utm_campaign={campaign}&fbclid={click_id}", click_id
+    if channel in TIKTOK_CHANNELS:
+        click_id = click_id or ids.ttclid()
+        return f"{page}{sep}utm_source=tiktok&utm_medium=paid&utm_campaign={campaign}&ttclid={click_id}", click_id
+    click_id = click_id or ids.gclid()
+    return f"{page}{sep}gclid={click_id}&utm_source=google&utm_medium=cpc&utm_campaign={campaign}", click_id
+
+
+_EMAIL_AS_TYPED = ("as_is", "capitalised", "upper", "spaces")
+
+
+class _Session:
+    """Per-session state: the user_data every event shares and what the shopper has revealed so far."""
+
+    __slots__ = ("runner", "plan", "scenario", "session_id", "base", "external_id", "typed_email",
+                 "email_reported", "address", "hits", "time_offset", "truth_prefix")
+
+    def __init__(self, runner: _SessionRunner, plan: SessionPlan, scenario: str) -> None:
+        self.runner = runner
+        self.plan = plan
+        self.scenario = scenario
+        self.session_id = runner.ids.uuid()
+        browser, person = plan.browser, plan.person
+        self.base: dict = {"client_ip_address": self._ip(), "client_user_agent": browser.user_agent}
+        if browser.fbp and person.consent["marketing"]:
+            self.base["fbp"] = browser.fbp
+        self.external_id: str | None = None
+        self.typed_email: dict | None = None
+        self.email_reported = False
+        self.address: dict | None = None
+        self.hits: list[_Hit] = []
+        self.time_offset = person.city.utc_offset_minutes
+        self.truth_prefix = (person.person_id, person.email, browser.browser_id, self.session_id, scenario)
+
+    def _ip(self) -> str:
+        """Phones move between home Wi-Fi, carrier NAT (shared by many) and IPv6, but keep one network for a while."""
+        rng, device, start = self.runner.rng, self.plan.browser.device, self.plan.start
+        if device.kind in ("desktop", "tablet"):
+            return device.home_ip
+        if device.private_relay and self.plan.browser.kind == "safari_ios":
+            return f"{rng.choice(PRIVATE_RELAY_BLOCKS)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+        if device.network_ip is not None and start <= device.network_until:
+            ip = device.network_ip
+        else:
+            roll = rng.random()
+            if roll < 0.55:
+                ip = device.home_ip
+            elif device.ipv6_prefix and roll < 0.75:
+                ip = f"{device.ipv6_prefix}:{rng.getrandbits(16):x}:{rng.getrandbits(16):x}:" \
+                     f"{rng.getrandbits(16):x}:{rng.getrandbits(16):x}"
+            else:
+                ip = rng.choice(self.runner.world.carrier_nat_pool)
+        device.network_ip, device.network_until = ip, start + 30 * MINUTE
+        return ip
+
+    def emit(self, name: str, t: int, url: str | None, referrer: str | None, custom: dict | None = None,
+             checkout: bool = False, extra: dict | None = None) -> dict:
+        runner, browser = self.runner, self.plan.browser
+        user = dict(self.base)
+        if self.external_id:
+            user["external_id"] = self.external_id
+        if checkout and self.typed_email:
+            user.update(self.typed_email)
+            if self.address:
+                user.update(self.address)
+        if extra:
+            user.update(extra)
+        user["klaviyo_identified"] = runner.klaviyo_knows(browser, t)
+        roll = runner.rng.random()
+        style = 0 if roll < 0.45 else (1 if roll < 0.8 else 2)
+        event_id = runner.ids.uuid()
+        event = {"event_id": event_id, "event_name": name, "event_time": _format_time(t, style, self.time_offset),
+                 "shop": runner.shop, "anonymous_id": browser.anonymous_id, "session_id": self.session_id,
+                 "event_source_url": url, "referrer": referrer, "user_data": user}
+        if custom is not None:
+            event["custom_data"] = custom
+        event["consent"] = self.plan.person.consent
+        self.hits.append(_Hit(t, event, (event_id, *self.truth_prefix)))
+        if checkout and self.typed_email and not self.email_reported:
+            self.email_reported = True  # Klaviyo's checkout sync learns the email from this event on
+            self.klaviyo_learns(t)
+        browser.last_seen = t
+        browser.busy_until = t
+        browser.seen_in_window = True
+        return event
+
+    def klaviyo_learns(self, t: int) -> None:
+        self.plan.browser.klaviyo_known_at = t
+
+    def _as_typed(self, email: str) -> str:
+        style = self.runner.rng.choices(_EMAIL_AS_TYPED, (82, 8, 3, 7))[0]
+        if style == "capitalised":
+            return email[:1].upper() + email[1:]
+        if style == "upper":
+            return email.upper()
+        if style == "spaces":
+            return self.runner.rng.choice((f" {email}", f"{email} ", f"  {email} "))
+        return email
+
+    @staticmethod
+    def _looks_like_email(value: str) -> bool:
+        local, _, domain = value.strip().partition("@")
+        return bool(local) and "." in domain
+
+    def _email_fields(self, typed: str) -> dict:
+        return {"email": typed, "em": _sha256(typed.strip().lower())}
+
+    def login(self, t: int, page: str, came_from: str | None) -> None:
+        person = self.plan.person
+        self.emit("Identify", t, page, came_from, extra={**self._email_fields(self._as_typed(person.email)),
+                                                         "external_id": person.customer_id})
+        self.external_id = person.customer_id
+        self.klaviyo_learns(t)
+
+    def signup(self, t: int, page: str, came_from: str | None, email: str) -> None:
+        typed = self._as_typed(email) if "@" in email else email  # theme bugs send "undefined" verbatim
+        self.emit("Identify", t, page, came_from, extra=self._email_fields(typed))
+        if self._looks_like_email(typed):
+            self.klaviyo_learns(t)
+
+    def type_email(self, email: str) -> None:
+        if self.typed_email is None:
+            self.typed_email = self._email_fields(self._as_typed(email))
+
+    def type_address(self) -> None:
+        if self.address is not None:
+            return
+        rng, person = self.runner.rng, self.plan.person
+        first, last = person.first_name, person.last_name
+        if rng.random() < 0.1:
+            first, last = first.lower(), last.lower()
+        address = {"first_name": first, "last_name": last, "city": person.city.name, "region": person.city.region,
+                   "zip": person.postal_code, "country": person.city.country}
+        if person.phone and rng.random() < 0.75:
+            address["phone"] = _typed_phone(rng, person.phone)
+            address["ph"] = _sha256(person.phone)
+        self.address = address
+
+
+def _typed_phone(rng: random.Random, e164: str) -> str:
+    """Shoppers type phones every way imaginable; the pipeline must normalise them."""
+    area, exchange, line = e164[2:5], e164[5:8], e164[8:]
+    return rng.choice((f"({area}) {exchange}-{line}", f"+1 {area} {exchange} {line}", f"{area}{exchange}{line}",
+                       f"{area}-{exchange}-{line}", f"1{area}{exchange}{line}", f"{area}.{exchange}.{line}",
+                       e164))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing files
+# ---------------------------------------------------------------------------------------------------------------
+
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+class _HourlyFiles:
+    """Buffers lines per UTC hour of arrival and writes an hour's file as soon as no later session can reach it.
+
+    Sessions are generated in start order and nothing arrives before its session starts, so every hour before the
+    current session's start hour is complete.
+    """
+
+    def __init__(self, events_dir: Path) -> None:
+        self.events_dir = events_dir
+        self.buffers: dict[int, list[tuple[int, int, str]]] = {}
+        self.complete_before = -1  # hours below this are written
+        self.seq = 0
+        self.files = 0
+        self.lines = 0
+
+    def add(self, arrival: int, line: str) -> None:
+        hour = arrival // HOUR
+        if hour < self.complete_before:
+            raise RuntimeError(f"internal error: a line arrived for hour {hour}, which is already written")
+        self.buffers.setdefault(hour, []).append((arrival, self.seq, line))
+        self.seq += 1
+
+    def complete_hours_before(self, hour_limit: int) -> None:
+        if hour_limit <= self.complete_before:
+            return
+        for hour in sorted(h for h in self.buffers if h < hour_limit):
+            self._write(hour, self.buffers.pop(hour))
+        self.complete_before = hour_limit
+
+    def close(self) -> None:
+        self.complete_hours_before(max(self.buffers, default=0) + 1)
+
+    def _write(self, hour: int, rows: list[tuple[int, int, str]]) -> None:
+        """Atomic: a sensor watching the folder must never read half a file, so write a dot-file and rename."""
+        rows.sort()
+        data = ("\n".join(row[2] for row in rows) + "\n").encode("utf-8")
+        t = time.gmtime(hour * 3600)
+        folder = self.events_dir / f"dt={t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}" / f"hour={t.tm_hour:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = folder / ".part-0000.ndjson.gz.tmp"
+        temporary.write_bytes(gzip.compress(data, compresslevel=6, mtime=0))
+        os.replace(temporary, folder / "part-0000.ndjson.gz")
+        self.files += 1
+        self.lines += len(rows)
+
+
+class _Transport:
+    """Between the browser and the landing folder: pixel retries and broken lines happen here."""
+
+    def __init__(self, rng: random.Random, files: _HourlyFiles, write_truth: Callable[[tuple], object],
+                 end: int) -> None:
+        self.rng = rng
+        self.files = files
+        self.write_truth = write_truth
+        self.end = end
+        self.events = 0
+        self.duplicates = 0
+        self.bad = 0
+
+    def send(self, hit: _Hit) -> None:
+        if hit.t >= self.end:
+            return  # the window closes; this part of the session happens after the export
+        if self.rng.random() < BAD_LINE_RATE:
+            self.files.add(hit.t, self._broken(hit))
+            self.bad += 1
+            return
+        line = _JSON.encode(hit.event)
+        self.files.add(hit.t, line)
+        self.write_truth(hit.truth)
+        self.events += 1
+        if self.rng.random() < RETRY_RATE:
+            self.files.add(self._retry_arrival(hit.t), line)
+            self.duplicates += 1
+
+    def _retry_arrival(self, t: int) -> int:
+        """Most retries follow within seconds; some wait for the network and land in the next hour's file."""
+        if self.rng.random() < 0.25:
+            arrival = (t // HOUR + 1) * HOUR + self.rng.randint(5 * SECOND, 10 * MINUTE)
+        else:
+            arrival = t + self.rng.randint(1 * SECOND, 30 * SECOND)
+        return arrival if arrival < self.end else t
+
+    def _broken(self, hit: _Hit) -> str:
+        """Each kind in turn, so even a small run shows all of them; the event itself is lost."""
+        rng = self.rng
+        kind = BAD_LINE_KINDS[self.bad % len(BAD_LINE_KINDS)]
+        event = dict(hit.event)
+        if kind == "truncated":
+            line = _JSON.encode(event)
+            return line[:rng.randint(len(line) // 4, len(line) - 2)]
+        if kind == "array":
+            return _JSON.encode([event])
+        if kind == "missing_field":
+            del event[rng.choice(REQUIRED_FIELDS)]
+        elif kind == "wrong_type":
+            custom = event.get("custom_data")
+            if custom and custom.get("value") is not None and rng.random() < 0.5:
+                event["custom_data"] = {**custom, "value": f"{custom['value']:.2f}"}
+            else:
+                event["event_id"] = rng.randint(10**9, 10**12)
+        elif kind == "bad_time":
+            event["event_time"] = "yesterday"
+        elif kind == "future_time":
+            event["event_time"] = _format_time(hit.t + 30 * DAY, 0, 0)
+        else:
+            event["event_name"] = ""
+        return _JSON.encode(event)
+
+
+def _write_csv_atomically(path: Path, header: Iterable[str], rows: Iterable[Iterable[object]]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    count = 0
+    with open(temporary, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow(row)
+            count += 1
+    os.replace(temporary, path)
+    return count
+
+
+def _customer_rows(people: list[Person]) -> Iterable[list[object]]:
+    for p in people:
+        if p.customer_id:
+            accepts = "true" if (p.subscribed and p.consent["marketing"]) else "false"
+            yield [p.customer_id, p.email, p.phone or "", p.first_name, p.last_name, p.city.name, p.city.region,
+                   p.city.country, accepts]
+
+
+def _people_rows(people: list[Person]) -> Iterable[list[object]]:
+    for p in people:
+        yield [p.person_id, p.email, p.phone or "", p.customer_id or "", p.kx, p.household_id]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _resolve_end(end: datetime | None) -> datetime:
+    if end is None:
+        return datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    if end.tzinfo is None or end.utcoffset() is None:
+        raise ValueError("end must be timezone-aware, e.g. datetime(2026, 11, 28, tzinfo=timezone.utc)")
+    return end
+
+
+def _refuse_non_empty(events_dir: Path) -> None:
+    """A landing folder mixing two simulations would make the ground truth meaningless."""
+    if events_dir.exists() and any(p.is_file() for p in events_dir.rglob("*")):
+        raise ValueError(f"{events_dir} already contains files; simulate into an empty folder")
+
+
+def simulate(out_dir: Path, *, visitors: int, days: int, seed: int, end: datetime | None = None,
+             shop: str = "acme.myshopify.com") -> SimulationSummary:
+    """Write `days` of storefront traffic from `visitors` people ending at `end`, with the ground truth.
+
+    Layout under out_dir: events/dt=YYYY-MM-DD/hour=HH/part-0000.ndjson.gz, customers/customers.csv,
+    truth/events.csv and truth/people.csv. The same arguments always produce byte-identical files.
+    """
+    if visitors < 1:
+        raise ValueError("visitors must be at least 1")
+    if days < 1:
+        raise ValueError("days must be at least 1")
+    out_dir = Path(out_dir)
+    end_at = _resolve_end(end)
+    events_dir = out_dir / "events"
+    _refuse_non_empty(events_dir)
+    events_dir.mkdir(parents=True, exist_ok=True)
+
+    end_ms = (end_at - _EPOCH) // timedelta(milliseconds=1)
+    start_ms = end_ms - days * DAY
+    rng = random.Random(seed)
+    ids = _Ids(rng)
+    builder = _WorldBuilder(rng, ids, shop, start_ms)
+    world = builder.build(visitors)
+    _seed_klaviyo_cookies(rng, world)
+    plans = _Planner(rng, ids, builder, world, start_ms, end_ms).plan()
+
+    truth_path = out_dir / "truth" / "events.csv"
+    truth_path.parent.mkdir(parents=True, exist_ok=True)
+    truth_temporary = truth_path.with_name(f".{truth_path.name}.tmp")
+    files = _HourlyFiles(events_dir)
+    runner = _SessionRunner(rng, ids, world)
+    with open(truth_temporary, "w", newline="", encoding="utf-8") as handle:
+        truth = csv.writer(handle, lineterminator="\n")
+        truth.writerow(["event_id", "person_id", "email", "browser_id", "session_id", "scenario"])
+        transport = _Transport(rng, files, truth.writerow, end_ms)
+        for plan in plans:
+            files.complete_hours_before(plan.start // HOUR)
+            if not _make_room(rng, plan, end_ms):
+                continue
+            for hit in runner.run(plan):
+                transport.send(hit)
+        files.close()
+    os.replace(truth_temporary, truth_path)
+
+    customers = _write_csv_atomically(
+        out_dir / "customers" / "customers.csv",
+        ["customer_id", "email", "phone", "first_name", "last_name", "city", "region", "country",
+         "accepts_marketing"],
+        _customer_rows(world.people))
+    people = _write_csv_atomically(out_dir / "truth" / "people.csv",
+                                   ["person_id", "email", "phone", "customer_id", "kx", "household_id"],
+                                   _people_rows(world.people))
+    return SimulationSummary(
+        out_dir=out_dir, people=people, events=transport.events,
+        event_lines=transport.events + transport.duplicates + transport.bad,
+        duplicate_lines=transport.duplicates, bad_lines=transport.bad, event_files=files.files,
+        customers=customers)
+
+
+def _make_room(rng: random.Random, plan: SessionPlan, end: int) -> bool:
+    """One browser shows one session at a time: a visit planned during another one starts after it, or not at all."""
+    busy = plan.browser.busy_until
+    if plan.start > busy + MINUTE:
+        return True
+    start = busy + rng.randint(1 * MINUTE, 10 * MINUTE)
+    if start - plan.start > 50 * MINUTE or start >= end:
+        return False
+    plan.start = start
+    return True
