@@ -3,7 +3,7 @@
 -- are built once, straight into raw_events (sql/raw_events.sql), for accepted first sightings only.
 --
 -- Input: temp table staged_lines(source_file, line_number, raw_line, invalid_utf8).
--- Parameters (from upstack_pipeline.events): $required_fields (all strings but event_time);
+-- Parameters (from upstack_pipeline.events): $required_fields, in the order extracted below;
 -- $field_names / $field_paths / $field_types, the JSON types each object field may have ('MISSING' = absent
 -- key), where $field_paths has one more entry, '$', first, for the document itself; $item_names / $item_paths /
 -- $item_types, the same for each custom_data.items[] element; $now, the ingestion clock; $max_skew, how far
@@ -22,9 +22,9 @@ parsed as (                                     -- JSON functions only ever see 
         line_number,
         invalid_utf8,
         json_type(raw_line, $field_paths) as path_types,
-        json_extract_string(raw_line, ['$.custom_data.items', '$.custom_data.discount_codes', '$.event_time',
-                                       '$.event_id', '$.event_name', '$.shop', '$.anonymous_id', '$.session_id'])
-            as extracted                        -- items, codes, time, then $required_fields in order
+        json_extract_string(raw_line, ['$.custom_data.items', '$.custom_data.discount_codes',
+                                       '$.event_id', '$.event_name', '$.event_time', '$.shop', '$.anonymous_id',
+                                       '$.session_id']) as extracted   -- items, codes, then $required_fields
     from lines
     where is_json
 ),
@@ -35,12 +35,12 @@ checked as (
         line_number,
         invalid_utf8,
         path_types,
-        extracted[3] as event_time_text,
-        extracted[4] as event_id,
+        extracted[3] as event_id,
+        extracted[5] as event_time_text,
         [$field_names[i] for i in range(1, len($field_names) + 1)
             if not list_contains($field_types[i], coalesce(path_types[i + 1], 'MISSING'))] as bad_fields,
         [$required_fields[i] for i in range(1, len($required_fields) + 1)
-            if trim(extracted[i + 3]) = ''][1] as empty_field,
+            if trim(extracted[i + 2]) = ''][1] as empty_field,
         list_transform(json_transform(extracted[1], '["JSON"]'), lambda item: json_type(item, $item_paths))
             as item_path_types,
         json_type(extracted[2], '$[*]') as discount_code_types

@@ -60,7 +60,8 @@ select
         when 'not_an_object' then 'the line is a JSON ' || lower(json_type(staged.raw_line)) || ', not an object'
         when 'missing_field' then 'required field ' || verdict.bad_path || ' is missing, null or empty'
         when 'wrong_type' then verdict.bad_path || ' is a JSON '
-            || lower(json_type(staged.raw_line, '$.' || verdict.bad_path)) || ', which the event contract does not allow'
+            || coalesce(lower(json_type(staged.raw_line, '$.' || verdict.bad_path)), 'value')
+            || ', which the event contract does not allow'
         when 'unparseable_time' then 'event_time ' || coalesce('"' || verdict.event_time_text || '"', 'null')
             || ' is not an ISO 8601 date-time with an offset'
         when 'future_time' then 'event_time ' || verdict.event_time_text

@@ -46,6 +46,8 @@ def test_every_kind_of_bad_line_is_quarantined_and_the_good_lines_of_the_same_fi
     far_future = (NOW + timedelta(days=30)).isoformat()
     no_event_id = make_event("x")
     del no_event_id["event_id"]
+    no_time = make_event("no-time")
+    del no_time["event_time"]
     lines = [
         json.dumps(make_event("good-1")),                                                      # 1
         '{"event_id": "truncated", "event_name": "AddTo',                                      # 2
@@ -63,10 +65,11 @@ def test_every_kind_of_bad_line_is_quarantined_and_the_good_lines_of_the_same_fi
         json.dumps(make_event("ancient", event_time="1999-12-31T23:00:00Z")),                  # 14
         json.dumps(make_event("null-session", session_id=None)),                               # 15
         json.dumps(make_event("good-2")),                                                      # 16
+        json.dumps(no_time),                                                                   # 17
     ]
     path = write_lines(settings.events_dir / "mixed.ndjson", lines)
     with open(path, "ab") as handle:
-        handle.write(json.dumps(make_event("bad-bytes")).encode().replace(b"jane", b"j\xffne") + b"\n")  # 17
+        handle.write(json.dumps(make_event("bad-bytes")).encode().replace(b"jane", b"j\xffne") + b"\n")  # 18
 
     report = ingest(settings)
 
@@ -88,18 +91,19 @@ def test_every_kind_of_bad_line_is_quarantined_and_the_good_lines_of_the_same_fi
         (13, "wrong_type"),
         (14, "time_before_2000"),
         (15, "missing_field"),
-        (17, "invalid_utf8"),
+        (17, "missing_field"),
+        (18, "invalid_utf8"),
     ]
     details = {line: detail for line, _, detail, _ in quarantined}
     assert "event_id" in details[4] and "event_id" in details[5]
     assert "custom_data.value" in details[10]
     assert "custom_data.items[0].price" in details[11]
     assert "user_data.klaviyo_identified" in details[13]
-    assert "session_id" in details[15]
+    assert "session_id" in details[15] and "event_time" in details[17]
     assert quarantined[5][3] == "no-offset"  # the event_id is kept when readable, to find the event upstream
     raw_texts = query(settings, "select raw_text from quarantined_events where line_number = 2")
     assert raw_texts == [(lines[1],)]
-    assert query(settings, "select lines, ingested_rows, quarantined_rows from ingested_files") == [(16, 2, 14)]
+    assert query(settings, "select lines, ingested_rows, quarantined_rows from ingested_files") == [(17, 2, 15)]
 
 
 def test_a_second_run_reads_nothing_and_a_new_file_is_read_alone(settings):

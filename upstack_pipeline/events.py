@@ -72,7 +72,7 @@ class EventFiles:
 
     def write_batch(self, connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
         connection.execute(read_sql("line_verdicts"), {
-            "required_fields": [name for name in REQUIRED_FIELDS if name != "event_time"],
+            "required_fields": list(REQUIRED_FIELDS),
             "field_names": list(EVENT_CONTRACT),
             "field_paths": ["$"] + [_json_path(name) for name in EVENT_CONTRACT],
             "field_types": [list(types) for types in EVENT_CONTRACT.values()],
