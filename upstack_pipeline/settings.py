@@ -40,6 +40,7 @@ class Settings:
             klaviyo_base_url=(env.get("KLAVIYO_BASE_URL") or defaults.klaviyo_base_url).rstrip("/"),
             klaviyo_api_key=env.get("KLAVIYO_API_KEY") or None,
             dagster_home=Path(env["DAGSTER_HOME"]) if env.get("DAGSTER_HOME") else None,
+            ingest_batch_bytes=int(env.get("UPSTACK_INGEST_BATCH_BYTES") or defaults.ingest_batch_bytes),
         )
 
     @property

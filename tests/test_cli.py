@@ -1,0 +1,124 @@
+"""The `upstack` command as a person runs it: real processes, real files, a real Dagster instance on disk."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from conftest import make_event, query, write_events
+from upstack_pipeline.settings import Settings
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def upstack(*args: str, env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dagster_project.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=kwargs.pop("cwd", PROJECT_ROOT), **kwargs)
+
+
+def environment(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("UPSTACK_", "KLAVIYO_", "DAGSTER_"))}
+    env.update(UPSTACK_LANDING_DIR=str(settings.landing_dir), UPSTACK_WAREHOUSE=str(settings.warehouse_path), **extra)
+    return env
+
+
+def count(pattern: str, text: str) -> int:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in:\n{text}"
+    return int(match.group(1).replace(",", ""))
+
+
+def test_demo_simulates_syncs_and_prints_a_summary_that_adds_up(tmp_path):
+    completed = upstack("demo", "--dir", str(tmp_path / "demo"), "--visitors", "400", "--days", "2",
+                        env=environment(Settings(landing_dir=tmp_path / "unused", warehouse_path=tmp_path / "x")))
+
+    assert completed.returncode == 0, completed.stderr
+    out = completed.stdout
+    assert "succeeded" in out and "FAILED" not in out
+    simulated, retries, bad = (count(r"([\d,]+) events in", out), count(r"([\d,]+) pixel retries", out),
+                               count(r"([\d,]+) bad lines", out))
+    assert count(r"raw_events .*rows ingested ([\d,]+)", out) == simulated
+    assert count(r"raw_events .*duplicates skipped ([\d,]+)", out) == retries
+    assert count(r"raw_events .*quarantined ([\d,]+)", out) == bad
+    assert (tmp_path / "demo" / "warehouse.duckdb").exists()
+
+
+def test_sync_records_its_run_in_the_dagster_instance_at_dagster_home(settings, tmp_path):
+    write_events(settings.events_dir / "a.ndjson", [make_event("e1")])
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", home)
+
+    completed = upstack("sync", env=environment(settings, DAGSTER_HOME=str(home)))
+
+    assert completed.returncode == 0, completed.stderr
+    assert str(home) in completed.stdout
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        runs = instance.get_runs()
+        assert [(run.job_name, run.status) for run in runs] == [("upstack_sync", dg.DagsterRunStatus.SUCCESS)]
+        materialization = instance.get_latest_materialization_event(dg.AssetKey("raw_events"))
+        assert materialization.asset_materialization.metadata["rows_ingested"].value == 1
+
+
+def test_sync_that_cannot_write_the_warehouse_fails_with_a_message_and_exit_status(settings):
+    settings.warehouse_path.mkdir()  # a folder where the DuckDB file should be
+    write_events(settings.events_dir / "a.ndjson", [make_event("e1")])
+
+    completed = upstack("sync", env=environment(settings))
+
+    assert completed.returncode == 1
+    assert "FAILED" in completed.stdout and "raw_events failed" in completed.stdout
+
+
+def test_concurrent_syncs_both_succeed_without_losing_or_doubling_rows(settings):
+    for hour in range(20):
+        write_events(settings.events_dir / f"h{hour:02d}.ndjson.gz",
+                     [make_event(f"e{hour}-{n}") for n in range(2_000)])
+    env = environment(settings)
+
+    processes = [subprocess.Popen([sys.executable, "-m", "dagster_project.cli", "sync"], env=env, cwd=PROJECT_ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [process.communicate(timeout=300) for process in processes]
+
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    assert "lock" not in "".join(out + err for out, err in outputs).lower()
+    ingested = [count(r"raw_events .*rows ingested ([\d,]+)", out) for out, _ in outputs]
+    assert sorted(ingested) == [0, 40_000] or sum(ingested) == 40_000
+    assert query(settings, "select count(*), count(distinct event_id) from raw_events") == [(40_000, 40_000)]
+    assert query(settings, "select count(*) from ingested_files") == [(20,)]
+
+
+@pytest.mark.parametrize("delay_after_first_write", [0.0, 0.4, 1.2])
+def test_a_sync_killed_while_writing_then_rerun_loses_nothing_and_doubles_nothing(settings, delay_after_first_write):
+    for hour in range(24):
+        write_events(settings.events_dir / f"h{hour:02d}.ndjson.gz",
+                     [make_event(f"e{hour}-{n}") for n in range(3_000)])
+    env = environment(settings, UPSTACK_INGEST_BATCH_BYTES="1")  # one file per transaction: many commit points
+    wal = Path(f"{settings.warehouse_path}.wal")
+
+    process = subprocess.Popen([sys.executable, "-m", "dagster_project.cli", "sync"], env=env, cwd=PROJECT_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not wal.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(delay_after_first_write)
+    assert process.poll() is None, "the sync finished before it could be killed; make the landing bigger"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    [(files_before_rerun,)] = query(settings, "select count(*) from ingested_files")
+
+    rerun = upstack("sync", env=env)
+
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert count(r"raw_events .*files read ([\d,]+)", rerun.stdout) == 24 - files_before_rerun > 0
+    assert query(settings, "select count(*), count(distinct event_id) from raw_events") == [(72_000, 72_000)]
+    assert query(settings, "select count(*), sum(ingested_rows) from ingested_files") == [(24, 72_000)]

@@ -1,0 +1,32 @@
+from datetime import timedelta
+from pathlib import Path
+
+from upstack_pipeline.settings import KLAVIYO_PRODUCTION_URL, Settings
+
+
+def test_defaults_match_the_documented_ones():
+    settings = Settings.from_env({})
+    assert settings.landing_dir == Path("data/landing")
+    assert settings.warehouse_path == Path("data/warehouse.duckdb")
+    assert settings.klaviyo_base_url == KLAVIYO_PRODUCTION_URL == "https://a.klaviyo.com"
+    assert settings.klaviyo_api_key is None and settings.dagster_home is None
+    assert settings.max_clock_skew == timedelta(days=1)
+
+
+def test_environment_overrides_and_the_key_never_shows_in_repr():
+    settings = Settings.from_env({
+        "UPSTACK_LANDING_DIR": "/srv/landing", "UPSTACK_WAREHOUSE": "/srv/wh.duckdb",
+        "KLAVIYO_BASE_URL": "http://127.0.0.1:8123/", "KLAVIYO_API_KEY": "pk_secret_value",
+        "DAGSTER_HOME": "/srv/dagster", "UPSTACK_INGEST_BATCH_BYTES": "1000",
+    })
+    assert (settings.events_dir, settings.customers_dir) == (Path("/srv/landing/events"), Path("/srv/landing/customers"))
+    assert settings.warehouse_path == Path("/srv/wh.duckdb")
+    assert settings.klaviyo_base_url == "http://127.0.0.1:8123"
+    assert settings.klaviyo_api_key == "pk_secret_value"
+    assert settings.dagster_home == Path("/srv/dagster")
+    assert settings.ingest_batch_bytes == 1000
+    assert "pk_secret_value" not in repr(settings)
+
+
+def test_empty_variables_fall_back_to_defaults():
+    assert Settings.from_env({"UPSTACK_LANDING_DIR": "", "KLAVIYO_API_KEY": ""}) == Settings()
