@@ -46,9 +46,10 @@ def test_demo_simulates_syncs_and_prints_a_summary_that_adds_up(tmp_path):
     assert "succeeded" in out and "FAILED" not in out
     simulated, retries, bad = (count(r"([\d,]+) events in", out), count(r"([\d,]+) pixel retries", out),
                                count(r"([\d,]+) bad lines", out))
-    assert count(r"raw_events .*rows ingested ([\d,]+)", out) == simulated
-    assert count(r"raw_events .*duplicates skipped ([\d,]+)", out) == retries
-    assert count(r"raw_events .*quarantined ([\d,]+)", out) == bad
+    assert count(r"raw_events +([\d,]+) new rows", out) == simulated
+    assert count(r"raw_events .*; ([\d,]+) pixel retries skipped", out) == retries
+    assert count(r"raw_events .*; ([\d,]+) quarantined", out) == bad
+    assert "3 of 3 passed" in out
     assert (tmp_path / "demo" / "warehouse.duckdb").exists()
 
 
@@ -89,9 +90,9 @@ def test_concurrent_syncs_both_succeed_without_losing_or_doubling_rows(settings)
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [process.communicate(timeout=300) for process in processes]
 
-    assert [process.returncode for process in processes] == [0, 0], outputs
+    assert [process.returncode for process in processes] == [0, 0], [out for pair in outputs for out in pair]
     assert "lock" not in "".join(out + err for out, err in outputs).lower()
-    ingested = [count(r"raw_events .*rows ingested ([\d,]+)", out) for out, _ in outputs]
+    ingested = [count(r"raw_events +([\d,]+) new rows", out) for out, _ in outputs]
     assert sorted(ingested) == [0, 40_000] or sum(ingested) == 40_000
     assert query(settings, "select count(*), count(distinct event_id) from raw_events") == [(40_000, 40_000)]
     assert query(settings, "select count(*) from ingested_files") == [(20,)]
@@ -119,6 +120,6 @@ def test_a_sync_killed_while_writing_then_rerun_loses_nothing_and_doubles_nothin
     rerun = upstack("sync", env=env)
 
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert count(r"raw_events .*files read ([\d,]+)", rerun.stdout) == 24 - files_before_rerun > 0
+    assert count(r"raw_events .* from ([\d,]+) files?", rerun.stdout) == 24 - files_before_rerun > 0
     assert query(settings, "select count(*), count(distinct event_id) from raw_events") == [(72_000, 72_000)]
     assert query(settings, "select count(*), sum(ingested_rows) from ingested_files") == [(24, 72_000)]

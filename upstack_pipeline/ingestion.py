@@ -26,6 +26,7 @@ from upstack_pipeline.landing import (
 )
 from upstack_pipeline.warehouse import Warehouse
 
+COUNT_NAMES = ("lines", "ingested_rows", "duplicate_rows", "quarantined_rows")
 STAGED_SCHEMA = {"source_file": pl.String, "line_number": pl.Int64, "raw_line": pl.String, "invalid_utf8": pl.Boolean}
 
 
@@ -57,10 +58,8 @@ class IngestReport:
     quarantined_rows: int = 0
 
     def add(self, counts: dict[str, int]) -> None:
-        self.lines += counts["lines"]
-        self.ingested_rows += counts["ingested_rows"]
-        self.duplicate_rows += counts["duplicate_rows"]
-        self.quarantined_rows += counts["quarantined_rows"]
+        for name in COUNT_NAMES:
+            setattr(self, name, getattr(self, name) + counts[name])
 
 
 def ingest_new_files(
@@ -73,42 +72,48 @@ def ingest_new_files(
     log: Callable[[str], None] = lambda message: None,
 ) -> IngestReport:
     report = IngestReport(kind=file_kind.kind)
+    # One connection for the whole ingestion: deciding which files are new and ingesting them happen under the
+    # same file lock, so a concurrent sync waits and then finds nothing left to do instead of racing us.
     with warehouse.connect() as connection:
         new, changed, touched = split_new_and_changed(
             discover(landing_dir, file_kind.kind), _known_files(connection, file_kind.kind)
         )
         _record_changed_and_touched(connection, changed, touched, now)
-    report.changed_files = [change.file.path for change in changed]
-    for change in changed:
-        log(f"{change.file.path} changed after it was ingested (sha256 {change.ingested_sha256[:12]}... -> "
-            f"{change.current_sha256[:12]}...); it is not read again. Landing files must be immutable: "
-            "write new data to a new file.")
-
-    for batch in batches(new, batch_bytes):
-        staged, unreadable = _stage(batch, file_kind)
-        with warehouse.connect() as connection:
-            connection.begin()
-            connection.register("staged_lines", staged)
-            file_kind.write_batch(connection, now)
-            counts = {
-                row[0]: dict(zip(("lines", "ingested_rows", "duplicate_rows", "quarantined_rows"), row[1:]))
-                for row in connection.execute(
-                    "select source_file, lines, ingested_rows, duplicate_rows, quarantined_rows "
-                    "from batch_file_counts"
-                ).fetchall()
-            }
-            for landing_file in batch:
-                file_counts = counts.get(landing_file.path, dict.fromkeys(
-                    ("lines", "ingested_rows", "duplicate_rows", "quarantined_rows"), 0))
-                _record_ingested(connection, landing_file, file_counts, unreadable.get(landing_file.path), now)
-                report.add(file_counts)
-            connection.unregister("staged_lines")
-            connection.commit()
-        report.files_read += len(batch) - len(unreadable)
-        report.unreadable_files.update(unreadable)
-        for path, error in unreadable.items():
-            log(f"{path} could not be read and was recorded as unreadable: {error}")
+        report.changed_files = [change.file.path for change in changed]
+        for change in changed:
+            log(f"{change.file.path} changed after it was ingested (sha256 {change.ingested_sha256[:12]}... -> "
+                f"{change.current_sha256[:12]}...); it is not read again. Landing files must be immutable: "
+                "write new data to a new file.")
+        for batch in batches(new, batch_bytes):
+            _ingest_batch(connection, batch, file_kind, now, report)
+    for path, error in report.unreadable_files.items():
+        log(f"{path} could not be read and was recorded as unreadable: {error}")
     return report
+
+
+def _ingest_batch(
+    connection: duckdb.DuckDBPyConnection, batch: list[LandingFile], file_kind: FileKind, now: datetime,
+    report: IngestReport,
+) -> None:
+    """One transaction: the batch's rows, its quarantine and its ledger entries land together or not at all."""
+    staged, unreadable = _stage(batch, file_kind)
+    connection.begin()
+    connection.register("staged_lines", staged)
+    file_kind.write_batch(connection, now)
+    counts = {
+        row[0]: dict(zip(COUNT_NAMES, row[1:]))
+        for row in connection.execute(
+            "select source_file, lines, ingested_rows, duplicate_rows, quarantined_rows from batch_file_counts"
+        ).fetchall()
+    }
+    for landing_file in batch:
+        file_counts = counts.get(landing_file.path, dict.fromkeys(COUNT_NAMES, 0))
+        _record_ingested(connection, landing_file, file_counts, unreadable.get(landing_file.path), now)
+        report.add(file_counts)
+    connection.unregister("staged_lines")
+    connection.commit()
+    report.files_read += len(batch) - len(unreadable)
+    report.unreadable_files.update(unreadable)
 
 
 def _stage(batch: list[LandingFile], file_kind: FileKind) -> tuple[pl.DataFrame, dict[str, str]]:

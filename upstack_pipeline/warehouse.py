@@ -33,7 +33,7 @@ def _is_lock_conflict(error: duckdb.Error) -> bool:
 
 
 class Warehouse:
-    def __init__(self, path: Path, *, lock_timeout_seconds: float = 120.0):
+    def __init__(self, path: Path, *, lock_timeout_seconds: float = 600.0):
         self.path = Path(path)
         self.lock_timeout_seconds = lock_timeout_seconds
 
