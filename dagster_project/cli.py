@@ -16,34 +16,22 @@ from upstack_pipeline.settings import Settings
 from upstack_pipeline.simulate import simulate
 
 def summarize(result: dg.ExecuteInProcessResult, seconds: float, instance_label: str) -> str:
+    """What the run did, asset by asset (each asset's `summary` metadata), then its checks."""
     outcome = "succeeded" if result.success else "FAILED"
     lines = [f"upstack sync: run {result.run_id[:8]} {outcome} in {seconds:.1f} s (Dagster instance: {instance_label})"]
     for event in result.get_asset_materialization_events():
-        metadata = {key: value.value for key, value in event.materialization.metadata.items()}
-        lines.append(f"  {event.asset_key.to_user_string():<12} " + _describe_ingestion(metadata))
-    for check in result.get_asset_check_evaluations():
-        status = "passed" if check.passed else f"FAILED ({check.severity.value.lower()})"
-        lines.append(f"  check {check.asset_key.to_user_string()}:{check.check_name} {status}")
+        summary = event.materialization.metadata.get("summary")
+        lines.append(f"  {event.asset_key.to_user_string():<14} {summary.value if summary else 'materialized'}")
+    checks = result.get_asset_check_evaluations()
+    failed = [check for check in checks if not check.passed]
+    lines.append(f"  {'checks':<14} {len(checks) - len(failed)} of {len(checks)} passed")
+    for check in failed:
+        lines.append(f"    {check.severity.value} {check.asset_key.to_user_string()}:{check.check_name}: "
+                     f"{check.description or 'failed'}")
     for failure in result.get_step_failure_events():
         error = failure.step_failure_data.error
         lines.append(f"  step {failure.step_key} failed: {error.message.strip() if error else 'unknown error'}")
     return "\n".join(lines)
-
-
-def _describe_ingestion(metadata: dict) -> str:
-    reasons = ", ".join(f"{reason} {count}" for reason, count in (metadata.get("quarantined_by_reason") or {}).items())
-    parts = [
-        f"files read {metadata.get('files_read', 0):,}",
-        f"rows ingested {metadata.get('rows_ingested', 0):,}",
-        f"duplicates skipped {metadata.get('duplicates_skipped', 0):,}",
-        f"quarantined {metadata.get('rows_quarantined', 0):,}" + (f" ({reasons})" if reasons else ""),
-        f"table rows {metadata.get('dagster/row_count', 0):,}",
-    ]
-    if metadata.get("unreadable_files"):
-        parts.append(f"unreadable files {len(metadata['unreadable_files'])}")
-    if metadata.get("changed_files"):
-        parts.append(f"changed files {len(metadata['changed_files'])}")
-    return " · ".join(parts)
 
 
 def command_sync(settings: Settings) -> int:
@@ -80,7 +68,11 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
     )
     demo_settings = settings.with_paths(landing_dir=landing, warehouse_path=demo_dir / "warehouse.duckdb")
     status = command_sync(demo_settings)
-    print(f"\nWarehouse: {demo_settings.warehouse_path} (open it with duckdb to explore; tables are listed in the README)")
+    print(
+        f"\nThe warehouse is {demo_settings.warehouse_path}; its tables are described in the README. Try:\n"
+        f"  .venv/bin/python -c \"import duckdb; duckdb.connect('{demo_settings.warehouse_path}', read_only=True)"
+        f".sql('select reason, count(*) from quarantined_events group by all').show()\""
+    )
     return status
 
 

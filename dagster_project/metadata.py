@@ -22,8 +22,25 @@ def markdown_table(frame: pl.DataFrame, max_cell: int = 80) -> str:
     return "\n".join([header, rule, *rows])
 
 
+def ingestion_summary(report: IngestReport, table: TableOverview) -> str:
+    """One line for a person: what this run added, and what it set aside and why."""
+    files = f"{report.files_read:,} file" + ("" if report.files_read == 1 else "s")
+    parts = [f"{report.ingested_rows:,} new rows from {files} (table now {table.total_rows:,})"]
+    if report.duplicate_rows:
+        parts.append(f"{report.duplicate_rows:,} pixel retries skipped")
+    if report.quarantined_rows:
+        reasons = ", ".join(f"{reason} {count:,}" for reason, count in table.quarantined_this_run_by_reason.items())
+        parts.append(f"{report.quarantined_rows:,} quarantined ({reasons})")
+    if report.unreadable_files:
+        parts.append(f"{len(report.unreadable_files)} unreadable files")
+    if report.changed_files:
+        parts.append(f"{len(report.changed_files)} files changed after ingestion (not re-read)")
+    return "; ".join(parts)
+
+
 def ingestion_metadata(report: IngestReport, table: TableOverview) -> dict[str, dg.MetadataValue]:
     return {
+        "summary": dg.MetadataValue.text(ingestion_summary(report, table)),
         "dagster/row_count": dg.MetadataValue.int(table.total_rows),
         "files_read": dg.MetadataValue.int(report.files_read),
         "rows_ingested": dg.MetadataValue.int(report.ingested_rows),
