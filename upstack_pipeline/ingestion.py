@@ -198,3 +198,20 @@ def overview(
             f"order by source_file, line_number limit {limit * 2}", params=[now]
         ).pl()
     return TableOverview(total_rows, total_quarantined, by_reason, recent, quarantined)
+
+
+@dataclass(frozen=True)
+class LandingHealth:
+    changed_files: int  # rewritten after ingestion (table changed_files)
+    unreadable_files: int  # ingested_files with status 'unreadable'
+    repeated_event_ids: int  # raw_events rows beyond one per event_id; 0 unless the ledger is broken
+
+
+def landing_health(warehouse: Warehouse) -> LandingHealth:
+    with warehouse.connect() as connection:
+        return LandingHealth(*connection.execute("""
+            select
+                (select count(*) from changed_files),
+                (select count(*) from ingested_files where status = 'unreadable'),
+                (select count(*) - count(distinct event_id) from raw_events)
+        """).fetchone())

@@ -69,10 +69,6 @@ class Warehouse:
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 2.0)
 
-    def table_counts(self, tables: list[str]) -> dict[str, int]:
-        with self.connect() as connection:
-            return {table: connection.execute(f"select count(*) from {table}").fetchone()[0] for table in tables}
-
     def frame(self, query: str, parameters: list | dict | None = None) -> pl.DataFrame:
         """A small query result as a polars frame (previews, summaries)."""
         with self.connect() as connection:

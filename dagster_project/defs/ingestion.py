@@ -8,7 +8,7 @@ from dagster_project.metadata import ingestion_metadata
 from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
 from upstack_pipeline.customers import ingest_customers
 from upstack_pipeline.events import ingest_events
-from upstack_pipeline.ingestion import overview
+from upstack_pipeline.ingestion import landing_health, overview
 
 landing_checks = [
     dg.AssetCheckSpec("landing_files_unchanged", asset="raw_events",
@@ -37,29 +37,27 @@ def raw_events(context: dg.AssetExecutionContext, upstack: UpstackResource):
 
 
 def landing_check_results(upstack: UpstackResource):
-    counts = upstack.warehouse().frame("""
-        select
-            (select count(*) from changed_files) as changed_files,
-            (select count(*) from ingested_files where status = 'unreadable') as unreadable_files,
-            (select count(*) - count(distinct event_id) from raw_events) as repeated_event_ids
-    """).row(0, named=True)
-    yield dg.AssetCheckResult(
-        check_name="landing_files_unchanged", passed=counts["changed_files"] == 0,
-        severity=dg.AssetCheckSeverity.WARN, metadata={"changed_files": counts["changed_files"]},
-        description=None if counts["changed_files"] == 0 else
-        "Some landing files changed after ingestion and were not re-read; see table changed_files. "
+    health = landing_health(upstack.warehouse())
+    yield warn_unless_zero(
+        "landing_files_unchanged", health.changed_files, "changed_files",
+        "landing files changed after ingestion and were not re-read (see table changed_files). "
         "Write new data to new files.",
     )
-    yield dg.AssetCheckResult(
-        check_name="landing_files_readable", passed=counts["unreadable_files"] == 0,
-        severity=dg.AssetCheckSeverity.WARN, metadata={"unreadable_files": counts["unreadable_files"]},
-        description=None if counts["unreadable_files"] == 0 else
-        "Some landing files could not be read; see ingested_files where status = 'unreadable'. "
+    yield warn_unless_zero(
+        "landing_files_readable", health.unreadable_files, "unreadable_files",
+        "landing files could not be read (see ingested_files where status = 'unreadable'). "
         "Re-export them under a new name.",
     )
     yield dg.AssetCheckResult(
-        check_name="event_ids_unique", passed=counts["repeated_event_ids"] == 0,
-        metadata={"repeated_event_ids": counts["repeated_event_ids"]},
+        check_name="event_ids_unique", passed=health.repeated_event_ids == 0,
+        metadata={"repeated_event_ids": health.repeated_event_ids},
+    )
+
+
+def warn_unless_zero(check_name: str, count: int, label: str, what_to_do: str) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=check_name, passed=count == 0, severity=dg.AssetCheckSeverity.WARN, metadata={label: count},
+        description=None if count == 0 else f"{count} {what_to_do}",
     )
 
 
