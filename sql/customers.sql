@@ -1,7 +1,7 @@
 -- Loads one batch of staged customer export rows (temp table staged_lines: source_file, line_number, raw_line
 -- holding the row as a JSON object of strings) into customers, upserting by customer_id: the newest file wins,
 -- since each Shopify export is a snapshot. Rows without a customer_id go to quarantined_customers.
--- Variable: ingested_at (set by the caller). Leaves per-file counts in temp table batch_file_counts.
+-- Variables: ingested_at, load_id. Leaves per-file counts in temp table batch_file_counts.
 
 create or replace temp table classified_customer_rows as
 select
@@ -20,13 +20,14 @@ select
         when 'true' then true when 'yes' then true when '1' then true when 'y' then true
         when 'false' then false when 'no' then false when '0' then false when 'n' then false
     end as accepts_marketing,
-    getvariable('ingested_at') as ingested_at
+    getvariable('ingested_at') as ingested_at,
+    getvariable('load_id') as load_id
 from staged_lines
 where trim(raw_line) <> '';
 
 insert or replace into customers
 select customer_id, email, phone, first_name, last_name, city, region, country, accepts_marketing,
-       source_file, line_number, ingested_at
+       source_file, line_number, ingested_at, load_id
 from classified_customer_rows
 where customer_id is not null
 qualify row_number() over (partition by customer_id order by source_file desc, line_number desc) = 1;

@@ -1,7 +1,7 @@
 -- Writes one judged batch: accepted first sightings to raw_events (typed once, here), every quarantined line to
 -- quarantined_events with a detail a person can act on, and the per-file outcome counts to temp table
 -- batch_file_counts for the ingested_files ledger.
--- Input: temp tables staged_lines and line_verdicts (sql/line_verdicts.sql). Variable: ingested_at.
+-- Input: temp tables staged_lines and line_verdicts (sql/line_verdicts.sql). Variables: ingested_at, load_id.
 
 insert into raw_events
 select
@@ -19,7 +19,8 @@ select
     raw_line,
     source_file,
     line_number,
-    getvariable('ingested_at')
+    getvariable('ingested_at'),
+    getvariable('load_id')
 from (
     select
         staged.source_file,

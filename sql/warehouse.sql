@@ -15,7 +15,8 @@ create table if not exists ingested_files (
     ingested_rows    bigint not null,
     duplicate_rows   bigint not null,       -- pixel retries of an event_id already kept
     quarantined_rows bigint not null,
-    ingested_at      timestamptz not null
+    ingested_at      timestamptz not null,
+    load_id          bigint not null        -- the ingestion transaction that read it (see raw_events.load_id)
 );
 
 -- A landing file whose content changed after it was ingested. Landing files are immutable by contract, so this
@@ -57,7 +58,10 @@ create table if not exists raw_events (
     raw_json         json not null,         -- the line exactly as received
     source_file      varchar not null,
     line_number      bigint not null,       -- 1-based line (row for Parquet) in source_file
-    ingested_at      timestamptz not null
+    ingested_at      timestamptz not null,
+    -- Numbers ingestion transactions in commit order (the writer holds the file lock), unlike ingested_at, which
+    -- is each run's clock: downstream stages take the rows above the last load_id they processed.
+    load_id          bigint not null
 );
 
 create table if not exists quarantined_events (
@@ -84,7 +88,8 @@ create table if not exists customers (
     accepts_marketing boolean,
     source_file       varchar not null,
     line_number       bigint not null,
-    ingested_at       timestamptz not null
+    ingested_at       timestamptz not null,
+    load_id           bigint not null
 );
 
 create table if not exists quarantined_customers (

@@ -234,3 +234,7 @@ def test_batching_does_not_change_the_outcome(settings, batch_bytes):
 
     assert (report.ingested_rows, report.duplicate_rows) == (6, 4)
     assert query(settings, "select count(*), count(distinct event_id) from raw_events") == [(6, 6)]
+    # load_id numbers each transaction in commit order: what downstream stages use as their watermark.
+    transactions = 5 if batch_bytes == 1 else 1
+    assert query(settings, "select list(distinct load_id order by load_id) from ingested_files") == [
+        (list(range(1, transactions + 1)),)]

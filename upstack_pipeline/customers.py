@@ -46,7 +46,6 @@ class CustomerFiles:
         })
 
     def write_batch(self, connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
-        connection.execute("set variable ingested_at = ?", [now])
         connection.execute(read_sql("customers"))
 
 

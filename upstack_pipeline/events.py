@@ -82,7 +82,6 @@ class EventFiles:
             "now": now,
             "max_skew": self.max_clock_skew,
         })
-        connection.execute("set variable ingested_at = ?", [now])
         connection.execute(read_sql("raw_events"))
 
 

@@ -43,7 +43,10 @@ class FileKind(Protocol):
         """The file as staged lines: line_number, raw_line, invalid_utf8 (see STAGED_SCHEMA)."""
 
     def write_batch(self, connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
-        """Sort temp table staged_lines into the kind's tables; leave temp table batch_file_counts."""
+        """Sort temp table staged_lines into the kind's tables; leave temp table batch_file_counts.
+
+        SQL variables `ingested_at` and `load_id` are set for the rows it writes.
+        """
 
 
 @dataclass
@@ -98,6 +101,8 @@ def _ingest_batch(
     """One transaction: the batch's rows, its quarantine and its ledger entries land together or not at all."""
     staged, unreadable = _stage(batch, file_kind)
     connection.begin()
+    connection.execute("set variable ingested_at = ?", [now])
+    connection.execute("set variable load_id = (select coalesce(max(load_id), 0) + 1 from ingested_files)")
     connection.register("staged_lines", staged)
     file_kind.write_batch(connection, now)
     counts = {
@@ -158,7 +163,7 @@ def _record_ingested(
     now: datetime,
 ) -> None:
     connection.execute(
-        "insert into ingested_files values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "insert into ingested_files values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, getvariable('load_id'))",
         [
             landing_file.path, landing_file.kind, landing_file.size_bytes, landing_file.modified_at,
             landing_file.sha256(), "unreadable" if error else "ingested", error,
