@@ -21,10 +21,10 @@ def summarize(result: dg.ExecuteInProcessResult, seconds: float, instance_label:
     lines = [f"upstack sync: run {result.run_id[:8]} {outcome} in {seconds:.1f} s (Dagster instance: {instance_label})"]
     for event in result.get_asset_materialization_events():
         summary = event.materialization.metadata.get("summary")
-        lines.append(f"  {event.asset_key.to_user_string():<14} {summary.value if summary else 'materialized'}")
+        lines.append(f"  {event.asset_key.to_user_string():<16} {summary.value if summary else 'materialized'}")
     checks = result.get_asset_check_evaluations()
     failed = [check for check in checks if not check.passed]
-    lines.append(f"  {'checks':<14} {len(checks) - len(failed)} of {len(checks)} passed")
+    lines.append(f"  {'checks':<16} {len(checks) - len(failed)} of {len(checks)} passed")
     for check in failed:
         lines.append(f"    {check.severity.value} {check.asset_key.to_user_string()}:{check.check_name}: "
                      f"{check.description or 'failed'}")

@@ -1,5 +1,14 @@
--- Warehouse tables owned by ingestion. Idempotent: run on every write connection, so a new warehouse file
--- and an old one reach the same shape. Names are stable: analysts and dashboards depend on them (SPEC 7).
+-- The warehouse's tables. Idempotent: run on every write connection, so a new warehouse file and an old one
+-- reach the same shape. Names are stable: analysts and dashboards depend on them (SPEC 7).
+
+-- How far each incremental stage has got: the last raw_events/customers load_id it processed.
+create table if not exists pipeline_state (
+    stage      varchar primary key,
+    load_id    bigint not null,
+    updated_at timestamptz not null
+);
+
+------------------------------------------------------------------------------------------------ ingestion
 
 -- One row per landing file read (or found unreadable). Its (path, size, modified time, content hash) is what
 -- makes re-runs idempotent: a path listed here is never read again.
@@ -99,4 +108,119 @@ create table if not exists quarantined_customers (
     reason         varchar not null,        -- missing_field | wrong_type
     detail         varchar not null,
     quarantined_at timestamptz not null
+);
+
+------------------------------------------------------------------------------------------------ identity
+
+-- Every usable identifier seen on an event, normalised (emails trimmed and lower-cased, phones in E.164).
+-- The timeline identity resolution reads: small next to raw_events, since most events carry none.
+create table if not exists identity_observations (
+    event_id          varchar not null,
+    event_time        timestamptz not null,
+    shop              varchar not null,
+    anonymous_id      varchar not null,
+    session_id        varchar not null,
+    id_type           varchar not null,     -- email | email_hash | phone | customer_id | kx | fbclid | gclid
+                                            -- | ttclid | msclkid
+    id_value          varchar not null,
+    first_name        varchar,
+    last_name         varchar,
+    city              varchar,
+    region            varchar,
+    load_id           bigint not null
+);
+
+-- Values that looked like identifiers but are never used as one (placeholders, blocked or malformed).
+create table if not exists identity_rejected_values (
+    id_type     varchar not null,
+    value       varchar not null,
+    reason      varchar not null,           -- placeholder | invalid_email | blocklisted | store_address
+                                            -- | invalid_phone | invalid_hash
+    times_seen  bigint not null,
+    first_seen  timestamptz not null,
+    last_seen   timestamptz not null,
+    primary key (id_type, value)
+);
+
+-- Edges between identifiers observed together (SPEC 4): cookie <-> email/phone/customer id/_kx/click ids,
+-- session <-> cookie, customer id <-> email (events and the customers export), email hash <-> email, ...
+create table if not exists identity_links (
+    left_type      varchar not null,
+    left_value     varchar not null,
+    right_type     varchar not null,
+    right_value    varchar not null,
+    first_seen     timestamptz not null,
+    last_seen      timestamptz not null,
+    times_seen     bigint not null,
+    first_event_id varchar not null,        -- 'customers:<file>' for links from the customers export
+    primary key (left_type, left_value, right_type, right_value)
+);
+
+-- Same-browser evidence between two cookies: one session on both, or one ad click opened in both within minutes.
+create table if not exists browser_links (
+    anonymous_id       varchar not null,
+    other_anonymous_id varchar not null,
+    linked_by          varchar not null,    -- shared_session | click_id_handoff | ip_user_agent (probabilistic)
+    evidence           varchar not null,    -- the session id or the click id
+    first_seen         timestamptz not null,
+    primary key (anonymous_id, other_anonymous_id, linked_by)
+);
+
+-- Cookies that belong to a multi-cookie browser cluster; a cookie not listed is a cluster of its own.
+create table if not exists browser_clusters (
+    anonymous_id       varchar primary key,
+    browser_cluster_id varchar not null,
+    linked_by          varchar not null     -- how the cluster's cookies were joined, e.g. 'click_id_handoff'
+);
+
+-- What the guards refused, for a person to review: shared devices, shared click ids and _kx, oversize clusters.
+create table if not exists identity_flags (
+    flag        varchar not null,           -- shared_device | shared_click_id | shared_kx | oversize_cluster
+                                            -- | conflicting_emails
+    subject     varchar not null,           -- the cookie, cluster, click id or _kx
+    detail      varchar not null,
+    flagged_at  timestamptz not null,
+    primary key (flag, subject)
+);
+
+-- People: one per email (the strongest identifier), plus one per Klaviyo _kx never tied to an email.
+create table if not exists identities (
+    upstack_id     varchar primary key,     -- derived from the anchor, so it never changes between runs
+    anchor_type    varchar not null,        -- email | kx
+    email          varchar,
+    kx             varchar,
+    phones         varchar[],
+    customer_ids   varchar[],
+    first_name     varchar,
+    last_name      varchar,
+    city           varchar,
+    region         varchar,
+    first_seen     timestamptz not null,
+    last_seen      timestamptz not null,
+    browser_count  bigint not null,
+    updated_at     timestamptz not null
+);
+
+-- One row per commerce event (ViewContent, AddToCart, InitiateCheckout, Purchase): who is behind it and how we
+-- know, or why nobody.
+create table if not exists resolved_events (
+    event_id                varchar primary key,
+    event_name              varchar not null,
+    event_time              timestamptz not null,
+    shop                    varchar not null,
+    anonymous_id            varchar not null,
+    session_id              varchar not null,
+    browser_cluster_id      varchar not null,
+    upstack_id              varchar,
+    email                   varchar,
+    kx                      varchar,
+    phone                   varchar,
+    match_method            varchar,        -- typed_in_event | same_session | login | customer_file | cookie_history
+                                            -- | click_id_handoff | klaviyo_click | probabilistic_ip_ua
+    evidence_event_id       varchar,        -- the event whose identifier decided it
+    unresolved_reason       varchar,        -- no_evidence | shared_device | conflicting_identity
+    klaviyo_native          boolean not null,
+    klaviyo_native_reason   varchar,        -- klaviyo_cookie | typed_in_event | typed_in_session
+    consent_marketing       boolean,
+    resolved_at             timestamptz not null
 );

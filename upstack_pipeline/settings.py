@@ -14,6 +14,37 @@ from typing import Mapping
 
 KLAVIYO_PRODUCTION_URL = "https://a.klaviyo.com"
 
+# Never identifiers (SPEC 4): exact addresses, "@domain" for a whole domain, "local@" for a local part at any
+# domain. The shop's own domain is always blocked as well. UPSTACK_BLOCKED_EMAILS adds entries (comma-separated).
+DEFAULT_BLOCKED_EMAILS = (
+    "test@test.com", "@example.com", "@example.org", "@example.net", "@test.com", "@mailinator.com",
+    "test@", "none@", "noemail@", "no-reply@", "noreply@", "donotreply@", "support@", "admin@", "postmaster@",
+)
+
+
+@dataclass(frozen=True)
+class IdentitySettings:
+    """The guards of identity resolution (SPEC 4, shared/identity-design.md 3); precision comes first."""
+
+    # A browser cluster or click id seen with more distinct emails than this is a shared device: it links no
+    # email through its history (an email typed in the same session still counts).
+    max_emails_per_browser: int = 2
+    # Browsers joined by click ids and shared sessions form a cluster; a cluster larger than this is flagged and
+    # left unmerged, since real people rarely hand one click across more browsers.
+    max_browsers_per_cluster: int = 4
+    # An ad click id seen on two browsers within this window is one person switching browser (in-app -> Safari).
+    click_handoff_window: timedelta = timedelta(minutes=30)
+    # How long a typed email or login keeps naming a browser's later sessions, and a Klaviyo click (_kx).
+    email_lookback: timedelta = timedelta(days=30)
+    kx_lookback: timedelta = timedelta(days=7)
+    # A Klaviyo _kx seen on more browser clusters than this is a shared link (forwarded, posted): not used.
+    max_browsers_per_kx: int = 3
+    blocked_emails: tuple[str, ...] = DEFAULT_BLOCKED_EMAILS
+    # Same IP and user agent within minutes after a cookie reset: probabilistic, so off unless asked for, and
+    # its matches carry their own match_method so delivery can leave them out.
+    probabilistic_matching: bool = False
+    probabilistic_window: timedelta = timedelta(minutes=10)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -27,6 +58,7 @@ class Settings:
     # Events stamped further ahead of the ingestion clock than this are quarantined as `future_time`:
     # a pixel on a device with a wrong clock must not schedule flows days ahead.
     max_clock_skew: timedelta = timedelta(days=1)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
     # Landing files are ingested in transactions of about this many bytes on disk, bounding memory on backfills.
     ingest_batch_bytes: int = 64 * 1024 * 1024
 
@@ -41,6 +73,14 @@ class Settings:
             klaviyo_api_key=env.get("KLAVIYO_API_KEY") or None,
             dagster_home=Path(env["DAGSTER_HOME"]) if env.get("DAGSTER_HOME") else None,
             ingest_batch_bytes=int(env.get("UPSTACK_INGEST_BATCH_BYTES") or defaults.ingest_batch_bytes),
+            identity=replace(
+                defaults.identity,
+                blocked_emails=defaults.identity.blocked_emails + tuple(
+                    entry.strip().lower() for entry in env.get("UPSTACK_BLOCKED_EMAILS", "").split(",")
+                    if entry.strip()
+                ),
+                probabilistic_matching=env.get("UPSTACK_PROBABILISTIC_MATCHING", "").lower() in ("1", "true", "yes"),
+            ),
         )
 
     @property

@@ -1,0 +1,39 @@
+-- Rebuilds browser_clusters from browser_links (a small table: only cookies linked to another cookie).
+-- Guards: a link between two cookies that each carry a different email is ignored (two people, whatever a
+-- weak identifier says), and a cluster larger than max_browsers_per_cluster is flagged and not merged.
+-- Connected components by min-label propagation: upstack_pipeline.identity repeats
+-- sql/browser_cluster_labels_step.sql until no label changes. Leaves temp table reclustered_cookies: cookies
+-- whose cluster changed, whose events must be resolved again.
+-- Variables: max_browsers_per_cluster, probabilistic_matching, now.
+
+create or replace temp table usable_browser_links as
+with linked_cookies as (
+    select anonymous_id from browser_links union select other_anonymous_id from browser_links
+),
+cookie_emails as (
+    select link.left_value as anonymous_id, list(distinct link.right_value) as emails
+    from identity_links as link
+    semi join linked_cookies on linked_cookies.anonymous_id = link.left_value
+    where link.left_type = 'anonymous_id' and link.right_type = 'email'
+    group by link.left_value
+)
+select browser_links.*,
+       one.emails is not null and other.emails is not null
+           and len(list_intersect(one.emails, other.emails)) = 0 as conflicting
+from browser_links
+left join cookie_emails as one on one.anonymous_id = browser_links.anonymous_id
+left join cookie_emails as other on other.anonymous_id = browser_links.other_anonymous_id
+where getvariable('probabilistic_matching') or linked_by <> 'ip_user_agent';
+
+insert into identity_flags
+select 'conflicting_emails', anonymous_id || ' ~ ' || other_anonymous_id,
+       'not joined: each cookie carries a different email (' || linked_by || ')', getvariable('now')
+from usable_browser_links where conflicting
+on conflict do nothing;
+
+delete from usable_browser_links where conflicting;
+
+create or replace temp table cluster_labels as
+select anonymous_id, anonymous_id as label from usable_browser_links
+union
+select other_anonymous_id, other_anonymous_id from usable_browser_links;

@@ -1,0 +1,33 @@
+-- Turns converged cluster_labels into browser_clusters, leaving oversize clusters unmerged (and flagged), and
+-- records in temp table reclustered_cookies every cookie whose cluster changed.
+
+create or replace temp table new_browser_clusters as
+with sized as (
+    select anonymous_id, label, count(*) over (partition by label) as size from cluster_labels
+),
+how_linked as (
+    select labels.label, string_agg(distinct links.linked_by, ',' order by links.linked_by) as linked_by
+    from usable_browser_links as links
+    join cluster_labels as labels on labels.anonymous_id = links.anonymous_id
+    group by labels.label
+)
+select sized.anonymous_id, 'bc_' || sized.label as browser_cluster_id, how_linked.linked_by
+from sized join how_linked using (label)
+where sized.size <= getvariable('max_browsers_per_cluster');
+
+insert into identity_flags
+select 'oversize_cluster', 'bc_' || label, count(*) || ' cookies linked; left unmerged', getvariable('now')
+from cluster_labels
+group by label
+having count(*) > getvariable('max_browsers_per_cluster')
+on conflict (flag, subject) do update set detail = excluded.detail, flagged_at = excluded.flagged_at;
+
+create or replace temp table reclustered_cookies as
+select coalesce(new.anonymous_id, old.anonymous_id) as anonymous_id,
+       old.browser_cluster_id as old_cluster_id, new.browser_cluster_id as new_cluster_id
+from browser_clusters as old
+full join new_browser_clusters as new using (anonymous_id)
+where old.browser_cluster_id is distinct from new.browser_cluster_id;
+
+delete from browser_clusters;
+insert into browser_clusters select * from new_browser_clusters;

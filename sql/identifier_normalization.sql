@@ -1,0 +1,34 @@
+-- How raw identifier values become identifiers, or are rejected. Temp macros, defined per connection before the
+-- identity SQL runs, so events and the customers export are judged by exactly the same rules.
+-- Variable: blocked_emails (list of 'exact@address', '@domain', 'local@' entries).
+
+create or replace temp macro normalized_email(raw) as lower(trim(raw));
+
+create or replace temp macro email_rejection(email, shop) as case
+    when email in ('', 'undefined', 'null', 'none', 'n/a', 'na', 'anonymous', '-', '0') then 'placeholder'
+    when not regexp_full_match(email, '[a-z0-9._%+''-]+@[a-z0-9-]+(\.[a-z0-9-]+)*\.[a-z]{2,}') then 'invalid_email'
+    when list_contains(getvariable('blocked_emails'), email)
+        or list_contains(getvariable('blocked_emails'), '@' || split_part(email, '@', 2))
+        or list_contains(getvariable('blocked_emails'), split_part(email, '@', 1) || '@') then 'blocklisted'
+    when split_part(email, '@', 2) = lower(shop) or lower(shop) like '%.' || split_part(email, '@', 2)
+        then 'store_address'
+end;
+
+-- E.164: an explicit '+' keeps its country code; ten digits are taken as North American (+1).
+create or replace temp macro e164_phone(raw) as case
+    when trim(raw) like '+%' and length(regexp_replace(raw, '[^0-9]', '', 'g')) between 8 and 15
+        then '+' || regexp_replace(raw, '[^0-9]', '', 'g')
+    when length(regexp_replace(raw, '[^0-9]', '', 'g')) = 10 then '+1' || regexp_replace(raw, '[^0-9]', '', 'g')
+    when length(regexp_replace(raw, '[^0-9]', '', 'g')) = 11 and regexp_replace(raw, '[^0-9]', '', 'g') like '1%'
+        then '+' || regexp_replace(raw, '[^0-9]', '', 'g')
+end;
+
+create or replace temp macro phone_rejection(phone) as case
+    when phone is null then 'invalid_phone'
+    when right(phone, 10) in ('5555555555', '1234567890', '0123456789', '9876543210')
+        or replace(right(phone, 10), left(right(phone, 10), 1), '') = '' then 'placeholder'
+end;
+
+create or replace temp macro token_rejection(value) as case
+    when lower(value) in ('', 'undefined', 'null', 'none', '0', '-1', 'nan', 'false', 'true') then 'placeholder'
+end;

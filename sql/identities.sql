@@ -1,0 +1,70 @@
+-- Upserts the people this run touched into identities, then names them on the resolved events.
+-- An identity is anchored on an email or, when nothing ties it to one, a Klaviyo _kx; its upstack_id is derived
+-- from the anchor, so it is the same in every run and never renumbered. Phones, customer ids and a _kx join an
+-- email's identity only when they translate to that one email (temp table email_translations).
+-- Variable: now. Inputs: temp tables targets, evidence, email_translations.
+
+create or replace temp table touched_anchors as
+select distinct 'email' as anchor_type, email as anchor from evidence where email is not null
+union
+select distinct 'kx', kx from resolved_events semi join targets using (event_id)
+where kx is not null and email is null;
+
+create or replace temp table anchor_links as
+select anchor.anchor_type, anchor.anchor, link.left_value as anonymous_id, link.first_seen, link.last_seen
+from touched_anchors as anchor
+join identity_links as link
+    on link.left_type = 'anonymous_id' and link.right_type = anchor.anchor_type and link.right_value = anchor.anchor;
+
+insert or replace into identities
+with translated as (
+    select email, id_type, list(id_value order by id_value) as id_values
+    from email_translations
+    semi join touched_anchors on touched_anchors.anchor_type = 'email' and touched_anchors.anchor = email
+    group by email, id_type
+),
+profile as (
+    select id_type as anchor_type, id_value as anchor,
+           arg_max(first_name, event_time) filter (where first_name is not null) as first_name,
+           arg_max(last_name, event_time) filter (where last_name is not null) as last_name,
+           arg_max(city, event_time) filter (where city is not null) as city,
+           arg_max(region, event_time) filter (where region is not null) as region
+    from identity_observations
+    semi join touched_anchors on touched_anchors.anchor_type = id_type and touched_anchors.anchor = id_value
+    group by id_type, id_value
+),
+seen as (
+    select anchor_type, anchor, min(first_seen) as first_seen, max(last_seen) as last_seen,
+           count(distinct anonymous_id) as browser_count
+    from anchor_links
+    group by anchor_type, anchor
+)
+select
+    'up_' || left(sha256(anchor.anchor_type || ':' || anchor.anchor), 20) as upstack_id,
+    anchor.anchor_type,
+    if(anchor.anchor_type = 'email', anchor.anchor, null) as email,
+    if(anchor.anchor_type = 'kx', anchor.anchor, kx.id_values[1]) as kx,
+    coalesce(phone.id_values, []) as phones,
+    coalesce(customer.id_values, []) as customer_ids,
+    coalesce(profile.first_name, customers.first_name) as first_name,
+    coalesce(profile.last_name, customers.last_name) as last_name,
+    coalesce(profile.city, customers.city) as city,
+    coalesce(profile.region, customers.region) as region,
+    coalesce(seen.first_seen, getvariable('now')) as first_seen,
+    coalesce(seen.last_seen, getvariable('now')) as last_seen,
+    coalesce(seen.browser_count, 0) as browser_count,
+    getvariable('now') as updated_at
+from touched_anchors as anchor
+left join seen using (anchor_type, anchor)
+left join profile using (anchor_type, anchor)
+left join translated as kx on kx.email = anchor.anchor and kx.id_type = 'kx'
+left join translated as phone on phone.email = anchor.anchor and phone.id_type = 'phone'
+left join translated as customer on customer.email = anchor.anchor and customer.id_type = 'customer_id'
+left join customers on customers.customer_id = customer.id_values[1];
+
+update resolved_events set upstack_id = identities.upstack_id, phone = identities.phones[1]
+from identities
+where resolved_events.event_id in (select event_id from targets)
+    and ((resolved_events.email is not null and identities.anchor_type = 'email'
+          and identities.email = resolved_events.email)
+      or (resolved_events.email is null and identities.anchor_type = 'kx' and identities.kx = resolved_events.kx));

@@ -1,0 +1,292 @@
+-- Resolves the commerce events this run can change: new ones, and those on browser clusters that got new
+-- evidence, new members, or a customers export row. Everything else in resolved_events stays as it was, so a
+-- run costs in proportion to what is new.
+--
+-- For each event, in order (shared/identity-design.md 2):
+--   1. an email seen in the same session (typed in this event, else the latest one before it in the session, else
+--      the first one after it: back-stitching), a login, or a phone/hash that translates to exactly one email;
+--      else a Klaviyo _kx of the session;
+--   2. else the browser cluster's history before the event: the latest email within email_lookback, unless the
+--      cluster has shown more than max_emails_per_browser emails (a shared device), or a later _kx within
+--      kx_lookback; a _kx on a cluster that already carries an email is used only when it is known to belong to
+--      that email (a forwarded Klaviyo email must not rename the browser's owner);
+--   3. else unresolved, with the reason.
+-- Person identifiers only translate into an email; they never join two browsers (sql/browser_clusters.sql).
+--
+-- Variables: after_load_id, after_customers_load_id, email_lookback, kx_lookback, max_emails_per_browser,
+-- max_browsers_per_kx, now. Inputs: temp tables new_observations, reclustered_cookies.
+
+create or replace temp table cookie_cluster as
+select anonymous_id, browser_cluster_id, linked_by from browser_clusters;
+
+-- Identifiers that translate into exactly one email.
+create or replace temp table email_translations as
+select left_type as id_type, left_value as id_value, min(right_value) as email,
+       bool_and(first_event_id like 'customers:%') as only_from_customer_file
+from identity_links
+where left_type in ('customer_id', 'phone', 'email_hash', 'kx') and right_type = 'email'
+group by left_type, left_value
+having count(distinct right_value) = 1;
+
+create or replace temp table shared_kx as
+select right_value as kx from identity_links
+where left_type = 'anonymous_id' and right_type = 'kx'
+group by right_value
+having count(distinct left_value) > getvariable('max_browsers_per_kx');
+
+insert into identity_flags
+select 'shared_kx', kx, 'seen on more than ' || getvariable('max_browsers_per_kx') || ' browsers; not used',
+       getvariable('now')
+from shared_kx
+on conflict do nothing;
+
+-- The cookies whose events may resolve differently now.
+create or replace temp table affected_cookies as
+with seeds as (
+    select anonymous_id from new_observations
+    where id_type in ('email', 'email_hash', 'phone', 'customer_id', 'kx')
+    union
+    select anonymous_id from reclustered_cookies
+    union
+    select observation.anonymous_id
+    from identity_observations as observation
+    join customers on customers.customer_id = observation.id_value
+    where observation.id_type = 'customer_id' and customers.load_id > getvariable('after_customers_load_id')
+),
+seed_clusters as (
+    select coalesce(cookie_cluster.browser_cluster_id, seeds.anonymous_id) as cluster_id
+    from seeds left join cookie_cluster using (anonymous_id)
+    union
+    select old_cluster_id from reclustered_cookies where old_cluster_id is not null
+)
+select distinct anonymous_id from (
+    select anonymous_id from seeds
+    union all
+    select cookie_cluster.anonymous_id from cookie_cluster semi join seed_clusters
+        on seed_clusters.cluster_id = cookie_cluster.browser_cluster_id
+    union all
+    select anonymous_id from reclustered_cookies
+);
+
+create or replace temp table targets as
+with new_commerce as (
+    select event_id, event_name, event_time, shop, anonymous_id, session_id,
+           coalesce(user_data.klaviyo_identified, false) as klaviyo_identified, consent.marketing as consent_marketing
+    from raw_events
+    where load_id > getvariable('after_load_id')
+        and event_name in ('ViewContent', 'AddToCart', 'InitiateCheckout', 'Purchase')
+),
+earlier_affected as (
+    select event_id, event_name, event_time, shop, anonymous_id, session_id,
+           klaviyo_native_reason = 'klaviyo_cookie' as klaviyo_identified, consent_marketing
+    from resolved_events
+    semi join affected_cookies using (anonymous_id)
+    anti join new_commerce using (event_id)
+)
+select targets.*, coalesce(cookie_cluster.browser_cluster_id, targets.anonymous_id) as cluster_id
+from (select * from new_commerce union all select * from earlier_affected) as targets
+left join cookie_cluster using (anonymous_id);
+
+-- What every identifying observation on the targets' clusters says about the person.
+create or replace temp table evidence as
+select
+    observation.event_id,
+    observation.event_time,
+    observation.anonymous_id,
+    observation.session_id,
+    coalesce(cookie_cluster.browser_cluster_id, observation.anonymous_id) as cluster_id,
+    case when observation.id_type = 'email' then observation.id_value
+         when observation.id_type <> 'kx' then translation.email end as email,
+    case when observation.id_type = 'kx' then observation.id_value end as kx,
+    case observation.id_type
+        when 'email' then 'typed'
+        when 'email_hash' then 'typed'
+        when 'phone' then 'phone'
+        when 'customer_id' then if(translation.only_from_customer_file, 'customer_file', 'login')
+        when 'kx' then 'kx'
+    end as source
+from identity_observations as observation
+left join cookie_cluster using (anonymous_id)
+left join email_translations as translation
+    on translation.id_type = observation.id_type and translation.id_value = observation.id_value
+where observation.id_type in ('email', 'email_hash', 'phone', 'customer_id', 'kx')
+    and coalesce(cookie_cluster.browser_cluster_id, observation.anonymous_id) in (select cluster_id from targets)
+    and (observation.id_type = 'email' or observation.id_type = 'kx' or translation.email is not null)
+    and not (observation.id_type = 'kx' and observation.id_value in (select kx from shared_kx));
+
+create or replace temp table resolutions as
+with session_emails as (select * from evidence where email is not null),
+session_kxs as (select * from evidence where kx is not null),
+-- ASOF joins find the nearest evidence in the session on either side of each event without pairing every event
+-- with every evidence row (a long session would otherwise cost its length squared).
+own_email as (
+    select target.event_id, arg_min(evidence, evidence.email) as evidence
+    from targets as target
+    join evidence on evidence.event_id = target.event_id
+    where evidence.source = 'typed'
+    group by target.event_id
+),
+email_before as (
+    select target.event_id, session_emails as evidence
+    from targets as target
+    asof join session_emails
+        on session_emails.session_id = target.session_id and session_emails.cluster_id = target.cluster_id
+        and session_emails.event_time <= target.event_time
+),
+email_after as (
+    select target.event_id, session_emails as evidence
+    from targets as target
+    asof join session_emails
+        on session_emails.session_id = target.session_id and session_emails.cluster_id = target.cluster_id
+        and target.event_time < session_emails.event_time
+),
+kx_before as (
+    select target.event_id, session_kxs as evidence
+    from targets as target
+    asof join session_kxs
+        on session_kxs.session_id = target.session_id and session_kxs.cluster_id = target.cluster_id
+        and session_kxs.event_time <= target.event_time
+),
+kx_after as (
+    select target.event_id, session_kxs as evidence
+    from targets as target
+    asof join session_kxs
+        on session_kxs.session_id = target.session_id and session_kxs.cluster_id = target.cluster_id
+        and target.event_time < session_kxs.event_time
+),
+typed_sessions as (
+    select distinct session_id, cluster_id from evidence where source = 'typed'
+),
+in_session as (
+    select
+        target.event_id,
+        -- This event's own email first, then the latest before it in the session, then the first after it.
+        coalesce(own_email.evidence, email_before.evidence, email_after.evidence) as email_evidence,
+        coalesce(kx_before.evidence, kx_after.evidence) as kx_evidence,
+        own_email.evidence is not null as typed_in_event,
+        typed_sessions.session_id is not null as typed_in_session
+    from targets as target
+    left join own_email using (event_id)
+    left join email_before using (event_id)
+    left join email_after using (event_id)
+    left join kx_before using (event_id)
+    left join kx_after using (event_id)
+    left join typed_sessions
+        on typed_sessions.session_id = target.session_id and typed_sessions.cluster_id = target.cluster_id
+),
+email_history as (                              -- per cluster, how many distinct emails so far (lookback)
+    select
+        *,
+        count(distinct email) over (
+            partition by cluster_id order by event_time
+            range between getvariable('email_lookback') preceding and current row
+        ) as emails_so_far
+    from evidence
+    where email is not null
+),
+last_email as (
+    select target.event_id, email_history as evidence
+    from targets as target
+    asof join email_history
+        on email_history.cluster_id = target.cluster_id and email_history.event_time < target.event_time
+    where email_history.event_time >= target.event_time - getvariable('email_lookback')
+),
+last_kx as (
+    select target.event_id, kx_history as evidence
+    from targets as target
+    asof join (select * from evidence where kx is not null) as kx_history
+        on kx_history.cluster_id = target.cluster_id and kx_history.event_time < target.event_time
+    where kx_history.event_time >= target.event_time - getvariable('kx_lookback')
+),
+decided as (
+    select
+        target.*,
+        in_session.email_evidence,
+        in_session.kx_evidence,
+        coalesce(in_session.typed_in_event, false) as typed_in_event,
+        coalesce(in_session.typed_in_session, false) as typed_in_session,
+        last_email.evidence as history_email,
+        last_kx.evidence as history_kx,
+        coalesce(last_email.evidence.emails_so_far, 0) > getvariable('max_emails_per_browser') as shared_device,
+        kx_owner.email as kx_known_email
+    from targets as target
+    left join in_session using (event_id)
+    left join last_email using (event_id)
+    left join last_kx using (event_id)
+    left join email_translations as kx_owner
+        on kx_owner.id_type = 'kx'
+        and kx_owner.id_value = coalesce(in_session.kx_evidence.kx, last_kx.evidence.kx)
+)
+select
+    *,
+    case
+        when email_evidence is not null then 'session_email'
+        when kx_evidence is not null and history_email is not null and not shared_device
+             and kx_known_email is distinct from history_email.email then 'conflict'
+        when kx_evidence is not null then 'session_kx'
+        when shared_device then 'shared_device'
+        when history_email is not null
+             and (history_kx is null or history_kx.event_time < history_email.event_time) then 'history_email'
+        when history_kx is not null and history_email is not null
+             and kx_known_email is distinct from history_email.email then 'conflict'
+        when history_kx is not null and history_email is not null then 'history_email'
+        when history_kx is not null then 'history_kx'
+    end as decision
+from decided;
+
+delete from resolved_events where event_id in (select event_id from targets);
+
+insert into resolved_events
+select
+    event_id,
+    event_name,
+    event_time,
+    shop,
+    anonymous_id,
+    session_id,
+    cluster_id,
+    null as upstack_id,                         -- filled from identities (sql/identities.sql)
+    case decision
+        when 'session_email' then email_evidence.email
+        when 'session_kx' then kx_known_email
+        when 'history_email' then history_email.email
+    end as email,
+    case decision
+        when 'session_kx' then kx_evidence.kx
+        when 'history_kx' then history_kx.kx
+    end as kx,
+    null as phone,
+    case
+        when decision = 'session_email' and typed_in_event and email_evidence.event_id = event_id
+            then 'typed_in_event'
+        when decision = 'session_email' and email_evidence.source in ('login', 'customer_file')
+            then email_evidence.source
+        when decision = 'session_email' then 'same_session'
+        when decision in ('session_kx', 'history_kx') then 'klaviyo_click'
+        when decision = 'history_email' and history_email.anonymous_id <> anonymous_id then
+            case when cookie_cluster.linked_by like '%ip_user_agent%' then 'probabilistic_ip_ua'
+                 when cookie_cluster.linked_by like '%click_id_handoff%' then 'click_id_handoff'
+                 else 'cookie_history' end
+        when decision = 'history_email' and history_email.source in ('login', 'customer_file')
+            then history_email.source
+        when decision = 'history_email' then 'cookie_history'
+    end as match_method,
+    case decision
+        when 'session_email' then email_evidence.event_id
+        when 'session_kx' then kx_evidence.event_id
+        when 'history_email' then history_email.event_id
+        when 'history_kx' then history_kx.event_id
+    end as evidence_event_id,
+    case
+        when decision = 'shared_device' then 'shared_device'
+        when decision = 'conflict' then 'conflicting_identity'
+        when decision is null then 'no_evidence'
+    end as unresolved_reason,
+    klaviyo_identified or typed_in_session as klaviyo_native,
+    case when klaviyo_identified then 'klaviyo_cookie'
+         when typed_in_event then 'typed_in_event'
+         when typed_in_session then 'typed_in_session' end as klaviyo_native_reason,
+    consent_marketing,
+    getvariable('now') as resolved_at
+from resolutions
+left join cookie_cluster using (anonymous_id);

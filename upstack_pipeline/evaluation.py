@@ -1,0 +1,199 @@
+"""Identity resolution measured against the simulator's ground truth (shared/identity-design.md section 7).
+
+Real pixel data never says who did an event, so the resolver can only be judged on simulated traffic, where
+`truth/events.csv` names the person behind every event and `truth/people.csv` their email, Shopify customer id and
+Klaviyo exchange id (`kx`). This module compares `resolved_events` with that truth and, for scale, with the naive
+rule every shop could run tomorrow: "cookie -> last email typed on that cookie" (the baseline).
+
+The product's promise (SPEC section 1) is "more identified abandoners, and never the wrong person's email", so the
+numbers are about those two things:
+
+* **Precision** = correct / resolved, over commerce events (ViewContent, AddToCart, InitiateCheckout, Purchase).
+  An event is *resolved* when it carries an email or a `kx`. It is *correct* when its email (trimmed, lower-cased)
+  is the true shopper's email, or, when it carries no email, its `kx` is the true shopper's `kx`: the email is what
+  Klaviyo will act on, so a right `kx` never excuses a wrong email. A resolved event that is not correct is a
+  *wrong-person* event: a flow email about one person's cart sent to someone else.
+* **Floor**: some wrong-person events no deterministic method can avoid. When Bob picks up the family tablet on
+  which Alice typed her email yesterday and browses without ever identifying himself, everything the pixel saw
+  says "Alice". An event of person P is in the floor when the latest identity signal on its cookie strictly before
+  it belongs to other people only, and P gave no signal of their own anywhere in the event's session (so stitching
+  back from later in the session cannot find P either). Only values that map to a known person are signals (a
+  placeholder email or the store's support address maps to nobody, is skipped, and an error caused by it is
+  avoidable: a guard would have stopped it). Wrong-person events outside the floor are *avoidable*; a good
+  resolver has none.
+* **Recall** ("coverage of the reachable"): most abandoned carts belong to people the pixel never saw identify,
+  and no method can name them; dividing by all carts would measure the traffic, not the resolver. So the
+  denominator is the abandoned-cart AddToCart events (their truth session has no Purchase) whose cookie was
+  deterministically tied to the true shopper *before* the event: the same anonymous_id carried, at an earlier
+  event_time (or at the same instant, earlier in the same session in pixel order), the shopper's email, Shopify
+  customer id (`external_id`) or `kx`. Recall is the share of those resolved correctly.
+* **Lift**: what the backup flows add on top of Klaviyo's own tracking. Over abandoned-cart sessions (truth sessions
+  with an AddToCart and no Purchase), *native* sessions are those where Klaviyo could already identify some event
+  (`klaviyo_native` in resolved_events); *extra* sessions are not native and have an AddToCart resolved correctly.
+  Lift = extra / native. The native set always comes from resolved_events, so ours and the baseline share one
+  denominator and their lifts compare.
+
+The baseline is scored with exactly the same rules: for every commerce event, the email is lower(trim()) of the
+latest non-blank `user_data.email` on the same anonymous_id at or before the event (its own row included; rows at
+the same instant are ordered by source file and line), with no validation and no guards, and it never sets `kx`.
+
+All of it is SQL (sql/evaluation.sql) run on a read-only connection, so it can run next to a sync and never writes
+to the warehouse; this module only checks the inputs, runs it and formats the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from upstack_pipeline.warehouse import read_sql
+
+__all__ = ["Evaluation", "ResolutionScore", "evaluate", "format_evaluation"]
+
+REQUIRED_RESOLVED_COLUMNS = ("event_id", "email", "kx", "klaviyo_native")
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    return numerator / denominator if denominator else 0.0
+
+
+@dataclass(frozen=True)
+class ResolutionScore:
+    """How one method (ours or the baseline) did; counts, so a reader can see how much evidence a rate rests on."""
+
+    resolved: int                # commerce events given an email or a kx
+    correct: int                 # ... whose email (or, without email, kx) is the true shopper's
+    wrong_person: int            # resolved - correct
+    avoidable_wrong_person: int  # wrong-person events outside the floor: should be 0
+    recall_tied: int             # abandoned-cart AddToCart events whose cookie was tied to the shopper before
+    recall_correct: int          # ... of which resolved correctly
+    native_sessions: int         # abandoned-cart sessions Klaviyo identifies natively (same for both methods)
+    extra_sessions: int          # abandoned-cart sessions not native with an AddToCart resolved correctly
+
+    @property
+    def precision(self) -> float:
+        return _ratio(self.correct, self.resolved)
+
+    @property
+    def recall(self) -> float:
+        return _ratio(self.recall_correct, self.recall_tied)
+
+    @property
+    def lift(self) -> float:
+        return _ratio(self.extra_sessions, self.native_sessions)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    ours: ResolutionScore
+    baseline: ResolutionScore
+    floor: int            # wrong-person events no deterministic method can avoid (see the module docstring)
+    commerce_events: int  # commerce events in raw_events that the truth describes
+
+
+def evaluate(warehouse_path: Path, truth_dir: Path) -> Evaluation:
+    """Scores `resolved_events` and the cookie -> last-typed-email baseline against the simulator's truth.
+
+    `truth_dir` is the `truth/` folder written by `upstack simulate` (events.csv and people.csv). The warehouse is
+    opened read-only. Raises ValueError, saying what to do, when an input is missing.
+    """
+    warehouse_path, truth_dir = Path(warehouse_path), Path(truth_dir)
+    truth_events, truth_people = truth_dir / "events.csv", truth_dir / "people.csv"
+    missing = [str(path) for path in (truth_events, truth_people) if not path.is_file()]
+    if missing:
+        raise ValueError(
+            f"Ground truth not found: {', '.join(missing)}. Point truth_dir at the truth/ folder that "
+            "`upstack simulate` wrote next to the landing files it generated."
+        )
+    if not warehouse_path.is_file():
+        raise ValueError(
+            f"No warehouse at {warehouse_path}. Ingest and resolve the simulated landing folder first: "
+            "run `upstack sync` with UPSTACK_LANDING_DIR and UPSTACK_WAREHOUSE set."
+        )
+    connection = duckdb.connect(str(warehouse_path), read_only=True)
+    try:
+        connection.execute("set TimeZone = 'UTC'")
+        _check_tables(connection, warehouse_path)
+        connection.execute("set variable eval_truth_events = ?", [str(truth_events)])
+        connection.execute("set variable eval_truth_people = ?", [str(truth_people)])
+        cursor = connection.execute(read_sql("evaluation"))
+        columns = [description[0] for description in cursor.description]
+        rows = {row[0]: dict(zip(columns, row)) for row in cursor.fetchall()}
+    finally:
+        connection.close()
+    floor, commerce_events = rows["ours"]["floor"], rows["ours"]["commerce_events"]
+    return Evaluation(
+        ours=_score(rows["ours"]), baseline=_score(rows["baseline"]),
+        floor=int(floor), commerce_events=int(commerce_events),
+    )
+
+
+def _check_tables(connection: duckdb.DuckDBPyConnection, warehouse_path: Path) -> None:
+    """Fails with what to do, rather than with a binder error, when the warehouse is not ready to be scored."""
+    def columns_of(table: str) -> set[str]:
+        return {name for (name,) in connection.execute(
+            "select column_name from information_schema.columns "
+            "where table_name = ? and table_catalog <> 'temp'", [table]).fetchall()}
+
+    if not columns_of("raw_events"):
+        raise ValueError(f"{warehouse_path} has no raw_events table: run `upstack sync` first.")
+    resolved_columns = columns_of("resolved_events")
+    if not resolved_columns:
+        raise ValueError(
+            f"{warehouse_path} has no resolved_events table: run `upstack sync` first, so that identity "
+            "resolution fills it."
+        )
+    missing = [column for column in REQUIRED_RESOLVED_COLUMNS if column not in resolved_columns]
+    if missing:
+        raise ValueError(
+            f"resolved_events in {warehouse_path} lacks the column(s) {', '.join(missing)}: it was written by an "
+            "older version; run `upstack sync` again."
+        )
+    (rows, duplicates) = connection.execute(
+        "select count(*), count(*) - count(distinct event_id) from resolved_events").fetchone()
+    (commerce,) = connection.execute(
+        "select count(*) from raw_events "
+        "where event_name in ('ViewContent', 'AddToCart', 'InitiateCheckout', 'Purchase')").fetchone()
+    if rows == 0 and commerce > 0:
+        # The schema creates the table on ingestion, so an empty one means resolution has not run yet; scoring it
+        # would report "nothing resolved" as if that were the resolver's result.
+        raise ValueError(
+            f"resolved_events in {warehouse_path} is empty while raw_events holds {commerce} commerce events: "
+            "identity resolution has not run; run `upstack sync` first."
+        )
+    if duplicates:
+        raise ValueError(
+            f"resolved_events in {warehouse_path} has {duplicates} duplicate event_id row(s); it must hold one row "
+            "per commerce event, and scoring duplicates would inflate every count."
+        )
+
+
+def _score(row: dict) -> ResolutionScore:
+    return ResolutionScore(**{name: int(row[name]) for name in ResolutionScore.__dataclass_fields__})
+
+
+def format_evaluation(evaluation: Evaluation) -> str:
+    """A short table for a person: precision, wrong-person (avoidable), recall and lift per method, then the floor."""
+    header = f"{'':<9}{'precision':>16}  {'wrong-person (avoidable)':>24}  {'recall':>17}  {'lift':>17}"
+    lines = [f"Identity resolution vs ground truth ({evaluation.commerce_events:,} commerce events)", header]
+    for name, score in (("ours", evaluation.ours), ("baseline", evaluation.baseline)):
+        lines.append(
+            f"{name:<9}"
+            f"{_percent(score.precision):>7} {f'of {score.resolved:,}':>8}  "
+            f"{f'{score.wrong_person:,} ({score.avoidable_wrong_person:,})':>24}  "
+            f"{_percent(score.recall):>7} {f'{score.recall_correct:,}/{score.recall_tied:,}':>9}  "
+            f"{_percent(score.lift):>7} {f'{score.extra_sessions:,}/{score.native_sessions:,}':>9}"
+        )
+    lines.append(
+        f"floor: {evaluation.floor:,} wrong-person events no deterministic method can avoid "
+        "(another person's identity on the cookie, none of the shopper's own in the session)"
+    )
+    lines.append("recall: correct / abandoned carts whose cookie was tied to the shopper before; "
+                 "lift: extra abandoned-cart sessions / sessions Klaviyo identifies natively")
+    return "\n".join(lines)
+
+
+def _percent(value: float) -> str:
+    return f"{value:.1%}"

@@ -1,0 +1,179 @@
+"""Identity resolution (SPEC 4): which person is behind each commerce event, and how we know.
+
+The work is set-based DuckDB SQL in `sql/`, run in order inside one transaction per run:
+
+1. `identifier_normalization` + `identity_observations`: identifiers of the new events, normalised, with
+   placeholders and blocked addresses rejected (and counted).
+2. `identity_links`: the edges between identifiers observed together, merged into the graph.
+3. `browser_links` + `browser_clusters` (+ `browser_cluster_labels_step`, repeated, + `browser_clusters_finish`):
+   cookies that are one browser (a shared session, an ad click handed from an in-app browser to Safari), under
+   the guards of `IdentitySettings`.
+4. `resolved_events`: the events whose answer may have changed, resolved again.
+5. `identities`: the people touched, upserted, and named on their events.
+
+Only what is new since the last run (raw_events.load_id above the stage's watermark) is read, plus the browser
+clusters it touches, so an hourly run costs in proportion to the hour, not the history. A run that dies leaves
+the transaction uncommitted: the next run does the same work again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import duckdb
+import polars as pl
+
+from upstack_pipeline.settings import IdentitySettings, Settings
+from upstack_pipeline.warehouse import Warehouse, read_sql
+
+STAGE = "identity"
+COMMERCE_EVENTS = ("ViewContent", "AddToCart", "InitiateCheckout", "Purchase")
+MAX_LABEL_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class IdentityRun:
+    """What one run did."""
+
+    new_observations: int
+    rejected_values: int
+    events_resolved: int
+    label_steps: int
+
+
+def resolve_identities(settings: Settings, *, now: datetime) -> IdentityRun:
+    with Warehouse(settings.warehouse_path).connect() as connection:
+        connection.begin()
+        watermark = _watermark(connection)
+        latest_load = connection.execute("select coalesce(max(load_id), 0) from ingested_files").fetchone()[0]
+        _set_variables(connection, settings.identity, after_load_id=watermark, now=now)
+        for step in ("identifier_normalization", "identity_observations", "identity_links", "browser_links",
+                     "browser_clusters"):
+            connection.execute(read_sql(step))
+        label_steps = _propagate_cluster_labels(connection)
+        for step in ("browser_clusters_finish", "resolved_events", "identities"):
+            connection.execute(read_sql(step))
+        run = IdentityRun(
+            new_observations=_count(connection, "new_observations"),
+            rejected_values=_count(connection, "new_identifier_candidates where rejection is not null"),
+            events_resolved=_count(connection, "targets"),
+            label_steps=label_steps,
+        )
+        connection.execute(
+            "insert or replace into pipeline_state values (?, ?, ?)", [STAGE, latest_load, now]
+        )
+        connection.commit()
+    return run
+
+
+def _watermark(connection: duckdb.DuckDBPyConnection) -> int:
+    row = connection.execute("select load_id from pipeline_state where stage = ?", [STAGE]).fetchone()
+    return row[0] if row else 0
+
+
+def _set_variables(
+    connection: duckdb.DuckDBPyConnection, identity: IdentitySettings, *, after_load_id: int, now: datetime
+) -> None:
+    variables = {
+        "after_load_id": after_load_id,
+        "now": now,
+        "blocked_emails": [entry.lower() for entry in identity.blocked_emails],
+        "max_emails_per_browser": identity.max_emails_per_browser,
+        "max_browsers_per_cluster": identity.max_browsers_per_cluster,
+        "max_browsers_per_kx": identity.max_browsers_per_kx,
+        "click_handoff_window": identity.click_handoff_window,
+        "email_lookback": identity.email_lookback,
+        "kx_lookback": identity.kx_lookback,
+        "probabilistic_matching": identity.probabilistic_matching,
+        "probabilistic_window": identity.probabilistic_window,
+    }
+    for name, value in variables.items():
+        connection.execute(f"set variable {name} = ?", [value])
+
+
+def _propagate_cluster_labels(connection: duckdb.DuckDBPyConnection) -> int:
+    """Repeats one min-label step until no label moves: as many steps as the widest cluster, not one per event."""
+    step_sql = read_sql("browser_cluster_labels_step")
+    for step in range(1, MAX_LABEL_STEPS + 1):
+        if connection.execute(step_sql).fetchone()[0] == 0:
+            return step
+    raise RuntimeError(f"browser clusters did not converge in {MAX_LABEL_STEPS} steps")
+
+
+def _count(connection: duckdb.DuckDBPyConnection, relation: str) -> int:
+    return connection.execute(f"select count(*) from {relation}").fetchone()[0]
+
+
+@dataclass(frozen=True)
+class IdentityOverview:
+    """The state of resolution after a run, for operators (asset metadata) and checks."""
+
+    commerce_events: int
+    resolved_events: int
+    by_match_method: dict[str, int]
+    unresolved_by_reason: dict[str, int]
+    native_cart_sessions: int
+    extra_cart_sessions: int  # cart sessions Klaviyo could not identify natively, that we resolved
+    identities: int
+    rejected_values: pl.DataFrame  # the most frequent, with their reason
+    flags_by_kind: dict[str, int]
+    largest_shared_browsers: pl.DataFrame
+    history_attributions_over_guard: int  # must be 0: history used on a browser past max_emails_per_browser
+    identities_with_several_emails: int  # must be 0: a person never absorbs another person's email
+
+    @property
+    def lift(self) -> float:
+        return self.extra_cart_sessions / self.native_cart_sessions if self.native_cart_sessions else 0.0
+
+
+def overview(settings: Settings, *, limit: int = 5) -> IdentityOverview:
+    guard = settings.identity
+    with Warehouse(settings.warehouse_path).connect() as connection:
+        def pairs(query: str) -> dict:
+            return dict(connection.execute(query).fetchall())
+
+        commerce, resolved, identities = connection.execute("""
+            select (select count(*) from resolved_events),
+                   (select count(*) from resolved_events where match_method is not null),
+                   (select count(*) from identities)
+        """).fetchone()
+        native_sessions, extra_sessions = connection.execute("""
+            with cart_sessions as (
+                select session_id,
+                       bool_or(klaviyo_native) as native,
+                       bool_or(event_name = 'AddToCart' and match_method is not null) as resolved_cart
+                from resolved_events
+                group by session_id
+                having bool_or(event_name = 'AddToCart')
+            )
+            select count(*) filter (where native), count(*) filter (where not native and resolved_cart)
+            from cart_sessions
+        """).fetchone()
+        over_guard = connection.execute(read_sql("shared_device_guard_check"), {
+            "email_lookback": guard.email_lookback, "max_emails": guard.max_emails_per_browser,
+        }).fetchone()[0]
+        return IdentityOverview(
+            commerce_events=commerce,
+            resolved_events=resolved,
+            by_match_method=pairs("select match_method, count(*) from resolved_events "
+                                  "where match_method is not null group by 1 order by 2 desc"),
+            unresolved_by_reason=pairs("select unresolved_reason, count(*) from resolved_events "
+                                       "where unresolved_reason is not null group by 1 order by 2 desc"),
+            native_cart_sessions=native_sessions,
+            extra_cart_sessions=extra_sessions,
+            identities=identities,
+            rejected_values=connection.sql(
+                f"select id_type, value, reason, times_seen from identity_rejected_values "
+                f"order by times_seen desc, value limit {limit}").pl(),
+            flags_by_kind=pairs("select flag, count(*) from identity_flags group by 1 order by 2 desc"),
+            largest_shared_browsers=connection.sql(f"""
+                select left_value as anonymous_id, count(distinct right_value) as emails
+                from identity_links where left_type = 'anonymous_id' and right_type = 'email'
+                group by left_value having count(distinct right_value) > 1
+                order by emails desc, anonymous_id limit {limit}""").pl(),
+            history_attributions_over_guard=over_guard,
+            identities_with_several_emails=connection.execute(
+                "select count(*) from (select upstack_id from resolved_events where email is not null "
+                "group by upstack_id having count(distinct email) > 1)").fetchone()[0],
+        )
