@@ -1,5 +1,7 @@
 """The single code location, `upstack_flows`, for `dagster dev -w workspace.yaml`, `dg dev` and `upstack sync`."""
 
+import os
+import socket
 from pathlib import Path
 
 import dagster as dg
@@ -21,15 +23,48 @@ def defs() -> dg.Definitions:
 
 
 def run_sync(settings: Settings, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
-    """One run of the whole asset graph in this process, as the schedule runs it, recorded in `instance`."""
+    """One run of the whole asset graph in this process, as the schedule runs it, recorded in `instance`.
+
+    Paths come from `settings`; everything else the assets read from the environment at run time.
+    """
+    release_abandoned_cli_runs(instance)
     job = load_definitions().resolve_job_def(SYNC_JOB_NAME)
     return job.execute_in_process(
         instance=instance,
         resources={"upstack": UpstackResource.from_settings(settings)},
         run_config=QUIET_LOGS,
         raise_on_error=False,
-        tags={"upstack/trigger": "cli"},
+        tags={"upstack/trigger": "cli", "upstack/host": socket.gethostname(), "upstack/pid": str(os.getpid())},
     )
+
+
+def release_abandoned_cli_runs(instance: dg.DagsterInstance) -> None:
+    """Marks failed the CLI runs whose process died here, and frees their warehouse pool slot.
+
+    An in-process run killed mid-step (SIGKILL, a reboot) stays STARTED for ever and keeps its slot of the
+    one-slot `duckdb_warehouse` pool, so every later run would wait on it. No daemon watches in-process runs,
+    so the next `upstack sync` on the same host cleans up after them.
+    """
+    started = instance.get_runs(filters=dg.RunsFilter(
+        statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING],
+        tags={"upstack/trigger": "cli", "upstack/host": socket.gethostname()},
+    ))
+    for run in started:
+        if not _process_alive(int(run.tags.get("upstack/pid", "0"))):
+            instance.report_run_failed(run, message="The upstack sync process running it is gone (killed?).")
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def sync_instance(settings: Settings) -> dg.DagsterInstance:

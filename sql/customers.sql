@@ -25,12 +25,18 @@ select
 from staged_lines
 where trim(raw_line) <> '';
 
-insert or replace into customers
+insert into customers
 select customer_id, email, phone, first_name, last_name, city, region, country, accepts_marketing,
        source_file, line_number, ingested_at, load_id
 from classified_customer_rows
 where customer_id is not null
-qualify row_number() over (partition by customer_id order by source_file desc, line_number desc) = 1;
+qualify row_number() over (partition by customer_id order by source_file desc, line_number desc) = 1
+on conflict do update set
+    email = excluded.email, phone = excluded.phone, first_name = excluded.first_name,
+    last_name = excluded.last_name, city = excluded.city, region = excluded.region, country = excluded.country,
+    accepts_marketing = excluded.accepts_marketing, source_file = excluded.source_file,
+    line_number = excluded.line_number, ingested_at = excluded.ingested_at, load_id = excluded.load_id
+    where excluded.source_file >= customers.source_file;   -- an older export arriving late does not win
 
 insert into quarantined_customers
 select source_file, line_number, raw_line, 'missing_field', 'required field customer_id is missing or empty',

@@ -3,7 +3,8 @@
 -- are built once, straight into raw_events (sql/raw_events.sql), for accepted first sightings only.
 --
 -- Input: temp table staged_lines(source_file, line_number, raw_line, invalid_utf8).
--- Parameters (from upstack_pipeline.events): $required_fields, in the order extracted below;
+-- Parameters (from upstack_pipeline.events): $required_fields, in the order extracted below, and $max_lengths,
+-- their longest allowed length;
 -- $field_names / $field_paths / $field_types, the JSON types each object field may have ('MISSING' = absent
 -- key), where $field_paths has one more entry, '$', first, for the document itself; $item_names / $item_paths /
 -- $item_types, the same for each custom_data.items[] element; $now, the ingestion clock; $max_skew, how far
@@ -13,7 +14,7 @@ create or replace temp table line_verdicts as
 with lines as (
     select source_file, line_number, raw_line, invalid_utf8, json_valid(raw_line) as is_json
     from staged_lines
-    where trim(raw_line) <> ''                  -- blank lines (a trailing newline) are not events
+    where not regexp_full_match(raw_line, '\s*')  -- blank lines (a trailing newline) are not events
 ),
 
 parsed as (                                     -- JSON functions only ever see valid JSON
@@ -40,10 +41,16 @@ checked as (
         [$field_names[i] for i in range(1, len($field_names) + 1)
             if not list_contains($field_types[i], coalesce(path_types[i + 1], 'MISSING'))] as bad_fields,
         [$required_fields[i] for i in range(1, len($required_fields) + 1)
-            if trim(extracted[i + 2]) = ''][1] as empty_field,
-        list_transform(json_transform(extracted[1], '["JSON"]'), lambda item: json_type(item, $item_paths))
-            as item_path_types,
-        json_type(extracted[2], '$[*]') as discount_code_types
+            if regexp_full_match(extracted[i + 2], '\s*')][1] as empty_field,
+        [$required_fields[i] for i in range(1, len($required_fields) + 1)
+            if length(extracted[i + 2]) > $max_lengths[i]][1] as too_long_field,
+        -- Only arrays are looked into: a string where an array belongs is a wrong type, not something to parse.
+        case when path_types[list_position($field_names, 'custom_data.items') + 1] = 'ARRAY' then
+            list_transform(json_transform(extracted[1], '["JSON"]'), lambda item: json_type(item, $item_paths))
+        end as item_path_types,
+        case when path_types[list_position($field_names, 'custom_data.discount_codes') + 1] = 'ARRAY' then
+            json_type(extracted[2], '$[*]')
+        end as discount_code_types
     from parsed
 ),
 
@@ -61,7 +68,8 @@ violations as (
             as bad_paths,
         -- RFC 3339: a date-time with an explicit offset; without one the instant is a guess.
         case when regexp_full_match(
-                event_time_text, '\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?([Zz]|[+-]\d{2}(:?\d{2})?)')
+                event_time_text,
+                '\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?([Zz]|[+-](0\d|1[0-4])(:?[0-5]\d)?)')
             then try_cast(event_time_text as timestamptz)
         end as event_time
     from checked
@@ -81,11 +89,12 @@ judged as (
                 then 'missing_field'
             when len(bad_paths) > 0 then 'wrong_type'
             when empty_field is not null then 'missing_field'
+            when too_long_field is not null then 'too_long'
             when event_time is null then 'unparseable_time'
             when event_time > $now + $max_skew then 'future_time'
             when event_time < timestamptz '2000-01-01 00:00:00+00' then 'time_before_2000'
         end as reason,
-        coalesce(bad_paths[1], empty_field) as bad_path,
+        coalesce(bad_paths[1], empty_field, too_long_field) as bad_path,
         event_time
     from violations
 )

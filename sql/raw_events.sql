@@ -49,6 +49,16 @@ from (
     where verdict.is_first_sighting
 );
 
+-- A second sighting of an event_id is a pixel retry only if it is the same event. Another payload under an id
+-- already kept is a pixel bug that would otherwise lose an event silently: quarantine it.
+update line_verdicts set reason = 'conflicting_duplicate', bad_path = 'event_id'
+from staged_lines, raw_events
+where line_verdicts.reason is null and not line_verdicts.is_first_sighting
+    and staged_lines.source_file = line_verdicts.source_file
+    and staged_lines.line_number = line_verdicts.line_number
+    and raw_events.event_id = line_verdicts.event_id
+    and raw_events.raw_json::varchar <> staged_lines.raw_line;
+
 insert into quarantined_events
 select
     source_file,
@@ -60,6 +70,9 @@ select
         when 'not_json' then 'the line is not valid JSON'
         when 'not_an_object' then 'the line is a JSON ' || lower(json_type(staged.raw_line)) || ', not an object'
         when 'missing_field' then 'required field ' || verdict.bad_path || ' is missing, null or empty'
+        when 'too_long' then verdict.bad_path || ' is longer than the event contract allows'
+        when 'conflicting_duplicate' then 'event_id ' || verdict.event_id
+            || ' was already ingested with a different payload; the first one was kept'
         when 'wrong_type' then verdict.bad_path || ' is a JSON '
             || coalesce(lower(json_type(staged.raw_line, '$.' || verdict.bad_path)), 'value')
             || ', which the event contract does not allow'

@@ -78,7 +78,8 @@ create table if not exists quarantined_events (
     line_number    bigint not null,
     raw_text       varchar not null,
     reason         varchar not null,        -- not_json | invalid_utf8 | not_an_object | missing_field | wrong_type
-                                            -- | unparseable_time | future_time | time_before_2000
+                                            -- | too_long | unparseable_time | future_time | time_before_2000
+                                            -- | conflicting_duplicate
     detail         varchar not null,        -- what exactly is wrong, for the person fixing the pixel
     event_id       varchar,                 -- when the line has a readable one
     quarantined_at timestamptz not null
@@ -105,7 +106,7 @@ create table if not exists quarantined_customers (
     source_file    varchar not null,
     line_number    bigint not null,
     raw_text       varchar not null,
-    reason         varchar not null,        -- missing_field | wrong_type
+    reason         varchar not null,        -- missing_field
     detail         varchar not null,
     quarantined_at timestamptz not null
 );

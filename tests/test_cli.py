@@ -20,9 +20,9 @@ from upstack_pipeline.settings import Settings
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def upstack(*args: str, env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
+def upstack(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dagster_project.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=kwargs.pop("cwd", PROJECT_ROOT), **kwargs)
+                          text=True, timeout=timeout, cwd=PROJECT_ROOT)
 
 
 def environment(settings: Settings, **extra: str) -> dict[str, str]:
@@ -124,3 +124,30 @@ def test_a_sync_killed_while_writing_then_rerun_loses_nothing_and_doubles_nothin
     assert count(r"raw_events .* from ([\d,]+) files?", rerun.stdout) == 24 - files_before_rerun > 0
     assert query(settings, "select count(*), count(distinct event_id) from raw_events") == [(72_000, 72_000)]
     assert query(settings, "select count(*), sum(ingested_rows) from ingested_files") == [(24, 72_000)]
+
+
+def test_a_sync_killed_with_dagster_home_set_does_not_block_the_next_one(settings, tmp_path):
+    for hour in range(24):
+        write_events(settings.events_dir / f"h{hour:02d}.ndjson.gz", [make_event(f"e{hour}-{n}") for n in range(3_000)])
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", home)
+    env = environment(settings, DAGSTER_HOME=str(home), UPSTACK_INGEST_BATCH_BYTES="1")
+    wal = Path(f"{settings.warehouse_path}.wal")
+
+    process = subprocess.Popen([sys.executable, "-m", "dagster_project.cli", "sync"], env=env, cwd=PROJECT_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not wal.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert process.poll() is None
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+    rerun = upstack("sync", env=env, timeout=120)
+
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert query(settings, "select count(*) from raw_events") == [(72_000,)]
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        statuses = sorted(run.status.value for run in instance.get_runs())
+        assert statuses == ["FAILURE", "SUCCESS"]

@@ -238,3 +238,67 @@ def test_batching_does_not_change_the_outcome(settings, batch_bytes):
     transactions = 5 if batch_bytes == 1 else 1
     assert query(settings, "select list(distinct load_id order by load_id) from ingested_files") == [
         (list(range(1, transactions + 1)),)]
+
+
+def test_contract_edge_cases_are_quarantined_without_stopping_the_file(settings):
+    lines = [
+        json.dumps(make_event("codes-as-text", custom_data={"discount_codes": "WELCOME10"})),  # 1
+        json.dumps(make_event("items-as-text", custom_data={"items": "mug"})),                 # 2
+        json.dumps(make_event("x" * 201)),                                                     # 3
+        json.dumps(make_event("silly-offset", event_time="2026-11-28T14:00:00+99:00")),        # 4
+        "\t ",                                                                                 # 5: blank
+        json.dumps(make_event("tab-id", anonymous_id="\t")),                                   # 6
+        json.dumps(make_event("fine")),                                                        # 7
+    ]
+    path = write_lines(settings.events_dir / "edge.ndjson", lines)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # a byte order mark before line 1
+
+    report = ingest(settings)
+
+    assert query(settings, "select line_number, reason from quarantined_events order by 1") == [
+        (1, "wrong_type"), (2, "wrong_type"), (3, "too_long"), (4, "unparseable_time"), (6, "missing_field")]
+    assert report.ingested_rows == 1 and report.lines == 6
+
+
+def test_a_different_payload_under_a_kept_event_id_is_quarantined_not_dropped(settings):
+    write_events(settings.events_dir / "a.ndjson", [make_event("e1", event_name="PageView")])
+    ingest(settings)
+    write_events(settings.events_dir / "b.ndjson", [make_event("e1", event_name="PageView"),
+                                                    make_event("e1", event_name="Purchase")])
+
+    report = ingest(settings)
+
+    assert (report.duplicate_rows, report.quarantined_rows) == (1, 1)
+    assert query(settings, "select line_number, reason from quarantined_events") == [(2, "conflicting_duplicate")]
+    assert query(settings, "select event_name from raw_events") == [("PageView",)]
+
+
+def test_empty_gzip_and_unencodable_parquet_are_unreadable_not_fatal(settings):
+    (settings.events_dir / "empty.ndjson.gz").write_bytes(b"")
+    pl.DataFrame({"event_id": ["p1"], "blob": [b"\x00\x01"]}).write_parquet(settings.events_dir / "binary.parquet")
+    write_events(settings.events_dir / "fine.ndjson", [make_event("ok")])
+
+    report = ingest(settings)
+
+    assert report.ingested_rows == 1
+    assert set(report.unreadable_files) >= {"events/empty.ndjson.gz"}
+    assert query(settings, "select count(*) from ingested_files") == [(3,)]
+
+
+def test_the_ledger_hash_is_the_hash_of_the_bytes_ingested(settings):
+    import hashlib
+
+    path = write_events(settings.events_dir / "a.ndjson", [make_event("a1")])
+    ingest(settings)
+
+    assert query(settings, "select size_bytes, content_sha256 from ingested_files") == [
+        (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())]
+
+
+def test_an_older_customers_export_arriving_later_does_not_overwrite_a_newer_one(settings):
+    (settings.customers_dir / "export-2026-11-02.csv").write_text("customer_id,email\n7,new@gmail.com\n")
+    ingest_customers(settings, now=NOW)
+    (settings.customers_dir / "export-2026-11-01.csv").write_text("customer_id,email\n7,old@gmail.com\n")
+    ingest_customers(settings, now=NOW)
+
+    assert query(settings, "select email from customers") == [("new@gmail.com",)]

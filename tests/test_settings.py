@@ -30,3 +30,10 @@ def test_environment_overrides_and_the_key_never_shows_in_repr():
 
 def test_empty_variables_fall_back_to_defaults():
     assert Settings.from_env({"UPSTACK_LANDING_DIR": "", "KLAVIYO_API_KEY": ""}) == Settings()
+
+
+def test_a_malformed_number_names_the_variable():
+    import pytest
+
+    with pytest.raises(ValueError, match="UPSTACK_INGEST_BATCH_BYTES"):
+        Settings.from_env({"UPSTACK_INGEST_BATCH_BYTES": "64MB"})

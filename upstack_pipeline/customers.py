@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from datetime import datetime
 from typing import Callable
 
@@ -23,13 +24,13 @@ class CustomerFiles:
 
     kind = "customers"
 
-    def read_lines(self, landing_file: LandingFile) -> pl.DataFrame:
+    def read_lines(self, landing_file: LandingFile, data: bytes) -> pl.DataFrame:
         try:
             if landing_file.format == "parquet":
-                frame, first_line = pl.read_parquet(landing_file.absolute), 1
+                frame, first_line = pl.read_parquet(io.BytesIO(data)), 1
             else:
                 # Every column as text: ids and phones must keep their leading zeros and '+'.
-                frame, first_line = pl.read_csv(landing_file.absolute, infer_schema=False), 2
+                frame, first_line = pl.read_csv(io.BytesIO(data), infer_schema=False), 2
         except Exception as error:
             raise UnreadableFileError(f"{type(error).__name__}: {error}") from error
         known = [name for name in CUSTOMER_COLUMNS if name in frame.columns]
@@ -38,10 +39,14 @@ class CustomerFiles:
                 f"no customer_id column (columns found: {', '.join(frame.columns) or 'none'}); "
                 f"a customers export needs {', '.join(CUSTOMER_COLUMNS)}"
             )
-        rows = frame.select(pl.col(name).cast(pl.String) for name in known)
+        try:
+            rows = frame.select(pl.col(name).cast(pl.String) for name in known) \
+                .select(pl.struct(pl.all()).struct.json_encode()).to_series()
+        except Exception as error:
+            raise UnreadableFileError(f"columns that are not text or numbers: {error}") from error
         return pl.DataFrame({
             "line_number": pl.int_range(first_line, first_line + frame.height, eager=True),
-            "raw_line": rows.select(pl.struct(pl.all()).struct.json_encode()).to_series(),
+            "raw_line": rows,
             "invalid_utf8": pl.repeat(False, frame.height, eager=True),
         })
 

@@ -7,6 +7,7 @@ a run. The checks themselves run in DuckDB (`sql/line_verdicts.sql`) over a whol
 from __future__ import annotations
 
 import gzip
+import io
 from datetime import datetime, timedelta
 from typing import Callable
 
@@ -23,6 +24,9 @@ NUMBER = ("BIGINT", "UBIGINT", "DOUBLE")
 OPTIONAL = ("NULL", "MISSING")
 
 REQUIRED_FIELDS = ("event_id", "event_name", "event_time", "shop", "anonymous_id", "session_id")
+# maxLength in raw-event.schema.json where it sets one; generous elsewhere (a cookie id is not a novel).
+MAX_LENGTHS = {"event_id": 200, "event_name": 100, "event_time": 64, "shop": 255, "anonymous_id": 200,
+               "session_id": 200}
 
 # Field -> JSON types it may have (as DuckDB's json_type names them; MISSING = key absent). Required fields come
 # first: the first broken field of a line is its reason, and a missing required field is the most telling one.
@@ -65,14 +69,15 @@ class EventFiles:
     def __init__(self, max_clock_skew: timedelta):
         self.max_clock_skew = max_clock_skew
 
-    def read_lines(self, landing_file: LandingFile) -> pl.DataFrame:
+    def read_lines(self, landing_file: LandingFile, data: bytes) -> pl.DataFrame:
         if landing_file.format == "parquet":
-            return read_parquet_rows(landing_file)
-        return read_ndjson_lines(landing_file)
+            return read_parquet_rows(data)
+        return read_ndjson_lines(data, compressed=landing_file.absolute.name.endswith(".gz"))
 
     def write_batch(self, connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
         connection.execute(read_sql("line_verdicts"), {
             "required_fields": list(REQUIRED_FIELDS),
+            "max_lengths": [MAX_LENGTHS[name] for name in REQUIRED_FIELDS],
             "field_names": list(EVENT_CONTRACT),
             "field_paths": ["$"] + [_json_path(name) for name in EVENT_CONTRACT],
             "field_types": [list(types) for types in EVENT_CONTRACT.values()],
@@ -85,7 +90,7 @@ class EventFiles:
         connection.execute(read_sql("raw_events"))
 
 
-def read_ndjson_lines(landing_file: LandingFile) -> pl.DataFrame:
+def read_ndjson_lines(data: bytes, *, compressed: bool) -> pl.DataFrame:
     """Every line with its 1-based number.
 
     Gzip is inflated by Python's gzip module, which checks the stream's length and CRC: a truncated upload is
@@ -93,12 +98,14 @@ def read_ndjson_lines(landing_file: LandingFile) -> pl.DataFrame:
     the bad bytes replaced, and only the lines that held them are flagged, so one bad byte quarantines one
     line, not the file.
     """
-    data = landing_file.absolute.read_bytes()
-    if data[:2] == b"\x1f\x8b":
+    if compressed:
+        if not data:
+            raise UnreadableFileError("empty file where gzip was expected (an interrupted upload?)")
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError, gzip.BadGzipFile) as error:
+        except (OSError, EOFError) as error:
             raise UnreadableFileError(f"corrupt or truncated gzip: {error}") from error
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark is not part of the first event
     try:
         lines = pl.scan_lines(data, name="raw_line").collect()
         return lines.with_row_index("line_number", offset=1).with_columns(invalid_utf8=pl.lit(False))
@@ -112,15 +119,18 @@ def read_ndjson_lines(landing_file: LandingFile) -> pl.DataFrame:
     )
 
 
-def read_parquet_rows(landing_file: LandingFile) -> pl.DataFrame:
+def read_parquet_rows(data: bytes) -> pl.DataFrame:
     """Each row as a JSON object, so Parquet events pass the same contract checks as NDJSON lines."""
     try:
-        frame = pl.read_parquet(landing_file.absolute)
-    except Exception as error:
+        frame = pl.read_parquet(io.BytesIO(data))
+        rows = frame.select(pl.struct(pl.all()).struct.json_encode()).to_series()
+    except BaseException as error:  # polars panics (a BaseException) on some column types it cannot encode
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
         raise UnreadableFileError(f"{type(error).__name__}: {error}") from error
     return pl.DataFrame({
         "line_number": pl.int_range(1, frame.height + 1, eager=True),
-        "raw_line": frame.select(pl.struct(pl.all()).struct.json_encode()).to_series(),
+        "raw_line": rows,
         "invalid_utf8": pl.repeat(False, frame.height, eager=True),
     })
 

@@ -8,6 +8,7 @@ therefore leaves each file either fully ingested and recorded, or untouched and 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -39,8 +40,8 @@ class FileKind(Protocol):
 
     kind: str
 
-    def read_lines(self, landing_file: LandingFile) -> pl.DataFrame:
-        """The file as staged lines: line_number, raw_line, invalid_utf8 (see STAGED_SCHEMA)."""
+    def read_lines(self, landing_file: LandingFile, data: bytes) -> pl.DataFrame:
+        """The file's bytes as staged lines: line_number, raw_line, invalid_utf8 (see STAGED_SCHEMA)."""
 
     def write_batch(self, connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
         """Sort temp table staged_lines into the kind's tables; leave temp table batch_file_counts.
@@ -75,6 +76,9 @@ def ingest_new_files(
     log: Callable[[str], None] = lambda message: None,
 ) -> IngestReport:
     report = IngestReport(kind=file_kind.kind)
+    if not (Path(landing_dir) / file_kind.kind).is_dir():
+        log(f"There is no folder {Path(landing_dir) / file_kind.kind}: no {file_kind.kind} files to ingest. "
+            "Check UPSTACK_LANDING_DIR if you expected some.")
     # One connection for the whole ingestion: deciding which files are new and ingesting them happen under the
     # same file lock, so a concurrent sync waits and then finds nothing left to do instead of racing us.
     with warehouse.connect() as connection:
@@ -99,7 +103,7 @@ def _ingest_batch(
     report: IngestReport,
 ) -> None:
     """One transaction: the batch's rows, its quarantine and its ledger entries land together or not at all."""
-    staged, unreadable = _stage(batch, file_kind)
+    staged, fingerprints, unreadable = _stage(batch, file_kind)
     connection.begin()
     connection.execute("set variable ingested_at = ?", [now])
     connection.execute("set variable load_id = (select coalesce(max(load_id), 0) + 1 from ingested_files)")
@@ -113,7 +117,8 @@ def _ingest_batch(
     }
     for landing_file in batch:
         file_counts = counts.get(landing_file.path, dict.fromkeys(COUNT_NAMES, 0))
-        _record_ingested(connection, landing_file, file_counts, unreadable.get(landing_file.path), now)
+        _record_ingested(connection, landing_file, fingerprints[landing_file.path], file_counts,
+                         unreadable.get(landing_file.path), now)
         report.add(file_counts)
     connection.unregister("staged_lines")
     connection.commit()
@@ -121,17 +126,26 @@ def _ingest_batch(
     report.unreadable_files.update(unreadable)
 
 
-def _stage(batch: list[LandingFile], file_kind: FileKind) -> tuple[pl.DataFrame, dict[str, str]]:
-    frames, unreadable = [], {}
+def _stage(batch: list[LandingFile], file_kind: FileKind) -> tuple[pl.DataFrame, dict, dict[str, str]]:
+    """Reads each file once: the ledger's size and hash describe exactly the bytes that were ingested."""
+    frames, fingerprints, unreadable = [], {}, {}
     for landing_file in batch:
         try:
-            lines = file_kind.read_lines(landing_file)
+            data = landing_file.absolute.read_bytes()
+        except OSError as error:
+            data, unreadable[landing_file.path] = b"", f"could not be opened: {error}"
+        fingerprints[landing_file.path] = (len(data), hashlib.sha256(data).hexdigest())
+        if landing_file.path in unreadable:
+            continue
+        try:
+            lines = file_kind.read_lines(landing_file, data)
         except UnreadableFileError as error:
             unreadable[landing_file.path] = str(error)
             continue
         frames.append(lines.with_columns(source_file=pl.lit(landing_file.path)).select(
             pl.col(name).cast(dtype) for name, dtype in STAGED_SCHEMA.items()))
-    return pl.concat(frames) if frames else pl.DataFrame(schema=STAGED_SCHEMA), unreadable
+    staged = pl.concat(frames) if frames else pl.DataFrame(schema=STAGED_SCHEMA)
+    return staged, fingerprints, unreadable
 
 
 def _known_files(connection: duckdb.DuckDBPyConnection, kind: str) -> dict[str, KnownFile]:
@@ -158,15 +172,17 @@ def _record_changed_and_touched(
 def _record_ingested(
     connection: duckdb.DuckDBPyConnection,
     landing_file: LandingFile,
+    fingerprint: tuple[int, str],
     counts: dict[str, int],
     error: str | None,
     now: datetime,
 ) -> None:
+    size_bytes, sha256 = fingerprint
     connection.execute(
         "insert into ingested_files values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, getvariable('load_id'))",
         [
-            landing_file.path, landing_file.kind, landing_file.size_bytes, landing_file.modified_at,
-            landing_file.sha256(), "unreadable" if error else "ingested", error,
+            landing_file.path, landing_file.kind, size_bytes, landing_file.modified_at,
+            sha256, "unreadable" if error else "ingested", error,
             counts["lines"], counts["ingested_rows"], counts["duplicate_rows"], counts["quarantined_rows"], now,
         ],
     )

@@ -44,9 +44,12 @@ class LandingFile:
 
     def sha256(self) -> str:
         digest = hashlib.sha256()
-        with open(self.absolute, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        try:
+            with open(self.absolute, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        except FileNotFoundError:
+            return "missing"  # deleted after ingestion: different from any content we read
         return digest.hexdigest()
 
 
@@ -79,7 +82,10 @@ def discover(landing_dir: Path, kind: str) -> list[LandingFile]:
             if reader is None or name.startswith((".", "_")):
                 continue
             absolute = Path(folder) / name
-            stat = absolute.stat()
+            try:
+                stat = absolute.stat()
+            except FileNotFoundError:  # removed since the folder was listed, or a dangling link
+                continue
             found.append(LandingFile(
                 kind=kind,
                 path=absolute.relative_to(landing_dir).as_posix(),

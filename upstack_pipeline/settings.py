@@ -72,7 +72,7 @@ class Settings:
             klaviyo_base_url=(env.get("KLAVIYO_BASE_URL") or defaults.klaviyo_base_url).rstrip("/"),
             klaviyo_api_key=env.get("KLAVIYO_API_KEY") or None,
             dagster_home=Path(env["DAGSTER_HOME"]) if env.get("DAGSTER_HOME") else None,
-            ingest_batch_bytes=int(env.get("UPSTACK_INGEST_BATCH_BYTES") or defaults.ingest_batch_bytes),
+            ingest_batch_bytes=_positive_int(env, "UPSTACK_INGEST_BATCH_BYTES", defaults.ingest_batch_bytes),
             identity=replace(
                 defaults.identity,
                 blocked_emails=defaults.identity.blocked_emails + tuple(
@@ -97,3 +97,12 @@ class Settings:
             landing_dir=landing_dir or self.landing_dir,
             warehouse_path=warehouse_path or self.warehouse_path,
         )
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ValueError(f"{name} must be a whole number of bytes, e.g. 67108864 (got {raw!r})")
+    return int(raw)

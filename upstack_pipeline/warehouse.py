@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Iterator
 
 import duckdb
-import polars as pl
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 
@@ -68,8 +67,3 @@ class Warehouse:
                     raise
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 2.0)
-
-    def frame(self, query: str, parameters: list | dict | None = None) -> pl.DataFrame:
-        """A small query result as a polars frame (previews, summaries)."""
-        with self.connect() as connection:
-            return connection.sql(query, params=parameters).pl()
