@@ -12,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 
 from dagster_project.definitions import run_sync, sync_instance
+from upstack_pipeline.evaluation import evaluate, format_evaluation
 from upstack_pipeline.settings import Settings
 from upstack_pipeline.simulate import simulate
 
@@ -68,12 +69,20 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
     )
     demo_settings = settings.with_paths(landing_dir=landing, warehouse_path=demo_dir / "warehouse.duckdb")
     status = command_sync(demo_settings)
+    if status == 0:
+        print()
+        command_evaluate(demo_settings, landing / "truth")
     print(
         f"\nThe warehouse is {demo_settings.warehouse_path}; its tables are described in the README. Try:\n"
         f"  .venv/bin/python -c \"import duckdb; duckdb.connect('{demo_settings.warehouse_path}', read_only=True)"
         f".sql('select reason, count(*) from quarantined_events group by all').show()\""
     )
     return status
+
+
+def command_evaluate(settings: Settings, truth_dir: Path) -> int:
+    print(format_evaluation(evaluate(settings.warehouse_path, truth_dir)))
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -89,6 +98,11 @@ def parser() -> argparse.ArgumentParser:
                                  help="when the traffic ends, ISO 8601 with offset (default: this hour)")
 
     commands.add_parser("sync", help="run the whole pipeline once on UPSTACK_LANDING_DIR / UPSTACK_WAREHOUSE")
+
+    evaluate_parser = commands.add_parser(
+        "evaluate", help="score identity resolution in UPSTACK_WAREHOUSE against a simulation's ground truth")
+    evaluate_parser.add_argument("--truth", default=None,
+                                 help="the simulation's truth/ folder (default: UPSTACK_LANDING_DIR/truth)")
 
     demo_parser = commands.add_parser("demo", help="simulate traffic into a fresh folder and sync it")
     demo_parser.add_argument("--dir", default="data/demo")
@@ -106,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         if args.command == "sync":
             return command_sync(settings)
+        if args.command == "evaluate":
+            return command_evaluate(settings, Path(args.truth) if args.truth else settings.landing_dir / "truth")
         return command_demo(args, settings)
     except (ValueError, OSError) as error:
         print(f"upstack {args.command}: {error}", file=sys.stderr)

@@ -8,8 +8,10 @@
 --      else a Klaviyo _kx of the session;
 --   2. else the browser cluster's history before the event: the latest email within email_lookback, unless the
 --      cluster has shown more than max_emails_per_browser emails (a shared device), or a later _kx within
---      kx_lookback; a _kx on a cluster that already carries an email is used only when it is known to belong to
---      that email (a forwarded Klaviyo email must not rename the browser's owner);
+--      kx_lookback when the cluster carries no email. A _kx never renames a browser's owner: when it is known to
+--      belong to another email than the browser's, the event is left unresolved (a forwarded Klaviyo email);
+--      when its owner is unknown it names only its own session, by the _kx alone (Klaviyo resolves it), and
+--      later sessions keep the browser's email;
 --   3. else unresolved, with the reason.
 -- Person identifiers only translate into an email; they never join two browsers (sql/browser_clusters.sql).
 --
@@ -222,13 +224,13 @@ select
     case
         when email_evidence is not null then 'session_email'
         when kx_evidence is not null and history_email is not null and not shared_device
-             and kx_known_email is distinct from history_email.email then 'conflict'
+             and kx_known_email <> history_email.email then 'conflict'
         when kx_evidence is not null then 'session_kx'
         when shared_device then 'shared_device'
         when history_email is not null
              and (history_kx is null or history_kx.event_time < history_email.event_time) then 'history_email'
         when history_kx is not null and history_email is not null
-             and kx_known_email is distinct from history_email.email then 'conflict'
+             and kx_known_email <> history_email.email then 'conflict'
         when history_kx is not null and history_email is not null then 'history_email'
         when history_kx is not null then 'history_kx'
     end as decision

@@ -1,0 +1,569 @@
+"""Identity resolution (SPEC 4) journey by journey: real landing files, a real DuckDB warehouse, no mocks.
+
+Each test writes the events of one shopper story, ingests them, resolves identities and asserts, for every commerce
+event (ViewContent, AddToCart, InitiateCheckout, Purchase), exactly who it was attributed to (email, Klaviyo _kx, or
+nobody) and how (match_method). Times are explicit and lie in the past relative to NOW.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta, timezone
+
+from conftest import NOW, make_event, query, write_events
+from upstack_pipeline.customers import ingest_customers
+from upstack_pipeline.events import ingest_events
+from upstack_pipeline.identity import resolve_identities
+
+# Every story starts ten days ago, on a whole minute, and is written with a -05:00 offset (the offset is honoured).
+BASE = (NOW - timedelta(days=10)).replace(second=0, microsecond=0)
+EASTERN = timezone(timedelta(hours=-5))
+SHOP_URL = "https://acme.myshopify.com"
+NOBODY = (None, None, None)
+IPHONE_SAFARI = "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 Version/18.1 Safari"
+
+
+def at(days: float = 0, minutes: float = 0) -> str:
+    return (BASE + timedelta(days=days, minutes=minutes)).astimezone(EASTERN).isoformat()
+
+
+def ev(event_id: str, name: str, when: str, anon: str, session: str, user: dict | None = None,
+       url: str = SHOP_URL + "/products/mug") -> dict:
+    """One pixel event; user_data holds only what is given (plus klaviyo_identified=false)."""
+    return make_event(event_id, event_name=name, event_time=when, anonymous_id=anon, session_id=session,
+                      event_source_url=url, user_data={"klaviyo_identified": False, **(user or {})})
+
+
+def run(settings, events: list[dict] | None = None, file: str = "run1.ndjson", now=NOW):
+    if events:
+        write_events(settings.events_dir / file, events)
+    ingest_events(settings, now=now)
+    ingest_customers(settings, now=now)
+    return resolve_identities(settings, now=now)
+
+
+def resolved(settings) -> dict[str, tuple]:
+    return {event_id: (email, kx, method) for event_id, email, kx, method in query(
+        settings, "select event_id, email, kx, match_method from resolved_events order by event_id")}
+
+
+def column(settings, name: str) -> dict[str, object]:
+    return dict(query(settings, f"select event_id, {name} from resolved_events order by event_id"))
+
+
+def flags(settings) -> set[tuple[str, str]]:
+    return set(query(settings, "select flag, subject from identity_flags"))
+
+
+def with_identity(settings, **changes):
+    return replace(settings, identity=replace(settings.identity, **changes))
+
+
+# ------------------------------------------------------------------------------------------------ journeys
+
+def test_returning_safari_shopper_with_an_expired_klaviyo_cookie_is_named_by_cookie_history(settings):
+    jane = "jane.doe@gmail.com"
+    run(settings, [
+        # Day 0: she browses, types her email at checkout and buys; Klaviyo's own cookie knows her then.
+        ev("s1-view", "ViewContent", at(0, 0), "safari-jane", "s1"),
+        ev("s1-cart", "AddToCart", at(0, 2), "safari-jane", "s1"),
+        ev("s1-checkout", "InitiateCheckout", at(0, 5), "safari-jane", "s1", {"email": " Jane.Doe@Gmail.com "}),
+        ev("s1-purchase", "Purchase", at(0, 9), "safari-jane", "s1", {"klaviyo_identified": True}),
+        # Day 8: Safari has deleted Klaviyo's JavaScript cookie; our server-set cookie survived.
+        ev("s2-page", "PageView", at(8, 0), "safari-jane", "s2"),
+        ev("s2-view", "ViewContent", at(8, 1), "safari-jane", "s2"),
+        ev("s2-cart", "AddToCart", at(8, 3), "safari-jane", "s2"),
+        ev("s2-checkout", "InitiateCheckout", at(8, 4), "safari-jane", "s2"),
+    ])
+
+    assert resolved(settings) == {
+        "s1-view": (jane, None, "same_session"),
+        "s1-cart": (jane, None, "same_session"),
+        "s1-checkout": (jane, None, "typed_in_event"),
+        "s1-purchase": (jane, None, "same_session"),
+        "s2-view": (jane, None, "cookie_history"),
+        "s2-cart": (jane, None, "cookie_history"),
+        "s2-checkout": (jane, None, "cookie_history"),
+    }
+    assert column(settings, "klaviyo_native") == {
+        "s1-view": True, "s1-cart": True, "s1-checkout": True, "s1-purchase": True,
+        "s2-view": False, "s2-cart": False, "s2-checkout": False,
+    }
+    assert column(settings, "klaviyo_native_reason") == {
+        "s1-view": "typed_in_session", "s1-cart": "typed_in_session", "s1-checkout": "typed_in_event",
+        "s1-purchase": "klaviyo_cookie", "s2-view": None, "s2-cart": None, "s2-checkout": None,
+    }
+    assert column(settings, "evidence_event_id")["s2-cart"] == "s1-checkout"
+
+
+def test_klaviyo_email_click_on_a_phone_names_a_later_anonymous_cart_by_the_kx(settings):
+    run(settings, [
+        # Day 3: she taps a Klaviyo email on her phone; the landing URL carries _kx (URL-encoded).
+        ev("land-view", "ViewContent", at(3, 0), "phone", "p1", url=SHOP_URL + "/products/mug?_kx=Kx9%3DAbC&utm_source=klaviyo"),
+        ev("land-cart", "AddToCart", at(3, 2), "phone", "p1"),
+        # Day 6: back on the same phone, anonymous; the pixel no longer sees Klaviyo's cookie.
+        ev("later-view", "ViewContent", at(6, 0), "phone", "p2"),
+        ev("later-cart", "AddToCart", at(6, 1), "phone", "p2"),
+        # Another phone got the kx on user_data instead of the URL.
+        ev("other-view", "ViewContent", at(4, 0), "phone-2", "q1", {"kx": "Kx-other"}),
+        ev("other-cart", "AddToCart", at(5, 0), "phone-2", "q2"),
+    ])
+
+    assert resolved(settings) == {
+        "land-view": (None, "Kx9=AbC", "klaviyo_click"),
+        "land-cart": (None, "Kx9=AbC", "klaviyo_click"),
+        "later-view": (None, "Kx9=AbC", "klaviyo_click"),
+        "later-cart": (None, "Kx9=AbC", "klaviyo_click"),
+        "other-view": (None, "Kx-other", "klaviyo_click"),
+        "other-cart": (None, "Kx-other", "klaviyo_click"),
+    }
+    # Nobody typed an email and Klaviyo's cookie did not identify these events: they are ours to send.
+    assert set(column(settings, "klaviyo_native").values()) == {False}
+    # The kx is a person of its own (no email tied to it), named on the events.
+    identities = query(settings, "select anchor_type, kx, upstack_id from identities order by kx")
+    assert [(anchor, kx) for anchor, kx, _ in identities] == [("kx", "Kx-other"), ("kx", "Kx9=AbC")]
+    upstack_ids = column(settings, "upstack_id")
+    assert upstack_ids["later-cart"] == upstack_ids["land-view"] == identities[1][2]
+
+
+def test_a_klaviyo_click_stops_naming_the_phone_after_kx_lookback(settings):
+    run(settings, [
+        ev("land-view", "ViewContent", at(0, 0), "phone", "p1", url=SHOP_URL + "/?_kx=KxOld"),
+        ev("week-later-cart", "AddToCart", at(6, 0), "phone", "p2"),
+        ev("too-late-cart", "AddToCart", at(8, 0), "phone", "p3"),   # 8 days later: past kx_lookback (7 days)
+    ])
+
+    assert resolved(settings) == {
+        "land-view": (None, "KxOld", "klaviyo_click"),
+        "week-later-cart": (None, "KxOld", "klaviyo_click"),
+        "too-late-cart": NOBODY,
+    }
+
+
+def test_instagram_in_app_browser_hands_the_click_to_safari_within_minutes(settings):
+    fbclid = "IwAR2xYzInstagramClick"
+    fbc = f"fb.1.{int((BASE.timestamp() + 86400) * 1000)}.{fbclid}"
+    mia = "mia@icloud.com"
+    run(settings, [
+        # Instagram's in-app browser: she lands from the ad and types her email in a sign-up form.
+        ev("ig-view", "ViewContent", at(1, 0), "ig-webview", "ig-1", {"fbc": fbc},
+           url=f"{SHOP_URL}/products/mug?fbclid={fbclid}"),
+        ev("ig-signup", "Identify", at(1, 2), "ig-webview", "ig-1", {"email": mia, "fbc": fbc}),
+        ev("ig-cart", "AddToCart", at(1, 3), "ig-webview", "ig-1", {"fbc": fbc}),
+        # "Open in Safari" four minutes later: a new cookie, the same click id, no email.
+        ev("safari-view", "ViewContent", at(1, 7), "safari", "sf-1", {"fbc": fbc},
+           url=f"{SHOP_URL}/products/mug?fbclid={fbclid}"),
+        ev("safari-cart", "AddToCart", at(1, 9), "safari", "sf-1", {"fbc": fbc}),
+        ev("safari-checkout", "InitiateCheckout", at(1, 10), "safari", "sf-1", {"fbc": fbc}),
+    ])
+
+    assert resolved(settings) == {
+        "ig-view": (mia, None, "same_session"),
+        "ig-cart": (mia, None, "same_session"),
+        "safari-view": (mia, None, "click_id_handoff"),
+        "safari-cart": (mia, None, "click_id_handoff"),
+        "safari-checkout": (mia, None, "click_id_handoff"),
+    }
+    assert query(settings, "select anonymous_id, other_anonymous_id, linked_by, evidence from browser_links") == [
+        ("ig-webview", "safari", "click_id_handoff", f"fbclid:{fbclid}")]
+    assert column(settings, "klaviyo_native")["safari-cart"] is False
+
+
+def test_the_same_click_id_two_hours_apart_is_not_a_handoff(settings):
+    fbclid = "IwAR9SlowHandoff"
+    run(settings, [
+        ev("ig-view", "ViewContent", at(1, 0), "ig-webview", "ig-1", url=f"{SHOP_URL}/?fbclid={fbclid}"),
+        ev("ig-signup", "Identify", at(1, 2), "ig-webview", "ig-1", {"email": "mia@icloud.com"}),
+        ev("safari-view", "ViewContent", at(1, 120), "safari", "sf-1", url=f"{SHOP_URL}/?fbclid={fbclid}"),
+        ev("safari-cart", "AddToCart", at(1, 122), "safari", "sf-1"),
+    ])
+
+    assert resolved(settings) == {
+        "ig-view": ("mia@icloud.com", None, "same_session"),
+        "safari-view": NOBODY,
+        "safari-cart": NOBODY,
+    }
+    assert query(settings, "select count(*) from browser_links") == [(0,)]
+    assert column(settings, "unresolved_reason")["safari-cart"] == "no_evidence"
+
+
+def test_a_click_id_opened_in_three_browsers_links_none_of_them(settings):
+    fbclid = "IwAR3PostedInAGroupChat"
+    url = f"{SHOP_URL}/?fbclid={fbclid}"
+    run(settings, [
+        ev("a-view", "ViewContent", at(1, 0), "browser-a", "a1", {"email": "ann@gmail.com"}, url=url),
+        ev("b-cart", "AddToCart", at(1, 3), "browser-b", "b1", url=url),
+        ev("c-cart", "AddToCart", at(1, 5), "browser-c", "c1", url=url),
+    ])
+
+    assert resolved(settings) == {
+        "a-view": ("ann@gmail.com", None, "typed_in_event"),
+        "b-cart": NOBODY,
+        "c-cart": NOBODY,
+    }
+    assert ("shared_click_id", f"fbclid:{fbclid}") in flags(settings)
+
+
+def test_login_with_only_the_shopify_customer_id_is_named_through_the_customers_export(settings):
+    (settings.customers_dir / "customers.csv").write_text(
+        "customer_id,email,phone,first_name,last_name,city,region,country,accepts_marketing\n"
+        "8123456789,Lena.Ruiz@Gmail.com,,Lena,Ruiz,Austin,TX,US,true\n")
+    run(settings, [
+        ev("login", "Identify", at(2, 0), "laptop", "l1", {"external_id": "8123456789"}),
+        ev("l1-view", "ViewContent", at(2, 1), "laptop", "l1", {"external_id": "8123456789"}),
+        ev("l1-cart", "AddToCart", at(2, 2), "laptop", "l1", {"external_id": "8123456789"}),
+        ev("l2-cart", "AddToCart", at(4, 0), "laptop", "l2"),   # logged out, two days later
+    ])
+
+    # The only link from the customer id to an email is the customers export: customer_file.
+    lena = "lena.ruiz@gmail.com"
+    assert resolved(settings) == {
+        "l1-view": (lena, None, "customer_file"),
+        "l1-cart": (lena, None, "customer_file"),
+        "l2-cart": (lena, None, "customer_file"),
+    }
+    assert query(settings, "select email, customer_ids, first_name, city from identities") == [
+        (lena, ["8123456789"], "Lena", "Austin")]
+
+
+def test_a_customers_export_arriving_after_the_login_names_the_earlier_events(settings):
+    run(settings, [
+        ev("login", "Identify", at(2, 0), "laptop", "l1", {"external_id": "8123456789"}),
+        ev("l1-cart", "AddToCart", at(2, 2), "laptop", "l1", {"external_id": "8123456789"}),
+    ])
+    assert resolved(settings) == {"l1-cart": NOBODY}
+
+    (settings.customers_dir / "customers.csv").write_text("customer_id,email\n8123456789,lena.ruiz@gmail.com\n")
+    run(settings, now=NOW + timedelta(minutes=5))
+
+    assert resolved(settings) == {"l1-cart": ("lena.ruiz@gmail.com", None, "customer_file")}
+
+
+def test_a_customer_id_seen_with_an_email_on_one_browser_names_a_login_on_another(settings):
+    sam = "sam.lee@outlook.com"
+    run(settings, [
+        # On the laptop, Shopify's login carries both the customer id and the email.
+        ev("laptop-login", "Identify", at(1, 0), "laptop", "l1", {"external_id": "777", "email": sam}),
+        # On the phone, the login event only has the customer id.
+        ev("phone-login", "Identify", at(3, 0), "phone", "p1", {"external_id": "777"}),
+        ev("phone-view", "ViewContent", at(3, 1), "phone", "p1"),
+        ev("phone-cart", "AddToCart", at(3, 2), "phone", "p1"),
+        ev("phone-later-cart", "AddToCart", at(5, 0), "phone", "p2"),
+    ])
+
+    assert resolved(settings) == {
+        "phone-view": (sam, None, "login"),
+        "phone-cart": (sam, None, "login"),
+        "phone-later-cart": (sam, None, "login"),
+    }
+    # Klaviyo's embed logging the customer in is unverified (identity-design.md 8.3): not counted as native.
+    assert column(settings, "klaviyo_native")["phone-cart"] is False
+
+
+def _family_tablet(extra: list[dict] | None = None) -> list[dict]:
+    return [
+        # Mum, day 1.
+        ev("mum1-view", "ViewContent", at(1, 0), "tablet", "t1"),
+        ev("mum1-checkout", "InitiateCheckout", at(1, 3), "tablet", "t1", {"email": "mum@gmail.com"}),
+        # The teenager, day 3: browses and carts, then types their own email.
+        ev("teen-view", "ViewContent", at(3, 0), "tablet", "t2"),
+        ev("teen-cart", "AddToCart", at(3, 2), "tablet", "t2"),
+        ev("teen-checkout", "InitiateCheckout", at(3, 4), "tablet", "t2", {"email": "teen@gmail.com"}),
+        ev("teen-purchase", "Purchase", at(3, 6), "tablet", "t2"),
+        # Mum again, day 5: carts before typing her email.
+        ev("mum2-cart", "AddToCart", at(5, 0), "tablet", "t3"),
+        ev("mum2-checkout", "InitiateCheckout", at(5, 2), "tablet", "t3", {"email": "mum@gmail.com"}),
+        # Day 6: someone carts without typing anything.
+        ev("anon-cart", "AddToCart", at(6, 0), "tablet", "t4"),
+        *(extra or []),
+    ]
+
+
+def test_family_tablet_with_two_people_names_each_session_by_its_own_typist(settings):
+    run(settings, _family_tablet())
+
+    # In-session evidence always beats the tablet's history: the teenager's early events are not mum's.
+    # max_emails_per_browser=2 does not treat two people as a shared device: an anonymous session takes the
+    # latest typed email on the tablet (identity switch), here mum's.
+    assert resolved(settings) == {
+        "mum1-view": ("mum@gmail.com", None, "same_session"),
+        "mum1-checkout": ("mum@gmail.com", None, "typed_in_event"),
+        "teen-view": ("teen@gmail.com", None, "same_session"),
+        "teen-cart": ("teen@gmail.com", None, "same_session"),
+        "teen-checkout": ("teen@gmail.com", None, "typed_in_event"),
+        "teen-purchase": ("teen@gmail.com", None, "same_session"),
+        "mum2-cart": ("mum@gmail.com", None, "same_session"),
+        "mum2-checkout": ("mum@gmail.com", None, "typed_in_event"),
+        "anon-cart": ("mum@gmail.com", None, "cookie_history"),
+    }
+    upstack_ids = column(settings, "upstack_id")
+    assert upstack_ids["mum1-view"] == upstack_ids["anon-cart"] != upstack_ids["teen-cart"]
+
+
+def test_family_tablet_with_a_third_person_becomes_a_shared_device(settings):
+    run(settings, _family_tablet([
+        # Dad, day 7: types his email; the tablet now carries three emails.
+        ev("dad-view", "ViewContent", at(7, 0), "tablet", "t5"),
+        ev("dad-checkout", "InitiateCheckout", at(7, 1), "tablet", "t5", {"email": "dad@gmail.com"}),
+        ev("after-dad-cart", "AddToCart", at(8, 0), "tablet", "t6"),
+        ev("after-dad-checkout", "InitiateCheckout", at(8, 1), "tablet", "t6"),
+    ]))
+
+    got = resolved(settings)
+    assert got["dad-view"] == ("dad@gmail.com", None, "same_session")
+    assert got["dad-checkout"] == ("dad@gmail.com", None, "typed_in_event")
+    # Before dad, two emails: the latest still names the anonymous session; after him, nobody does.
+    assert got["anon-cart"] == ("mum@gmail.com", None, "cookie_history")
+    assert got["after-dad-cart"] == NOBODY
+    assert got["after-dad-checkout"] == NOBODY
+    reasons = column(settings, "unresolved_reason")
+    assert reasons["after-dad-cart"] == reasons["after-dad-checkout"] == "shared_device"
+
+
+def test_family_tablet_with_max_one_email_per_browser_names_no_anonymous_session_after_the_second(settings):
+    strict = with_identity(settings, max_emails_per_browser=1)
+    run(strict, _family_tablet())
+
+    got = resolved(strict)
+    assert got["teen-view"] == ("teen@gmail.com", None, "same_session")
+    assert got["mum2-cart"] == ("mum@gmail.com", None, "same_session")
+    assert got["anon-cart"] == NOBODY
+    assert column(strict, "unresolved_reason")["anon-cart"] == "shared_device"
+
+
+def test_placeholder_emails_never_become_identities_and_are_counted(settings):
+    run(settings, [
+        ev("v1", "ViewContent", at(1, 0), "cookie-p", "s1", {"email": "test@test.com"}),
+        ev("c1", "AddToCart", at(1, 1), "cookie-p", "s1", {"email": " TEST@test.com"}),
+        ev("k1", "InitiateCheckout", at(1, 2), "cookie-p", "s1", {"email": "undefined"}),
+        ev("k2", "InitiateCheckout", at(1, 3), "cookie-p", "s1", {"email": ""}),
+        ev("p1", "Purchase", at(1, 4), "cookie-p", "s1", {"email": "support@acme.myshopify.com"}),
+        ev("id1", "Identify", at(1, 5), "cookie-p", "s1", {"email": "orders@acme.myshopify.com"}),
+        ev("later", "AddToCart", at(3, 0), "cookie-p", "s2"),
+    ])
+
+    assert resolved(settings) == {event: NOBODY for event in ("v1", "c1", "k1", "k2", "p1", "later")}
+    assert set(column(settings, "unresolved_reason").values()) == {"no_evidence"}
+    assert query(settings, "select count(*) from identities") == [(0,)]
+    assert query(settings, "select count(*) from identity_observations where id_type = 'email'") == [(0,)]
+    assert set(query(settings, "select id_type, value, reason, times_seen from identity_rejected_values")) == {
+        ("email", "test@test.com", "blocklisted", 2),
+        ("email", "undefined", "placeholder", 1),
+        ("email", "", "placeholder", 1),
+        ("email", "support@acme.myshopify.com", "blocklisted", 1),
+        ("email", "orders@acme.myshopify.com", "store_address", 1),
+    }
+
+
+def _cookie_reset() -> list[dict]:
+    same_device = {"client_ip_address": "198.51.100.23", "client_user_agent": IPHONE_SAFARI}
+    return [
+        ev("old-checkout", "InitiateCheckout", at(2, 0), "cookie-before", "r1",
+           {"email": "noah@gmail.com", **same_device}),
+        ev("old-cart", "AddToCart", at(2, 1), "cookie-before", "r1", same_device),
+        # Cookies cleared: a new anonymous_id, a new session, no click id; same IP and user agent 4 minutes later.
+        ev("new-view", "ViewContent", at(2, 5), "cookie-after", "r2", same_device),
+        ev("new-cart", "AddToCart", at(2, 6), "cookie-after", "r2", same_device),
+        # Another phone on the same IP with a different browser: never linked.
+        ev("neighbour-cart", "AddToCart", at(2, 7), "cookie-neighbour", "r3",
+           {"client_ip_address": "198.51.100.23", "client_user_agent": "Mozilla/5.0 (Linux; Android 15) Chrome"}),
+    ]
+
+
+def test_a_cookie_reset_is_not_linked_by_default(settings):
+    run(settings, _cookie_reset())
+
+    assert resolved(settings) == {
+        "old-checkout": ("noah@gmail.com", None, "typed_in_event"),
+        "old-cart": ("noah@gmail.com", None, "same_session"),
+        "new-view": NOBODY,
+        "new-cart": NOBODY,
+        "neighbour-cart": NOBODY,
+    }
+    assert query(settings, "select count(*) from browser_links") == [(0,)]
+
+
+def test_a_cookie_reset_is_linked_by_ip_and_user_agent_only_with_probabilistic_matching(settings):
+    probabilistic = with_identity(settings, probabilistic_matching=True)
+    run(probabilistic, _cookie_reset())
+
+    assert resolved(probabilistic) == {
+        "old-checkout": ("noah@gmail.com", None, "typed_in_event"),
+        "old-cart": ("noah@gmail.com", None, "same_session"),
+        "new-view": ("noah@gmail.com", None, "probabilistic_ip_ua"),
+        "new-cart": ("noah@gmail.com", None, "probabilistic_ip_ua"),
+        "neighbour-cart": NOBODY,
+    }
+
+
+def test_an_email_typed_mid_session_stitches_the_earlier_events_of_that_session(settings):
+    run(settings, [
+        ev("view", "ViewContent", at(4, 0), "cookie-m", "m1"),
+        ev("cart", "AddToCart", at(4, 2), "cookie-m", "m1"),
+        ev("shipping", "AddShippingInfo", at(4, 5), "cookie-m", "m1", {"email": "Olga@Proton.me"}),
+        ev("checkout", "InitiateCheckout", at(4, 6), "cookie-m", "m1"),
+        ev("purchase", "Purchase", at(4, 9), "cookie-m", "m1", {"email": "olga@proton.me"}),
+        # Another session on another cookie with the same session id string is not stitched.
+        ev("stranger-cart", "AddToCart", at(4, 3), "cookie-stranger", "m2"),
+    ])
+
+    assert resolved(settings) == {
+        "view": ("olga@proton.me", None, "same_session"),
+        "cart": ("olga@proton.me", None, "same_session"),
+        "checkout": ("olga@proton.me", None, "same_session"),
+        "purchase": ("olga@proton.me", None, "typed_in_event"),
+        "stranger-cart": NOBODY,
+    }
+    assert column(settings, "evidence_event_id") == {
+        "view": "shipping", "cart": "shipping", "checkout": "shipping", "purchase": "purchase",
+        "stranger-cart": None,
+    }
+    assert column(settings, "klaviyo_native_reason") == {
+        "view": "typed_in_session", "cart": "typed_in_session", "checkout": "typed_in_session",
+        "purchase": "typed_in_event", "stranger-cart": None,
+    }
+
+
+def test_events_arriving_out_of_order_across_runs_are_stitched_and_a_rerun_changes_nothing(settings):
+    # Run 1: the anonymous cart events of the session, in a file whose name sorts last.
+    run(settings, [
+        ev("view", "ViewContent", at(5, 0), "cookie-o", "o1"),
+        ev("cart", "AddToCart", at(5, 2), "cookie-o", "o1"),
+    ], file="part-0002.ndjson")
+    assert resolved(settings) == {"view": NOBODY, "cart": NOBODY}
+
+    # Run 2: the checkout of the same session, with the typed email, lands late in a file that sorts first.
+    run(settings, [
+        ev("checkout", "InitiateCheckout", at(5, 4), "cookie-o", "o1", {"email": "pia@gmail.com"}),
+    ], file="part-0001.ndjson", now=NOW + timedelta(minutes=10))
+    assert resolved(settings) == {
+        "view": ("pia@gmail.com", None, "same_session"),
+        "cart": ("pia@gmail.com", None, "same_session"),
+        "checkout": ("pia@gmail.com", None, "typed_in_event"),
+    }
+    assert set(column(settings, "klaviyo_native_reason").values()) == {"typed_in_session", "typed_in_event"}
+
+    # Run 3: nothing new. Nothing changes, not even resolved_at.
+    everything = "select * from resolved_events order by event_id"
+    people = "select * from identities order by upstack_id"
+    before, people_before = query(settings, everything), query(settings, people)
+    later = run(settings, now=NOW + timedelta(minutes=20))
+    assert later.events_resolved == 0
+    assert query(settings, everything) == before
+    assert query(settings, people) == people_before
+
+    # Run 4: she comes back; she is the same person, with the same upstack_id.
+    upstack_id = column(settings, "upstack_id")["cart"]
+    assert upstack_id is not None
+    run(settings, [ev("return-cart", "AddToCart", at(7, 0), "cookie-o", "o2")],
+        file="part-0003.ndjson", now=NOW + timedelta(minutes=30))
+    assert resolved(settings)["return-cart"] == ("pia@gmail.com", None, "cookie_history")
+    assert set(column(settings, "upstack_id").values()) == {upstack_id}
+    assert query(settings, "select upstack_id, email from identities") == [(upstack_id, "pia@gmail.com")]
+
+
+# ------------------------------------------------------------------------------------------------ guards
+
+def test_two_cookies_joined_by_a_click_id_with_different_emails_are_not_merged(settings):
+    fbclid = "IwAR5SharedWithAFriend"
+    url = f"{SHOP_URL}/products/mug?fbclid={fbclid}"
+    run(settings, [
+        # Alice clicks the ad and types her email; she sends the link to Bob, who opens it minutes later.
+        ev("alice-view", "ViewContent", at(1, 0), "alice-ig", "a1", url=url),
+        ev("alice-signup", "Identify", at(1, 1), "alice-ig", "a1", {"email": "alice@gmail.com"}),
+        ev("bob-view", "ViewContent", at(1, 5), "bob-safari", "b1", url=url),
+        ev("bob-checkout", "InitiateCheckout", at(1, 8), "bob-safari", "b1", {"email": "bob@yahoo.com"}),
+        ev("bob-later-cart", "AddToCart", at(2, 0), "bob-safari", "b2"),
+        ev("alice-later-cart", "AddToCart", at(2, 0), "alice-ig", "a2"),
+    ])
+
+    assert resolved(settings) == {
+        "alice-view": ("alice@gmail.com", None, "same_session"),
+        "bob-view": ("bob@yahoo.com", None, "same_session"),
+        "bob-checkout": ("bob@yahoo.com", None, "typed_in_event"),
+        "bob-later-cart": ("bob@yahoo.com", None, "cookie_history"),
+        "alice-later-cart": ("alice@gmail.com", None, "cookie_history"),
+    }
+    assert ("conflicting_emails", "alice-ig ~ bob-safari") in flags(settings)
+    assert query(settings, "select count(*) from browser_clusters") == [(0,)]
+    assert len(set(column(settings, "browser_cluster_id").values())) == 2
+
+
+def _click_chain() -> list[dict]:
+    """Three cookies chained by two ad-click handoffs; the email is typed on the first, the cart is on the last."""
+    return [
+        ev("one-view", "ViewContent", at(1, 0), "chain-1", "c1", url=f"{SHOP_URL}/?fbclid=ClickOne"),
+        ev("one-signup", "Identify", at(1, 1), "chain-1", "c1", {"email": "ruth@gmail.com"}),
+        ev("two-view", "ViewContent", at(1, 3), "chain-2", "c2", url=f"{SHOP_URL}/?fbclid=ClickOne"),
+        ev("two-view-2", "ViewContent", at(1, 10), "chain-2", "c2", url=f"{SHOP_URL}/?gclid=ClickTwo"),
+        ev("three-view", "ViewContent", at(1, 12), "chain-3", "c3", url=f"{SHOP_URL}/?gclid=ClickTwo"),
+        ev("three-cart", "AddToCart", at(1, 14), "chain-3", "c3"),
+    ]
+
+
+def test_a_cluster_within_max_browsers_per_cluster_is_merged(settings):
+    run(settings, _click_chain())
+
+    assert resolved(settings) == {
+        "one-view": ("ruth@gmail.com", None, "same_session"),
+        "two-view": ("ruth@gmail.com", None, "click_id_handoff"),
+        "two-view-2": ("ruth@gmail.com", None, "click_id_handoff"),
+        "three-view": ("ruth@gmail.com", None, "click_id_handoff"),
+        "three-cart": ("ruth@gmail.com", None, "click_id_handoff"),
+    }
+    assert query(settings, "select distinct browser_cluster_id from browser_clusters") == [("bc_chain-1",)]
+
+
+def test_a_cluster_bigger_than_max_browsers_per_cluster_is_flagged_and_not_merged(settings):
+    small = with_identity(settings, max_browsers_per_cluster=2)
+    run(small, _click_chain())
+
+    assert resolved(small) == {
+        "one-view": ("ruth@gmail.com", None, "same_session"),
+        "two-view": NOBODY,
+        "two-view-2": NOBODY,
+        "three-view": NOBODY,
+        "three-cart": NOBODY,
+    }
+    assert query(small, "select flag, subject, detail from identity_flags") == [
+        ("oversize_cluster", "bc_chain-1", "3 cookies linked; left unmerged")]
+    assert query(small, "select count(*) from browser_clusters") == [(0,)]
+
+
+def test_a_forwarded_klaviyo_email_never_names_the_recipient_with_the_sender(settings):
+    run(settings, [
+        # Alice clicks her Klaviyo email on her laptop and checks out: her _kx is tied to her email.
+        ev("alice-view", "ViewContent", at(1, 0), "alice-laptop", "a1", url=f"{SHOP_URL}/?_kx=KxAlice"),
+        ev("alice-checkout", "InitiateCheckout", at(1, 2), "alice-laptop", "a1",
+           {"email": "alice@gmail.com", "kx": "KxAlice"}),
+        # Bob's browser knows Bob.
+        ev("bob-checkout", "InitiateCheckout", at(2, 0), "bob-phone", "b1", {"email": "bob@yahoo.com"}),
+        # Alice forwards the email; Bob taps it on his phone.
+        ev("bob-fwd-view", "ViewContent", at(3, 0), "bob-phone", "b2", url=f"{SHOP_URL}/products/mug?_kx=KxAlice"),
+        ev("bob-fwd-cart", "AddToCart", at(3, 2), "bob-phone", "b2"),
+        # Bob again the next day, anonymous.
+        ev("bob-next-cart", "AddToCart", at(4, 0), "bob-phone", "b3"),
+    ])
+
+    got = resolved(settings)
+    assert got["alice-view"] == ("alice@gmail.com", None, "same_session")
+    assert got["bob-checkout"] == ("bob@yahoo.com", None, "typed_in_event")
+    # Never Alice on Bob's phone; with a conflicting _kx on his browser, nobody.
+    assert got["bob-fwd-view"] == NOBODY
+    assert got["bob-fwd-cart"] == NOBODY
+    assert got["bob-next-cart"] == NOBODY
+    reasons = column(settings, "unresolved_reason")
+    assert {reasons[event] for event in ("bob-fwd-view", "bob-fwd-cart", "bob-next-cart")} == {
+        "conflicting_identity"}
+    assert not [row for row in query(settings, "select anonymous_id, email, kx from resolved_events")
+                if row[0] == "bob-phone" and (row[1] == "alice@gmail.com" or row[2] == "KxAlice")]
+
+
+def test_a_kx_seen_on_more_browsers_than_max_browsers_per_kx_is_not_used(settings):
+    url = f"{SHOP_URL}/?_kx=KxPostedOnReddit"
+    events = [ev(f"view-{n}", "ViewContent", at(1, n), f"browser-{n}", f"s{n}", url=url) for n in range(3)]
+    capped = with_identity(settings, max_browsers_per_kx=2)
+    run(capped, events)
+
+    assert resolved(capped) == {f"view-{n}": NOBODY for n in range(3)}
+    assert ("shared_kx", "KxPostedOnReddit") in flags(capped)
