@@ -92,7 +92,7 @@ def parser() -> argparse.ArgumentParser:
     simulate_parser = commands.add_parser("simulate", help="write realistic storefront traffic to a landing folder")
     simulate_parser.add_argument("out_dir", help="landing folder to create (events/, customers/, truth/)")
     simulate_parser.add_argument("--visitors", type=int, default=3000)
-    simulate_parser.add_argument("--days", type=int, default=3)
+    simulate_parser.add_argument("--days", type=int, default=14)
     simulate_parser.add_argument("--seed", type=int, default=7)
     simulate_parser.add_argument("--end", type=datetime.fromisoformat, default=None,
                                  help="when the traffic ends, ISO 8601 with offset (default: this hour)")
@@ -107,7 +107,7 @@ def parser() -> argparse.ArgumentParser:
     demo_parser = commands.add_parser("demo", help="simulate traffic into a fresh folder and sync it")
     demo_parser.add_argument("--dir", default="data/demo")
     demo_parser.add_argument("--visitors", type=int, default=3000)
-    demo_parser.add_argument("--days", type=int, default=3)
+    demo_parser.add_argument("--days", type=int, default=14)
     demo_parser.add_argument("--seed", type=int, default=7)
     return top
 

@@ -38,7 +38,8 @@ def run(settings, events: list[dict] | None = None, file: str = "run1.ndjson", n
     if events:
         write_events(settings.events_dir / file, events)
     ingest_events(settings, now=now)
-    ingest_customers(settings, now=now)
+    if any(settings.customers_dir.iterdir()):
+        ingest_customers(settings, now=now)
     return resolve_identities(settings, now=now)
 
 
@@ -166,6 +167,31 @@ def test_instagram_in_app_browser_hands_the_click_to_safari_within_minutes(setti
     }
     assert query(settings, "select anonymous_id, other_anonymous_id, linked_by, evidence from browser_links") == [
         ("ig-webview", "safari", "click_id_handoff", f"fbclid:{fbclid}")]
+    assert column(settings, "klaviyo_native")["safari-cart"] is False
+
+
+def test_an_in_app_handoff_whose_two_browsers_land_in_different_runs_is_still_linked(settings):
+    fbclid = "IwAR7TwoHourlyFiles"
+    url = f"{SHOP_URL}/products/mug?fbclid={fbclid}"
+    # Run 1: only Safari's events have landed so far.
+    run(settings, [
+        ev("safari-view", "ViewContent", at(1, 7), "safari", "sf-1", url=url),
+        ev("safari-cart", "AddToCart", at(1, 9), "safari", "sf-1"),
+    ], file="safari.ndjson")
+    assert resolved(settings) == {"safari-view": NOBODY, "safari-cart": NOBODY}
+
+    # Run 2: the in-app browser's events, earlier in time, land an hour later.
+    run(settings, [
+        ev("ig-view", "ViewContent", at(1, 0), "ig-webview", "ig-1", url=url),
+        ev("ig-signup", "Identify", at(1, 2), "ig-webview", "ig-1", {"email": "mia@icloud.com"}),
+    ], file="instagram.ndjson", now=NOW + timedelta(hours=1))
+
+    assert resolved(settings) == {
+        "ig-view": ("mia@icloud.com", None, "same_session"),
+        "safari-view": ("mia@icloud.com", None, "click_id_handoff"),
+        "safari-cart": ("mia@icloud.com", None, "click_id_handoff"),
+    }
+    assert set(column(settings, "klaviyo_native").values()) == {True, False}
     assert column(settings, "klaviyo_native")["safari-cart"] is False
 
 
@@ -422,6 +448,30 @@ def test_an_email_typed_mid_session_stitches_the_earlier_events_of_that_session(
         "view": "typed_in_session", "cart": "typed_in_session", "checkout": "typed_in_session",
         "purchase": "typed_in_event", "stranger-cart": None,
     }
+
+
+def test_an_email_typed_in_a_later_hourly_run_leaves_the_earlier_anonymous_session_alone(settings):
+    run(settings, [
+        ev("k1-view", "ViewContent", at(2, 0), "safari-kim", "k1"),
+        ev("k1-cart", "AddToCart", at(2, 1), "safari-kim", "k1"),
+    ], file="hour-1.ndjson")
+    assert resolved(settings) == {"k1-view": NOBODY, "k1-cart": NOBODY}
+
+    # Next hour's file: a new session on the same cookie, where she types her email. Her cookie's earlier events
+    # are looked at again (the cookie has new evidence); nothing before the email names them.
+    run(settings, [
+        ev("k2-view", "ViewContent", at(3, 0), "safari-kim", "k2"),
+        ev("k2-checkout", "InitiateCheckout", at(3, 2), "safari-kim", "k2", {"email": "kim@gmail.com"}),
+    ], file="hour-2.ndjson", now=NOW + timedelta(hours=1))
+
+    assert resolved(settings) == {
+        "k1-view": NOBODY,
+        "k1-cart": NOBODY,
+        "k2-view": ("kim@gmail.com", None, "same_session"),
+        "k2-checkout": ("kim@gmail.com", None, "typed_in_event"),
+    }
+    assert column(settings, "klaviyo_native") == {
+        "k1-view": False, "k1-cart": False, "k2-view": True, "k2-checkout": True}
 
 
 def test_events_arriving_out_of_order_across_runs_are_stitched_and_a_rerun_changes_nothing(settings):
