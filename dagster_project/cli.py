@@ -31,6 +31,8 @@ def summarize(result: dg.ExecuteInProcessResult, seconds: float, instance_label:
                      f"{check.description or 'failed'}")
     for failure in result.get_step_failure_events():
         error = failure.step_failure_data.error
+        while error is not None and error.cause is not None:  # Dagster wraps the exception that says what to do
+            error = error.cause
         lines.append(f"  step {failure.step_key} failed: {error.message.strip() if error else 'unknown error'}")
     return "\n".join(lines)
 

@@ -80,7 +80,7 @@ with new_commerce as (
 ),
 earlier_affected as (
     select event_id, event_name, event_time, shop, anonymous_id, session_id,
-           klaviyo_native_reason = 'klaviyo_cookie' as klaviyo_identified, consent_marketing
+           coalesce(klaviyo_native_reason = 'klaviyo_cookie', false) as klaviyo_identified, consent_marketing
     from resolved_events
     semi join affected_cookies using (anonymous_id)
     anti join new_commerce using (event_id)
