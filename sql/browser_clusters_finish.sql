@@ -1,6 +1,15 @@
 -- Turns converged cluster_labels into browser_clusters, leaving oversize clusters unmerged (and flagged), and
 -- records in temp table reclustered_cookies every cookie whose cluster changed.
 
+-- A cookie with no email can bridge two that carry different ones (Alice ~ family Mac ~ Bob): the pairwise guard
+-- in sql/browser_clusters.sql cannot see that, so a cluster holding two emails is not merged either.
+create or replace temp table cluster_emails as
+select labels.label, count(distinct link.right_value) as emails
+from cluster_labels as labels
+join identity_links as link
+    on link.left_type = 'anonymous_id' and link.left_value = labels.anonymous_id and link.right_type = 'email'
+group by labels.label;
+
 create or replace temp table new_browser_clusters as
 with sized as (
     select anonymous_id, label, count(*) over (partition by label) as size from cluster_labels
@@ -13,7 +22,15 @@ how_linked as (
 )
 select sized.anonymous_id, 'bc_' || sized.label as browser_cluster_id, how_linked.linked_by
 from sized join how_linked using (label)
-where sized.size <= getvariable('max_browsers_per_cluster');
+left join cluster_emails using (label)
+where sized.size <= getvariable('max_browsers_per_cluster') and coalesce(cluster_emails.emails, 0) <= 1;
+
+insert into identity_flags
+select 'conflicting_emails', 'bc_' || label, emails || ' emails among cookies joined only through others; left unmerged',
+       getvariable('now')
+from cluster_emails
+where emails > 1
+on conflict (flag, subject) do update set detail = excluded.detail, flagged_at = excluded.flagged_at;
 
 insert into identity_flags
 select 'oversize_cluster', 'bc_' || label, count(*) || ' cookies linked; left unmerged', getvariable('now')

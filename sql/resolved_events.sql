@@ -8,10 +8,10 @@
 --      else a Klaviyo _kx of the session;
 --   2. else the browser cluster's history before the event: the latest email within email_lookback, unless the
 --      cluster has shown more than max_emails_per_browser emails (a shared device), or a later _kx within
---      kx_lookback when the cluster carries no email. A _kx never renames a browser's owner: when it is known to
---      belong to another email than the browser's, the event is left unresolved (a forwarded Klaviyo email);
---      when its owner is unknown it names only its own session, by the _kx alone (Klaviyo resolves it), and
---      later sessions keep the browser's email;
+--      kx_lookback when the cluster carries no email. A _kx never renames a browser's owner: in its own session,
+--      on a browser that carries an email the _kx is not known to belong to, the event is left unresolved (a
+--      forwarded Klaviyo email must not send one person's cart to another); later sessions keep the browser's
+--      email unless the _kx is known to belong to someone else;
 --   3. else unresolved, with the reason.
 -- Person identifiers only translate into an email; they never join two browsers (sql/browser_clusters.sql).
 --
@@ -117,44 +117,36 @@ where observation.id_type in ('email', 'email_hash', 'phone', 'customer_id', 'kx
     and not (observation.id_type = 'kx' and observation.id_value in (select kx from shared_kx));
 
 create or replace temp table resolutions as
-with session_emails as (select * from evidence where email is not null),
-session_kxs as (select * from evidence where kx is not null),
--- ASOF joins find the nearest evidence in the session on either side of each event without pairing every event
--- with every evidence row (a long session would otherwise cost its length squared).
+with session_evidence as (                      -- each row once per kind of identity it carries
+    select 'email' as kind, * from evidence where email is not null
+    union all
+    select 'kx', * from evidence where kx is not null
+),
+target_kinds as (
+    select target.*, kind from targets as target cross join (values ('email'), ('kx')) as kinds(kind)
+),
+-- ASOF joins find the nearest evidence of each kind in the session on either side of each event without pairing
+-- every event with every evidence row (a long session would otherwise cost its length squared).
+nearest_before as (
+    select target.event_id, target.kind, session_evidence as evidence
+    from target_kinds as target
+    asof join session_evidence
+        on session_evidence.kind = target.kind and session_evidence.session_id = target.session_id
+        and session_evidence.cluster_id = target.cluster_id and session_evidence.event_time <= target.event_time
+),
+nearest_after as (
+    select target.event_id, target.kind, session_evidence as evidence
+    from target_kinds as target
+    asof join session_evidence
+        on session_evidence.kind = target.kind and session_evidence.session_id = target.session_id
+        and session_evidence.cluster_id = target.cluster_id and target.event_time < session_evidence.event_time
+),
 own_email as (
     select target.event_id, arg_min(evidence, evidence.email) as evidence
     from targets as target
     join evidence on evidence.event_id = target.event_id
     where evidence.source = 'typed'
     group by target.event_id
-),
-email_before as (
-    select target.event_id, session_emails as evidence
-    from targets as target
-    asof join session_emails
-        on session_emails.session_id = target.session_id and session_emails.cluster_id = target.cluster_id
-        and session_emails.event_time <= target.event_time
-),
-email_after as (
-    select target.event_id, session_emails as evidence
-    from targets as target
-    asof join session_emails
-        on session_emails.session_id = target.session_id and session_emails.cluster_id = target.cluster_id
-        and target.event_time < session_emails.event_time
-),
-kx_before as (
-    select target.event_id, session_kxs as evidence
-    from targets as target
-    asof join session_kxs
-        on session_kxs.session_id = target.session_id and session_kxs.cluster_id = target.cluster_id
-        and session_kxs.event_time <= target.event_time
-),
-kx_after as (
-    select target.event_id, session_kxs as evidence
-    from targets as target
-    asof join session_kxs
-        on session_kxs.session_id = target.session_id and session_kxs.cluster_id = target.cluster_id
-        and target.event_time < session_kxs.event_time
 ),
 typed_sessions as (
     select distinct session_id, cluster_id from evidence where source = 'typed'
@@ -169,10 +161,10 @@ in_session as (
         typed_sessions.session_id is not null as typed_in_session
     from targets as target
     left join own_email using (event_id)
-    left join email_before using (event_id)
-    left join email_after using (event_id)
-    left join kx_before using (event_id)
-    left join kx_after using (event_id)
+    left join nearest_before as email_before on email_before.event_id = target.event_id and email_before.kind = 'email'
+    left join nearest_after as email_after on email_after.event_id = target.event_id and email_after.kind = 'email'
+    left join nearest_before as kx_before on kx_before.event_id = target.event_id and kx_before.kind = 'kx'
+    left join nearest_after as kx_after on kx_after.event_id = target.event_id and kx_after.kind = 'kx'
     left join typed_sessions
         on typed_sessions.session_id = target.session_id and typed_sessions.cluster_id = target.cluster_id
 ),
@@ -224,7 +216,7 @@ select
     case
         when email_evidence is not null then 'session_email'
         when kx_evidence is not null and history_email is not null and not shared_device
-             and kx_known_email <> history_email.email then 'conflict'
+             and kx_known_email is distinct from history_email.email then 'conflict'
         when kx_evidence is not null then 'session_kx'
         when shared_device then 'shared_device'
         when history_email is not null
@@ -235,6 +227,13 @@ select
         when history_kx is not null then 'history_kx'
     end as decision
 from decided;
+
+insert into identity_flags
+select 'shared_device', cluster_id, 'more than ' || getvariable('max_emails_per_browser')
+       || ' emails: its history names nobody', getvariable('now')
+from resolutions where decision = 'shared_device'
+group by cluster_id
+on conflict do nothing;
 
 delete from resolved_events where event_id in (select event_id from targets);
 

@@ -99,14 +99,12 @@ def test_concurrent_syncs_both_succeed_without_losing_or_doubling_rows(settings)
     assert query(settings, "select count(*) from ingested_files") == [(20,)]
 
 
-@pytest.mark.parametrize("delay_after_first_write", [0.0, 0.4, 1.2])
-def test_a_sync_killed_while_writing_then_rerun_loses_nothing_and_doubles_nothing(settings, delay_after_first_write):
+def kill_a_sync_while_it_writes(settings: Settings, env: dict[str, str], delay_after_first_write: float) -> None:
+    """Lands 72,000 events in 24 files, starts `upstack sync`, and SIGKILLs it once it is writing the warehouse."""
     for hour in range(24):
         write_events(settings.events_dir / f"h{hour:02d}.ndjson.gz",
                      [make_event(f"e{hour}-{n}") for n in range(3_000)])
-    env = environment(settings, UPSTACK_INGEST_BATCH_BYTES="1")  # one file per transaction: many commit points
     wal = Path(f"{settings.warehouse_path}.wal")
-
     process = subprocess.Popen([sys.executable, "-m", "dagster_project.cli", "sync"], env=env, cwd=PROJECT_ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -116,6 +114,12 @@ def test_a_sync_killed_while_writing_then_rerun_loses_nothing_and_doubles_nothin
     assert process.poll() is None, "the sync finished before it could be killed; make the landing bigger"
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("delay_after_first_write", [0.0, 0.4, 1.2])
+def test_a_sync_killed_while_writing_then_rerun_loses_nothing_and_doubles_nothing(settings, delay_after_first_write):
+    env = environment(settings, UPSTACK_INGEST_BATCH_BYTES="1")  # one file per transaction: many commit points
+    kill_a_sync_while_it_writes(settings, env, delay_after_first_write)
     [(files_before_rerun,)] = query(settings, "select count(*) from ingested_files")
 
     rerun = upstack("sync", env=env)
@@ -127,22 +131,11 @@ def test_a_sync_killed_while_writing_then_rerun_loses_nothing_and_doubles_nothin
 
 
 def test_a_sync_killed_with_dagster_home_set_does_not_block_the_next_one(settings, tmp_path):
-    for hour in range(24):
-        write_events(settings.events_dir / f"h{hour:02d}.ndjson.gz", [make_event(f"e{hour}-{n}") for n in range(3_000)])
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", home)
     env = environment(settings, DAGSTER_HOME=str(home), UPSTACK_INGEST_BATCH_BYTES="1")
-    wal = Path(f"{settings.warehouse_path}.wal")
-
-    process = subprocess.Popen([sys.executable, "-m", "dagster_project.cli", "sync"], env=env, cwd=PROJECT_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not wal.exists() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert process.poll() is None
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
+    kill_a_sync_while_it_writes(settings, env, delay_after_first_write=0.0)
 
     rerun = upstack("sync", env=env, timeout=120)
 

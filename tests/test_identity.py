@@ -100,7 +100,8 @@ def test_returning_safari_shopper_with_an_expired_klaviyo_cookie_is_named_by_coo
 def test_klaviyo_email_click_on_a_phone_names_a_later_anonymous_cart_by_the_kx(settings):
     run(settings, [
         # Day 3: she taps a Klaviyo email on her phone; the landing URL carries _kx (URL-encoded).
-        ev("land-view", "ViewContent", at(3, 0), "phone", "p1", url=SHOP_URL + "/products/mug?_kx=Kx9%3DAbC&utm_source=klaviyo"),
+        ev("land-view", "ViewContent", at(3, 0), "phone", "p1",
+           url=SHOP_URL + "/products/mug?_kx=Kx9%3DAbC&utm_source=klaviyo"),
         ev("land-cart", "AddToCart", at(3, 2), "phone", "p1"),
         # Day 6: back on the same phone, anonymous; the pixel no longer sees Klaviyo's cookie.
         ev("later-view", "ViewContent", at(6, 0), "phone", "p2"),
@@ -108,6 +109,10 @@ def test_klaviyo_email_click_on_a_phone_names_a_later_anonymous_cart_by_the_kx(s
         # Another phone got the kx on user_data instead of the URL.
         ev("other-view", "ViewContent", at(4, 0), "phone-2", "q1", {"kx": "Kx-other"}),
         ev("other-cart", "AddToCart", at(5, 0), "phone-2", "q2"),
+        # A third phone comes back 8 days after its click: past kx_lookback (7 days), nobody.
+        ev("old-view", "ViewContent", at(0, 0), "phone-3", "r1", url=SHOP_URL + "/?_kx=KxOld"),
+        ev("old-week-later-cart", "AddToCart", at(6, 0), "phone-3", "r2"),
+        ev("old-too-late-cart", "AddToCart", at(8, 0), "phone-3", "r3"),
     ])
 
     assert resolved(settings) == {
@@ -117,28 +122,17 @@ def test_klaviyo_email_click_on_a_phone_names_a_later_anonymous_cart_by_the_kx(s
         "later-cart": (None, "Kx9=AbC", "klaviyo_click"),
         "other-view": (None, "Kx-other", "klaviyo_click"),
         "other-cart": (None, "Kx-other", "klaviyo_click"),
+        "old-view": (None, "KxOld", "klaviyo_click"),
+        "old-week-later-cart": (None, "KxOld", "klaviyo_click"),
+        "old-too-late-cart": NOBODY,
     }
     # Nobody typed an email and Klaviyo's cookie did not identify these events: they are ours to send.
     assert set(column(settings, "klaviyo_native").values()) == {False}
     # The kx is a person of its own (no email tied to it), named on the events.
     identities = query(settings, "select anchor_type, kx, upstack_id from identities order by kx")
-    assert [(anchor, kx) for anchor, kx, _ in identities] == [("kx", "Kx-other"), ("kx", "Kx9=AbC")]
+    assert [(anchor, kx) for anchor, kx, _ in identities] == [("kx", "Kx-other"), ("kx", "Kx9=AbC"), ("kx", "KxOld")]
     upstack_ids = column(settings, "upstack_id")
     assert upstack_ids["later-cart"] == upstack_ids["land-view"] == identities[1][2]
-
-
-def test_a_klaviyo_click_stops_naming_the_phone_after_kx_lookback(settings):
-    run(settings, [
-        ev("land-view", "ViewContent", at(0, 0), "phone", "p1", url=SHOP_URL + "/?_kx=KxOld"),
-        ev("week-later-cart", "AddToCart", at(6, 0), "phone", "p2"),
-        ev("too-late-cart", "AddToCart", at(8, 0), "phone", "p3"),   # 8 days later: past kx_lookback (7 days)
-    ])
-
-    assert resolved(settings) == {
-        "land-view": (None, "KxOld", "klaviyo_click"),
-        "week-later-cart": (None, "KxOld", "klaviyo_click"),
-        "too-late-cart": NOBODY,
-    }
 
 
 def test_instagram_in_app_browser_hands_the_click_to_safari_within_minutes(settings):
@@ -195,39 +189,31 @@ def test_an_in_app_handoff_whose_two_browsers_land_in_different_runs_is_still_li
     assert column(settings, "klaviyo_native")["safari-cart"] is False
 
 
-def test_the_same_click_id_two_hours_apart_is_not_a_handoff(settings):
-    fbclid = "IwAR9SlowHandoff"
+def test_a_click_id_two_hours_apart_or_opened_in_three_browsers_is_not_a_handoff(settings):
+    fbclid, posted = "IwAR9SlowHandoff", "IwAR3PostedInAGroupChat"
     run(settings, [
         ev("ig-view", "ViewContent", at(1, 0), "ig-webview", "ig-1", url=f"{SHOP_URL}/?fbclid={fbclid}"),
         ev("ig-signup", "Identify", at(1, 2), "ig-webview", "ig-1", {"email": "mia@icloud.com"}),
         ev("safari-view", "ViewContent", at(1, 120), "safari", "sf-1", url=f"{SHOP_URL}/?fbclid={fbclid}"),
         ev("safari-cart", "AddToCart", at(1, 122), "safari", "sf-1"),
+        # One click id opened in three browsers within minutes: a shared link, not one person.
+        ev("a-view", "ViewContent", at(2, 0), "browser-a", "a1", {"email": "ann@gmail.com"},
+           url=f"{SHOP_URL}/?fbclid={posted}"),
+        ev("b-cart", "AddToCart", at(2, 3), "browser-b", "b1", url=f"{SHOP_URL}/?fbclid={posted}"),
+        ev("c-cart", "AddToCart", at(2, 5), "browser-c", "c1", url=f"{SHOP_URL}/?fbclid={posted}"),
     ])
 
     assert resolved(settings) == {
         "ig-view": ("mia@icloud.com", None, "same_session"),
         "safari-view": NOBODY,
         "safari-cart": NOBODY,
-    }
-    assert query(settings, "select count(*) from browser_links") == [(0,)]
-    assert column(settings, "unresolved_reason")["safari-cart"] == "no_evidence"
-
-
-def test_a_click_id_opened_in_three_browsers_links_none_of_them(settings):
-    fbclid = "IwAR3PostedInAGroupChat"
-    url = f"{SHOP_URL}/?fbclid={fbclid}"
-    run(settings, [
-        ev("a-view", "ViewContent", at(1, 0), "browser-a", "a1", {"email": "ann@gmail.com"}, url=url),
-        ev("b-cart", "AddToCart", at(1, 3), "browser-b", "b1", url=url),
-        ev("c-cart", "AddToCart", at(1, 5), "browser-c", "c1", url=url),
-    ])
-
-    assert resolved(settings) == {
         "a-view": ("ann@gmail.com", None, "typed_in_event"),
         "b-cart": NOBODY,
         "c-cart": NOBODY,
     }
-    assert ("shared_click_id", f"fbclid:{fbclid}") in flags(settings)
+    assert query(settings, "select count(*) from browser_links") == [(0,)]
+    assert column(settings, "unresolved_reason")["safari-cart"] == "no_evidence"
+    assert flags(settings) == {("shared_click_id", f"fbclid:{posted}")}
 
 
 def test_login_with_only_the_shopify_customer_id_is_named_through_the_customers_export(settings):
@@ -335,13 +321,23 @@ def test_family_tablet_with_a_third_person_becomes_a_shared_device(settings):
         ev("after-dad-checkout", "InitiateCheckout", at(8, 1), "tablet", "t6"),
     ]))
 
-    got = resolved(settings)
-    assert got["dad-view"] == ("dad@gmail.com", None, "same_session")
-    assert got["dad-checkout"] == ("dad@gmail.com", None, "typed_in_event")
-    # Before dad, two emails: the latest still names the anonymous session; after him, nobody does.
-    assert got["anon-cart"] == ("mum@gmail.com", None, "cookie_history")
-    assert got["after-dad-cart"] == NOBODY
-    assert got["after-dad-checkout"] == NOBODY
+    # Before dad, two emails: the latest still names the anonymous session; after him, nobody does. Typed
+    # emails still name their own session.
+    assert resolved(settings) == {
+        "mum1-view": ("mum@gmail.com", None, "same_session"),
+        "mum1-checkout": ("mum@gmail.com", None, "typed_in_event"),
+        "teen-view": ("teen@gmail.com", None, "same_session"),
+        "teen-cart": ("teen@gmail.com", None, "same_session"),
+        "teen-checkout": ("teen@gmail.com", None, "typed_in_event"),
+        "teen-purchase": ("teen@gmail.com", None, "same_session"),
+        "mum2-cart": ("mum@gmail.com", None, "same_session"),
+        "mum2-checkout": ("mum@gmail.com", None, "typed_in_event"),
+        "anon-cart": ("mum@gmail.com", None, "cookie_history"),
+        "dad-view": ("dad@gmail.com", None, "same_session"),
+        "dad-checkout": ("dad@gmail.com", None, "typed_in_event"),
+        "after-dad-cart": NOBODY,
+        "after-dad-checkout": NOBODY,
+    }
     reasons = column(settings, "unresolved_reason")
     assert reasons["after-dad-cart"] == reasons["after-dad-checkout"] == "shared_device"
 
@@ -350,10 +346,17 @@ def test_family_tablet_with_max_one_email_per_browser_names_no_anonymous_session
     strict = with_identity(settings, max_emails_per_browser=1)
     run(strict, _family_tablet())
 
-    got = resolved(strict)
-    assert got["teen-view"] == ("teen@gmail.com", None, "same_session")
-    assert got["mum2-cart"] == ("mum@gmail.com", None, "same_session")
-    assert got["anon-cart"] == NOBODY
+    assert resolved(strict) == {
+        "mum1-view": ("mum@gmail.com", None, "same_session"),
+        "mum1-checkout": ("mum@gmail.com", None, "typed_in_event"),
+        "teen-view": ("teen@gmail.com", None, "same_session"),
+        "teen-cart": ("teen@gmail.com", None, "same_session"),
+        "teen-checkout": ("teen@gmail.com", None, "typed_in_event"),
+        "teen-purchase": ("teen@gmail.com", None, "same_session"),
+        "mum2-cart": ("mum@gmail.com", None, "same_session"),
+        "mum2-checkout": ("mum@gmail.com", None, "typed_in_event"),
+        "anon-cart": NOBODY,
+    }
     assert column(strict, "unresolved_reason")["anon-cart"] == "shared_device"
 
 
@@ -429,7 +432,7 @@ def test_an_email_typed_mid_session_stitches_the_earlier_events_of_that_session(
         ev("shipping", "AddShippingInfo", at(4, 5), "cookie-m", "m1", {"email": "Olga@Proton.me"}),
         ev("checkout", "InitiateCheckout", at(4, 6), "cookie-m", "m1"),
         ev("purchase", "Purchase", at(4, 9), "cookie-m", "m1", {"email": "olga@proton.me"}),
-        # Another session on another cookie with the same session id string is not stitched.
+        # Another shopper carting meanwhile, on another cookie and session, is not stitched.
         ev("stranger-cart", "AddToCart", at(4, 3), "cookie-stranger", "m2"),
     ])
 
@@ -595,18 +598,61 @@ def test_a_forwarded_klaviyo_email_never_names_the_recipient_with_the_sender(set
         ev("bob-next-cart", "AddToCart", at(4, 0), "bob-phone", "b3"),
     ])
 
-    got = resolved(settings)
-    assert got["alice-view"] == ("alice@gmail.com", None, "same_session")
-    assert got["bob-checkout"] == ("bob@yahoo.com", None, "typed_in_event")
-    # Never Alice on Bob's phone; with a conflicting _kx on his browser, nobody.
-    assert got["bob-fwd-view"] == NOBODY
-    assert got["bob-fwd-cart"] == NOBODY
-    assert got["bob-next-cart"] == NOBODY
+    # Never Alice on Bob's phone; with a _kx known to be someone else's on his browser, nobody.
+    assert resolved(settings) == {
+        "alice-view": ("alice@gmail.com", None, "same_session"),
+        "alice-checkout": ("alice@gmail.com", None, "typed_in_event"),
+        "bob-checkout": ("bob@yahoo.com", None, "typed_in_event"),
+        "bob-fwd-view": NOBODY,
+        "bob-fwd-cart": NOBODY,
+        "bob-next-cart": NOBODY,
+    }
     reasons = column(settings, "unresolved_reason")
     assert {reasons[event] for event in ("bob-fwd-view", "bob-fwd-cart", "bob-next-cart")} == {
         "conflicting_identity"}
     assert not [row for row in query(settings, "select anonymous_id, email, kx from resolved_events")
                 if row[0] == "bob-phone" and (row[1] == "alice@gmail.com" or row[2] == "KxAlice")]
+
+
+def test_a_forwarded_klaviyo_email_whose_kx_owner_is_unknown_never_names_the_recipient_by_it(settings):
+    # Alice's _kx was never seen next to her email on this store's pixel (the usual case): its owner is unknown
+    # to us, but Klaviyo resolves it to Alice. Bob's phone already carries Bob's typed email.
+    run(settings, [
+        ev("bob-checkout", "InitiateCheckout", at(2, 0), "bob-phone", "b1", {"email": "bob@yahoo.com"}),
+        ev("bob-fwd-view", "ViewContent", at(3, 0), "bob-phone", "b2", url=f"{SHOP_URL}/products/mug?_kx=KxAlice"),
+        ev("bob-fwd-cart", "AddToCart", at(3, 2), "bob-phone", "b2"),
+        ev("bob-next-cart", "AddToCart", at(4, 0), "bob-phone", "b3"),
+    ])
+
+    # A _kx against the browser's own typed email is a conflicting identity (identity-design.md 2.4 and 2.6):
+    # sending Bob's cart keyed by Alice's _kx would email Alice about Bob's cart.
+    assert resolved(settings) == {
+        "bob-checkout": ("bob@yahoo.com", None, "typed_in_event"),
+        "bob-fwd-view": NOBODY,
+        "bob-fwd-cart": NOBODY,
+        "bob-next-cart": ("bob@yahoo.com", None, "cookie_history"),
+    }
+    assert column(settings, "unresolved_reason")["bob-fwd-cart"] == "conflicting_identity"
+
+
+def test_a_cookie_without_email_never_bridges_two_people_into_one_cluster(settings):
+    run(settings, [
+        # Alice hands an ad click to the family Mac; a day later Bob hands another click from the Mac to his phone.
+        ev("a-view", "ViewContent", at(1, 0), "alice-ig", "a1", url=f"{SHOP_URL}/?fbclid=BridgeOne"),
+        ev("a-signup", "Identify", at(1, 1), "alice-ig", "a1", {"email": "alice@gmail.com"}),
+        ev("mac-view", "ViewContent", at(1, 3), "family-mac", "m1", url=f"{SHOP_URL}/?fbclid=BridgeOne"),
+        ev("mac-view-2", "ViewContent", at(2, 0), "family-mac", "m2", url=f"{SHOP_URL}/?gclid=BridgeTwo"),
+        ev("b-view", "ViewContent", at(2, 5), "bob-phone", "b1", url=f"{SHOP_URL}/?gclid=BridgeTwo"),
+        ev("b-signup", "Identify", at(2, 6), "bob-phone", "b1", {"email": "bob@yahoo.com"}),
+        # Alice types her email again on her own phone; then Bob carts on his phone without typing.
+        ev("a-again", "Identify", at(3, 0), "alice-ig", "a2", {"email": "alice@gmail.com"}),
+        ev("b-cart", "AddToCart", at(4, 0), "bob-phone", "b2"),
+    ])
+
+    got = resolved(settings)
+    assert got["b-view"] == ("bob@yahoo.com", None, "same_session")
+    # Bob's own phone carries only Bob's email: his cart is his, never Alice's through the Mac in between.
+    assert got["b-cart"] == ("bob@yahoo.com", None, "cookie_history")
 
 
 def test_a_kx_seen_on_more_browsers_than_max_browsers_per_kx_is_not_used(settings):

@@ -77,6 +77,8 @@ def _set_variables(
 ) -> None:
     variables = {
         "after_load_id": after_load_id,
+        # Customers exports share the load_id sequence with events, so one watermark covers both.
+        "after_customers_load_id": after_load_id,
         "now": now,
         "blocked_emails": [entry.lower() for entry in identity.blocked_emails],
         "max_emails_per_browser": identity.max_emails_per_browser,
