@@ -29,6 +29,12 @@ create or replace temp macro phone_rejection(phone) as case
         or replace(right(phone, 10), left(right(phone, 10), 1), '') = '' then 'placeholder'
 end;
 
+-- em / ph: SHA-256 hex of the normalised email or E.164 phone.
+create or replace temp macro hash_rejection(value) as case
+    when value = sha256('') then 'placeholder'
+    when not regexp_full_match(value, '[0-9a-f]{64}') then 'invalid_hash'
+end;
+
 create or replace temp macro token_rejection(value) as case
     when lower(value) in ('', 'undefined', 'null', 'none', '0', '-1', 'nan', 'false', 'true') then 'placeholder'
 end;

@@ -1,6 +1,7 @@
 -- Merges this run's edges into identity_links (first/last seen, times seen, first source event). Sources: the
 -- new observations (cookie <-> identifier, and person identifiers seen on one event), every new event
--- (session <-> cookie), and new customers export rows (customer id <-> email).
+-- (session <-> cookie), and new customers export rows (customer id <-> email). Hashes (em, ph) link to the plain
+-- value only when the hash matches it.
 -- Variables: after_load_id, after_customers_load_id. Input: temp table new_observations.
 
 create or replace temp table new_links as
@@ -18,9 +19,16 @@ select other.id_type, other.id_value, 'email', email.id_value, email.event_time,
 from new_observations as email
 join new_observations as other
     on other.event_id = email.event_id
-    and other.id_type in ('customer_id', 'phone', 'kx', 'email_hash')
+    and other.id_type in ('customer_id', 'phone', 'kx', 'email_hash', 'phone_hash')
 where email.id_type = 'email'
     and (other.id_type <> 'email_hash' or other.id_value = sha256(email.id_value))
+
+union all                                       -- a phone hash names its phone when both are seen
+select hashed.id_type, hashed.id_value, 'phone', phone.id_value, phone.event_time, phone.event_id
+from new_observations as phone
+join new_observations as hashed
+    on hashed.event_id = phone.event_id and hashed.id_type = 'phone_hash' and hashed.id_value = sha256(phone.id_value)
+where phone.id_type = 'phone'
 
 union all
 select 'customer_id', customer_id, 'email', normalized_email(email), ingested_at, 'customers:' || source_file

@@ -17,6 +17,7 @@ candidates as (
             {'id_type': 'email', 'raw': user_data.email},
             {'id_type': 'email_hash', 'raw': user_data.em},
             {'id_type': 'phone', 'raw': user_data.phone},
+            {'id_type': 'phone_hash', 'raw': user_data.ph},
             {'id_type': 'customer_id', 'raw': user_data.external_id},
             {'id_type': 'kx', 'raw': coalesce(user_data.kx,
                 url_decode(nullif(regexp_extract(url, '[?&]_kx=([^&#]+)', 1), '')))},
@@ -35,6 +36,7 @@ normalised as (
         case candidate.id_type
             when 'email' then normalized_email(candidate.raw)
             when 'email_hash' then lower(trim(candidate.raw))
+            when 'phone_hash' then lower(trim(candidate.raw))
             when 'phone' then e164_phone(candidate.raw)
             else trim(candidate.raw)
         end as id_value,
@@ -46,10 +48,8 @@ select
     *,
     case id_type
         when 'email' then email_rejection(id_value, shop)
-        when 'email_hash' then case
-            when id_value = sha256('') then 'placeholder'
-            when not regexp_full_match(id_value, '[0-9a-f]{64}') then 'invalid_hash'
-        end
+        when 'email_hash' then hash_rejection(id_value)
+        when 'phone_hash' then hash_rejection(id_value)
         when 'phone' then phone_rejection(id_value)
         else token_rejection(id_value)
     end as rejection

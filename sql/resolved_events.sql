@@ -26,7 +26,7 @@ create or replace temp table email_translations as
 select left_type as id_type, left_value as id_value, min(right_value) as email,
        bool_and(first_event_id like 'customers:%') as only_from_customer_file
 from identity_links
-where left_type in ('customer_id', 'phone', 'email_hash', 'kx') and right_type = 'email'
+where left_type in ('customer_id', 'phone', 'email_hash', 'phone_hash', 'kx') and right_type = 'email'
 group by left_type, left_value
 having count(distinct right_value) = 1;
 
@@ -46,7 +46,7 @@ on conflict do nothing;
 create or replace temp table affected_cookies as
 with seeds as (
     select anonymous_id from new_observations
-    where id_type in ('email', 'email_hash', 'phone', 'customer_id', 'kx')
+    where id_type in ('email', 'email_hash', 'phone', 'phone_hash', 'customer_id', 'kx')
     union
     select anonymous_id from reclustered_cookies
     union
@@ -104,6 +104,7 @@ select
         when 'email' then 'typed'
         when 'email_hash' then 'typed'
         when 'phone' then 'phone'
+        when 'phone_hash' then 'phone'
         when 'customer_id' then if(translation.only_from_customer_file, 'customer_file', 'login')
         when 'kx' then 'kx'
     end as source
@@ -111,7 +112,7 @@ from identity_observations as observation
 left join cookie_cluster using (anonymous_id)
 left join email_translations as translation
     on translation.id_type = observation.id_type and translation.id_value = observation.id_value
-where observation.id_type in ('email', 'email_hash', 'phone', 'customer_id', 'kx')
+where observation.id_type in ('email', 'email_hash', 'phone', 'phone_hash', 'customer_id', 'kx')
     and coalesce(cookie_cluster.browser_cluster_id, observation.anonymous_id) in (select cluster_id from targets)
     and (observation.id_type = 'email' or observation.id_type = 'kx' or translation.email is not null)
     and not (observation.id_type = 'kx' and observation.id_value in (select kx from shared_kx));

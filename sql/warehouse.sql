@@ -121,8 +121,8 @@ create table if not exists identity_observations (
     shop              varchar not null,
     anonymous_id      varchar not null,
     session_id        varchar not null,
-    id_type           varchar not null,     -- email | email_hash | phone | customer_id | kx | fbclid | gclid
-                                            -- | ttclid | msclkid
+    id_type           varchar not null,     -- email | email_hash | phone | phone_hash | customer_id | kx
+                                            -- | fbclid | gclid | ttclid | msclkid
     id_value          varchar not null,
     first_name        varchar,
     last_name         varchar,
