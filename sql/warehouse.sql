@@ -225,3 +225,30 @@ create table if not exists resolved_events (
     consent_marketing       boolean,
     resolved_at             timestamptz not null
 );
+
+------------------------------------------------------------------------------------------------ klaviyo
+
+-- One row per Klaviyo event to send (Placed Order also gives one Ordered Product per line). The event and its
+-- profile are stored as Klaviyo's JSON:API attribute objects, ready to be grouped by profile into bulk requests.
+create table if not exists klaviyo_outbox (
+    unique_id     varchar primary key,      -- Klaviyo's dedupe key: event_id, or event_id:<line> for Ordered Product
+    event_id      varchar not null,
+    event_name    varchar not null,         -- the pixel's
+    metric_name   varchar not null,         -- Klaviyo's, e.g. 'Added to Cart from Upstack'
+    profile_key   varchar not null,         -- 'email:<address>' or 'kx:<_kx>': events are sent grouped by it
+    profile       json not null,            -- profile attributes (identifier, names, location, upstack_* properties)
+    event         json not null,            -- event attributes (properties, time, value, unique_id, metric, backfill)
+    backfill      boolean not null,         -- older than max_event_age: recorded by Klaviyo without firing flows
+    status        varchar not null,         -- pending | claimed | delivered | dead_letter
+    created_at    timestamptz not null
+);
+
+-- Commerce events that are not sent, and why; with the outbox it accounts for every decided commerce event.
+create table if not exists klaviyo_skipped (
+    event_id    varchar primary key,
+    event_name  varchar not null,
+    reason      varchar not null,           -- disabled_event | no_consent | unresolved | native_identified
+                                            -- | profile_creation_disabled | invalid
+    detail      varchar,
+    skipped_at  timestamptz not null
+);

@@ -53,7 +53,8 @@ def test_sync_materializes_both_tables_with_operator_metadata_and_passing_checks
     assert materialization(result, "customers")["dagster/row_count"] == 1
     checks = {check.check_name: check.passed for check in result.get_asset_check_evaluations()}
     assert checks == dict.fromkeys({"landing_files_unchanged", "landing_files_readable", "event_ids_unique",
-                                    "shared_device_guard_respected", "one_email_per_identity"}, True)
+                                    "shared_device_guard_respected", "one_email_per_identity",
+                                    "every_commerce_event_decided", "payloads_complete"}, True)
 
     rerun = materialization(sync(), "raw_events")
     assert (rerun["files_read"], rerun["rows_ingested"], rerun["dagster/row_count"]) == (0, 0, 2)

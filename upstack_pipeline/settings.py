@@ -46,6 +46,48 @@ class IdentitySettings:
     probabilistic_window: timedelta = timedelta(minutes=10)
 
 
+PIXEL_TO_KLAVIYO_METRIC = {
+    "ViewContent": "Viewed Product",
+    "AddToCart": "Added to Cart",
+    "InitiateCheckout": "Started Checkout",
+    "Purchase": "Placed Order",
+}
+
+
+@dataclass(frozen=True)
+class DestinationSettings:
+    """How resolved events go to one Klaviyo account (SPEC 5). Environment: UPSTACK_SEND_MODE, ..."""
+
+    # backup: only events Klaviyo could not identify natively (the backup flows' audience); all: every one.
+    send_mode: str = "backup"
+    # "{metric}" is Klaviyo's standard name (Added to Cart, ...): the default keeps ours apart from Klaviyo's own.
+    metric_name_template: str = "{metric} from Upstack"
+    enabled_events: tuple[str, ...] = tuple(PIXEL_TO_KLAVIYO_METRIC)
+    # create_profiles: send events for people Klaviyo may not have yet (it creates the profile); with it off,
+    # only people identified through Klaviyo's own _kx are sent. update_profiles: send names and location too;
+    # with it off, the profile carries its identifier and our upstack_* properties only.
+    create_profiles: bool = True
+    update_profiles: bool = True
+    list_id: str | None = None
+    # consent.marketing == false is never sent.
+    respect_consent: bool = True
+    # Older events are still recorded, with Klaviyo's backfill flag, so they do not fire flows long after the fact.
+    max_event_age: timedelta = timedelta(hours=24)
+    # A session's events wait until it has been idle this long: an email typed later in the session (which
+    # Klaviyo then sees natively) can still veto a backup send.
+    hold_back: timedelta = timedelta(minutes=30)
+
+    def __post_init__(self):
+        if self.send_mode not in ("backup", "all"):
+            raise ValueError(f"UPSTACK_SEND_MODE must be 'backup' or 'all' (got {self.send_mode!r})")
+        if "{metric}" not in self.metric_name_template:
+            raise ValueError("UPSTACK_METRIC_TEMPLATE must contain {metric}, e.g. '{metric} from Upstack'")
+        unknown = set(self.enabled_events) - set(PIXEL_TO_KLAVIYO_METRIC)
+        if unknown:
+            raise ValueError(f"UPSTACK_ENABLED_EVENTS has events we do not map: {', '.join(sorted(unknown))} "
+                             f"(known: {', '.join(PIXEL_TO_KLAVIYO_METRIC)})")
+
+
 @dataclass(frozen=True)
 class Settings:
     landing_dir: Path = Path("data/landing")
@@ -59,6 +101,7 @@ class Settings:
     # a pixel on a device with a wrong clock must not schedule flows days ahead.
     max_clock_skew: timedelta = timedelta(days=1)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
+    destination: DestinationSettings = field(default_factory=DestinationSettings)
     # Landing files are ingested in transactions of about this many bytes on disk, bounding memory on backfills.
     ingest_batch_bytes: int = 64 * 1024 * 1024
 
@@ -79,7 +122,17 @@ class Settings:
                     entry.strip().lower() for entry in env.get("UPSTACK_BLOCKED_EMAILS", "").split(",")
                     if entry.strip()
                 ),
-                probabilistic_matching=env.get("UPSTACK_PROBABILISTIC_MATCHING", "").lower() in ("1", "true", "yes"),
+                probabilistic_matching=_flag(env, "UPSTACK_PROBABILISTIC_MATCHING", False),
+            ),
+            destination=DestinationSettings(
+                send_mode=env.get("UPSTACK_SEND_MODE") or defaults.destination.send_mode,
+                metric_name_template=env.get("UPSTACK_METRIC_TEMPLATE") or defaults.destination.metric_name_template,
+                enabled_events=tuple(name.strip() for name in env["UPSTACK_ENABLED_EVENTS"].split(",") if name.strip())
+                if env.get("UPSTACK_ENABLED_EVENTS") else defaults.destination.enabled_events,
+                create_profiles=_flag(env, "UPSTACK_CREATE_PROFILES", defaults.destination.create_profiles),
+                update_profiles=_flag(env, "UPSTACK_UPDATE_PROFILES", defaults.destination.update_profiles),
+                list_id=env.get("KLAVIYO_LIST_ID") or None,
+                respect_consent=_flag(env, "UPSTACK_RESPECT_CONSENT", defaults.destination.respect_consent),
             ),
         )
 
@@ -106,3 +159,12 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     if not raw.strip().isdigit() or int(raw) < 1:
         raise ValueError(f"{name} must be a whole number of bytes, e.g. 67108864 (got {raw!r})")
     return int(raw)
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"{name} must be true or false (got {raw!r})")
+    return raw in ("1", "true", "yes")

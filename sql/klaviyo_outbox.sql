@@ -1,0 +1,183 @@
+-- Decides every commerce event in resolved_events that is not decided yet and whose session has been idle for
+-- hold_back: a payload in klaviyo_outbox, or a reason in klaviyo_skipped (SPEC 5). Events of sessions still
+-- active wait for a later run, so an email typed later in the session can still change the answer.
+--
+-- Variables: now, send_mode, metric_name_template, enabled_events, create_profiles, update_profiles,
+-- respect_consent, max_event_age, hold_back.
+
+create or replace temp table undecided as
+select resolved.*
+from resolved_events as resolved
+anti join klaviyo_outbox as sent on sent.event_id = resolved.event_id
+anti join klaviyo_skipped as skipped on skipped.event_id = resolved.event_id;
+
+create or replace temp table candidates as
+with session_activity as (
+    select link.left_value as session_id, max(link.last_seen) as last_seen
+    from identity_links as link
+    semi join undecided on undecided.session_id = link.left_value
+    where link.left_type = 'session_id'
+    group by link.left_value
+)
+select
+    undecided.*,
+    raw.custom_data,
+    raw.event_source_url,
+    identity.first_name,
+    identity.last_name,
+    identity.city,
+    identity.region,
+    identity.first_seen as identity_first_seen,
+    identity.customer_ids[1] as customer_id
+from undecided
+join session_activity using (session_id)
+join raw_events as raw using (event_id)
+left join identities as identity using (upstack_id)
+where session_activity.last_seen <= getvariable('now') - getvariable('hold_back');
+
+create or replace temp table decisions as
+select
+    *,
+    case
+        when not list_contains(getvariable('enabled_events'), event_name) then 'disabled_event'
+        when getvariable('respect_consent') and consent_marketing = false then 'no_consent'
+        when match_method is null then 'unresolved'
+        when getvariable('send_mode') = 'backup' and klaviyo_native then 'native_identified'
+        when not getvariable('create_profiles') and kx is null then 'profile_creation_disabled'
+        when event_name = 'ViewContent' and custom_data.items[1].id is null then 'invalid'
+        when event_name = 'AddToCart' and (custom_data.items[1].id is null or coalesce(custom_data.value,
+            list_sum([item.price * coalesce(item.quantity, 1) for item in custom_data.items])) is null) then 'invalid'
+        when event_name = 'InitiateCheckout' and coalesce(custom_data.value,
+            list_sum([item.price * coalesce(item.quantity, 1) for item in custom_data.items])) is null then 'invalid'
+        when event_name = 'Purchase' and (custom_data.order_id is null or custom_data.value is null) then 'invalid'
+    end as skip_reason
+from candidates;
+
+insert into klaviyo_skipped
+select
+    event_id,
+    event_name,
+    skip_reason,
+    case skip_reason
+        when 'unresolved' then unresolved_reason
+        when 'native_identified' then klaviyo_native_reason
+        when 'invalid' then case event_name
+            when 'Purchase' then 'a Purchase needs custom_data.order_id and custom_data.value'
+            when 'InitiateCheckout' then 'a checkout needs custom_data.value or priced items'
+            else 'the event needs custom_data.items with a product id' || if(event_name = 'AddToCart', ' and a value', '')
+        end
+    end,
+    getvariable('now')
+from decisions
+where skip_reason is not null;
+
+-- Klaviyo's recommended property names (its ecommerce integration guide), built once per event.
+create or replace temp table mapped as
+with sendable as (
+    select
+        *,
+        coalesce(custom_data.value,
+                 list_sum([item.price * coalesce(item.quantity, 1) for item in custom_data.items])) as money,
+        [{'ProductID': item.id, 'SKU': item.sku, 'ProductName': item.name, 'Quantity': item.quantity,
+          'ItemPrice': item.price, 'RowTotal': item.price * coalesce(item.quantity, 1), 'ProductURL': item.url,
+          'ImageURL': item.image_url, 'ProductCategories': [item.category], 'Brand': item.brand,
+          'Variant': item.variant} for item in coalesce(custom_data.items, [])] as klaviyo_items,
+        [item.name for item in coalesce(custom_data.items, []) if item.name is not null] as item_names,
+        list_distinct([item.category for item in coalesce(custom_data.items, []) if item.category is not null])
+            as categories,
+        event_time < getvariable('now') - getvariable('max_event_age') as backfill,
+        case when email is not null then 'email:' || email else 'kx:' || kx end as profile_key
+    from decisions
+    where skip_reason is null
+),
+profiles as (
+    select
+        *,
+        json_merge_patch('{}', to_json({
+            'email': email,
+            '_kx': if(email is null, kx, null),
+            'first_name': if(getvariable('update_profiles'), first_name, null),
+            'last_name': if(getvariable('update_profiles'), last_name, null),
+            'location': if(getvariable('update_profiles') and (city is not null or region is not null),
+                           {'city': city, 'region': region}, null),
+            'properties': {'upstack_id': upstack_id, 'upstack_match_method': match_method,
+                           'upstack_first_seen': strftime(identity_first_seen, '%Y-%m-%dT%H:%M:%S+00:00')}
+        })) as profile
+    from sendable
+),
+klaviyo_events as (
+    select
+        event_id, event_name, profile_key, profile, backfill, event_time,
+        replace(getvariable('metric_name_template'), '{metric}', case event_name
+            when 'ViewContent' then 'Viewed Product'
+            when 'AddToCart' then 'Added to Cart'
+            when 'InitiateCheckout' then 'Started Checkout'
+            when 'Purchase' then 'Placed Order'
+        end) as metric_name,
+        event_id as unique_id,
+        case event_name when 'ViewContent' then custom_data.items[1].price else money end as value,
+        custom_data.currency as currency,
+        case event_name
+            when 'ViewContent' then to_json({
+                'ProductName': custom_data.items[1].name, 'ProductID': custom_data.items[1].id,
+                'SKU': custom_data.items[1].sku, 'Categories': [custom_data.items[1].category],
+                'ImageURL': custom_data.items[1].image_url,
+                'URL': coalesce(custom_data.items[1].url, event_source_url), 'Brand': custom_data.items[1].brand,
+                'Price': custom_data.items[1].price, 'upstack_match_method': match_method})
+            when 'AddToCart' then to_json({
+                'AddedItemProductName': custom_data.items[1].name, 'AddedItemProductID': custom_data.items[1].id,
+                'AddedItemSKU': custom_data.items[1].sku, 'AddedItemPrice': custom_data.items[1].price,
+                'AddedItemQuantity': custom_data.items[1].quantity, 'AddedItemImageURL': custom_data.items[1].image_url,
+                'AddedItemURL': custom_data.items[1].url, 'AddedItemCategories': [custom_data.items[1].category],
+                'ProductName': custom_data.items[1].name, 'ProductID': custom_data.items[1].id,
+                'Price': custom_data.items[1].price, 'Quantity': custom_data.items[1].quantity,
+                'CartValue': money, 'ItemNames': item_names, 'Items': klaviyo_items,
+                'CheckoutURL': custom_data.checkout_url, 'upstack_match_method': match_method})
+            when 'InitiateCheckout' then to_json({
+                'CartValue': money, 'ItemCount': list_sum([coalesce(item.quantity, 1) for item in custom_data.items]),
+                'ItemNames': item_names, 'Items': klaviyo_items, 'Categories': categories,
+                'CheckoutURL': custom_data.checkout_url, 'upstack_match_method': match_method})
+            when 'Purchase' then to_json({
+                'OrderID': custom_data.order_id, 'Revenue': money, 'ItemNames': item_names, 'Items': klaviyo_items,
+                'Categories': categories, 'DiscountCodes': coalesce(custom_data.discount_codes, []),
+                'ItemCount': list_sum([coalesce(item.quantity, 1) for item in custom_data.items]),
+                'upstack_match_method': match_method})
+        end as properties
+    from profiles
+
+    union all                                   -- Placed Order: one Ordered Product per line
+    select
+        event_id, event_name, profile_key, profile, backfill, event_time,
+        replace(getvariable('metric_name_template'), '{metric}', 'Ordered Product'),
+        event_id || ':' || line.position,
+        line.item.price * coalesce(line.item.quantity, 1),
+        custom_data.currency,
+        to_json({'OrderID': custom_data.order_id, 'ProductID': line.item.id, 'SKU': line.item.sku,
+                 'ProductName': line.item.name, 'Quantity': line.item.quantity, 'Price': line.item.price,
+                 'ProductURL': line.item.url, 'ImageURL': line.item.image_url,
+                 'Categories': [line.item.category], 'Brand': line.item.brand, 'Variant': line.item.variant,
+                 'upstack_match_method': match_method})
+    from (
+        select *, unnest(list_zip(custom_data.items, range(len(custom_data.items)))) as line_pair
+        from profiles where event_name = 'Purchase'
+    ), lateral (select {'item': line_pair[1], 'position': line_pair[2]} as line)
+)
+select
+    unique_id, event_id, event_name, metric_name, profile_key, profile,
+    json_merge_patch('{}', to_json({
+        'properties': properties,
+        'time': strftime(event_time, '%Y-%m-%dT%H:%M:%S.%g+00:00'),
+        'value': value,
+        'value_currency': if(value is null, null, currency),
+        'unique_id': unique_id,
+        'backfill': if(backfill, true, null),
+        'metric': {'data': {'type': 'metric', 'attributes': {'name': metric_name}}}
+    })) as event,
+    backfill
+from klaviyo_events;
+
+insert into klaviyo_outbox
+select unique_id, event_id, event_name, metric_name, profile_key, profile, event, backfill, 'pending',
+       getvariable('now')
+from mapped
+on conflict do nothing;

@@ -1,0 +1,182 @@
+"""Klaviyo mapping (SPEC 5): each decided commerce event becomes Klaviyo events in the outbox, or a skip reason.
+
+The mapping itself is set-based SQL (`sql/klaviyo_outbox.sql`) over every undecided event at once; this module
+sets its parameters, reports what it did, and turns outbox rows into the request bodies Klaviyo's API takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterable, Mapping
+
+import duckdb
+
+from upstack_pipeline.settings import PIXEL_TO_KLAVIYO_METRIC, DestinationSettings, Settings
+from upstack_pipeline.warehouse import Warehouse, read_sql
+
+SKIP_REASONS = ("disabled_event", "no_consent", "unresolved", "native_identified", "profile_creation_disabled",
+                "invalid")
+# The properties without which a metric's flow templates render empty: checked on every outbox row.
+KEY_PROPERTIES = {
+    "Viewed Product": ("ProductID", "ProductName"),
+    "Added to Cart": ("AddedItemProductID", "CartValue", "Items"),
+    "Started Checkout": ("CartValue", "Items"),
+    "Placed Order": ("OrderID", "Revenue", "Items"),
+    "Ordered Product": ("OrderID", "ProductID"),
+}
+MONEY_METRICS = ("Added to Cart", "Started Checkout", "Placed Order", "Ordered Product")
+
+
+@dataclass(frozen=True)
+class MappingRun:
+    events_decided: int
+    outbox_rows: int
+    skipped: int
+
+
+def map_events(settings: Settings, *, now: datetime) -> MappingRun:
+    with Warehouse(settings.warehouse_path).connect() as connection:
+        connection.begin()
+        _set_variables(connection, settings.destination, now)
+        before = _counts(connection)
+        connection.execute(read_sql("klaviyo_outbox"))
+        decided = connection.execute("select count(*) from decisions").fetchone()[0]
+        after = _counts(connection)
+        connection.commit()
+    return MappingRun(events_decided=decided, outbox_rows=after[0] - before[0], skipped=after[1] - before[1])
+
+
+def _set_variables(connection: duckdb.DuckDBPyConnection, destination: DestinationSettings, now: datetime) -> None:
+    variables = {
+        "now": now,
+        "send_mode": destination.send_mode,
+        "metric_name_template": destination.metric_name_template,
+        "enabled_events": list(destination.enabled_events),
+        "create_profiles": destination.create_profiles,
+        "update_profiles": destination.update_profiles,
+        "respect_consent": destination.respect_consent,
+        "max_event_age": destination.max_event_age,
+        "hold_back": destination.hold_back,
+    }
+    for name, value in variables.items():
+        connection.execute(f"set variable {name} = ?", [value])
+
+
+def _counts(connection: duckdb.DuckDBPyConnection) -> tuple[int, int]:
+    return connection.execute(
+        "select (select count(*) from klaviyo_outbox), (select count(*) from klaviyo_skipped)").fetchone()
+
+
+def metric_names(destination: DestinationSettings) -> dict[str, str]:
+    """Klaviyo metric name per standard metric, e.g. 'Added to Cart' -> 'Added to Cart from Upstack'."""
+    standard = [*PIXEL_TO_KLAVIYO_METRIC.values(), "Ordered Product"]
+    return {name: destination.metric_name_template.replace("{metric}", name) for name in standard}
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    unique_id: str
+    profile_key: str
+    profile: dict
+    event: dict
+
+
+def event_create_body(row: OutboxRow) -> dict:
+    """Body of POST /api/events (one event): Klaviyo's EventCreateQueryV2."""
+    attributes = dict(row.event)
+    attributes["profile"] = {"data": {"type": "profile", "attributes": row.profile}}
+    return {"data": {"type": "event", "attributes": attributes}}
+
+
+def bulk_create_body(rows: Iterable[OutboxRow]) -> dict:
+    """Body of POST /api/event-bulk-create-jobs: the events grouped by profile, as Klaviyo's EventsBulkCreateJob.
+
+    Klaviyo applies one profile per group, so rows of one profile_key travel together; the caller keeps a
+    request within the limits of `upstack_pipeline.klaviyo.limits`.
+    """
+    groups: dict[str, list[OutboxRow]] = {}
+    for row in rows:
+        groups.setdefault(row.profile_key, []).append(row)
+    return {"data": {"type": "event-bulk-create-job", "attributes": {"events-bulk-create": {"data": [
+        {
+            "type": "event-bulk-create",
+            "attributes": {
+                "profile": {"data": {"type": "profile", "attributes": group[0].profile}},
+                "events": {"data": [{"type": "event", "attributes": row.event} for row in group]},
+            },
+        }
+        for group in groups.values()
+    ]}}}}
+
+
+def profile_import_body(profiles: Iterable[Mapping], list_id: str | None) -> dict:
+    """Body of POST /api/profile-bulk-import-jobs: Klaviyo's ProfileImportJobCreateQuery, with the optional list."""
+    body: dict = {"data": {"type": "profile-bulk-import-job", "attributes": {"profiles": {"data": [
+        {"type": "profile", "attributes": dict(profile)} for profile in profiles
+    ]}}}}
+    if list_id:
+        body["data"]["relationships"] = {"lists": {"data": [{"type": "list", "id": list_id}]}}
+    return body
+
+
+@dataclass(frozen=True)
+class MappingOverview:
+    """After a run: what went where, and the completeness the blocking checks demand."""
+
+    outbox_by_metric: dict[str, int]
+    skipped_by_reason: dict[str, int]
+    held_back: int  # undecided because their session is still active
+    raw_events_by_name: dict[str, int]  # every name the pixel sent, mapped or not: nothing disappears unseen
+    undecided_idle_events: int  # must be 0: idle sessions' events are all decided
+    decided_twice: int  # must be 0: an event is in the outbox or skipped, never both
+    rows_missing_key_properties: int  # must be 0
+    money_rows_without_numeric_value: int  # must be 0
+
+
+def overview(settings: Settings, *, now: datetime) -> MappingOverview:
+    destination = settings.destination
+    names = metric_names(destination)
+    missing_key = " or ".join(
+        f"(metric_name = '{names[metric]}' and ("
+        + " or ".join(f"json_extract(event, '$.properties.{key}') is null "
+                      f"or json_type(event, '$.properties.{key}') = 'NULL'" for key in keys)
+        + "))"
+        for metric, keys in KEY_PROPERTIES.items()
+    )
+    money = ", ".join(f"'{names[metric]}'" for metric in MONEY_METRICS)
+    with Warehouse(settings.warehouse_path).connect() as connection:
+        def pairs(query: str) -> dict:
+            return dict(connection.execute(query).fetchall())
+
+        undecided_idle, held_back = connection.execute("""
+            with undecided as (
+                select resolved.event_id, resolved.session_id from resolved_events as resolved
+                anti join klaviyo_outbox as sent on sent.event_id = resolved.event_id
+                anti join klaviyo_skipped as skipped on skipped.event_id = resolved.event_id
+            ),
+            activity as (
+                select left_value as session_id, max(last_seen) as last_seen from identity_links
+                semi join undecided on undecided.session_id = identity_links.left_value
+                where left_type = 'session_id' group by left_value
+            )
+            select count(*) filter (where activity.last_seen <= ?::timestamptz - ?::interval),
+                   count(*) filter (where activity.last_seen > ?::timestamptz - ?::interval)
+            from undecided left join activity using (session_id)
+        """, [now, destination.hold_back, now, destination.hold_back]).fetchone()
+        return MappingOverview(
+            outbox_by_metric=pairs("select metric_name, count(*) from klaviyo_outbox group by 1 order by 2 desc"),
+            skipped_by_reason=pairs("select reason, count(*) from klaviyo_skipped group by 1 order by 2 desc"),
+            held_back=held_back,
+            raw_events_by_name=pairs("select event_name, count(*) from raw_events group by 1 order by 2 desc"),
+            undecided_idle_events=undecided_idle,
+            decided_twice=connection.execute(
+                "select count(distinct event_id) from klaviyo_outbox semi join klaviyo_skipped using (event_id)"
+            ).fetchone()[0],
+            rows_missing_key_properties=connection.execute(
+                f"select count(*) from klaviyo_outbox where {missing_key}").fetchone()[0],
+            money_rows_without_numeric_value=connection.execute(
+                f"select count(*) from klaviyo_outbox where metric_name in ({money}) "
+                "and coalesce(json_type(event, '$.value'), 'NULL') not in ('DOUBLE', 'BIGINT', 'UBIGINT')"
+            ).fetchone()[0],
+        )
