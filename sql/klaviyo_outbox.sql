@@ -83,8 +83,8 @@ with sendable as (
           'ImageURL': item.image_url, 'ProductCategories': [item.category], 'Brand': item.brand,
           'Variant': item.variant} for item in coalesce(custom_data.items, [])] as klaviyo_items,
         [item.name for item in coalesce(custom_data.items, []) if item.name is not null] as item_names,
-        list_distinct([item.category for item in coalesce(custom_data.items, []) if item.category is not null])
-            as categories,
+        list_sort(list_distinct([item.category for item in coalesce(custom_data.items, [])
+                                 if item.category is not null])) as categories,
         event_time < getvariable('now') - getvariable('max_event_age') as backfill,
         case when email is not null then 'email:' || email else 'kx:' || kx end as profile_key
     from decisions

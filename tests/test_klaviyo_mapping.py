@@ -1,0 +1,296 @@
+"""Klaviyo mapping through the library: hand-written journeys in, exact payloads and skip reasons out."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+
+from conftest import NOW, make_event, query, write_events
+from upstack_pipeline.events import ingest_events
+from upstack_pipeline.identity import resolve_identities
+from upstack_pipeline.klaviyo.mapping import map_events, overview
+
+HOUR_AGO = NOW - timedelta(hours=1)
+MUG = {"id": "p1", "name": "Mug", "price": 12.0, "quantity": 2, "sku": "MUG-1", "variant": "Blue",
+       "brand": "Acme", "category": "Kitchen", "url": "https://acme.myshopify.com/products/mug",
+       "image_url": "https://cdn.example/mug.jpg"}
+TEE = {"id": "p2", "name": "Tee", "price": 20.0, "quantity": 1, "sku": "TEE-M", "category": "Apparel"}
+
+
+PAGE = "https://acme.myshopify.com/products/mug"
+
+
+def at(minutes: float) -> str:
+    return (HOUR_AGO + timedelta(minutes=minutes)).isoformat()
+
+
+def shopper_history(anonymous_id: str = "safari", email: str = "jane@gmail.com") -> list[dict]:
+    """Jane typed her email at checkout two days ago on this browser: later visits are named by cookie history."""
+    return [make_event(f"{anonymous_id}-old-checkout", event_name="InitiateCheckout", anonymous_id=anonymous_id,
+                       session_id=f"{anonymous_id}-old", event_time=(NOW - timedelta(days=2)).isoformat(),
+                       event_source_url=PAGE,
+                       user_data={"email": email, "first_name": "Jane", "last_name": "Doe", "city": "Austin",
+                                  "region": "TX", "klaviyo_identified": False},
+                       custom_data={"value": 12.0, "currency": "USD", "items": [MUG]})]
+
+
+def returning(event_id: str, event_name: str, minutes: float, custom_data: dict, **overrides) -> dict:
+    """An event of Jane's new session on her browser, which Klaviyo's own cookie no longer knows."""
+    fields = {"anonymous_id": "safari", "session_id": "safari-new", "event_time": at(minutes),
+              "event_source_url": PAGE, "user_data": {"klaviyo_identified": False}, "custom_data": custom_data}
+    return make_event(event_id, event_name=event_name, **{**fields, **overrides})
+
+
+def run(settings, events: list[dict], *, now=NOW, name: str = "events.ndjson"):
+    write_events(settings.events_dir / name, events)
+    ingest_events(settings, now=now)
+    resolve_identities(settings, now=now)
+    return map_events(settings, now=now)
+
+
+def outbox(settings) -> dict[str, tuple[str, dict, dict]]:
+    rows = query(settings, "select unique_id, metric_name, profile, event from klaviyo_outbox")
+    return {unique_id: (metric, json.loads(profile), json.loads(event)) for unique_id, metric, profile, event in rows}
+
+
+def skipped(settings) -> dict[str, str]:
+    return dict(query(settings, "select event_id, reason from klaviyo_skipped"))
+
+
+JANE = {
+    "email": "jane@gmail.com", "first_name": "Jane", "last_name": "Doe",
+    "location": {"city": "Austin", "region": "TX"},
+}
+
+
+def test_each_commerce_event_maps_to_its_klaviyo_metric_with_the_recommended_properties(settings):
+    run(settings, shopper_history() + [
+        returning("view", "ViewContent", 0, {"value": 12.0, "currency": "USD", "items": [MUG]}),
+        returning("cart", "AddToCart", 1, {"value": 44.0, "currency": "USD", "items": [MUG, TEE],
+                                           "checkout_url": "https://acme.myshopify.com/cart"}),
+        returning("checkout", "InitiateCheckout", 2, {"value": 44.0, "currency": "USD", "items": [MUG, TEE],
+                                                      "checkout_url": "https://acme.myshopify.com/checkouts/c1"}),
+    ])
+
+    sent = outbox(settings)
+    assert set(sent) == {"view", "cart", "checkout"}
+    metric, profile, event = sent["view"]
+    assert metric == "Viewed Product from Upstack"
+    upstack_id = profile["properties"]["upstack_id"]
+    assert upstack_id.startswith("up_")
+    assert profile == {**JANE, "properties": {
+        "upstack_id": upstack_id, "upstack_match_method": "cookie_history",
+        "upstack_first_seen": profile["properties"]["upstack_first_seen"]}}
+    assert event == {
+        "properties": {"ProductName": "Mug", "ProductID": "p1", "SKU": "MUG-1", "Categories": ["Kitchen"],
+                       "ImageURL": "https://cdn.example/mug.jpg", "URL": "https://acme.myshopify.com/products/mug",
+                       "Brand": "Acme", "Price": 12.0, "upstack_match_method": "cookie_history"},
+        "time": event["time"], "value": 12.0, "value_currency": "USD", "unique_id": "view",
+        "metric": {"data": {"type": "metric", "attributes": {"name": "Viewed Product from Upstack"}}},
+    }
+    assert event["time"].startswith(HOUR_AGO.astimezone().strftime("%Y-%m-%dT")) and event["time"].endswith("+00:00")
+
+    metric, _, event = sent["cart"]
+    assert metric == "Added to Cart from Upstack"
+    mug_line = {"ProductID": "p1", "SKU": "MUG-1", "ProductName": "Mug", "Quantity": 2.0, "ItemPrice": 12.0,
+                "RowTotal": 24.0, "ProductURL": "https://acme.myshopify.com/products/mug",
+                "ImageURL": "https://cdn.example/mug.jpg", "ProductCategories": ["Kitchen"], "Brand": "Acme",
+                "Variant": "Blue"}
+    tee_line = {"ProductID": "p2", "SKU": "TEE-M", "ProductName": "Tee", "Quantity": 1.0, "ItemPrice": 20.0,
+                "RowTotal": 20.0, "ProductURL": None, "ImageURL": None, "ProductCategories": ["Apparel"],
+                "Brand": None, "Variant": None}
+    assert event["properties"] == {
+        "AddedItemProductName": "Mug", "AddedItemProductID": "p1", "AddedItemSKU": "MUG-1", "AddedItemPrice": 12.0,
+        "AddedItemQuantity": 2.0, "AddedItemImageURL": "https://cdn.example/mug.jpg",
+        "AddedItemURL": "https://acme.myshopify.com/products/mug", "AddedItemCategories": ["Kitchen"],
+        "ProductName": "Mug", "ProductID": "p1", "Price": 12.0, "Quantity": 2.0, "CartValue": 44.0,
+        "ItemNames": ["Mug", "Tee"], "Items": [mug_line, tee_line],
+        "CheckoutURL": "https://acme.myshopify.com/cart", "upstack_match_method": "cookie_history"}
+    assert (event["value"], event["value_currency"], event["unique_id"]) == (44.0, "USD", "cart")
+
+    metric, _, event = sent["checkout"]
+    assert metric == "Started Checkout from Upstack"
+    assert event["properties"] == {
+        "CartValue": 44.0, "ItemCount": 3.0, "ItemNames": ["Mug", "Tee"], "Items": [mug_line, tee_line],
+        "Categories": ["Apparel", "Kitchen"], "CheckoutURL": "https://acme.myshopify.com/checkouts/c1",
+        "upstack_match_method": "cookie_history"}
+    assert "backfill" not in event
+
+
+def test_a_purchase_is_a_placed_order_plus_one_ordered_product_per_line(settings):
+    run(settings, shopper_history() + [
+        returning("order", "Purchase", 0, {"value": 40.0, "currency": "EUR", "order_id": "#1001",
+                                           "discount_codes": ["WELCOME"], "items": [MUG, TEE]}),
+    ], )
+
+    sent = outbox(settings)
+    assert set(sent) == {"order", "order:0", "order:1"}
+    metric, _, placed = sent["order"]
+    assert metric == "Placed Order from Upstack"
+    assert placed["properties"]["OrderID"] == "#1001" and placed["properties"]["Revenue"] == 40.0
+    assert placed["properties"]["DiscountCodes"] == ["WELCOME"] and placed["properties"]["ItemCount"] == 3.0
+    assert (placed["value"], placed["value_currency"]) == (40.0, "EUR")
+    lines = [sent["order:0"], sent["order:1"]]
+    assert [metric for metric, _, _ in lines] == ["Ordered Product from Upstack"] * 2
+    assert [(event["unique_id"], event["value"], event["properties"]["ProductID"], event["properties"]["OrderID"])
+            for _, _, event in lines] == [("order:0", 24.0, "p1", "#1001"), ("order:1", 20.0, "p2", "#1001")]
+
+
+def test_every_commerce_event_ends_in_the_outbox_or_with_one_skip_reason(settings):
+    native = make_event("native", event_name="ViewContent", anonymous_id="known", session_id="known-1",
+                        event_time=at(0), user_data={"klaviyo_identified": True, "email": "kim@gmail.com"},
+                        custom_data={"items": [MUG]}, event_source_url=PAGE)
+    anonymous = make_event("stranger", event_name="AddToCart", anonymous_id="nobody", session_id="nobody-1",
+                           event_time=at(0), user_data={}, custom_data={"value": 12.0, "items": [MUG]},
+                           event_source_url=PAGE)
+    events = shopper_history() + [
+        returning("declined", "ViewContent", 0, {"items": [MUG]},
+                  consent={"analytics": True, "marketing": False, "sale_of_data": False}),
+        returning("no-order-id", "Purchase", 1, {"value": 12.0, "items": [MUG]}),
+        returning("sent", "ViewContent", 2, {"items": [MUG]}),
+        native, anonymous,
+        make_event("page", event_name="PageView", anonymous_id="safari", session_id="safari-new", event_time=at(3),
+                   event_source_url=PAGE, user_data={}),
+    ]
+    run(replace(settings, destination=replace(settings.destination, enabled_events=(
+        "ViewContent", "AddToCart", "Purchase"))), events)
+
+    assert skipped(settings) == {
+        "safari-old-checkout": "disabled_event", "declined": "no_consent", "no-order-id": "invalid",
+        "native": "native_identified", "stranger": "unresolved"}
+    assert set(outbox(settings)) == {"sent"}
+    state = overview(settings, now=NOW)
+    assert (state.undecided_idle_events, state.decided_twice, state.held_back) == (0, 0, 0)
+    assert state.raw_events_by_name["PageView"] == 1  # not mapped, but counted where an operator sees it
+    assert query(settings, "select detail from klaviyo_skipped where event_id = 'stranger'") == [("no_evidence",)]
+
+
+def test_send_mode_all_sends_what_klaviyo_already_knows_and_consent_can_be_ignored_only_on_purpose(settings):
+    native = make_event("native", event_name="ViewContent", anonymous_id="known", session_id="known-1",
+                        event_time=at(0), user_data={"klaviyo_identified": True, "email": "kim@gmail.com"},
+                        custom_data={"items": [MUG]}, event_source_url=PAGE)
+    declined = returning("declined", "ViewContent", 1, {"items": [MUG]},
+                         consent={"analytics": True, "marketing": False, "sale_of_data": False})
+    destination = replace(settings.destination, send_mode="all", respect_consent=False)
+
+    run(replace(settings, destination=destination), shopper_history() + [native, declined])
+
+    assert {"native", "declined", "safari-old-checkout"} <= set(outbox(settings))
+    assert outbox(settings)["native"][1]["email"] == "kim@gmail.com"
+
+
+def test_events_older_than_max_event_age_are_sent_as_backfill(settings):
+    old = make_event("old-view", event_name="ViewContent", anonymous_id="safari", session_id="safari-old",
+                     event_time=(NOW - timedelta(days=2) + timedelta(minutes=5)).isoformat(), event_source_url=PAGE,
+                     user_data={"klaviyo_identified": False}, custom_data={"items": [MUG]})
+    fresh = returning("fresh-view", "ViewContent", 0, {"items": [MUG]})
+    run(replace(settings, destination=replace(settings.destination, send_mode="all")),
+        shopper_history() + [old, fresh])
+
+    sent = outbox(settings)
+    assert sent["old-view"][2]["backfill"] is True
+    assert "backfill" not in sent["fresh-view"][2]
+    assert query(settings, "select unique_id from klaviyo_outbox where backfill order by 1") == [
+        ("old-view",), ("safari-old-checkout",)]
+
+
+def test_an_active_session_waits_then_a_late_email_lets_klaviyo_have_it(settings):
+    cart = returning("cart", "AddToCart", 50, {"value": 12.0, "items": [MUG]})
+    first = run(settings, shopper_history() + [cart], now=HOUR_AGO + timedelta(minutes=55))
+
+    assert "cart" not in outbox(settings) and "cart" not in skipped(settings)
+    assert overview(settings, now=HOUR_AGO + timedelta(minutes=55)).held_back == 1
+    assert first.outbox_rows == 0
+
+    typed = returning("typed", "InitiateCheckout", 60, {"value": 12.0, "items": [MUG]},
+                      user_data={"email": "jane@gmail.com", "klaviyo_identified": False})
+    run(settings, [typed], now=HOUR_AGO + timedelta(minutes=120), name="later.ndjson")
+
+    assert skipped(settings)["cart"] == "native_identified"  # typed in its session: Klaviyo sees it itself
+
+
+def test_rerunning_adds_nothing_twice(settings):
+    run(settings, shopper_history() + [returning("view", "ViewContent", 0, {"items": [MUG]})])
+    again = map_events(settings, now=NOW)
+
+    assert (again.events_decided, again.outbox_rows, again.skipped) == (0, 0, 0)
+    assert query(settings, "select count(*) from klaviyo_outbox") == [(1,)]
+
+
+def test_profiles_keyed_by_kx_and_the_profile_toggles(settings):
+    clicked = make_event("kx-view", event_name="ViewContent", anonymous_id="phone", session_id="phone-1",
+                         event_time=at(0), event_source_url="https://acme.myshopify.com/?_kx=KX123",
+                         user_data={"klaviyo_identified": False}, custom_data={"items": [MUG]})
+    destination = replace(settings.destination, send_mode="all", update_profiles=False, create_profiles=False)
+
+    run(replace(settings, destination=destination), shopper_history() + [clicked])
+
+    sent = outbox(settings)
+    assert set(sent) == {"kx-view"}  # without profile creation only Klaviyo's own _kx profiles are sent
+    assert sent["kx-view"][1] == {"_kx": "KX123", "properties": {
+        "upstack_id": sent["kx-view"][1]["properties"]["upstack_id"], "upstack_match_method": "klaviyo_click",
+        "upstack_first_seen": sent["kx-view"][1]["properties"]["upstack_first_seen"]}}
+    assert skipped(settings)["safari-old-checkout"] == "profile_creation_disabled"
+
+
+def test_the_completeness_checks_catch_a_broken_mapping(settings):
+    run(settings, shopper_history() + [returning("cart", "AddToCart", 0, {"value": 12.0, "items": [MUG]})])
+    assert overview(settings, now=NOW).rows_missing_key_properties == 0
+
+    with pytest.MonkeyPatch.context():
+        import duckdb
+
+        with duckdb.connect(str(settings.warehouse_path)) as connection:  # a mapping that lost its product id
+            connection.execute("update klaviyo_outbox set event = json_merge_patch(event, "
+                               "'{\"properties\": {\"AddedItemProductID\": null}, \"value\": \"12\"}')")
+            connection.execute("delete from klaviyo_skipped")
+
+    broken = overview(settings, now=NOW)
+    assert broken.rows_missing_key_properties == 1
+    assert broken.money_rows_without_numeric_value == 1
+    assert broken.undecided_idle_events == 1  # the old checkout's skip record is gone
+
+
+def test_every_payload_of_a_simulated_week_is_valid_against_klaviyos_contract(settings, tmp_path):
+    """Klaviyo's SDK models (any clone), its published OpenAPI spec (CI) and the limits it states only in prose."""
+    from datetime import datetime, timezone
+
+    from klaviyo_contract import validate_with_openapi, validate_with_sdk
+    from upstack_pipeline.customers import ingest_customers
+    from upstack_pipeline.klaviyo.limits import MAX_EVENTS_PER_BULK_REQUEST, bulk_violations, event_violations
+    from upstack_pipeline.klaviyo.mapping import (
+        OutboxRow, bulk_create_body, event_create_body, profile_import_body,
+    )
+    from upstack_pipeline.simulate import simulate
+
+    end = datetime(2026, 11, 28, tzinfo=timezone.utc)
+    simulate(tmp_path / "sim", visitors=600, days=7, seed=3, end=end)
+    simulated = replace(settings, landing_dir=tmp_path / "sim",
+                        destination=replace(settings.destination, send_mode="all"))
+    ingest_customers(simulated, now=end)
+    ingest_events(simulated, now=end)
+    resolve_identities(simulated, now=end)
+    map_events(simulated, now=end)
+    rows = [OutboxRow(unique_id, profile_key, json.loads(profile), json.loads(event)) for unique_id, profile_key,
+            profile, event in query(settings, "select unique_id, profile_key, profile, event from klaviyo_outbox "
+                                              "order by profile_key, unique_id")]
+    assert {row.event["metric"]["data"]["attributes"]["name"] for row in rows} == {
+        "Viewed Product from Upstack", "Added to Cart from Upstack", "Started Checkout from Upstack",
+        "Placed Order from Upstack", "Ordered Product from Upstack"}
+
+    for start in range(0, len(rows), MAX_EVENTS_PER_BULK_REQUEST):
+        body = bulk_create_body(rows[start:start + MAX_EVENTS_PER_BULK_REQUEST])
+        assert bulk_violations(body, now=end) == []
+        validate_with_sdk("EventsBulkCreateJob", body)
+        validate_with_openapi("EventsBulkCreateJob", body)
+    for row in rows[:50] + [row for row in rows if row.unique_id.count(":")][:20]:
+        assert event_violations(row.event, row.profile, now=end) == []
+        validate_with_sdk("EventCreateQueryV2", event_create_body(row))
+        validate_with_openapi("EventCreateQueryV2", event_create_body(row))
+    profiles = {row.profile_key: row.profile for row in rows if "email" in row.profile}
+    import_body = profile_import_body(list(profiles.values())[:100], list_id="LsT123")
+    validate_with_sdk("ProfileImportJobCreateQuery", import_body)
+    validate_with_openapi("ProfileImportJobCreateQuery", import_body)
