@@ -11,7 +11,7 @@ import dagster as dg
 import pytest
 
 from conftest import make_event, materialization, query, write_events, write_lines
-from dagster_project.definitions import SYNC_JOB_NAME, load_definitions
+from dagster_project.definitions import SYNC_JOB_NAME, load_definitions, run_sync
 from dagster_project.defs.sync import hourly_sync, landing_files_sensor
 from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
 
@@ -118,3 +118,24 @@ def test_every_asset_writing_the_warehouse_shares_one_pool_limited_to_one_slot(t
     shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+
+
+def test_a_broken_payload_fails_the_blocking_mapping_check_and_the_run(settings, sync):
+    import duckdb
+
+    clicked = make_event("view", event_name="ViewContent", anonymous_id="a", session_id="s",
+                                  event_source_url="https://acme.myshopify.com/?_kx=KX1",
+                                  user_data={"klaviyo_identified": False},
+                                  custom_data={"items": [{"id": "p1", "name": "Mug", "price": 9.0}]})
+    write_events(settings.events_dir / "a.ndjson", [clicked])
+    sync()
+    assert query(settings, "select count(*) from klaviyo_outbox") == [(1,)]
+    with duckdb.connect(str(settings.warehouse_path)) as connection:  # a mapping bug: the product id is lost
+        connection.execute("update klaviyo_outbox set event = json_merge_patch(event, "
+                           "'{\"properties\": {\"ProductID\": null}}')")
+
+    result = run_sync(settings, dg.DagsterInstance.ephemeral())
+
+    assert not result.success
+    failed = {check.check_name for check in result.get_asset_check_evaluations() if not check.passed}
+    assert failed == {"payloads_complete"}
