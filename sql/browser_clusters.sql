@@ -4,18 +4,11 @@
 -- Connected components by min-label propagation: upstack_pipeline.identity repeats
 -- sql/browser_cluster_labels_step.sql until no label changes. Leaves temp table reclustered_cookies: cookies
 -- whose cluster changed, whose events must be resolved again.
--- Variables: max_browsers_per_cluster, probabilistic_matching, now.
+-- Variables: max_browsers_per_cluster, probabilistic_matching, now. Input: temp table linked_cookie_emails.
 
 create or replace temp table usable_browser_links as
-with linked_cookies as (
-    select anonymous_id from browser_links union select other_anonymous_id from browser_links
-),
-cookie_emails as (
-    select link.left_value as anonymous_id, list(distinct link.right_value) as emails
-    from identity_links as link
-    semi join linked_cookies on linked_cookies.anonymous_id = link.left_value
-    where link.left_type = 'anonymous_id' and link.right_type = 'email'
-    group by link.left_value
+with cookie_emails as (
+    select anonymous_id, list(distinct email) as emails from linked_cookie_emails group by anonymous_id
 )
 select browser_links.*,
        one.emails is not null and other.emails is not null

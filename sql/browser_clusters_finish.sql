@@ -4,10 +4,9 @@
 -- A cookie with no email can bridge two that carry different ones (Alice ~ family Mac ~ Bob): the pairwise guard
 -- in sql/browser_clusters.sql cannot see that, so a cluster holding two emails is not merged either.
 create or replace temp table cluster_emails as
-select labels.label, count(distinct link.right_value) as emails
+select labels.label, count(distinct cookie.email) as emails
 from cluster_labels as labels
-join identity_links as link
-    on link.left_type = 'anonymous_id' and link.left_value = labels.anonymous_id and link.right_type = 'email'
+join linked_cookie_emails as cookie using (anonymous_id)
 group by labels.label;
 
 create or replace temp table new_browser_clusters as

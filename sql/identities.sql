@@ -62,9 +62,7 @@ left join translated as phone on phone.email = anchor.anchor and phone.id_type =
 left join translated as customer on customer.email = anchor.anchor and customer.id_type = 'customer_id'
 left join customers on customers.customer_id = customer.id_values[1];
 
-update resolved_events set upstack_id = identities.upstack_id, phone = identities.phones[1]
+update resolved_events set phone = identities.phones[1]
 from identities
 where resolved_events.event_id in (select event_id from targets)
-    and ((resolved_events.email is not null and identities.anchor_type = 'email'
-          and identities.email = resolved_events.email)
-      or (resolved_events.email is null and identities.anchor_type = 'kx' and identities.kx = resolved_events.kx));
+    and identities.upstack_id = resolved_events.upstack_id;

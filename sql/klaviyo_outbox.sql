@@ -5,6 +5,26 @@
 -- Variables: now, send_mode, metric_name_template, enabled_events, create_profiles, update_profiles,
 -- respect_consent, max_event_age, hold_back.
 
+-- A decision follows the latest resolution until the event is delivered: an email typed later (in a file that
+-- arrived late) or a translation that turned ambiguous withdraws a pending row, and an event skipped only for
+-- want of an identity, or because Klaviyo knew it, is decided again when that changes.
+create or replace temp table withdrawn as
+select outbox.event_id
+from klaviyo_outbox as outbox
+join resolved_events as resolved using (event_id)
+where outbox.status = 'pending'
+    and (outbox.profile_key is distinct from case when resolved.email is not null then 'email:' || resolved.email
+                                                   when resolved.kx is not null then 'kx:' || resolved.kx end
+         or (getvariable('send_mode') = 'backup' and resolved.klaviyo_native));
+
+delete from klaviyo_outbox where event_id in (select event_id from withdrawn);
+
+delete from klaviyo_skipped
+where (reason = 'unresolved'
+       and event_id in (select event_id from resolved_events where match_method is not null))
+   or (reason = 'native_identified'
+       and event_id in (select event_id from resolved_events where not klaviyo_native));
+
 create or replace temp table undecided as
 select resolved.*
 from resolved_events as resolved
@@ -44,14 +64,23 @@ select
         when match_method is null then 'unresolved'
         when getvariable('send_mode') = 'backup' and klaviyo_native then 'native_identified'
         when not getvariable('create_profiles') and kx is null then 'profile_creation_disabled'
-        when event_name = 'ViewContent' and custom_data.items[1].id is null then 'invalid'
-        when event_name = 'AddToCart' and (custom_data.items[1].id is null or coalesce(custom_data.value,
-            list_sum([item.price * coalesce(item.quantity, 1) for item in custom_data.items])) is null) then 'invalid'
-        when event_name = 'InitiateCheckout' and coalesce(custom_data.value,
-            list_sum([item.price * coalesce(item.quantity, 1) for item in custom_data.items])) is null then 'invalid'
-        when event_name = 'Purchase' and (custom_data.order_id is null or custom_data.value is null) then 'invalid'
+        when event_name = 'ViewContent' and (custom_data.items[1].id is null or custom_data.items[1].name is null)
+            then 'invalid'
+        when event_name = 'AddToCart' and (custom_data.items[1].id is null or items_value is null) then 'invalid'
+        when event_name = 'InitiateCheckout' and items_value is null then 'invalid'
+        when event_name = 'Purchase' and (custom_data.order_id is null or custom_data.value is null
+            or len(list_filter(custom_data.items, lambda item: item.id is null or item.price is null)) > 0)
+            then 'invalid'
     end as skip_reason
-from candidates;
+from (
+    select
+        *,
+        -- value, else the items' total, but only when every item has a price: a partial sum would understate it
+        coalesce(custom_data.value, case when len(custom_data.items) > 0
+                 and len(list_filter(custom_data.items, lambda item: item.price is null)) = 0
+            then list_sum([item.price * coalesce(item.quantity, 1) for item in custom_data.items]) end) as items_value
+    from candidates
+);
 
 insert into klaviyo_skipped
 select
@@ -62,9 +91,10 @@ select
         when 'unresolved' then unresolved_reason
         when 'native_identified' then klaviyo_native_reason
         when 'invalid' then case event_name
-            when 'Purchase' then 'a Purchase needs custom_data.order_id and custom_data.value'
-            when 'InitiateCheckout' then 'a checkout needs custom_data.value or priced items'
-            else 'the event needs custom_data.items with a product id' || if(event_name = 'AddToCart', ' and a value', '')
+            when 'Purchase' then 'a Purchase needs custom_data.order_id, custom_data.value and an id and price per item'
+            when 'InitiateCheckout' then 'a checkout needs custom_data.value or items that all have a price'
+            when 'ViewContent' then 'a product view needs custom_data.items[0] with an id and a name'
+            else 'an add to cart needs custom_data.items[0] with an id, and a value or priced items'
         end
     end,
     getvariable('now')
@@ -76,11 +106,11 @@ create or replace temp table mapped as
 with sendable as (
     select
         *,
-        coalesce(custom_data.value,
-                 list_sum([item.price * coalesce(item.quantity, 1) for item in custom_data.items])) as money,
+        items_value as money,
         [{'ProductID': item.id, 'SKU': item.sku, 'ProductName': item.name, 'Quantity': item.quantity,
           'ItemPrice': item.price, 'RowTotal': item.price * coalesce(item.quantity, 1), 'ProductURL': item.url,
-          'ImageURL': item.image_url, 'ProductCategories': [item.category], 'Brand': item.brand,
+          'ImageURL': item.image_url, 'ProductCategories': list_filter([item.category], lambda c: c is not null),
+          'Brand': item.brand,
           'Variant': item.variant} for item in coalesce(custom_data.items, [])] as klaviyo_items,
         [item.name for item in coalesce(custom_data.items, []) if item.name is not null] as item_names,
         list_sort(list_distinct([item.category for item in coalesce(custom_data.items, [])
@@ -120,7 +150,8 @@ klaviyo_events as (
         case event_name
             when 'ViewContent' then to_json({
                 'ProductName': custom_data.items[1].name, 'ProductID': custom_data.items[1].id,
-                'SKU': custom_data.items[1].sku, 'Categories': [custom_data.items[1].category],
+                'SKU': custom_data.items[1].sku,
+                'Categories': list_filter([custom_data.items[1].category], lambda c: c is not null),
                 'ImageURL': custom_data.items[1].image_url,
                 'URL': coalesce(custom_data.items[1].url, event_source_url), 'Brand': custom_data.items[1].brand,
                 'Price': custom_data.items[1].price, 'upstack_match_method': match_method})
@@ -128,7 +159,8 @@ klaviyo_events as (
                 'AddedItemProductName': custom_data.items[1].name, 'AddedItemProductID': custom_data.items[1].id,
                 'AddedItemSKU': custom_data.items[1].sku, 'AddedItemPrice': custom_data.items[1].price,
                 'AddedItemQuantity': custom_data.items[1].quantity, 'AddedItemImageURL': custom_data.items[1].image_url,
-                'AddedItemURL': custom_data.items[1].url, 'AddedItemCategories': [custom_data.items[1].category],
+                'AddedItemURL': custom_data.items[1].url,
+                'AddedItemCategories': list_filter([custom_data.items[1].category], lambda c: c is not null),
                 'ProductName': custom_data.items[1].name, 'ProductID': custom_data.items[1].id,
                 'Price': custom_data.items[1].price, 'Quantity': custom_data.items[1].quantity,
                 'CartValue': money, 'ItemNames': item_names, 'Items': klaviyo_items,
@@ -155,7 +187,8 @@ klaviyo_events as (
         to_json({'OrderID': custom_data.order_id, 'ProductID': line.item.id, 'SKU': line.item.sku,
                  'ProductName': line.item.name, 'Quantity': line.item.quantity, 'Price': line.item.price,
                  'ProductURL': line.item.url, 'ImageURL': line.item.image_url,
-                 'Categories': [line.item.category], 'Brand': line.item.brand, 'Variant': line.item.variant,
+                 'Categories': list_filter([line.item.category], lambda c: c is not null), 'Brand': line.item.brand,
+                 'Variant': line.item.variant,
                  'upstack_match_method': match_method})
     from (
         select *, unnest(list_zip(custom_data.items, range(len(custom_data.items)))) as line_pair

@@ -21,15 +21,6 @@
 create or replace temp table cookie_cluster as
 select anonymous_id, browser_cluster_id, linked_by from browser_clusters;
 
--- Identifiers that translate into exactly one email.
-create or replace temp table email_translations as
-select left_type as id_type, left_value as id_value, min(right_value) as email,
-       bool_and(first_event_id like 'customers:%') as only_from_customer_file
-from identity_links
-where left_type in ('customer_id', 'phone', 'email_hash', 'phone_hash', 'kx') and right_type = 'email'
-group by left_type, left_value
-having count(distinct right_value) = 1;
-
 create or replace temp table shared_kx as
 select right_value as kx from identity_links
 where left_type = 'anonymous_id' and right_type = 'kx'
@@ -48,12 +39,21 @@ with seeds as (
     select anonymous_id from new_observations
     where id_type in ('email', 'email_hash', 'phone', 'phone_hash', 'customer_id', 'kx')
     union
-    select anonymous_id from reclustered_cookies
+    -- cookies that saw an identifier this run saw too: its translation (or a _kx's sharing) may have changed
+    select link.left_value
+    from identity_links as link
+    semi join new_observations as touched
+        on touched.id_type = link.right_type and touched.id_value = link.right_value
+        and touched.id_type in ('email_hash', 'phone', 'phone_hash', 'customer_id', 'kx')
+    where link.left_type = 'anonymous_id'
     union
-    select observation.anonymous_id
-    from identity_observations as observation
-    join customers on customers.customer_id = observation.id_value
-    where observation.id_type = 'customer_id' and customers.load_id > getvariable('after_customers_load_id')
+    select link.left_value
+    from identity_links as link
+    semi join customers on customers.customer_id = link.right_value
+        and customers.load_id > getvariable('after_customers_load_id')
+    where link.left_type = 'anonymous_id' and link.right_type = 'customer_id'
+    union
+    select anonymous_id from reclustered_cookies
 ),
 seed_clusters as (
     select coalesce(cookie_cluster.browser_cluster_id, seeds.anonymous_id) as cluster_id
@@ -84,6 +84,7 @@ earlier_affected as (
     from resolved_events
     semi join affected_cookies using (anonymous_id)
     anti join new_commerce using (event_id)
+    where event_time >= getvariable('now') - getvariable('email_lookback')
 )
 select targets.*, coalesce(cookie_cluster.browser_cluster_id, targets.anonymous_id) as cluster_id
 from (select * from new_commerce union all select * from earlier_affected) as targets
@@ -247,10 +248,13 @@ select
     anonymous_id,
     session_id,
     cluster_id,
-    null as upstack_id,                         -- filled from identities (sql/identities.sql)
+    case when decision in ('session_email', 'history_email')
+             then 'up_' || left(sha256('email:' || coalesce(email_evidence.email, history_email.email)), 20)
+         when decision in ('session_kx', 'history_kx')
+             then 'up_' || left(sha256('kx:' || coalesce(kx_evidence.kx, history_kx.kx)), 20)
+    end as upstack_id,                          -- derived from the anchor exactly as sql/identities.sql does
     case decision
         when 'session_email' then email_evidence.email
-        when 'session_kx' then kx_known_email
         when 'history_email' then history_email.email
     end as email,
     case decision

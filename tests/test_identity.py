@@ -704,3 +704,44 @@ def test_on_simulated_traffic_every_wrong_person_event_is_unavoidable_and_recall
     assert score.ours.wrong_person <= score.floor
     assert score.ours.recall >= 0.95
     assert score.ours.precision > score.baseline.precision and score.ours.recall > score.baseline.recall
+
+
+# ------------------------------------------------------------------------------------------------ review cases
+
+
+def test_a_kx_never_turns_into_the_email_typed_beside_it_on_someone_elses_browser(settings):
+    # Bob clicked Alice's forwarded email (_kx=KA) and typed his own email on that very event...
+    run(settings, [ev("bob-checkout", "InitiateCheckout", at(0), "bob-laptop", "b1", {"email": "bob@gmail.com"},
+                      url=SHOP_URL + "/checkout?_kx=KA")])
+    # ...days later Alice clicks her own email on a new phone: her cart is hers, keyed by her _kx, never Bob's email.
+    run(settings, [ev("alice-view", "ViewContent", at(2), "alice-phone", "a1", url=SHOP_URL + "/p?_kx=KA"),
+                   ev("alice-cart", "AddToCart", at(2, 3), "alice-phone", "a1")], file="run2.ndjson")
+
+    assert resolved(settings)["alice-cart"] == (None, "KA", "klaviyo_click")
+
+
+def test_two_logins_of_different_people_keep_their_browsers_apart_like_typed_emails_do(settings):
+    (settings.customers_dir / "customers.csv").write_text(
+        "customer_id,email\nCA,alice@gmail.com\nCB,bob@gmail.com\n")
+    run(settings, [
+        ev("x-land", "ViewContent", at(0), "X", "x1", url=SHOP_URL + "/p?fbclid=F1"),
+        ev("y-land", "ViewContent", at(0, 5), "Y", "y1", url=SHOP_URL + "/p?fbclid=F1"),
+        ev("y-login", "ViewContent", at(1), "Y", "y2", {"external_id": "CB"}),
+        ev("x-login", "ViewContent", at(2), "X", "x2", {"external_id": "CA"}),
+        ev("y-cart", "AddToCart", at(3), "Y", "y3"),
+    ])
+
+    assert resolved(settings)["y-cart"][0] == "bob@gmail.com"
+    assert query(settings, "select count(*) from browser_clusters") == [(0,)]
+
+
+def test_a_phone_that_turns_out_shared_in_a_later_run_stops_naming_earlier_events(settings):
+    run(settings, [ev("z-checkout", "InitiateCheckout", at(0), "Z", "z1",
+                      {"email": "alice@gmail.com", "phone": "(415) 555-0101"}),
+                   ev("x-cart", "AddToCart", at(5), "X", "x1", {"phone": "415-555-0101"})])
+    assert resolved(settings)["x-cart"][0] == "alice@gmail.com"
+
+    run(settings, [ev("y-checkout", "InitiateCheckout", at(5, 8), "Y", "y1",
+                      {"email": "bob@gmail.com", "phone": "4155550101"})], file="run2.ndjson")
+
+    assert resolved(settings)["x-cart"] == NOBODY

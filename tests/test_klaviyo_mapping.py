@@ -294,3 +294,40 @@ def test_every_payload_of_a_simulated_week_is_valid_against_klaviyos_contract(se
     import_body = profile_import_body(list(profiles.values())[:100], list_id="LsT123")
     validate_with_sdk("ProfileImportJobCreateQuery", import_body)
     validate_with_openapi("ProfileImportJobCreateQuery", import_body)
+
+
+def test_a_pending_payload_is_withdrawn_when_a_late_file_names_someone_else(settings):
+    """Bob's checkout of the same session lands after the cart was queued as Alice's: the queued cart goes."""
+    tablet = {"anonymous_id": "ipad", "event_source_url": PAGE}
+    alice = make_event("alice-checkout", event_name="InitiateCheckout", session_id="s0",
+                       event_time=(HOUR_AGO - timedelta(days=2)).isoformat(),
+                       user_data={"email": "alice@gmail.com", "klaviyo_identified": False},
+                       custom_data={"value": 12.0, "items": [MUG]}, **tablet)
+    cart = make_event("bob-cart", event_name="AddToCart", session_id="s1", event_time=at(0),
+                      user_data={"klaviyo_identified": False}, custom_data={"value": 12.0, "items": [MUG]}, **tablet)
+    run(settings, [alice, cart], now=HOUR_AGO + timedelta(minutes=40))
+    assert outbox(settings)["bob-cart"][1]["email"] == "alice@gmail.com"
+
+    late = make_event("bob-checkout", event_name="InitiateCheckout", session_id="s1", event_time=at(2),
+                      user_data={"email": "bob@gmail.com", "klaviyo_identified": False},
+                      custom_data={"value": 12.0, "items": [MUG]}, **tablet)
+    run(settings, [late], now=HOUR_AGO + timedelta(minutes=45), name="late.ndjson")
+
+    assert "bob-cart" not in outbox(settings)
+    assert skipped(settings)["bob-cart"] == "native_identified"  # Bob typed his email: Klaviyo has him
+
+
+def test_shapes_klaviyo_cannot_render_are_skipped_as_invalid_not_queued(settings):
+    unpriced = dict(TEE, price=None)
+    run(replace(settings, destination=replace(settings.destination, send_mode="all")), shopper_history() + [
+        returning("nameless", "ViewContent", 0, {"items": [dict(MUG, name=None)]}),
+        returning("half-priced", "AddToCart", 1, {"items": [MUG, unpriced]}),
+        returning("line-without-price", "Purchase", 2, {"value": 44.0, "order_id": "#1", "items": [MUG, unpriced]}),
+        returning("fine", "ViewContent", 3, {"items": [dict(MUG, category=None)]}),
+    ])
+
+    assert {event_id: reason for event_id, reason in skipped(settings).items() if reason == "invalid"} == {
+        "nameless": "invalid", "half-priced": "invalid", "line-without-price": "invalid"}
+    assert outbox(settings)["fine"][2]["properties"]["Categories"] == []
+    state = overview(settings, now=NOW)
+    assert (state.rows_missing_key_properties, state.money_rows_without_numeric_value) == (0, 0)

@@ -49,7 +49,7 @@ def resolve_identities(settings: Settings, *, now: datetime) -> IdentityRun:
         latest_load = connection.execute("select coalesce(max(load_id), 0) from ingested_files").fetchone()[0]
         _set_variables(connection, settings.identity, after_load_id=watermark, now=now)
         for step in ("identifier_normalization", "identity_observations", "identity_links", "browser_links",
-                     "browser_clusters"):
+                     "email_translations", "browser_clusters"):
             connection.execute(read_sql(step))
         label_steps = _propagate_cluster_labels(connection)
         for step in ("browser_clusters_finish", "resolved_events", "identities"):

@@ -1,0 +1,26 @@
+-- Identifiers that translate into exactly one email (customer id, phone, email or phone hash, _kx), and the
+-- emails each linked cookie carries, typed or translated. Built before browser clusters, so the guard that keeps
+-- two people's browsers apart sees an email that came from a login exactly as one that was typed.
+
+create or replace temp table email_translations as
+select left_type as id_type, left_value as id_value, min(right_value) as email,
+       bool_and(first_event_id like 'customers:%') as only_from_customer_file
+from identity_links
+where left_type in ('customer_id', 'phone', 'email_hash', 'phone_hash', 'kx') and right_type = 'email'
+group by left_type, left_value
+having count(distinct right_value) = 1;
+
+-- Emails per cookie, for the cookies browser_links joins (a _kx names a profile, not an email: left out).
+create or replace temp table linked_cookie_emails as
+with linked_cookies as (
+    select anonymous_id from browser_links union select other_anonymous_id from browser_links
+)
+select distinct link.left_value as anonymous_id,
+       if(link.right_type = 'email', link.right_value, translation.email) as email
+from identity_links as link
+semi join linked_cookies on linked_cookies.anonymous_id = link.left_value
+left join email_translations as translation
+    on translation.id_type = link.right_type and translation.id_value = link.right_value
+where link.left_type = 'anonymous_id'
+    and link.right_type in ('email', 'customer_id', 'phone', 'email_hash', 'phone_hash')
+    and if(link.right_type = 'email', link.right_value, translation.email) is not null;
