@@ -25,7 +25,7 @@ import duckdb
 import polars as pl
 
 from upstack_pipeline.settings import IdentitySettings, Settings
-from upstack_pipeline.warehouse import Warehouse, read_sql
+from upstack_pipeline.warehouse import Warehouse, read_sql, set_variables
 
 STAGE = "identity"
 COMMERCE_EVENTS = ("ViewContent", "AddToCart", "InitiateCheckout", "Purchase")
@@ -90,8 +90,7 @@ def _set_variables(
         "probabilistic_matching": identity.probabilistic_matching,
         "probabilistic_window": identity.probabilistic_window,
     }
-    for name, value in variables.items():
-        connection.execute(f"set variable {name} = ?", [value])
+    set_variables(connection, variables)
 
 
 def _propagate_cluster_labels(connection: duckdb.DuckDBPyConnection) -> int:

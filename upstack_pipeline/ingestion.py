@@ -25,7 +25,7 @@ from upstack_pipeline.landing import (
     discover,
     split_new_and_changed,
 )
-from upstack_pipeline.warehouse import Warehouse
+from upstack_pipeline.warehouse import Warehouse, set_variables
 
 COUNT_NAMES = ("lines", "ingested_rows", "duplicate_rows", "quarantined_rows")
 STAGED_SCHEMA = {"source_file": pl.String, "line_number": pl.Int64, "raw_line": pl.String, "invalid_utf8": pl.Boolean}
@@ -105,8 +105,8 @@ def _ingest_batch(
     """One transaction: the batch's rows, its quarantine and its ledger entries land together or not at all."""
     staged, fingerprints, unreadable = _stage(batch, file_kind)
     connection.begin()
-    connection.execute("set variable ingested_at = ?", [now])
-    connection.execute("set variable load_id = (select coalesce(max(load_id), 0) + 1 from ingested_files)")
+    next_load = connection.execute("select coalesce(max(load_id), 0) + 1 from ingested_files").fetchone()[0]
+    set_variables(connection, {"ingested_at": now, "load_id": next_load})
     connection.register("staged_lines", staged)
     file_kind.write_batch(connection, now)
     counts = {

@@ -67,3 +67,10 @@ class Warehouse:
                     raise
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 2.0)
+
+
+def set_variables(connection: duckdb.DuckDBPyConnection, variables: dict) -> None:
+    """DuckDB session variables for the SQL files of a stage (read there with getvariable): unlike prepared
+    parameters they reach every statement of a multi-statement file."""
+    for name, value in variables.items():
+        connection.execute(f"set variable {name} = ?", [value])

@@ -13,7 +13,7 @@ from typing import Iterable, Mapping
 import duckdb
 
 from upstack_pipeline.settings import PIXEL_TO_KLAVIYO_METRIC, DestinationSettings, Settings
-from upstack_pipeline.warehouse import Warehouse, read_sql
+from upstack_pipeline.warehouse import Warehouse, read_sql, set_variables
 
 SKIP_REASONS = ("disabled_event", "no_consent", "unresolved", "native_identified", "profile_creation_disabled",
                 "invalid")
@@ -59,8 +59,7 @@ def _set_variables(connection: duckdb.DuckDBPyConnection, destination: Destinati
         "max_event_age": destination.max_event_age,
         "hold_back": destination.hold_back,
     }
-    for name, value in variables.items():
-        connection.execute(f"set variable {name} = ?", [value])
+    set_variables(connection, variables)
 
 
 def _counts(connection: duckdb.DuckDBPyConnection) -> tuple[int, int]:
