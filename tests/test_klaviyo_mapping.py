@@ -130,9 +130,26 @@ def test_a_purchase_is_a_placed_order_plus_one_ordered_product_per_line(settings
     assert set(sent) == {"order", "order:0", "order:1"}
     metric, _, placed = sent["order"]
     assert metric == "Placed Order from Upstack"
-    assert placed["properties"]["OrderID"] == "#1001" and placed["properties"]["Revenue"] == 40.0
-    assert placed["properties"]["DiscountCodes"] == ["WELCOME"] and placed["properties"]["ItemCount"] == 3.0
-    assert (placed["value"], placed["value_currency"]) == (40.0, "EUR")
+    assert placed == {
+        "properties": {
+            "OrderID": "#1001", "Revenue": 40.0, "ItemNames": ["Mug", "Tee"],
+            "Items": [
+                {"ProductID": "p1", "SKU": "MUG-1", "ProductName": "Mug", "Quantity": 2.0, "ItemPrice": 12.0,
+                 "RowTotal": 24.0, "ProductURL": "https://acme.myshopify.com/products/mug",
+                 "ImageURL": "https://cdn.example/mug.jpg", "ProductCategories": ["Kitchen"], "Brand": "Acme",
+                 "Variant": "Blue"},
+                {"ProductID": "p2", "SKU": "TEE-M", "ProductName": "Tee", "Quantity": 1.0, "ItemPrice": 20.0,
+                 "RowTotal": 20.0, "ProductURL": None, "ImageURL": None, "ProductCategories": ["Apparel"],
+                 "Brand": None, "Variant": None}],
+            "Categories": ["Apparel", "Kitchen"], "DiscountCodes": ["WELCOME"], "ItemCount": 3.0,
+            "upstack_match_method": "cookie_history"},
+        "time": placed["time"], "value": 40.0, "value_currency": "EUR", "unique_id": "order",
+        "metric": {"data": {"type": "metric", "attributes": {"name": "Placed Order from Upstack"}}},
+    }
+    assert sent["order:0"][2]["properties"] == {
+        "OrderID": "#1001", "ProductID": "p1", "SKU": "MUG-1", "ProductName": "Mug", "Quantity": 2.0, "Price": 12.0,
+        "ProductURL": "https://acme.myshopify.com/products/mug", "ImageURL": "https://cdn.example/mug.jpg",
+        "Categories": ["Kitchen"], "Brand": "Acme", "Variant": "Blue", "upstack_match_method": "cookie_history"}
     lines = [sent["order:0"], sent["order:1"]]
     assert [metric for metric, _, _ in lines] == ["Ordered Product from Upstack"] * 2
     assert [(event["unique_id"], event["value"], event["properties"]["ProductID"], event["properties"]["OrderID"])
