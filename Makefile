@@ -27,3 +27,5 @@ dev: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/identity.py
+	$(BIN)/python bench/delivery.py

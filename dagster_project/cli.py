@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -13,8 +14,13 @@ import dagster as dg
 
 from dagster_project.definitions import run_sync, sync_instance
 from upstack_pipeline.evaluation import evaluate, format_evaluation
+from upstack_pipeline.klaviyo.client import KlaviyoAuthError, KlaviyoClient, check_key
 from upstack_pipeline.settings import Settings
 from upstack_pipeline.simulate import simulate
+
+# The demo's key for its own local emulator; it opens nothing anywhere else.
+DEMO_KEY = "pk_demo_local_emulator_only"
+
 
 def summarize(result: dg.ExecuteInProcessResult, seconds: float, instance_label: str) -> str:
     """What the run did, asset by asset (each asset's `summary` metadata), then its checks."""
@@ -44,7 +50,9 @@ def command_sync(settings: Settings) -> int:
     with instance:
         result = run_sync(settings, instance)
     print(summarize(result, time.monotonic() - started, label))
-    return 0 if result.success else 1
+    failed_errors = [check for check in result.get_asset_check_evaluations()
+                     if not check.passed and check.severity == dg.AssetCheckSeverity.ERROR]
+    return 0 if result.success and not failed_errors else 1
 
 
 def command_simulate(args: argparse.Namespace) -> int:
@@ -70,7 +78,15 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
         f"bad lines mixed in.\n"
     )
     demo_settings = settings.with_paths(landing_dir=landing, warehouse_path=demo_dir / "warehouse.duckdb")
-    status = command_sync(demo_settings)
+    from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator  # the `emulator` extra: Klaviyo's SDK models
+
+    with KlaviyoEmulator(api_key=DEMO_KEY) as emulator:
+        # The assets read Klaviyo's address and key from the environment at run time, as in production.
+        os.environ.update(KLAVIYO_BASE_URL=emulator.base_url, KLAVIYO_API_KEY=DEMO_KEY)
+        status = command_sync(demo_settings)
+        accepted = emulator.accepted_by_metric()
+    print(f"\nThe local Klaviyo emulator at {emulator.base_url} accepted "
+          + (", ".join(f"{count:,} {metric}" for metric, count in sorted(accepted.items())) or "no events") + ".")
     if status == 0:
         print()
         command_evaluate(demo_settings, landing / "truth")
@@ -80,6 +96,23 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
         f".sql('select reason, count(*) from quarantined_events group by all').show()\""
     )
     return status
+
+
+def command_check_key(settings: Settings) -> int:
+    """Does the configured key work, with the scopes delivery needs? Never prints the key."""
+    if not settings.klaviyo_api_key:
+        print("KLAVIYO_API_KEY is not set. Create a private key in Klaviyo (Settings > API keys) with Events: Write, "
+              "Profiles: Write" + (" and Lists: Write" if settings.destination.list_id else "") + ", then export it.")
+        return 1
+    with KlaviyoClient(settings.klaviyo_base_url, settings.klaviyo_api_key, max_attempts=3) as client:
+        try:
+            verdicts = check_key(client, needs_list=settings.destination.list_id is not None)
+        except KlaviyoAuthError as error:
+            print(f"no: {error}")
+            return 1
+    for scope, granted in verdicts.items():
+        print(f"{scope:<16} {'yes' if granted else 'NO: add this scope to the key in Klaviyo'}")
+    return 0 if all(verdicts.values()) else 1
 
 
 def command_evaluate(settings: Settings, truth_dir: Path) -> int:
@@ -106,6 +139,13 @@ def parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--truth", default=None,
                                  help="the simulation's truth/ folder (default: UPSTACK_LANDING_DIR/truth)")
 
+    klaviyo_parser = commands.add_parser("klaviyo", help="Klaviyo account tools")
+    klaviyo_commands = klaviyo_parser.add_subparsers(dest="klaviyo_command", required=True)
+    klaviyo_commands.add_parser("check-key", help="check KLAVIYO_API_KEY and its scopes (never prints the key)")
+
+    emulator_parser = commands.add_parser("klaviyo-emulator", help="serve the local Klaviyo emulator")
+    emulator_parser.add_argument("--port", type=int, default=8787)
+
     demo_parser = commands.add_parser("demo", help="simulate traffic into a fresh folder and sync it")
     demo_parser.add_argument("--dir", default="data/demo")
     demo_parser.add_argument("--visitors", type=int, default=3000)
@@ -119,9 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return command_simulate(args)
+        if args.command == "klaviyo-emulator":
+            from upstack_pipeline.klaviyo.emulator import main as emulator_main  # the `emulator` extra
+
+            return emulator_main(["--port", str(args.port)])
         settings = Settings.from_env()
         if args.command == "sync":
             return command_sync(settings)
+        if args.command == "klaviyo":
+            return command_check_key(settings)
         if args.command == "evaluate":
             return command_evaluate(settings, Path(args.truth) if args.truth else settings.landing_dir / "truth")
         return command_demo(args, settings)

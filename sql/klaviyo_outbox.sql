@@ -211,6 +211,6 @@ from klaviyo_events;
 
 insert into klaviyo_outbox
 select unique_id, event_id, event_name, metric_name, profile_key, profile, event, backfill, 'pending',
-       getvariable('now')
+       getvariable('now'), null as claimed_at, null as delivered_at
 from mapped
 on conflict do nothing;

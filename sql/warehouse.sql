@@ -240,7 +240,11 @@ create table if not exists klaviyo_outbox (
     event         json not null,            -- event attributes (properties, time, value, unique_id, metric, backfill)
     backfill      boolean not null,         -- older than max_event_age: recorded by Klaviyo without firing flows
     status        varchar not null,         -- pending | claimed | delivered | dead_letter
-    created_at    timestamptz not null
+    created_at    timestamptz not null,
+    -- Claimed just before its request is sent, settled after: a row still claimed when a run starts was
+    -- in flight when a run died, and is sent again (its unique_id makes that harmless on Klaviyo's side).
+    claimed_at    timestamptz,
+    delivered_at  timestamptz
 );
 
 -- Commerce events that are not sent, and why; with the outbox it accounts for every decided commerce event.
@@ -251,4 +255,25 @@ create table if not exists klaviyo_skipped (
                                             -- | profile_creation_disabled | invalid
     detail      varchar,
     skipped_at  timestamptz not null
+);
+
+-- One row per HTTP request to Klaviyo (retries included). Never the API key.
+create table if not exists klaviyo_deliveries (
+    sent_at     timestamptz not null,
+    endpoint    varchar not null,
+    status      integer,                    -- null when no answer came (timeout, dropped connection)
+    events      integer not null,
+    bytes       bigint not null,
+    latency_ms  double not null,
+    error       varchar
+);
+
+-- Outbox rows Klaviyo refused, with its reason; they are not sent again.
+create table if not exists klaviyo_dead_letters (
+    unique_id    varchar primary key,
+    event_id     varchar not null,
+    metric_name  varchar not null,
+    status       integer,
+    detail       varchar not null,
+    dead_at      timestamptz not null
 );

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -51,6 +52,9 @@ def test_demo_simulates_syncs_and_prints_a_summary_that_adds_up(tmp_path):
     assert count(r"raw_events .*; ([\d,]+) quarantined", out) == bad
     checks_passed, checks = re.search(r"checks +(\d+) of (\d+) passed", out).groups()
     assert checks_passed == checks
+    accepted = re.search(r"emulator at \S+ accepted (.*)\.", out).group(1)
+    assert count(r"klaviyo_delivery +([\d,]+) events delivered", out) == sum(
+        int(number.replace(",", "")) for number in re.findall(r"([\d,]+) [A-Z]", accepted))
     assert (tmp_path / "demo" / "warehouse.duckdb").exists()
 
 
@@ -146,3 +150,65 @@ def test_a_sync_killed_with_dagster_home_set_does_not_block_the_next_one(setting
     with dg.DagsterInstance.from_config(str(home)) as instance:
         statuses = sorted(run.status.value for run in instance.get_runs())
         assert statuses == ["FAILURE", "SUCCESS"]
+
+
+KEY = "pk_cli_test_emulator_only_000"
+
+
+def test_sync_delivers_to_klaviyo_and_never_shows_the_key(settings, tmp_path):
+    from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator
+
+    clicked = make_event("view", event_name="ViewContent", anonymous_id="a", session_id="s",
+                         event_source_url="https://acme.myshopify.com/?_kx=KX1",
+                         user_data={"klaviyo_identified": False},
+                         custom_data={"items": [{"id": "p1", "name": "Mug", "price": 9.0}]})
+    write_events(settings.events_dir / "a.ndjson", [clicked])
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", home)
+    with KlaviyoEmulator(api_key=KEY) as emulator:
+        env = environment(settings, KLAVIYO_API_KEY=KEY, KLAVIYO_BASE_URL=emulator.base_url, DAGSTER_HOME=str(home))
+        completed = upstack("sync", env=env)
+        accepted = emulator.accepted_by_metric()
+
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert accepted == {"Viewed Product from Upstack": 1}
+    assert KEY not in completed.stdout + completed.stderr
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        records = [record for record in instance.get_event_records(
+            dg.EventRecordsFilter(event_type=dg.DagsterEventType.ASSET_MATERIALIZATION))]
+        assert KEY not in json.dumps([str(record.event_log_entry) for record in records])
+        run = instance.get_runs()[0]
+        assert KEY not in json.dumps(run.run_config) + json.dumps(run.tags)
+    assert KEY not in json.dumps(query(settings, "select * from klaviyo_deliveries"), default=str)
+
+
+def test_a_rejected_key_fails_the_sync_with_what_to_do(settings):
+    from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator
+
+    clicked = make_event("view", event_name="ViewContent", anonymous_id="a", session_id="s",
+                         event_source_url="https://acme.myshopify.com/?_kx=KX1",
+                         user_data={"klaviyo_identified": False},
+                         custom_data={"items": [{"id": "p1", "name": "Mug", "price": 9.0}]})
+    write_events(settings.events_dir / "a.ndjson", [clicked])
+    with KlaviyoEmulator(api_key="pk_some_other_key_0000000") as emulator:
+        completed = upstack("sync", env=environment(settings, KLAVIYO_API_KEY=KEY, KLAVIYO_BASE_URL=emulator.base_url))
+
+    assert completed.returncode == 1
+    assert "destination_healthy" in completed.stdout and "Set KLAVIYO_API_KEY" in completed.stdout
+    assert query(settings, "select status from klaviyo_outbox") == [("pending",)]
+
+
+def test_check_key_says_yes_or_no_per_scope_without_printing_the_key(settings):
+    from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator
+
+    with KlaviyoEmulator(api_key=KEY, scopes=frozenset({"events:write", "profiles:write"})) as emulator:
+        env = environment(settings, KLAVIYO_API_KEY=KEY, KLAVIYO_BASE_URL=emulator.base_url)
+        without_list = upstack("klaviyo", "check-key", env=env)
+        with_list = upstack("klaviyo", "check-key", env={**env, "KLAVIYO_LIST_ID": "L1"})
+
+    assert without_list.returncode == 0
+    assert re.search(r"events:write +yes", without_list.stdout) and re.search(r"profiles:write +yes",
+                                                                               without_list.stdout)
+    assert with_list.returncode == 1 and re.search(r"lists:write +NO", with_list.stdout)
+    assert KEY not in without_list.stdout + with_list.stdout + without_list.stderr + with_list.stderr

@@ -52,9 +52,12 @@ def test_sync_materializes_both_tables_with_operator_metadata_and_passing_checks
     assert "e2" in events["preview"] and "not_json" in events["quarantine_preview"]
     assert materialization(result, "customers")["dagster/row_count"] == 1
     checks = {check.check_name: check.passed for check in result.get_asset_check_evaluations()}
-    assert checks == dict.fromkeys({"landing_files_unchanged", "landing_files_readable", "event_ids_unique",
-                                    "shared_device_guard_respected", "one_email_per_identity",
-                                    "every_commerce_event_decided", "payloads_complete"}, True)
+    assert checks == {**dict.fromkeys({"landing_files_unchanged", "landing_files_readable", "event_ids_unique",
+                                       "shared_device_guard_respected", "one_email_per_identity",
+                                       "every_commerce_event_decided", "payloads_complete", "no_stale_pending_rows",
+                                       "dead_letter_share"}, True),
+                      "destination_healthy": False}  # no KLAVIYO_API_KEY here: a warning, not an error
+    assert "KLAVIYO_API_KEY is not set" in materialization(result, "klaviyo_delivery")["summary"]
 
     rerun = materialization(sync(), "raw_events")
     assert (rerun["files_read"], rerun["rows_ingested"], rerun["dagster/row_count"]) == (0, 0, 2)
@@ -70,7 +73,8 @@ def test_landing_checks_warn_about_changed_and_unreadable_files(settings, sync):
 
     failed = {check.check_name: check.severity for check in result.get_asset_check_evaluations() if not check.passed}
     assert failed == {"landing_files_unchanged": dg.AssetCheckSeverity.WARN,
-                      "landing_files_readable": dg.AssetCheckSeverity.WARN}
+                      "landing_files_readable": dg.AssetCheckSeverity.WARN,
+                      "destination_healthy": dg.AssetCheckSeverity.WARN}  # no KLAVIYO_API_KEY in tests
     assert query(settings, "select count(*) from raw_events") == [(1,)]
 
 

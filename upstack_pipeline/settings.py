@@ -76,6 +76,10 @@ class DestinationSettings:
     # A session's events wait until it has been idle this long: an email typed later in the session (which
     # Klaviyo then sees natively) can still veto a backup send.
     hold_back: timedelta = timedelta(minutes=30)
+    # Delivery health: an outbox row still pending after this long means delivery is stuck; more than this share
+    # of a run's events refused by Klaviyo means the mapping or the account needs a look.
+    max_pending_age: timedelta = timedelta(hours=2)
+    max_dead_letter_share: float = 0.01
 
     def __post_init__(self):
         if self.send_mode not in ("backup", "all"):

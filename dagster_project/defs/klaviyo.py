@@ -1,10 +1,12 @@
-"""Klaviyo: resolved commerce events -> the outbox of payloads to send (klaviyo_payloads)."""
+"""Klaviyo: resolved commerce events -> the outbox of payloads (klaviyo_payloads) -> Klaviyo (klaviyo_delivery)."""
 
 from datetime import datetime, timezone
 
 import dagster as dg
 
 from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
+from upstack_pipeline.klaviyo.client import KlaviyoAuthError
+from upstack_pipeline.klaviyo.delivery import DeliveryRun, deliver, stale_pending_rows
 from upstack_pipeline.klaviyo.mapping import MappingOverview, map_events, overview
 
 mapping_checks = [
@@ -60,4 +62,76 @@ def payload_metadata(outbox_rows: int, skipped: int, state: MappingOverview) -> 
         "skipped_by_reason": dg.MetadataValue.json(state.skipped_by_reason),
         "held_back": state.held_back,
         "raw_events_by_name": dg.MetadataValue.json(state.raw_events_by_name),
+    }
+
+
+delivery_checks = [
+    dg.AssetCheckSpec("destination_healthy", asset="klaviyo_delivery",
+                      description="Klaviyo accepts the API key and its scopes."),
+    dg.AssetCheckSpec("no_stale_pending_rows", asset="klaviyo_delivery",
+                      description="No outbox row has waited longer than max_pending_age."),
+    dg.AssetCheckSpec("dead_letter_share", asset="klaviyo_delivery",
+                      description="Klaviyo refused at most max_dead_letter_share of this run's events."),
+]
+
+
+@dg.asset(
+    deps=["klaviyo_payloads"],
+    pool=WAREHOUSE_POOL,
+    group_name="klaviyo",
+    kinds={"duckdb"},
+    check_specs=delivery_checks,
+    description="Pending outbox rows sent to Klaviyo's Bulk Create Events API; every request is recorded in "
+                "klaviyo_deliveries, refused events in klaviyo_dead_letters.",
+)
+def klaviyo_delivery(context: dg.AssetExecutionContext, upstack: UpstackResource):
+    settings = upstack.settings()
+    now = datetime.now(timezone.utc)
+    try:
+        run = deliver(settings, now=now)
+    except KlaviyoAuthError as error:
+        context.log.error(str(error))
+        run = DeliveryRun(configured=True, auth_error=str(error))
+    stale = stale_pending_rows(settings, now=now)
+    limits = settings.destination
+    yield dg.MaterializeResult(metadata=delivery_metadata(run))
+    yield dg.AssetCheckResult(
+        check_name="destination_healthy", passed=run.configured and run.auth_error is None,
+        severity=dg.AssetCheckSeverity.ERROR if run.auth_error else dg.AssetCheckSeverity.WARN,
+        description=run.auth_error or (None if run.configured else
+                                       "KLAVIYO_API_KEY is not set: set it, then run `upstack klaviyo check-key`."),
+    )
+    yield dg.AssetCheckResult(
+        check_name="no_stale_pending_rows", passed=stale == 0, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"stale_pending_rows": stale, "max_pending_age_minutes": limits.max_pending_age.total_seconds() / 60},
+        description=None if stale == 0 else "Events wait in the outbox; see this asset's destination_healthy check "
+                                            "and table klaviyo_deliveries for Klaviyo's answers.",
+    )
+    yield dg.AssetCheckResult(
+        check_name="dead_letter_share", passed=run.dead_letter_share <= limits.max_dead_letter_share,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"dead_letter_share": dg.MetadataValue.float(run.dead_letter_share),
+                  "dead_lettered": run.dead_lettered},
+        description=None if run.dead_letter_share <= limits.max_dead_letter_share else
+        "Klaviyo refused events: its reasons are in table klaviyo_dead_letters.",
+    )
+
+
+def delivery_metadata(run: DeliveryRun) -> dict:
+    if not run.configured:
+        return {"summary": dg.MetadataValue.text(
+            "KLAVIYO_API_KEY is not set: nothing sent; the outbox keeps every event until it is.")}
+    if run.auth_error:
+        return {"summary": dg.MetadataValue.text(f"Nothing sent: {run.auth_error}")}
+    return {
+        "summary": dg.MetadataValue.text(
+            f"{run.delivered:,} events delivered in {run.requests:,} requests ({run.retried:,} retried), "
+            f"{run.dead_lettered:,} dead-lettered, {run.left_pending:,} left pending; "
+            f"{run.events_per_minute:,.0f} events/min"),
+        "delivered": run.delivered,
+        "requests": run.requests,
+        "retried_requests": run.retried,
+        "dead_lettered": run.dead_lettered,
+        "left_pending": run.left_pending,
+        "events_per_minute": dg.MetadataValue.float(run.events_per_minute),
     }

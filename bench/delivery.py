@@ -1,0 +1,70 @@
+"""Sustained delivery against the local Klaviyo emulator at Klaviyo's real limits, as a share of the ceiling.
+
+Klaviyo's bulk endpoints allow 150 requests a minute per account, and a request carries at most 1,000 events: the
+ceiling is 150,000 events a minute. This fills an outbox with N synthetic events (many profiles, realistic
+payloads), delivers it to the emulator with its rate limits on, and reports events per minute over the whole run
+(claiming, sending, settling) divided by that ceiling (target: at least 95%). Run it for several minutes' worth:
+the first window's burst flatters a short run.
+
+    .venv/bin/python bench/delivery.py [--events 450000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from upstack_pipeline.klaviyo.client import KlaviyoClient
+from upstack_pipeline.klaviyo.delivery import deliver
+from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator, RateLimits
+from upstack_pipeline.settings import Settings
+from upstack_pipeline.warehouse import Warehouse
+
+CEILING_EVENTS_PER_MINUTE = 150 * 1000
+KEY = "pk_bench_local_emulator_only"
+
+
+def fill_outbox(warehouse: Warehouse, events: int, now: datetime) -> None:
+    with warehouse.connect() as connection:
+        connection.execute("""
+            insert into klaviyo_outbox
+            select
+                'bench-' || i as unique_id, 'bench-' || i, 'AddToCart', 'Added to Cart from Upstack',
+                'email:shopper' || (i % 20000) || '@gmail.com',
+                json_object('email', 'shopper' || (i % 20000) || '@gmail.com', 'first_name', 'Sam',
+                            'properties', json_object('upstack_id', 'up_' || (i % 20000))),
+                json_object('properties', json_object('ProductName', 'Canvas Tote', 'ProductID', 'p' || (i % 60),
+                                                      'CartValue', 38.0, 'ItemNames', ['Canvas Tote'],
+                                                      'upstack_match_method', 'cookie_history'),
+                            'time', strftime(?::timestamptz, '%Y-%m-%dT%H:%M:%S+00:00'), 'value', 38.0,
+                            'value_currency', 'USD', 'unique_id', 'bench-' || i,
+                            'metric', json_object('data', json_object('type', 'metric', 'attributes',
+                                                                      json_object('name', 'Added to Cart from Upstack')))),
+                false, 'pending', ?, null, null
+            from range(?) as numbers(i)
+        """, [now, now, events])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=450_000)
+    args = parser.parse_args()
+    now = datetime.now(timezone.utc)
+    with tempfile.TemporaryDirectory() as scratch:
+        settings = Settings(landing_dir=Path(scratch), warehouse_path=Path(scratch) / "warehouse.duckdb",
+                            klaviyo_api_key=KEY)
+        fill_outbox(Warehouse(settings.warehouse_path), args.events, now)
+        with KlaviyoEmulator(api_key=KEY, rate_limits=RateLimits(per_second=10, per_minute=150)) as emulator:
+            with KlaviyoClient(emulator.base_url, KEY) as client:
+                run = deliver(settings, now=now, client=client)
+            accepted = len(emulator.accepted_events())
+    print(f"{run.delivered:,} events delivered ({accepted:,} accepted by the emulator) in {run.requests:,} requests, "
+          f"{run.retried:,} retried, over {run.seconds:.1f} s")
+    print(f"{run.events_per_minute:,.0f} events/min over the whole run = "
+          f"{run.events_per_minute / CEILING_EVENTS_PER_MINUTE:.1%} of Klaviyo's ceiling "
+          "(150 requests/min x 1,000 events)")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Delivery against the project's Klaviyo emulator: a real HTTP server on 127.0.0.1 that validates like Klaviyo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from conftest import query
+from upstack_pipeline.customers import ingest_customers
+from upstack_pipeline.events import ingest_events
+from upstack_pipeline.identity import resolve_identities
+from upstack_pipeline.klaviyo.client import KlaviyoAuthError, KlaviyoClient
+from upstack_pipeline.klaviyo.delivery import deliver
+from upstack_pipeline.klaviyo.emulator import Faults, KlaviyoEmulator, RateLimits
+from upstack_pipeline.klaviyo.mapping import map_events
+from upstack_pipeline.simulate import simulate
+
+KEY = "pk_test_emulator_only_0123456789"
+END = datetime(2026, 11, 28, tzinfo=timezone.utc)
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def outbox_settings(settings, tmp_path):
+    """A week of simulated traffic mapped in send mode 'all', so the outbox holds a few thousand events."""
+    simulate(tmp_path / "sim", visitors=300, days=7, seed=5, end=END)
+    mapped = replace(settings, landing_dir=tmp_path / "sim", klaviyo_api_key=KEY,
+                     destination=replace(settings.destination, send_mode="all"))
+    ingest_customers(mapped, now=END)
+    ingest_events(mapped, now=END)
+    resolve_identities(mapped, now=END)
+    map_events(mapped, now=END)
+    return mapped
+
+
+def outbox_size(settings) -> int:
+    return query(settings, "select count(*) from klaviyo_outbox")[0][0]
+
+
+def client_for(emulator, **options) -> KlaviyoClient:
+    return KlaviyoClient(emulator.base_url, KEY, backoff_seconds=0.01, **options)
+
+
+def test_every_outbox_row_arrives_once_and_each_request_is_recorded_without_the_key(outbox_settings):
+    with KlaviyoEmulator(api_key=KEY, rate_limits=None) as emulator:
+        run = deliver(outbox_settings, now=END, client=client_for(emulator), events_per_request=200)
+
+    expected = outbox_size(outbox_settings)
+    assert expected > 500
+    assert (run.delivered, run.dead_lettered, run.left_pending) == (expected, 0, 0)
+    assert len(emulator.accepted_events()) == expected and emulator.duplicate_events == 0
+    assert query(outbox_settings, "select distinct status from klaviyo_outbox") == [("delivered",)]
+    statuses = query(outbox_settings, "select status, count(*), sum(events) from klaviyo_deliveries group by 1")
+    assert statuses == [(202, run.requests, expected)]
+    dump = json.dumps(query(outbox_settings, "select * from klaviyo_deliveries"), default=str)
+    assert KEY not in dump and KEY not in json.dumps(emulator.requests(), default=str)
+
+
+def test_through_5xx_dropped_connections_and_429s_every_row_arrives_exactly_once(outbox_settings):
+    faults = Faults(server_error_rate=0.05, drop_after_processing_rate=0.05, force_429_every=9, seed=1)
+    with KlaviyoEmulator(api_key=KEY, rate_limits=None, faults=faults) as emulator:
+        run = deliver(outbox_settings, now=END, client=client_for(emulator), events_per_request=20)
+
+    expected = outbox_size(outbox_settings)
+    assert run.dead_lettered == 0 and run.left_pending == 0 and run.delivered == expected
+    assert len(emulator.accepted_events()) == expected  # dropped answers were resent; dedupe kept one copy
+    injected = {request["fault"] for request in emulator.requests()}
+    assert {"server_error", "dropped", "forced_429"} <= injected  # each kind of fault really happened
+    statuses = {status for (status,) in query(outbox_settings, "select distinct status from klaviyo_deliveries")}
+    assert {202, 429, 503, None} <= statuses  # None: the connection dropped before an answer
+
+
+def test_a_400_names_one_event_and_only_that_event_is_dead_lettered(outbox_settings):
+    [(victim,)] = query(outbox_settings, "select unique_id from klaviyo_outbox order by unique_id limit 1 offset 7")
+    with KlaviyoEmulator(api_key=KEY, rate_limits=None) as emulator:
+        emulator.reject_unique_ids({victim})
+        run = deliver(outbox_settings, now=END, client=client_for(emulator), events_per_request=100)
+
+    expected = outbox_size(outbox_settings)
+    assert (run.delivered, run.dead_lettered) == (expected - 1, 1)
+    assert query(outbox_settings, "select unique_id, status from klaviyo_dead_letters") == [(victim, 400)]
+    assert query(outbox_settings, "select status from klaviyo_outbox where unique_id = ?", [victim]) == [
+        ("dead_letter",)]
+
+
+def test_a_bad_key_stops_delivery_with_what_to_do_and_leaves_the_outbox_pending(outbox_settings):
+    with KlaviyoEmulator(api_key="pk_the_real_one_000000000000") as emulator:
+        with pytest.raises(KlaviyoAuthError, match="KLAVIYO_API_KEY"):
+            deliver(outbox_settings, now=END, client=client_for(emulator))
+
+    assert query(outbox_settings, "select distinct status from klaviyo_outbox") == [("pending",)]
+    assert query(outbox_settings, "select distinct status from klaviyo_deliveries") == [(401,)]
+
+
+def test_a_delivery_killed_mid_flight_then_rerun_loses_nothing_and_duplicates_nothing(outbox_settings):
+    expected = outbox_size(outbox_settings)
+    script = (
+        "import sys; from datetime import datetime, timezone; from pathlib import Path;"
+        "from upstack_pipeline.settings import Settings; from upstack_pipeline.klaviyo.delivery import deliver;"
+        "settings = Settings.from_env();"
+        "deliver(settings, now=datetime(2026, 11, 28, tzinfo=timezone.utc), events_per_request=25)"
+    )
+    faults = Faults(slow_rate=1.0, slow_seconds=0.05, drop_after_processing_rate=0.1, seed=2)
+    with KlaviyoEmulator(api_key=KEY, rate_limits=None, faults=faults) as emulator:
+        env = {**os.environ, "UPSTACK_WAREHOUSE": str(outbox_settings.warehouse_path),
+               "KLAVIYO_API_KEY": KEY, "KLAVIYO_BASE_URL": emulator.base_url}
+        process = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=PROJECT_ROOT)
+        deadline = time.monotonic() + 60
+        while len(emulator.accepted_events()) < expected // 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert process.poll() is None, "delivery finished before it could be killed"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        delivered_before_kill = len(emulator.accepted_events())
+
+        rerun = deliver(outbox_settings, now=END, client=client_for(emulator), events_per_request=25)
+
+        assert 0 < delivered_before_kill < expected
+        assert 0 < rerun.delivered < expected  # the rerun sent what may not have arrived, not everything
+        assert len(emulator.accepted_events()) == expected  # nothing lost, and Klaviyo's dedupe kept one copy
+    assert query(outbox_settings, "select distinct status from klaviyo_outbox") == [("delivered",)]

@@ -1,0 +1,210 @@
+"""A small Klaviyo API client: paced under Klaviyo's rate limits, retrying only what is safe to retry.
+
+Klaviyo's bulk endpoints allow 10 requests a second and 150 a minute per account, in fixed windows. The client
+keeps a sliding log of its own sends, which keeps any fixed window under the limit too, and still honours a 429's
+Retry-After (another process may share the account). 429, 5xx, timeouts and dropped connections are retried with
+jittered exponential backoff: every event carries a unique_id, so a request that did arrive before the
+connection dropped is harmless to send again. Other 4xx are the request's fault and are never retried.
+The API key is sent in a header and never logged, returned or stored.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import httpx
+
+from upstack_pipeline.klaviyo.limits import encode_body
+
+REVISION = "2026-10-15"
+RETRIABLE_STATUSES = {429, 500, 502, 503, 504}
+
+
+class KlaviyoAuthError(RuntimeError):
+    """Klaviyo refused the key (401) or its scopes (403): nothing more can be sent until a person fixes it."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Attempt:
+    """One HTTP request as sent, for klaviyo_deliveries (never the key)."""
+
+    endpoint: str
+    status: int | None
+    events: int
+    bytes: int
+    latency_ms: float
+    error: str | None
+    sent_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class Outcome:
+    """The last answer to a request after retries."""
+
+    status: int | None
+    body: dict | None
+    attempts: int
+
+
+class RatePacer:
+    """At most `per_second` sends in any second and `per_minute` in any minute (shared by threads)."""
+
+    def __init__(self, per_second: int, per_minute: int, clock: Callable[[], float] = time.monotonic):
+        # A little longer than Klaviyo's windows: it counts arrivals, we count departures a few ms earlier.
+        self.windows = ((1.05, per_second), (60.5, per_minute))
+        self.sent: deque[float] = deque()
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.blocked_until = 0.0
+
+    def wait_turn(self) -> None:
+        while True:
+            with self.lock:
+                now = self.clock()
+                while self.sent and now - self.sent[0] >= 60.5:
+                    self.sent.popleft()
+                delay = max(0.0, self.blocked_until - now)
+                for span, limit in self.windows:
+                    recent = [moment for moment in self.sent if now - moment < span]
+                    if len(recent) >= limit:
+                        delay = max(delay, recent[-limit] + span - now)
+                if delay <= 0:
+                    self.sent.append(now)
+                    return
+            time.sleep(delay)
+
+    def block_for(self, seconds: float) -> None:
+        with self.lock:
+            self.blocked_until = max(self.blocked_until, self.clock() + seconds)
+
+
+class KlaviyoClient:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        per_second: int = 10,
+        per_minute: int = 150,
+        max_attempts: int = 8,
+        timeout_seconds: float = 30.0,
+        backoff_seconds: float = 0.5,
+        on_attempt: Callable[[Attempt], None] = lambda attempt: None,
+    ):
+        self.http = httpx.Client(
+            base_url=base_url,
+            timeout=timeout_seconds,
+            headers={
+                "Authorization": f"Klaviyo-API-Key {api_key}",
+                "revision": REVISION,
+                "Accept": "application/vnd.api+json",
+                "Content-Type": "application/vnd.api+json",
+            },
+        )
+        self.pacer = RatePacer(per_second, per_minute)
+        self.max_attempts = max_attempts
+        self.backoff_seconds = backoff_seconds
+        self.on_attempt = on_attempt
+        self.random = random.Random()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "KlaviyoClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def post(self, path: str, body: dict, *, events: int = 0) -> Outcome:
+        payload = encode_body(body)
+        return self._send("POST", path, payload, events)
+
+    def get(self, path: str) -> Outcome:
+        return self._send("GET", path, None, 0)
+
+    def _send(self, method: str, path: str, payload: bytes | None, events: int) -> Outcome:
+        for attempt in range(1, self.max_attempts + 1):
+            self.pacer.wait_turn()
+            started = time.monotonic()
+            status, body, error, retry_after = None, None, None, None
+            try:
+                response = self.http.request(method, path, content=payload)
+                status = response.status_code
+                body = response.json() if response.content else None
+                retry_after = response.headers.get("Retry-After")
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            except ValueError:
+                body = None  # a non-JSON answer; the status says what happened
+            self.on_attempt(Attempt(path, status, events, len(payload or b""),
+                                    (time.monotonic() - started) * 1000, error or _error_summary(status, body)))
+            if status in (401, 403):
+                raise KlaviyoAuthError(_auth_advice(status, body), status)
+            if status is not None and status not in RETRIABLE_STATUSES:
+                return Outcome(status, body, attempt)
+            if attempt == self.max_attempts:
+                return Outcome(status, body, attempt)
+            self._back_off(attempt, retry_after)
+        raise AssertionError("unreachable")
+
+    def _back_off(self, attempt: int, retry_after: str | None) -> None:
+        if retry_after is not None:
+            seconds = float(retry_after) + self.random.uniform(0, 0.25)
+            self.pacer.block_for(seconds)  # every thread waits: the account, not this request, is over the limit
+            return
+        time.sleep(self.backoff_seconds * 2 ** (attempt - 1) * self.random.uniform(0.5, 1.5))
+
+
+def _error_summary(status: int | None, body: dict | None) -> str | None:
+    if status is None or status < 400:
+        return None
+    errors = (body or {}).get("errors") or []
+    details = "; ".join(str(error.get("detail") or error.get("title")) for error in errors[:3])
+    return f"HTTP {status}" + (f": {details}" if details else "")
+
+
+def _auth_advice(status: int, body: dict | None) -> str:
+    detail = _error_summary(status, body)
+    if status == 401:
+        return (f"Klaviyo rejected the API key ({detail}). Set KLAVIYO_API_KEY to a valid private key "
+                "(Klaviyo > Settings > API keys) and run `upstack klaviyo check-key`.")
+    return (f"The API key lacks a scope this delivery needs ({detail}). Give it Events: Write, Profiles: Write "
+            "and, with a list, Lists: Write, then run `upstack klaviyo check-key`.")
+
+
+# Each scope, probed by a request that needs it and changes nothing: Klaviyo checks the key and its scopes
+# before the body, so a 4xx about the body proves the scope, and 401/403 disproves it.
+SCOPE_PROBES = {
+    "events:write": ("/api/events", {}),
+    "profiles:write": ("/api/profile-bulk-import-jobs", {}),
+    "lists:write": ("/api/profile-bulk-import-jobs", {"data": {
+        "type": "profile-bulk-import-job", "attributes": {"profiles": {"data": []}},
+        "relationships": {"lists": {"data": [{"type": "list", "id": "upstack-scope-probe"}]}}}}),
+}
+
+
+def check_key(client: KlaviyoClient, *, needs_list: bool) -> dict[str, bool]:
+    """Scope -> whether the key has it, for the scopes delivery needs (lists:write only with a list)."""
+    verdicts = {}
+    for scope, (path, body) in SCOPE_PROBES.items():
+        if scope == "lists:write" and not needs_list:
+            continue
+        try:
+            outcome = client.post(path, body)
+        except KlaviyoAuthError as error:
+            if error.status == 401:
+                raise
+            verdicts[scope] = False
+            continue
+        verdicts[scope] = outcome.status is not None and outcome.status < 500
+    return verdicts

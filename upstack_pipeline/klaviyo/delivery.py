@@ -1,0 +1,232 @@
+"""Klaviyo delivery (SPEC 6): the outbox's pending rows, sent once, within Klaviyo's limits, through faults.
+
+Exactly once from our side: a row is claimed (committed) before its request is sent and settled (committed)
+after the answer, so a run killed at any point leaves it pending, claimed or settled. A later run sends pending
+and claimed rows; a claimed row may already have arrived, which Klaviyo's dedupe on unique_id makes harmless.
+A 400 on a bulk request is narrowed down to the events it names (or by halving) and only those are
+dead-lettered; the rest still go.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import duckdb
+
+from upstack_pipeline.klaviyo.client import Attempt, KlaviyoAuthError, KlaviyoClient
+from upstack_pipeline.klaviyo.limits import MAX_BULK_REQUEST_BYTES, MAX_EVENTS_PER_BULK_REQUEST, encode_body
+from upstack_pipeline.klaviyo.mapping import OutboxRow, bulk_create_body
+from upstack_pipeline.settings import Settings
+from upstack_pipeline.warehouse import Warehouse
+
+BULK_EVENTS_PATH = "/api/event-bulk-create-jobs"
+_POINTER = re.compile(r"/data/attributes/events-bulk-create/data/(\d+)/attributes/events/data/(\d+)")
+# Room for the JSON:API envelope around the events when packing a request under Klaviyo's 5 MB.
+_ENVELOPE_BYTES = 64 * 1024
+
+
+@dataclass
+class DeliveryRun:
+    configured: bool
+    auth_error: str | None = None  # Klaviyo refused the key or its scopes: what a person must do
+    requests: int = 0
+    retried: int = 0
+    delivered: int = 0
+    dead_lettered: int = 0
+    left_pending: int = 0
+    seconds: float = 0.0
+    attempts: list[Attempt] = field(default_factory=list, repr=False)
+
+    @property
+    def dead_letter_share(self) -> float:
+        settled = self.delivered + self.dead_lettered
+        return self.dead_lettered / settled if settled else 0.0
+
+    @property
+    def events_per_minute(self) -> float:
+        return self.delivered / self.seconds * 60 if self.seconds else 0.0
+
+
+def deliver(
+    settings: Settings,
+    *,
+    now: datetime,
+    client: KlaviyoClient | None = None,
+    events_per_request: int = MAX_EVENTS_PER_BULK_REQUEST,
+    concurrency: int = 4,
+) -> DeliveryRun:
+    """Sends every pending row. Up to `concurrency` requests are in flight (Klaviyo's answer takes longer than
+    its rate limit's spacing); the warehouse is written from this thread only, as answers come back."""
+    if not settings.klaviyo_api_key and client is None:
+        return DeliveryRun(configured=False)
+    run = DeliveryRun(configured=True)
+    started = time.monotonic()
+    own_client = client is None
+    client = client or KlaviyoClient(settings.klaviyo_base_url, settings.klaviyo_api_key)
+    client.on_attempt = run.attempts.append
+    try:
+        with Warehouse(settings.warehouse_path).connect() as connection:
+            # Rows a dead run had claimed may or may not have arrived: send them again.
+            connection.execute("update klaviyo_outbox set status = 'pending', claimed_at = null "
+                               "where status = 'claimed'")
+            _send_all(connection, client, pack_requests(_pending_rows(connection), events_per_request),
+                      run, now, concurrency)
+    finally:
+        if own_client:
+            client.close()
+    run.requests = len(run.attempts)
+    run.retried = sum(1 for attempt in run.attempts if attempt.status is None or attempt.status >= 429)
+    run.seconds = time.monotonic() - started
+    return run
+
+
+def _send_all(connection, client: KlaviyoClient, batches: list[list[OutboxRow]], run: DeliveryRun,
+              now: datetime, concurrency: int) -> None:
+    recorded = 0
+    in_flight: dict[Future, list[OutboxRow]] = {}
+
+    def settle(done: set[Future]) -> None:
+        nonlocal recorded
+        for future in done:
+            batch = in_flight.pop(future)
+            delivered, dead, unsent = future.result()
+            attempts, recorded = run.attempts[recorded:], len(run.attempts)
+            _settle(connection, delivered, dead, unsent, now, attempts)
+            run.delivered += len(delivered)
+            run.dead_lettered += len(dead)
+            run.left_pending += len(unsent)
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        try:
+            for batch in batches:
+                _set_status(connection, batch, "claimed", "claimed_at", now)
+                in_flight[pool.submit(_send, client, batch)] = batch
+                if len(in_flight) >= concurrency:
+                    settle(wait(in_flight, return_when=FIRST_COMPLETED).done)
+            while in_flight:
+                settle(wait(in_flight, return_when=FIRST_COMPLETED).done)
+        except KlaviyoAuthError:
+            for future in in_flight:
+                future.cancel()
+            # Nothing more will be sent until a person fixes the key: what this run claimed waits as pending.
+            connection.execute("update klaviyo_outbox set status = 'pending', claimed_at = null "
+                               "where status = 'claimed'")
+            raise
+        finally:
+            _record_attempts(connection, run.attempts[recorded:])
+
+
+def _pending_rows(connection: duckdb.DuckDBPyConnection) -> list[OutboxRow]:
+    return [
+        OutboxRow(unique_id, profile_key, json.loads(profile), json.loads(event))
+        for unique_id, profile_key, profile, event in connection.execute(
+            "select unique_id, profile_key, profile, event from klaviyo_outbox where status = 'pending' "
+            "order by profile_key, unique_id"
+        ).fetchall()
+    ]
+
+
+def pack_requests(rows: list[OutboxRow], max_events: int = MAX_EVENTS_PER_BULK_REQUEST) -> list[list[OutboxRow]]:
+    """Consecutive rows (sorted by profile) in requests of at most `max_events` (Klaviyo: 1,000) and under 5 MB."""
+    batches, batch, size = [], [], _ENVELOPE_BYTES
+    for row in rows:
+        row_size = len(encode_body(row.event)) + len(encode_body(row.profile))
+        if batch and (len(batch) >= min(max_events, MAX_EVENTS_PER_BULK_REQUEST)
+                      or size + row_size > MAX_BULK_REQUEST_BYTES):
+            batches.append(batch)
+            batch, size = [], _ENVELOPE_BYTES
+        batch.append(row)
+        size += row_size
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def _send(client: KlaviyoClient, rows: list[OutboxRow]):
+    """(delivered rows, [(row, status, detail)] Klaviyo refused, rows with no answer after every retry)."""
+    outcome = client.post(BULK_EVENTS_PATH, bulk_create_body(rows), events=len(rows))
+    if outcome.status is not None and 200 <= outcome.status < 300:
+        return rows, [], []
+    if outcome.status is None or outcome.status >= 429:
+        return [], [], rows
+    named = _rows_named_by_errors(rows, outcome.body)
+    if named:
+        dead = [(row, outcome.status, named[row.unique_id]) for row in rows if row.unique_id in named]
+        rest = [row for row in rows if row.unique_id not in named]
+        if not rest:
+            return [], dead, []
+        delivered, more_dead, unsent = _send(client, rest)
+        return delivered, dead + more_dead, unsent
+    if len(rows) == 1:
+        return [], [(rows[0], outcome.status, _details(outcome.body) or f"HTTP {outcome.status}")], []
+    half = len(rows) // 2
+    first, second = _send(client, rows[:half]), _send(client, rows[half:])
+    return first[0] + second[0], first[1] + second[1], first[2] + second[2]
+
+
+def _rows_named_by_errors(rows: list[OutboxRow], body: dict | None) -> dict[str, str]:
+    """Klaviyo points at the failing event: /data/attributes/events-bulk-create/data/<group>/.../data/<event>."""
+    groups: dict[str, list[OutboxRow]] = {}
+    for row in rows:
+        groups.setdefault(row.profile_key, []).append(row)
+    ordered = list(groups.values())
+    named = {}
+    for error in (body or {}).get("errors") or []:
+        match = _POINTER.search(((error.get("source") or {}).get("pointer")) or "")
+        if match:
+            group, event = int(match.group(1)), int(match.group(2))
+            if group < len(ordered) and event < len(ordered[group]):
+                named[ordered[group][event].unique_id] = str(error.get("detail") or error.get("title") or "rejected")
+    return named
+
+
+def _details(body: dict | None) -> str:
+    return "; ".join(str(error.get("detail") or error.get("title")) for error in (body or {}).get("errors") or [])
+
+
+def _set_status(connection, rows: list[OutboxRow], status: str, stamp_column: str, now: datetime) -> None:
+    connection.execute(
+        f"update klaviyo_outbox set status = ?, {stamp_column} = ? where unique_id in (select unnest(?))",
+        [status, now, [row.unique_id for row in rows]],
+    )
+
+
+def _settle(connection, delivered: list[OutboxRow], dead: list, unsent: list[OutboxRow], now: datetime,
+            attempts: list[Attempt]) -> None:
+    """One transaction: the rows' new status, their dead letters and the requests that decided them."""
+    connection.begin()
+    _record_attempts(connection, attempts)
+    if delivered:
+        _set_status(connection, delivered, "delivered", "delivered_at", now)
+    if unsent:
+        connection.execute("update klaviyo_outbox set status = 'pending', claimed_at = null "
+                           "where unique_id in (select unnest(?))", [[row.unique_id for row in unsent]])
+    for row, status, detail in dead:
+        connection.execute(
+            "insert or replace into klaviyo_dead_letters select unique_id, event_id, metric_name, ?, ?, ? "
+            "from klaviyo_outbox where unique_id = ?", [status, detail, now, row.unique_id])
+    if dead:
+        _set_status(connection, [row for row, _, _ in dead], "dead_letter", "claimed_at", now)
+    connection.commit()
+
+
+def _record_attempts(connection, attempts: list[Attempt]) -> None:
+    if attempts:
+        connection.executemany(
+            "insert into klaviyo_deliveries values (?, ?, ?, ?, ?, ?, ?)",
+            [[datetime.fromtimestamp(attempt.sent_at, tz=timezone.utc), attempt.endpoint, attempt.status,
+              attempt.events, attempt.bytes, attempt.latency_ms, attempt.error] for attempt in attempts],
+        )
+
+
+def stale_pending_rows(settings: Settings, *, now: datetime) -> int:
+    """Outbox rows waiting longer than max_pending_age: delivery is stuck (or not configured)."""
+    with Warehouse(settings.warehouse_path).connect() as connection:
+        return connection.execute(
+            "select count(*) from klaviyo_outbox where status in ('pending', 'claimed') and created_at < ?",
+            [now - settings.destination.max_pending_age]).fetchone()[0]
