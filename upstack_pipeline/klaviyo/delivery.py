@@ -101,10 +101,11 @@ def _send_all(connection, client: KlaviyoClient, batches: list[list[OutboxRow]],
             run.dead_lettered += len(dead)
             run.left_pending += len(unsent)
 
+    # Claimed in one statement before anything is sent: a killed run leaves them claimed, the next run resends.
+    connection.execute("update klaviyo_outbox set status = 'claimed', claimed_at = ? where status = 'pending'", [now])
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         try:
             for batch in batches:
-                _set_status(connection, batch, "claimed", "claimed_at", now)
                 in_flight[pool.submit(_send, client, batch)] = batch
                 if len(in_flight) >= concurrency:
                     settle(wait(in_flight, return_when=FIRST_COMPLETED).done)
@@ -191,7 +192,8 @@ def _details(body: dict | None) -> str:
 
 def _set_status(connection, rows: list[OutboxRow], status: str, stamp_column: str, now: datetime) -> None:
     connection.execute(
-        f"update klaviyo_outbox set status = ?, {stamp_column} = ? where unique_id in (select unnest(?))",
+        f"update klaviyo_outbox set status = ?, {stamp_column} = ? "
+        "from (select unnest(?) as unique_id) as settled where klaviyo_outbox.unique_id = settled.unique_id",
         [status, now, [row.unique_id for row in rows]],
     )
 
@@ -205,7 +207,8 @@ def _settle(connection, delivered: list[OutboxRow], dead: list, unsent: list[Out
         _set_status(connection, delivered, "delivered", "delivered_at", now)
     if unsent:
         connection.execute("update klaviyo_outbox set status = 'pending', claimed_at = null "
-                           "where unique_id in (select unnest(?))", [[row.unique_id for row in unsent]])
+                           "from (select unnest(?) as unique_id) as unsent "
+                           "where klaviyo_outbox.unique_id = unsent.unique_id", [[row.unique_id for row in unsent]])
     for row, status, detail in dead:
         connection.execute(
             "insert or replace into klaviyo_dead_letters select unique_id, event_id, metric_name, ?, ?, ? "
