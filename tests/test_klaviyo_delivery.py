@@ -128,3 +128,14 @@ def test_a_delivery_killed_mid_flight_then_rerun_loses_nothing_and_duplicates_no
         assert 0 < rerun.delivered < expected  # the rerun sent what may not have arrived, not everything
         assert len(emulator.accepted_events()) == expected  # nothing lost, and Klaviyo's dedupe kept one copy
     assert query(outbox_settings, "select distinct status from klaviyo_outbox") == [("delivered",)]
+
+
+def test_with_a_list_the_delivered_people_are_imported_into_it(outbox_settings):
+    with_list = replace(outbox_settings, destination=replace(outbox_settings.destination, list_id="LsT42"))
+    with KlaviyoEmulator(api_key=KEY, rate_limits=None) as emulator:
+        run = deliver(with_list, now=END, client=client_for(emulator))
+        imported = emulator.accepted_profiles()
+
+    people = query(outbox_settings, "select count(distinct profile_key) from klaviyo_outbox")[0][0]
+    assert len(imported) == people and run.profile_import_errors == []
+    assert all(profile["lists"] == ["LsT42"] for profile in imported)

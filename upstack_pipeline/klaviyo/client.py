@@ -132,6 +132,22 @@ class KlaviyoClient:
     def get(self, path: str) -> Outcome:
         return self._send("GET", path, None, 0)
 
+    def import_profiles(self, body: dict, *, poll_seconds: float = 1.0, timeout_seconds: float = 600.0) -> list[dict]:
+        """Bulk Import Profiles: creates the job, waits for it to finish, returns its import errors."""
+        created = self.post("/api/profile-bulk-import-jobs", body, events=0)
+        if created.status is None or created.status >= 300:
+            raise RuntimeError(f"Klaviyo did not accept the profile import: {_error_summary(created.status, created.body)}")
+        job_id = created.body["data"]["id"]
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            job = self.get(f"/api/profile-bulk-import-jobs/{job_id}")
+            status = ((job.body or {}).get("data") or {}).get("attributes", {}).get("status")
+            if status in ("complete", "cancelled", "failed") or time.monotonic() > deadline:
+                break
+            time.sleep(poll_seconds)
+        errors = self.get(f"/api/profile-bulk-import-jobs/{job_id}/import-errors")
+        return list((errors.body or {}).get("data") or [])
+
     def _send(self, method: str, path: str, payload: bytes | None, events: int) -> Outcome:
         for attempt in range(1, self.max_attempts + 1):
             self.pacer.wait_turn()
@@ -140,8 +156,9 @@ class KlaviyoClient:
             try:
                 response = self.http.request(method, path, content=payload)
                 status = response.status_code
-                body = response.json() if response.content else None
                 retry_after = response.headers.get("Retry-After")
+                self._respect_rate_limit_headers(response.headers)
+                body = response.json() if response.content else None
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
             except ValueError:
@@ -156,6 +173,14 @@ class KlaviyoClient:
                 return Outcome(status, body, attempt)
             self._back_off(attempt, retry_after)
         raise AssertionError("unreachable")
+
+    def _respect_rate_limit_headers(self, headers: httpx.Headers) -> None:
+        """Another client on the same account spends the same allowance: when Klaviyo says none is left in the
+        window, nobody here sends until it resets."""
+        remaining, reset = headers.get("RateLimit-Remaining"), headers.get("RateLimit-Reset")
+        if remaining is not None and reset is not None and remaining.isdigit() and reset.isdigit() \
+                and int(remaining) == 0:
+            self.pacer.block_for(float(reset))
 
     def _back_off(self, attempt: int, retry_after: str | None) -> None:
         if retry_after is not None:

@@ -20,11 +20,12 @@ import duckdb
 
 from upstack_pipeline.klaviyo.client import Attempt, KlaviyoAuthError, KlaviyoClient
 from upstack_pipeline.klaviyo.limits import MAX_BULK_REQUEST_BYTES, MAX_EVENTS_PER_BULK_REQUEST, encode_body
-from upstack_pipeline.klaviyo.mapping import OutboxRow, bulk_create_body
+from upstack_pipeline.klaviyo.mapping import OutboxRow, bulk_create_body, profile_import_body
 from upstack_pipeline.settings import Settings
 from upstack_pipeline.warehouse import Warehouse
 
 BULK_EVENTS_PATH = "/api/event-bulk-create-jobs"
+PROFILES_PER_IMPORT_JOB = 10_000
 _POINTER = re.compile(r"/data/attributes/events-bulk-create/data/(\d+)/attributes/events/data/(\d+)")
 # Room for the JSON:API envelope around the events when packing a request under Klaviyo's 5 MB.
 _ENVELOPE_BYTES = 64 * 1024
@@ -39,6 +40,7 @@ class DeliveryRun:
     delivered: int = 0
     dead_lettered: int = 0
     left_pending: int = 0
+    profile_import_errors: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     attempts: list[Attempt] = field(default_factory=list, repr=False)
 
@@ -74,8 +76,10 @@ def deliver(
             # Rows a dead run had claimed may or may not have arrived: send them again.
             connection.execute("update klaviyo_outbox set status = 'pending', claimed_at = null "
                                "where status = 'claimed'")
-            _send_all(connection, client, pack_requests(_pending_rows(connection), events_per_request),
-                      run, now, concurrency)
+            rows = _pending_rows(connection)
+            _send_all(connection, client, pack_requests(rows, events_per_request), run, now, concurrency)
+            if settings.destination.list_id:
+                run.profile_import_errors = _add_to_list(connection, client, rows, settings.destination.list_id)
     finally:
         if own_client:
             client.close()
@@ -120,6 +124,19 @@ def _send_all(connection, client: KlaviyoClient, batches: list[list[OutboxRow]],
             raise
         finally:
             _record_attempts(connection, run.attempts[recorded:])
+
+
+def _add_to_list(connection, client: KlaviyoClient, rows: list[OutboxRow], list_id: str) -> list[dict]:
+    """Adds the people of this run's delivered events to the configured list (Bulk Import Profiles, in jobs of
+    at most 10,000 profiles); returns Klaviyo's import errors, which name profiles, never stop events."""
+    delivered = {unique_id for (unique_id,) in connection.execute(
+        "select unique_id from klaviyo_outbox where status = 'delivered'").fetchall()}
+    profiles = {row.profile_key: row.profile for row in rows if row.unique_id in delivered}
+    errors: list[dict] = []
+    people = list(profiles.values())
+    for start in range(0, len(people), PROFILES_PER_IMPORT_JOB):
+        errors += client.import_profiles(profile_import_body(people[start:start + PROFILES_PER_IMPORT_JOB], list_id))
+    return errors
 
 
 def _pending_rows(connection: duckdb.DuckDBPyConnection) -> list[OutboxRow]:
