@@ -12,13 +12,15 @@ the first window's burst flatters a short run.
 from __future__ import annotations
 
 import argparse
+import signal
+import subprocess
+import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from upstack_pipeline.klaviyo.client import KlaviyoClient
 from upstack_pipeline.klaviyo.delivery import deliver
-from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator, RateLimits
 from upstack_pipeline.settings import Settings
 from upstack_pipeline.warehouse import Warehouse
 
@@ -56,12 +58,26 @@ def main() -> None:
         settings = Settings(landing_dir=Path(scratch), warehouse_path=Path(scratch) / "warehouse.duckdb",
                             klaviyo_api_key=KEY)
         fill_outbox(Warehouse(settings.warehouse_path), args.events, now)
-        with KlaviyoEmulator(api_key=KEY, rate_limits=RateLimits(per_second=10, per_minute=150)) as emulator:
-            with KlaviyoClient(emulator.base_url, KEY) as client:
+        # The emulator in a process of its own, as Klaviyo is: in this one it would compete for the GIL.
+        emulator = subprocess.Popen(
+            [sys.executable, "-m", "upstack_pipeline.klaviyo.emulator", "--port", "0", "--api-key", KEY],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            base_url = emulator.stdout.readline().strip()
+            with KlaviyoClient(base_url, KEY) as client:
                 run = deliver(settings, now=now, client=client)
-            accepted = len(emulator.accepted_events())
-    print(f"{run.delivered:,} events delivered ({accepted:,} accepted by the emulator) in {run.requests:,} requests, "
-          f"{run.retried:,} retried, over {run.seconds:.1f} s")
+        finally:
+            emulator.send_signal(signal.SIGTERM)
+            summary = emulator.communicate(timeout=60)[0]
+    print(summary.strip())
+    print(f"{run.delivered:,} events delivered in {run.requests:,} requests, {run.retried:,} retried, "
+          f"over {run.seconds:.1f} s")
+    start = min(attempt.sent_at for attempt in run.attempts)
+    per_minute = [sum(attempt.events for attempt in run.attempts
+                      if attempt.status == 202 and start + 60 * minute <= attempt.sent_at < start + 60 * (minute + 1))
+                  for minute in range(int(run.seconds // 60))]
+    print("events accepted in each full minute of the run: " + ", ".join(f"{events:,}" for events in per_minute)
+          + " (the steady state: each should be close to 150,000)")
     print(f"{run.events_per_minute:,.0f} events/min over the whole run = "
           f"{run.events_per_minute / CEILING_EVENTS_PER_MINUTE:.1%} of Klaviyo's ceiling "
           "(150 requests/min x 1,000 events)")
