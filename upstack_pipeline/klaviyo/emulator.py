@@ -864,7 +864,7 @@ def _json_body(headers: dict[str, str], raw: bytes) -> Any:
 
 def _list_ids(body: Any) -> list[str]:
     """The lists a profile import adds its profiles to (read before validation: the scope check comes first)."""
-    data = _dig(body, "data", "relationships", "lists", "data")
+    data = limits.dig(body, "data", "relationships", "lists", "data")
     if not isinstance(data, list):
         return []
     return [item["id"] for item in data if isinstance(item, dict) and isinstance(item.get("id"), str)]
@@ -885,7 +885,7 @@ def _profile_identifier(attributes: dict, profile_id: Any, keys: tuple[str, ...]
 
 
 def _metric_name(attributes: dict) -> str | None:
-    return _dig(attributes, "metric", "data", "attributes", "name")
+    return limits.dig(attributes, "metric", "data", "attributes", "name")
 
 
 def _to_the_second(raw: Any, received: datetime) -> str:
@@ -908,19 +908,11 @@ def _count_events(path: str, raw: bytes) -> int:
         return 0
     if path.startswith("/api/events"):
         return 1 if isinstance(body, dict) and isinstance(body.get("data"), dict) else 0
-    entries = _dig(body, "data", "attributes", limits.BULK_EVENTS_KEY, "data")
+    entries = limits.dig(body, "data", "attributes", limits.BULK_EVENTS_KEY, "data")
     if not isinstance(entries, list):
         return 0
-    return sum(len(events) for events in (_dig(entry, "attributes", "events", "data") for entry in entries)
+    return sum(len(events) for events in (limits.dig(entry, "attributes", "events", "data") for entry in entries)
                if isinstance(events, list))
-
-
-def _dig(value: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
 
 
 def _compact(value: Any) -> str:

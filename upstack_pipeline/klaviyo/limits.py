@@ -155,12 +155,12 @@ def bulk_violations(body: dict, *, now: datetime) -> list[str]:
     - `event_violations` for every event with its profile (profile problems are reported once per profile entry).
     """
     _require_aware(now)
-    entries = _dig(body, "data", "attributes", BULK_EVENTS_KEY, "data")
+    entries = dig(body, "data", "attributes", BULK_EVENTS_KEY, "data")
     if not isinstance(entries, list):
         return [f'body is not an {BULK_JOB_TYPE}: data.attributes["{BULK_EVENTS_KEY}"].data is not a list']
 
     violations: list[str] = []
-    job_type = _dig(body, "data", "type")
+    job_type = dig(body, "data", "type")
     if job_type != BULK_JOB_TYPE:
         violations.append(f"data.type is {job_type!r}, not {BULK_JOB_TYPE!r}")
     try:
@@ -181,11 +181,11 @@ def bulk_violations(body: dict, *, now: datetime) -> list[str]:
         if entry_type != BULK_ENTRY_TYPE:
             per_item.append(f"{where}: type is {entry_type!r}, not {BULK_ENTRY_TYPE!r}")
         attributes = entry.get("attributes") if isinstance(entry, dict) else None
-        profile = _dig(attributes, "profile", "data")
+        profile = dig(attributes, "profile", "data")
         profile_attributes = profile.get("attributes") if isinstance(profile, dict) else None
         profile_id = profile.get("id") if isinstance(profile, dict) else None
         per_item += [f"{where}: {m}" for m in _profile_violations(profile_attributes or {}, profile_id)]
-        events = _dig(attributes, "events", "data")
+        events = dig(attributes, "events", "data")
         if not isinstance(events, list):
             per_item.append(f"{where}: events.data is not a list")
             continue
@@ -218,7 +218,7 @@ def _event_only_violations(event_attributes: Any, now: datetime) -> list[str]:
     if "time" in event_attributes and event_attributes["time"] is not None:
         violations += _time_violations(event_attributes["time"], now)
 
-    name = _dig(event_attributes, "metric", "data", "attributes", "name")
+    name = dig(event_attributes, "metric", "data", "attributes", "name")
     if not isinstance(name, str) or not name.strip():
         violations.append("metric name is missing or empty")
     elif len(name) > MAX_METRIC_NAME_CHARS:
@@ -299,7 +299,8 @@ def _walk(value: Any, path: str) -> Iterator[tuple[str, str, str]]:
             yield from _walk(item, f"{path}[{index}]")
 
 
-def _dig(value: Any, *keys: str) -> Any:
+def dig(value: Any, *keys: str) -> Any:
+    """value[keys[0]][keys[1]]..., or None where a level is missing or not an object (bodies may be malformed)."""
     for key in keys:
         if not isinstance(value, dict):
             return None
