@@ -39,6 +39,14 @@ def make_event(event_id: str, **overrides) -> dict:
     return event
 
 
+def klaviyo_click(event_id: str = "view") -> dict:
+    """A product view an hour ago, landed from a Klaviyo email (_kx), which Klaviyo's cookie did not identify:
+    the smallest event that goes all the way to the outbox in backup mode."""
+    return make_event(event_id, event_name="ViewContent", anonymous_id="a", session_id="s",
+                      event_source_url="https://acme.myshopify.com/?_kx=KX1", user_data={"klaviyo_identified": False},
+                      custom_data={"items": [{"id": "p1", "name": "Mug", "price": 9.0}]})
+
+
 def write_lines(path: Path, lines: list[str]) -> Path:
     """Writes lines as NDJSON, gzip-compressed when the name ends in .gz."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from conftest import make_event, query, write_events
+from conftest import klaviyo_click, make_event, query, write_events
 from upstack_pipeline.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -158,11 +158,7 @@ KEY = "pk_cli_test_emulator_only_000"
 def test_sync_delivers_to_klaviyo_and_never_shows_the_key(settings, tmp_path):
     from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator
 
-    clicked = make_event("view", event_name="ViewContent", anonymous_id="a", session_id="s",
-                         event_source_url="https://acme.myshopify.com/?_kx=KX1",
-                         user_data={"klaviyo_identified": False},
-                         custom_data={"items": [{"id": "p1", "name": "Mug", "price": 9.0}]})
-    write_events(settings.events_dir / "a.ndjson", [clicked])
+    write_events(settings.events_dir / "a.ndjson", [klaviyo_click()])
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", home)
@@ -186,11 +182,7 @@ def test_sync_delivers_to_klaviyo_and_never_shows_the_key(settings, tmp_path):
 def test_a_rejected_key_fails_the_sync_with_what_to_do(settings):
     from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator
 
-    clicked = make_event("view", event_name="ViewContent", anonymous_id="a", session_id="s",
-                         event_source_url="https://acme.myshopify.com/?_kx=KX1",
-                         user_data={"klaviyo_identified": False},
-                         custom_data={"items": [{"id": "p1", "name": "Mug", "price": 9.0}]})
-    write_events(settings.events_dir / "a.ndjson", [clicked])
+    write_events(settings.events_dir / "a.ndjson", [klaviyo_click()])
     with KlaviyoEmulator(api_key="pk_some_other_key_0000000") as emulator:
         completed = upstack("sync", env=environment(settings, KLAVIYO_API_KEY=KEY, KLAVIYO_BASE_URL=emulator.base_url))
 

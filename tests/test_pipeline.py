@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from conftest import make_event, materialization, query, write_events, write_lines
+from conftest import klaviyo_click, make_event, materialization, query, write_events, write_lines
 from dagster_project.definitions import SYNC_JOB_NAME, load_definitions, run_sync
 from dagster_project.defs.sync import hourly_sync, landing_files_sensor
 from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
@@ -127,11 +127,7 @@ def test_every_asset_writing_the_warehouse_shares_one_pool_limited_to_one_slot(t
 def test_a_broken_payload_fails_the_blocking_mapping_check_and_the_run(settings, sync):
     import duckdb
 
-    clicked = make_event("view", event_name="ViewContent", anonymous_id="a", session_id="s",
-                                  event_source_url="https://acme.myshopify.com/?_kx=KX1",
-                                  user_data={"klaviyo_identified": False},
-                                  custom_data={"items": [{"id": "p1", "name": "Mug", "price": 9.0}]})
-    write_events(settings.events_dir / "a.ndjson", [clicked])
+    write_events(settings.events_dir / "a.ndjson", [klaviyo_click()])
     sync()
     assert query(settings, "select count(*) from klaviyo_outbox") == [(1,)]
     with duckdb.connect(str(settings.warehouse_path)) as connection:  # a mapping bug: the product id is lost
