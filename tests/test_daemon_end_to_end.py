@@ -295,6 +295,17 @@ mutation Launch($params: ExecutionParams!) {
 """
 
 
+def launch_sync(stack: Stack, *, trigger: str) -> str:
+    """Launches upstack_sync through the webserver, queued as the schedule's runs are; returns the run id."""
+    launched = stack.graphql(LAUNCH_RUN, {"params": {
+        "selector": {"repositoryLocationName": LOCATION, "repositoryName": "__repository__", "jobName": JOB},
+        "runConfigData": {},
+        "executionMetadata": {"tags": [{"key": "upstack/trigger", "value": trigger}]},
+    }})["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    return launched["run"]["runId"]
+
+
 def test_a_landed_file_is_picked_up_by_the_sensor_and_delivered_to_klaviyo(stack):
     stack.land("click-1.ndjson", [clicked("click-1", "browser-1", "KX1")])
     stack.start_webserver()
@@ -323,13 +334,7 @@ def test_a_killed_daemon_restarted_resumes_without_ingesting_a_file_twice(stack)
     first_daemon.kill()  # SIGKILL to the whole group: no shutdown code runs
     stack.land("click-2.ndjson", [clicked("click-2", "browser-2", "KX2")])
     # A run requested while no daemon runs waits in the queue, which lives in PostgreSQL.
-    launched = stack.graphql(LAUNCH_RUN, {"params": {
-        "selector": {"repositoryLocationName": LOCATION, "repositoryName": "__repository__", "jobName": JOB},
-        "runConfigData": {},
-        "executionMetadata": {"tags": [{"key": "upstack/trigger", "value": "while-daemon-down"}]},
-    }})["launchRun"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    queued_id = launched["run"]["runId"]
+    queued_id = launch_sync(stack, trigger="while-daemon-down")
     assert stack.instance.get_run_by_id(queued_id).status == dg.DagsterRunStatus.QUEUED
     stack.start_daemon()
     done = stack.wait_for_runs("the second file's run", stack.sensor_runs, 2)
@@ -359,13 +364,7 @@ def test_a_sensor_run_and_a_scheduled_style_run_at_once_both_succeed_and_keep_th
 
     # The moment the sensor has requested its run, launch the job the way the hourly schedule does (queued).
     [sensor_run] = stack.wait_for("the sensor to request a run", stack.sensor_runs, RUN_DEADLINE, interval=0.1)
-    launched = stack.graphql(LAUNCH_RUN, {"params": {
-        "selector": {"repositoryLocationName": LOCATION, "repositoryName": "__repository__", "jobName": JOB},
-        "runConfigData": {},
-        "executionMetadata": {"tags": [{"key": "upstack/trigger", "value": "test-schedule"}]},
-    }})["launchRun"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    manual_id = launched["run"]["runId"]
+    manual_id = launch_sync(stack, trigger="test-schedule")
 
     runs = stack.wait_for_runs("both runs", lambda: [run for run in stack.runs()
                                                      if run.run_id in (sensor_run.run_id, manual_id)], 2)
