@@ -31,8 +31,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def outbox_settings(settings, tmp_path):
-    """A week of simulated traffic mapped in send mode 'all', so the outbox holds a few thousand events."""
-    simulate(tmp_path / "sim", visitors=300, days=7, seed=5, end=END)
+    """Two weeks of simulated traffic mapped in send mode 'all', so the outbox holds a thousand events or so."""
+    simulate(tmp_path / "sim", visitors=700, days=14, seed=5, end=END)
     mapped = replace(settings, landing_dir=tmp_path / "sim", klaviyo_api_key=KEY,
                      destination=replace(settings.destination, send_mode="all"))
     ingest_customers(mapped, now=END)

@@ -1,8 +1,11 @@
 """Deterministic storefront traffic with ground truth, to measure identity resolution.
 
 Identity resolution can only be judged against the truth, and real pixel data never comes with it. This module
-invents a small world, lets it shop for a few days, and writes what a store's first-party pixel would have captured
-(the landing files of SPEC section 3) next to what really happened (who did each event).
+invents a small world, lets it shop for weeks, and writes what a store's first-party pixel would have captured
+(the landing files of SPEC section 3) next to what really happened (who did each event). The world is the one of
+`shared/simulated-world.md` (summarised in the README): a world without the phenomena the product exists for
+would measure nothing. Its rates are `WorldRates`, each a setting of `upstack simulate`; the defaults are sourced
+or marked as assumptions there, and a sweep moves them.
 
 The model, in the order it is built:
 
@@ -13,27 +16,30 @@ The model, in the order it is built:
   formats), a Klaviyo exchange id (`kx`, constant per person), consent flags and, for about a third, a Shopify
   customer account. One or two people are store staff.
 * **Devices and browsers**: every person has 1-3 devices (phone, desktop, tablet) and every device 1-2 browsers
-  (Safari on iOS or macOS, Chrome on Android or desktop, the Instagram or TikTok in-app browser). A browser keeps
-  the pixel's `anonymous_id` cookie. Safari and in-app browsers (`itp`) lose it after 7 days without a visit and,
-  like every browser now and then, at random (private browsing, "clear history"): the browser stays the same in
-  the truth, its cookie is new.
-* **Sessions**: each person gets a number of visits over the window (most people are one-off visitors, a minority
-  come back often) at local times following a daily rhythm. A session uses one browser and runs
-  PageView -> 1-5 ViewContent -> maybe AddToCart -> maybe the checkout funnel (InitiateCheckout, AddShippingInfo,
-  AddPaymentInfo) -> maybe Purchase, a few seconds to minutes apart. Its landing page carries the traffic source:
-  a Klaviyo email click (`_kx`), an ad click (`fbclid`, `gclid`, `ttclid`), organic search, a referral or nothing.
+  (Safari on iOS or macOS, Chrome on Android or desktop, the Instagram or TikTok in-app browser). Some households
+  share a tablet. A browser keeps the pixel's `anonymous_id` cookie, which the shop's server sets, so no browser
+  caps it inside the window: it is lost only when the shopper clears cookies (a monthly rate), in a private
+  window (a cookie for that session alone) or on another device or browser.
+* **Klaviyo's own cookie** (`__kla_id`) fills `user_data.klaviyo_identified`. Klaviyo learns who a browser is from
+  a Klaviyo email click (`_kx`), a typed checkout email, a form or a login. klaviyo.js writes its cookie from the
+  page, so Safari and in-app browsers (`itp`) keep it 7 days after the last visit, 24 hours after a landing from a
+  decorated link (`_kx`, an ad click id); elsewhere it lasts 2 years. A returning Safari shopper is therefore known
+  to our cookie and forgotten by Klaviyo's: the gap the pipeline exists to close.
+* **Visits** are long-tailed in time: most people come once; the rest come back after gaps drawn from a
+  log-normal distribution (median `return_gap_days`, a tail past 90 days), sometimes twice the same day. A
+  session uses one browser and runs PageView -> 1-5 ViewContent -> maybe AddToCart -> maybe the checkout funnel
+  (InitiateCheckout, AddShippingInfo, AddPaymentInfo) -> maybe Purchase, seconds to minutes apart. Its landing page
+  carries the traffic source: a Klaviyo email click (`_kx`, on `kx_share` of a subscriber's visits), an ad click
+  (`fbclid`, `gclid`, `ttclid`), organic search, a referral or nothing.
 * **Identity signals** appear where a real shop produces them: the email typed in checkout (sometimes with stray
   spaces or capitals), phone, name and address from the shipping step, a login (`Identify` with the customer id,
   after which `external_id` rides on the session), a newsletter form (`Identify` with the email only), `_kx` and
   ad click ids on the landing session.
-* **Klaviyo's own cookie** is simulated to fill `user_data.klaviyo_identified`: a browser becomes known to Klaviyo
-  after a Klaviyo click, a typed email, a form or a login on its current cookie, and for Safari and in-app browsers
-  only for 7 days after that signal. Many returning shoppers are therefore *not* natively identified, which is the
-  gap the pipeline exists to close. Some browsers start the window already known from earlier visits.
-* **Adversarial scenarios** are planned on purpose, a few per run at least, because they are where a resolver
-  merges the wrong people: a family tablet shared by a household, a forwarded Klaviyo email (one person's `_kx` in
-  another person's browser), an ad click handed over from an in-app browser to Safari, an ad link shared between two
-  people, placeholder emails, staff test orders with the store's support address, and cookie resets.
+* **What goes wrong in real traffic** happens several times per run, because it is where a resolver merges the
+  wrong people: shared household devices, forwarded Klaviyo emails (one person's `_kx` in another's browser, now
+  and then posted to a group), placeholder addresses typed into pop-ups by many unrelated shoppers (a few on any
+  block list, most not), an ad click handed over from an in-app browser to Safari, an ad link shared between two
+  people, staff test orders with the store's support address, private windows and cleared cookies.
 * **Transport noise**: about 1% of events are re-sent by the pixel as identical lines (sometimes an hour later, in
   the next file) and about 0.2% of lines are broken in one of seven ways (see `BAD_LINE_KINDS`).
 
@@ -59,19 +65,24 @@ import os
 import random
 import time
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["SimulationSummary", "simulate"]
+__all__ = ["SimulationSummary", "WorldRates", "simulate"]
 
 SECOND = 1000
 MINUTE = 60 * SECOND
 HOUR = 60 * MINUTE
 DAY = 24 * HOUR
-KLAVIYO_COOKIE_TTL = 7 * DAY  # Safari ITP cap on script-written cookies, applied to in-app browsers as well
-ANONYMOUS_COOKIE_IDLE_TTL = 7 * DAY  # the pixel cookie on Safari and in-app browsers dies after a week of absence
+# klaviyo.js writes __kla_id from the page. WebKit caps such cookies at 7 days (ITP 2.1), 24 hours on a landing
+# from a decorated link (ITP 2.2); in-app browsers on WebKit and Android WebViews are treated alike. Elsewhere
+# Klaviyo sets 2 years (Klaviyo help centre on its cookie).
+KLAVIYO_COOKIE_ITP_TTL = 7 * DAY
+KLAVIYO_COOKIE_DECORATED_TTL = DAY
+KLAVIYO_COOKIE_TTL = 730 * DAY
+MONTH = 30 * DAY
 
 SCENARIOS = (
     "normal",
@@ -79,10 +90,50 @@ SCENARIOS = (
     "forwarded_email",
     "in_app_handoff",
     "cookie_reset",
+    "private_browsing",
     "placeholder_email",
     "staff_test",
     "shared_ad_link",
 )
+
+
+def _rate(default: float, help: str) -> float:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class WorldRates:
+    """The rates of the simulated world (`shared/simulated-world.md`), each a flag of `upstack simulate`. "(A)" marks
+    an assumption to sweep and report against, not a fact; the README says where each default comes from and how
+    the results move with it."""
+
+    safari_share: float = _rate(0.5, "phones that are iPhones, so Safari and WebKit in-app browsers: 40-60%% of a "
+                                     "Shopify store's mobile sessions (A)")
+    returning_share: float = _rate(0.3, "prospects (neither customers nor subscribers, who always come back) who "
+                                        "return after a first visit (A)")
+    return_gap_days: float = _rate(21.0, "median days between a returning shopper's visits: 2-4 weeks, log-normal "
+                                         "with a tail past 90 days (A)")
+    kx_share: float = _rate(0.2, "a subscriber's visits that land from a Klaviyo email or SMS with _kx: 10-30%% (A)")
+    cookie_clear_rate: float = _rate(0.035, "browsers whose cookies are cleared in a month: 2-5%% (A)")
+    private_share: float = _rate(0.05, "sessions in a private window, a cookie for that session only: 3-8%% (A)")
+    shared_device_share: float = _rate(0.25, "households of two or more that share a tablet, each member shopping "
+                                             "on it now and then (A)")
+    forward_share: float = _rate(0.03, "Klaviyo email clicks made by someone other than the recipient: forwarded "
+                                       "or shared links, now and then posted to a group (A)")
+    placeholder_share: float = _rate(0.04, "first visits that answer the newsletter pop-up with a made-up address "
+                                           "(A)")
+    handoff_share: float = _rate(0.15, "in-app ad visits (Instagram, TikTok) continued in the phone's own browser "
+                                       "(A)")
+
+    def __post_init__(self) -> None:
+        for rate in fields(self):
+            value = getattr(self, rate.name)
+            if rate.name == "return_gap_days":
+                if not value > 0:
+                    raise ValueError(f"return_gap_days must be positive (got {value})")
+            elif not 0 <= value <= 1:
+                raise ValueError(f"{rate.name} is a share between 0 and 1 (got {value})")
+
 
 BAD_LINE_KINDS = (
     "truncated",  # not JSON: the collector cut the line
@@ -94,7 +145,22 @@ BAD_LINE_KINDS = (
     "empty_name",  # event_name ""
 )
 
-PLACEHOLDER_EMAILS = ("test@test.com", "undefined", "", "none@none.com")
+# What shoppers type into a pop-up to get the discount without giving an address, and what broken themes send.
+# A few are on any block list; most are not, and only how many unrelated browsers type them gives them away. Each
+# world draws its own handful, so no list fitted to one world catches the next.
+PLACEHOLDER_EMAILS = (
+    "test@test.com", "undefined", "", "none@none.com", "asdf@asdf.com", "a@a.com", "no@no.com", "abc@abc.com",
+    "x@x.com", "email@email.com", "qwerty@qwerty.com", "fake@fake.com", "me@me.com", "123@123.com",
+    "nope@nope.com", "sdfg@gmail.com", "aaa@aaa.com", "nothanks@gmail.com", "mail@mail.com", "xx@xx.xx",
+)
+PLACEHOLDERS_PER_WORLD = 5
+
+# Visits (A): a returning shopper comes back once more after each visit with this probability, the same day
+# (comparing, or finishing on another device) in this share of returns, else after a log-normal gap whose
+# median is WorldRates.return_gap_days and whose spread puts about 7% of gaps past 90 days at a 3-week median.
+KEEPS_RETURNING = 0.8
+SAME_DAY_RETURN = 0.25
+RETURN_GAP_SPREAD = 1.0
 
 REQUIRED_FIELDS = ("event_id", "event_name", "event_time", "shop", "anonymous_id", "session_id")
 
@@ -269,12 +335,13 @@ class Browser:
     browser_id: str
     kind: str
     user_agent: str
-    itp: bool  # Safari or in-app: script cookies capped at 7 days, cookie jar lost after a week away
+    itp: bool  # Safari or in-app: script-written cookies (Klaviyo's) capped at 7 days, 24 h after decorated links
     device: Device
     anonymous_id: str | None = None
     fbp: str | None = None
     last_seen: int | None = None
-    klaviyo_known_at: int | None = None  # when Klaviyo's cookie on the current anonymous_id last learnt who this is
+    klaviyo_known: bool = False  # Klaviyo's cookie in this browser names the person
+    klaviyo_expires: int = 0  # when Klaviyo's cookie dies unless a visit rewrites it
     busy_until: int = 0
     seen_in_window: bool = False
 
@@ -305,7 +372,7 @@ class Person:
     kx: str
     subscribed: bool  # on the Klaviyo list, so receives emails to click
     consent: dict
-    activity: float  # expected sessions per day
+    returning: bool  # comes back after the first visit
     staff: bool = False
     devices: list[Device] = field(default_factory=list)
     browser_cum_weights: list[float] = field(default_factory=list)
@@ -325,6 +392,8 @@ class SessionPlan:
     click_id: str | None = None  # fbclid, gclid or ttclid depending on channel
     kx: str | None = None  # the _kx on the landing URL (not necessarily the visitor's own)
     short: bool = False  # a glance: landing and one product, no cart
+    private: bool = False  # a private window: a cookie of its own, forgotten when the session ends
+    return_visit: bool = False  # the shopper has been here before: returning shoppers buy more (A)
     signup_email: str | None = None  # typed into a newsletter form (real or placeholder)
     checkout: str = "random"  # random | email (at least until the email is typed) | purchase
     checkout_email: str | None = None  # typed at checkout instead of the person's email (staff tests)
@@ -340,6 +409,7 @@ class _World:
     people: list[Person]
     households: dict[str, list[Person]]
     carrier_nat_pool: list[str]
+    placeholders: list[str]  # the made-up addresses this world's shoppers type, most popular first
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -444,11 +514,12 @@ def _build_catalogue(shop: str) -> list[Product]:
 class _WorldBuilder:
     """Builds people, households, devices and browsers; everything random comes from the run's generator."""
 
-    def __init__(self, rng: random.Random, ids: _Ids, shop: str, window_start: int) -> None:
+    def __init__(self, rng: random.Random, ids: _Ids, shop: str, window_start: int, rates: WorldRates) -> None:
         self.rng = rng
         self.ids = ids
         self.shop = shop
         self.window_start = window_start
+        self.rates = rates
         self.emails: set[str] = set()
         self.phones: set[str] = set()
         self.browser_count = 0
@@ -477,7 +548,8 @@ class _WorldBuilder:
             members = self._household(household_id, size, len(people), staff=len(people) < staff_count)
             households[household_id] = members
             people.extend(members)
-        return _World(self.shop, catalogue, cum, people, households, nat_pool)
+        placeholders = self.rng.sample(PLACEHOLDER_EMAILS, PLACEHOLDERS_PER_WORLD)
+        return _World(self.shop, catalogue, cum, people, households, nat_pool, placeholders)
 
     def _ip(self, block: str) -> str:
         return f"{block}.{self.rng.randint(0, 255)}.{self.rng.randint(1, 254)}"
@@ -506,16 +578,16 @@ class _WorldBuilder:
     def _person(self, person_id: str, household_id: str, first: str, last: str, city: City, postal: str,
                 staff: bool) -> Person:
         rng = self.rng
-        has_account = not staff and rng.random() < 0.35
-        subscribed = not staff and rng.random() < (0.8 if has_account else 0.45)
+        has_account = not staff and rng.random() < 0.25
+        subscribed = not staff and rng.random() < (0.7 if has_account else 0.25)
         marketing = rng.random() >= 0.05
         consent = {"analytics": rng.random() >= 0.03, "marketing": marketing, "sale_of_data": rng.random() >= 0.08}
-        # most visitors come once; a minority browse the store every other day
-        activity = rng.choices((0.05, 0.4, 1.2), (50, 35, 15))[0]
+        # the store's own audience (customers, subscribers who get its emails) comes back; of the rest, some do
+        returning = has_account or subscribed or rng.random() < self.rates.returning_share
         customer_id = str(7_412_000_000_000 + int(person_id[1:]) * 1_000 + rng.randint(0, 999)) \
             if has_account else None
         return Person(person_id, household_id, first, last, self._email(first, last), self._phone(city),
-                      city, postal, customer_id, self.ids.kx(), subscribed, consent, activity, staff)
+                      city, postal, customer_id, self.ids.kx(), subscribed, consent, returning, staff)
 
     def _email(self, first: str, last: str) -> str:
         """Name-based with a short random tail: real-looking, unique, and unlikely to be someone's real inbox."""
@@ -554,7 +626,7 @@ class _WorldBuilder:
             kinds = ["desktop"]
         else:
             if rng.random() < 0.95:
-                kinds.append("iphone" if rng.random() < 0.57 else "android")
+                kinds.append("iphone" if rng.random() < self.rates.safari_share else "android")
             if not kinds or rng.random() < 0.5:
                 kinds.append("desktop")
             if len(kinds) < 3 and rng.random() < 0.12:
@@ -596,7 +668,7 @@ class _WorldBuilder:
         return Device(f"D{self.device_count:07d}", kind, home_ip, ipv6, relay)
 
     def add_browser(self, device: Device, kind: str, mac: bool = False) -> Browser:
-        """A browser that existed before the window keeps its old cookie unless Safari already dropped it."""
+        """Most browsers visited before the window: they carry the pixel's cookie from then."""
         self.browser_count += 1
         rng = self.rng
         itp = kind in ("safari_ios", "safari_ipad", "safari_mac", "instagram_inapp", "tiktok_inapp")
@@ -669,7 +741,9 @@ def _seed_klaviyo_cookies(rng: random.Random, world: _World) -> None:
         for device in person.devices:
             for browser in device.browsers:
                 if browser.last_seen is not None and rng.random() < known_rate:
-                    browser.klaviyo_known_at = browser.last_seen - rng.randint(0, 25 * DAY)
+                    browser.klaviyo_known = True
+                    browser.klaviyo_expires = browser.last_seen + (KLAVIYO_COOKIE_ITP_TTL if browser.itp
+                                                                   else KLAVIYO_COOKIE_TTL)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -685,30 +759,78 @@ class _Planner:
         self.rng = rng
         self.ids = ids
         self.builder = builder
+        self.rates = builder.rates
         self.world = world
         self.start = start
         self.end = end
         self.plans: list[SessionPlan] = []
+        # shared household tablets -> the members who have used it so far
+        self.shared_tablets: dict[Device, set[str]] = {}
 
     def plan(self) -> list[SessionPlan]:
-        days = (self.end - self.start) / DAY
         shoppers = [p for p in self.world.people if not p.staff]
+        self._shared_tablets()
         for person in shoppers:
-            for _ in range(1 + _poisson(self.rng, person.activity * days)):
-                browser = self._pick_browser(person)
-                # the newsletter pop-up catches some shoppers who are not on the list yet
-                signup = person.email if not person.subscribed and self.rng.random() < 0.05 else None
-                self._add(person, browser, self._local_time(person), channel=self._channel(person, browser),
-                          signup_email=signup)
-        visitors = len(self.world.people)
-        self._shared_tablets(max(2, round(visitors * 0.006)))
-        self._forwarded_emails(shoppers, max(3, round(visitors * 0.004)))
-        self._in_app_handoffs(shoppers, max(3, round(visitors * 0.008)))
-        self._shared_ad_links(shoppers, max(3, round(visitors * 0.003)))
-        self._placeholder_emails(shoppers, max(3, round(visitors * 0.006)))
+            for visit, start in enumerate(self._visit_times(person)):
+                self._visit(person, start, first=visit == 0, shoppers=shoppers)
+        self._shared_ad_links(shoppers, max(3, round(len(self.world.people) * 0.003)))
         self._staff_tests()
         self.plans.sort(key=lambda plan: (plan.start, plan.seq))
         return self.plans
+
+    def _visit_times(self, person: Person) -> list[int]:
+        """The first visit anywhere in the window; a returning shopper comes back after long-tailed gaps, now and
+        then twice the same day (comparing, or finishing on another device)."""
+        rng = self.rng
+        times = [self._local_time(person)]
+        while person.returning:
+            if rng.random() < SAME_DAY_RETURN:
+                moment = times[-1] + HOUR + int(rng.lognormvariate(math.log(2 * HOUR), 1.0))
+            else:
+                gap = rng.lognormvariate(math.log(self.rates.return_gap_days * DAY), RETURN_GAP_SPREAD)
+                moment = self._local_time_on(person, times[-1] + int(gap))
+            if moment >= self.end:
+                break
+            times.append(moment)
+            if rng.random() >= KEEPS_RETURNING:
+                break
+        return times
+
+    def _visit(self, person: Person, start: int, first: bool, shoppers: list[Person]) -> None:
+        rng, rates = self.rng, self.rates
+        browser = self._pick_browser(person)
+        channel = self._channel(person, browser)
+        extra: dict = {"return_visit": not first}
+        if browser.device in self.shared_tablets:
+            extra["scenario"] = "shared_tablet"
+            members_seen = self.shared_tablets[browser.device]
+            if person.person_id not in members_seen:
+                members_seen.add(person.person_id)
+                # a member's first session on the family tablet often reveals them: a checkout or the pop-up
+                roll = rng.random()
+                if roll < 0.35:
+                    extra["checkout"] = "email"
+                elif roll < 0.6:
+                    extra["signup_email"] = person.email
+        elif first and not person.subscribed:  # the newsletter pop-up greets a first visit
+            roll = rng.random()
+            if roll < rates.placeholder_share:
+                extra.update(scenario="placeholder_email", signup_email=self._placeholder())
+            elif roll < rates.placeholder_share + 0.05:
+                extra["signup_email"] = person.email
+        in_app = browser.kind.endswith("_inapp")
+        if not in_app and rng.random() < rates.private_share:
+            extra["private"] = True
+        if in_app and channel.endswith("_ad") and rng.random() < rates.handoff_share:
+            self._in_app_handoff(person, browser, start, channel)
+            return
+        plan = self._add(person, browser, start, channel=channel, **extra)
+        if channel == "klaviyo" and rng.random() < rates.forward_share:
+            self._forwarded_email(person, plan, shoppers)
+
+    def _placeholder(self) -> str:
+        placeholders = self.world.placeholders
+        return self.rng.choices(placeholders, [1 / (rank + 1) for rank in range(len(placeholders))])[0]
 
     def _add(self, person: Person, browser: Browser, start: int, **kwargs) -> SessionPlan:
         plan = SessionPlan(start, len(self.plans), person, browser, **kwargs)
@@ -727,6 +849,13 @@ class _Planner:
         local = day * DAY + hour * HOUR + rng.randrange(HOUR)
         return self.start + (local - person.city.utc_offset_minutes * MINUTE) % span
 
+    def _local_time_on(self, person: Person, moment: int) -> int:
+        """A plausible local hour of the person's day that contains `moment` (not wrapped: it may fall past the end)."""
+        offset = person.city.utc_offset_minutes * MINUTE
+        midnight = (moment + offset) // DAY * DAY - offset
+        hour = self.rng.choices(range(24), cum_weights=DIURNAL_CUM)[0]
+        return midnight + hour * HOUR + self.rng.randrange(HOUR)
+
     def _product(self) -> Product:
         return self.rng.choices(self.world.catalogue, cum_weights=self.world.catalogue_cum_weights)[0]
 
@@ -740,62 +869,49 @@ class _Planner:
             return "instagram_ad" if rng.random() < 0.8 else "instagram_social"
         if browser.kind == "tiktok_inapp":
             return "tiktok_ad" if rng.random() < 0.75 else "tiktok_social"
-        channels = ("direct", "organic", "klaviyo", "google_ad", "facebook_ad", "tiktok_ad", "referral")
-        weights = (28, 24, 20 if person.subscribed else 0, 11, 9, 3 if browser.device.kind != "desktop" else 0, 5)
+        if person.subscribed and rng.random() < self.rates.kx_share:
+            return "klaviyo"
+        channels = ("direct", "organic", "google_ad", "facebook_ad", "tiktok_ad", "referral")
+        weights = (28, 24, 11, 9, 3 if browser.device.kind != "desktop" else 0, 5)
         return rng.choices(channels, weights)[0]
 
-    def _shared_tablets(self, count: int) -> None:
-        """A household iPad: each member shops on it at their own times and types their own email."""
-        families = [members for members in self.world.households.values()
-                    if len(members) >= 2 and not members[0].staff]
-        for members in self.rng.sample(families, min(count, len(families))):
+    def _shared_tablets(self) -> None:
+        """Some households share an iPad: it becomes one of each member's devices, used at their own times."""
+        for members in self.world.households.values():
+            if len(members) < 2 or members[0].staff or self.rng.random() >= self.rates.shared_device_share:
+                continue
             device = self.builder.new_device("tablet", members[0].devices[0].home_ip)
-            tablet = self.builder.add_browser(device, "safari_ipad")
-            for person in members[:3]:
-                for visit in range(self.rng.randint(1, 3)):
-                    # each member's first visit reveals them, by checking out or by the newsletter form
-                    via_checkout = visit == 0 and self.rng.random() < 0.6
-                    via_form = visit == 0 and not via_checkout
-                    self._add(person, tablet, self._local_time(person), scenario="shared_tablet",
-                              channel=self.rng.choice(("direct", "organic")),
-                              checkout="email" if via_checkout else "random",
-                              signup_email=person.email if via_form else None)
+            self.builder.add_browser(device, "safari_ipad")
+            self.shared_tablets[device] = set()
+            for person in members:
+                person.devices.append(device)
+                self.builder.refresh_browser_weights(person)
 
-    def _forwarded_emails(self, shoppers: list[Person], count: int) -> None:
-        """Klaviyo documents it: a forwarded campaign identifies the reader as the original recipient."""
-        senders = [p for p in shoppers if p.subscribed]
-        if not senders or len(shoppers) < 2:
-            return
-        for _ in range(count):
-            sender = self.rng.choice(senders)
-            family = [p for p in self.world.households[sender.household_id] if p is not sender]
-            reader = self.rng.choice(family) if family and self.rng.random() < 0.5 else self.rng.choice(shoppers)
+    def _forwarded_email(self, sender: Person, click: SessionPlan, shoppers: list[Person]) -> None:
+        """Klaviyo documents it: a forwarded campaign identifies the reader as the original recipient. Now and then
+        the link is posted to a group chat and opened by many."""
+        family = [p for p in self.world.households[sender.household_id] if p is not sender]
+        posted = self.rng.random() < 0.1
+        readers = self.rng.sample(shoppers, min(len(shoppers), self.rng.randint(4, 12))) if posted else \
+            [self.rng.choice(family) if family and self.rng.random() < 0.5 else self.rng.choice(shoppers)]
+        for reader in readers:
             if reader is sender:
                 continue
             browser = self._pick_browser(reader)
             if browser.kind.endswith("_inapp"):
                 browser = reader.session_browsers[0]
-            self._add(reader, browser, self._local_time(reader), scenario="forwarded_email", channel="klaviyo",
-                      kx=sender.kx)
+            start = click.start + self.rng.randint(10 * MINUTE, 3 * DAY)
+            if start < self.end:
+                self._add(reader, browser, start, scenario="forwarded_email", channel="klaviyo", kx=sender.kx)
 
-    def _in_app_handoffs(self, shoppers: list[Person], count: int) -> None:
+    def _in_app_handoff(self, person: Person, in_app: Browser, start: int, channel: str) -> None:
         """An ad opens in Instagram's browser, the shopper taps 'Open in Safari': same click, second browser."""
-        for person in self.rng.sample(shoppers, min(count, len(shoppers))):
-            phone = next((d for d in person.devices if d.kind in ("iphone", "android")), None)
-            if phone is None:
-                continue
-            in_app = next((b for b in phone.browsers if b.kind.endswith("_inapp")), None)
-            if in_app is None:
-                in_app = self.builder.add_browser(phone, "instagram_inapp")
-                self.builder.refresh_browser_weights(person)
-            channel = "instagram_ad" if in_app.kind == "instagram_inapp" else "tiktok_ad"
-            product = self._product()
-            url, click = _landing_url(self.rng, self.ids, self.world.shop, channel, product, person.kx, None)
-            start = self._local_time(person)
-            link = {"click_id": click, "landing_url": url, "landing_product": product}
-            self._add(person, in_app, start, scenario="in_app_handoff", channel=channel, short=True, **link)
-            self._add(person, phone.browsers[0], start + self.rng.randint(1 * MINUTE, 6 * MINUTE),
-                      scenario="in_app_handoff", channel=channel + "_handoff", **link)
+        product = self._product()
+        url, click = _landing_url(self.rng, self.ids, self.world.shop, channel, product, person.kx, None)
+        link = {"click_id": click, "landing_url": url, "landing_product": product}
+        self._add(person, in_app, start, scenario="in_app_handoff", channel=channel, short=True, **link)
+        self._add(person, in_app.device.browsers[0], start + self.rng.randint(1 * MINUTE, 6 * MINUTE),
+                  scenario="in_app_handoff", channel=channel + "_handoff", **link)
 
     def _shared_ad_links(self, shoppers: list[Person], count: int) -> None:
         """A shopper texts a product link copied from a Google ad; the gclid travels with it."""
@@ -816,17 +932,6 @@ class _Planner:
             friend_browser = friend.session_browsers[0]
             self._add(clicker, clicker_browser, start, scenario="shared_ad_link", channel="google_ad", **link)
             self._add(friend, friend_browser, start + delay, scenario="shared_ad_link", channel="shared_link", **link)
-
-    def _placeholder_emails(self, shoppers: list[Person], count: int) -> None:
-        """Shoppers who fob off a newsletter pop-up, and themes that send 'undefined' for an empty field."""
-        for index in range(min(count, len(shoppers) * 4)):
-            person = self.rng.choice(shoppers)
-            placeholder = PLACEHOLDER_EMAILS[index % len(PLACEHOLDER_EMAILS)]
-            browser = self._pick_browser(person)
-            if browser.kind.endswith("_inapp"):
-                browser = person.session_browsers[0]
-            self._add(person, browser, self._local_time(person), scenario="placeholder_email",
-                      channel=self._channel(person, browser), signup_email=placeholder)
 
     def _staff_tests(self) -> None:
         """Staff place test orders from the office with the store's support address after each theme change."""
@@ -857,26 +962,27 @@ class _Hit:
 class _SessionRunner:
     """Turns a plan into events, updating the browser's cookies as a real browser would."""
 
-    RANDOM_COOKIE_LOSS = {"safari_ios": 0.04, "safari_ipad": 0.03, "safari_mac": 0.03, "instagram_inapp": 0.12,
-                          "tiktok_inapp": 0.12, "chrome_android": 0.015, "chrome_desktop": 0.01}
-
-    def __init__(self, rng: random.Random, ids: _Ids, world: _World) -> None:
+    def __init__(self, rng: random.Random, ids: _Ids, world: _World, rates: WorldRates) -> None:
         self.rng = rng
         self.ids = ids
         self.world = world
+        self.rates = rates
         self.shop = world.shop
         self.order_number = 6_112_004_000_000
 
     # -- cookies ------------------------------------------------------------------------------------------------
 
     def _open_cookie(self, browser: Browser, start: int) -> bool:
-        """Returns True when this visit starts on a fresh cookie that replaced one seen earlier in the window."""
+        """Returns True when this visit starts on a fresh cookie that replaced one seen earlier in the window.
+
+        The pixel's cookie is set by the shop's server, so no browser caps it inside the window: it goes only
+        when the shopper clears the browser's cookies (Klaviyo's go with it), at `cookie_clear_rate` a month.
+        """
         if browser.anonymous_id is None:
             self._new_cookie(browser, start)
             return False
-        idle_expired = browser.itp and browser.last_seen is not None \
-            and start - browser.last_seen > ANONYMOUS_COOKIE_IDLE_TTL
-        if idle_expired or self.rng.random() < self.RANDOM_COOKIE_LOSS[browser.kind]:
+        months_away = (start - browser.last_seen) / MONTH if browser.last_seen is not None else 0.0
+        if self.rng.random() < 1 - (1 - self.rates.cookie_clear_rate) ** months_away:
             self._new_cookie(browser, start)
             return browser.seen_in_window
         return False
@@ -884,21 +990,42 @@ class _SessionRunner:
     def _new_cookie(self, browser: Browser, at: int) -> None:
         browser.anonymous_id = self.ids.uuid()
         browser.fbp = self.ids.fbp(at)
-        browser.klaviyo_known_at = None
+        browser.klaviyo_known = False
 
     @staticmethod
-    def klaviyo_knows(browser: Browser, t: int) -> bool:
-        known = browser.klaviyo_known_at
-        if known is None or known > t:
-            return False
-        return not browser.itp or t - known <= KLAVIYO_COOKIE_TTL
+    def klaviyo_page_view(browser: Browser, t: int, decorated: bool) -> bool:
+        """klaviyo.js runs on every page: its cookie is gone if it expired, else rewritten with a new expiry.
+        Returns whether the cookie names the person (`klaviyo_identified`)."""
+        if t > browser.klaviyo_expires:
+            browser.klaviyo_known = False
+        if not browser.itp:
+            browser.klaviyo_expires = t + KLAVIYO_COOKIE_TTL
+        else:
+            browser.klaviyo_expires = t + (KLAVIYO_COOKIE_DECORATED_TTL if decorated else KLAVIYO_COOKIE_ITP_TTL)
+        return browser.klaviyo_known
 
     # -- the session --------------------------------------------------------------------------------------------
 
     def run(self, plan: SessionPlan) -> list[_Hit]:
+        """A private window gets cookies of its own, gone when it closes; the browser's own are left as they were."""
+        if not plan.private:
+            return self._run(plan)
+        browser = plan.browser
+        kept = (browser.anonymous_id, browser.fbp, browser.klaviyo_known, browser.klaviyo_expires, browser.last_seen,
+                browser.seen_in_window)
+        browser.anonymous_id, browser.fbp = self.ids.uuid(), None
+        browser.klaviyo_known, browser.klaviyo_expires = False, 0
+        hits = self._run(plan)
+        (browser.anonymous_id, browser.fbp, browser.klaviyo_known, browser.klaviyo_expires, browser.last_seen,
+         browser.seen_in_window) = kept
+        return hits
+
+    def _run(self, plan: SessionPlan) -> list[_Hit]:
         rng, person, browser = self.rng, plan.person, plan.browser
-        reset = self._open_cookie(browser, plan.start)
+        reset = not plan.private and self._open_cookie(browser, plan.start)
         scenario = "cookie_reset" if reset and plan.scenario == "normal" else plan.scenario
+        if plan.private and scenario == "normal":
+            scenario = "private_browsing"
         session = _Session(self, plan, scenario)
         t = plan.start
 
@@ -932,7 +1059,7 @@ class _SessionRunner:
         if plan.short:
             return session.hits
 
-        cart_rate = 0.36 if plan.channel == "klaviyo" else 0.28
+        cart_rate = 0.4 if plan.return_visit or plan.channel == "klaviyo" else 0.28
         wants_checkout = plan.checkout != "random"
         if not wants_checkout and rng.random() >= cart_rate:
             return session.hits
@@ -1016,6 +1143,7 @@ class _SessionRunner:
             url, plan.click_id = _landing_url(rng, self.ids, self.shop, channel, product, plan.kx or plan.person.kx,
                                               plan.click_id)
         in_app = plan.browser.kind.endswith("_inapp")
+        session.decorated = any(f"{name}=" in url for name in DECORATIONS)
         if channel == "klaviyo":
             plan.kx = plan.kx or plan.person.kx
             session.base["kx"] = plan.kx
@@ -1044,6 +1172,7 @@ class _SessionRunner:
 
 
 FACEBOOK_CHANNELS = ("facebook_ad", "instagram_ad", "instagram_ad_handoff")
+DECORATIONS = ("_kx", "fbclid", "gclid", "ttclid")  # query parameters that make a landing "decorated" for WebKit
 TIKTOK_CHANNELS = ("tiktok_ad", "tiktok_ad_handoff")
 GOOGLE_CHANNELS = ("google_ad", "shared_link")
 
@@ -1082,7 +1211,7 @@ class _Session:
     """Per-session state: the user_data every event shares and what the shopper has revealed so far."""
 
     __slots__ = ("runner", "plan", "scenario", "session_id", "base", "external_id", "typed_email",
-                 "email_reported", "address", "hits", "time_offset", "truth_prefix")
+                 "email_reported", "address", "hits", "time_offset", "truth_prefix", "decorated")
 
     def __init__(self, runner: _SessionRunner, plan: SessionPlan, scenario: str) -> None:
         self.runner = runner
@@ -1100,6 +1229,7 @@ class _Session:
         self.hits: list[_Hit] = []
         self.time_offset = person.city.utc_offset_minutes
         self.truth_prefix = (person.person_id, person.email, browser.browser_id, self.session_id, scenario)
+        self.decorated = False  # landed from a link carrying _kx or an ad click id (set with the landing page)
 
     def _ip(self) -> str:
         """Phones move between home Wi-Fi, carrier NAT (shared by many) and IPv6, but keep one network for a while."""
@@ -1134,7 +1264,7 @@ class _Session:
                 user.update(self.address)
         if extra:
             user.update(extra)
-        user["klaviyo_identified"] = runner.klaviyo_knows(browser, t)
+        user["klaviyo_identified"] = runner.klaviyo_page_view(browser, t, self.decorated)
         roll = runner.rng.random()
         style = 0 if roll < 0.45 else (1 if roll < 0.8 else 2)
         event_id = runner.ids.uuid()
@@ -1154,7 +1284,7 @@ class _Session:
         return event
 
     def klaviyo_learns(self, t: int) -> None:
-        self.plan.browser.klaviyo_known_at = t
+        self.plan.browser.klaviyo_known = True
 
     def _as_typed(self, email: str) -> str:
         style = self.runner.rng.choices(_EMAIL_AS_TYPED, (82, 8, 3, 7))[0]
@@ -1379,7 +1509,7 @@ def _refuse_non_empty(events_dir: Path) -> None:
 
 
 def simulate(out_dir: Path, *, visitors: int, days: int, seed: int, end: datetime | None = None,
-             shop: str = "acme.myshopify.com") -> SimulationSummary:
+             shop: str = "acme.myshopify.com", rates: WorldRates = WorldRates()) -> SimulationSummary:
     """Write `days` of storefront traffic from `visitors` people ending at `end`, with the ground truth.
 
     Layout under out_dir: events/dt=YYYY-MM-DD/hour=HH/part-0000.ndjson.gz, customers/customers.csv,
@@ -1399,7 +1529,7 @@ def simulate(out_dir: Path, *, visitors: int, days: int, seed: int, end: datetim
     start_ms = end_ms - days * DAY
     rng = random.Random(seed)
     ids = _Ids(rng)
-    builder = _WorldBuilder(rng, ids, shop, start_ms)
+    builder = _WorldBuilder(rng, ids, shop, start_ms, rates)
     world = builder.build(visitors)
     _seed_klaviyo_cookies(rng, world)
     plans = _Planner(rng, ids, builder, world, start_ms, end_ms).plan()
@@ -1408,7 +1538,7 @@ def simulate(out_dir: Path, *, visitors: int, days: int, seed: int, end: datetim
     truth_path.parent.mkdir(parents=True, exist_ok=True)
     truth_temporary = truth_path.with_name(f".{truth_path.name}.tmp")
     files = _HourlyFiles(events_dir)
-    runner = _SessionRunner(rng, ids, world)
+    runner = _SessionRunner(rng, ids, world, rates)
     with open(truth_temporary, "w", newline="", encoding="utf-8") as handle:
         truth = csv.writer(handle, lineterminator="\n")
         truth.writerow(["event_id", "person_id", "email", "browser_id", "session_id", "scenario"])
