@@ -2,13 +2,28 @@
 -- emails each linked cookie carries, typed or translated. Built before browser clusters, so the guard that keeps
 -- two people's browsers apart sees an email that came from a login exactly as one that was typed.
 
+-- only_from_customer_file: a customer id the pixel never saw on one event with its email (a login whose email
+-- only the customers export gives). Taken from the observations, not from which source came first, so it does not
+-- depend on whether the export arrived before or after the events.
 create or replace temp table email_translations as
-select left_type as id_type, left_value as id_value, min(right_value) as email,
-       bool_and(first_event_id like 'customers:%') as only_from_customer_file
-from identity_links
-where left_type in ('customer_id', 'phone', 'email_hash', 'phone_hash', 'kx') and right_type = 'email'
-group by left_type, left_value
-having count(distinct right_value) = 1;
+with translations as (
+    select left_type as id_type, left_value as id_value, min(right_value) as email
+    from identity_links
+    where left_type in ('customer_id', 'phone', 'email_hash', 'phone_hash', 'kx') and right_type = 'email'
+    group by left_type, left_value
+    having count(distinct right_value) = 1
+),
+logins_with_email as (
+    select distinct login.id_value, email.id_value as email
+    from identity_observations as login
+    join identity_observations as email on email.event_id = login.event_id and email.id_type = 'email'
+    where login.id_type = 'customer_id'
+)
+select translations.*,
+       translations.id_type = 'customer_id' and logins_with_email.email is null as only_from_customer_file
+from translations
+left join logins_with_email on translations.id_type = 'customer_id'
+    and logins_with_email.id_value = translations.id_value and logins_with_email.email = translations.email;
 
 -- Emails per cookie, for the cookies browser_links joins (a _kx names a profile, not an email: left out).
 create or replace temp table linked_cookie_emails as

@@ -1,6 +1,7 @@
 -- The identifiers carried by the events of the loads after variable after_load_id, normalised and judged
--- (sql/identifier_normalization.sql). Usable ones go to identity_observations and stay in temp table
--- new_observations for the rest of the run; rejected ones are counted in identity_rejected_values.
+-- (sql/identifier_normalization.sql; a value quarantined as a supernode stays rejected). Usable ones go to
+-- identity_observations and stay in temp table new_observations for the rest of the run; rejected ones are
+-- counted in identity_rejected_values.
 
 create or replace temp table new_identifier_candidates as
 with events as (
@@ -45,15 +46,18 @@ normalised as (
     where candidate.raw is not null
 )
 select
-    *,
-    case id_type
-        when 'email' then email_rejection(id_value, shop)
-        when 'email_hash' then hash_rejection(id_value)
-        when 'phone_hash' then hash_rejection(id_value)
-        when 'phone' then phone_rejection(id_value)
-        else token_rejection(id_value)
-    end as rejection
-from normalised;
+    normalised.*,
+    coalesce(case normalised.id_type
+        when 'email' then email_rejection(normalised.id_value, shop)
+        when 'email_hash' then hash_rejection(normalised.id_value)
+        when 'phone_hash' then hash_rejection(normalised.id_value)
+        when 'phone' then phone_rejection(normalised.id_value)
+        else token_rejection(normalised.id_value)
+    end, quarantined.reason) as rejection
+from normalised
+left join identity_rejected_values as quarantined    -- a supernode stays quarantined (identity_rejected_values.sql)
+    on quarantined.id_type = normalised.id_type and quarantined.value = normalised.id_value
+    and quarantined.reason = 'many_browsers';
 
 create or replace temp table new_observations as
 select event_id, event_time, shop, anonymous_id, session_id, id_type, id_value,
@@ -63,7 +67,7 @@ where rejection is null;
 
 insert into identity_observations select * from new_observations;
 
-insert into identity_rejected_values
+insert into identity_rejected_values (id_type, value, reason, times_seen, first_seen, last_seen)
 select id_type, coalesce(id_value, trim(raw_value)), any_value(rejection), count(*), min(event_time), max(event_time)
 from new_identifier_candidates
 where rejection is not null

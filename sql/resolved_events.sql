@@ -6,32 +6,21 @@
 --   1. an email seen in the same session (typed in this event, else the latest one before it in the session, else
 --      the first one after it: back-stitching), a login, or a phone/hash that translates to exactly one email;
 --      else a Klaviyo _kx of the session;
---   2. else the browser cluster's history before the event: the latest email within email_lookback, unless the
---      cluster has shown more than max_emails_per_browser emails (a shared device), or a later _kx within
---      kx_lookback when the cluster carries no email. A _kx never renames a browser's owner: in its own session,
+--   2. else the browser cluster's history before the event, as far back as a cookie lives (cookie_lifetime): the
+--      latest email, unless the cluster has shown more than max_emails_per_browser emails (a shared device), or a
+--      later _kx when the cluster carries no email. A _kx never renames a browser's owner: in its own session,
 --      on a browser that carries an email the _kx is not known to belong to, the event is left unresolved (a
 --      forwarded Klaviyo email must not send one person's cart to another); later sessions keep the browser's
 --      email unless the _kx is known to belong to someone else;
 --   3. else unresolved, with the reason.
--- Person identifiers only translate into an email; they never join two browsers (sql/browser_clusters.sql).
+-- Person identifiers only translate into an email; they never join two browsers (sql/browser_clusters.sql), and a
+-- value quarantined as a supernode is gone from the observations (sql/identity_rejected_values.sql).
 --
--- Variables: after_load_id, after_customers_load_id, email_lookback, kx_lookback, max_emails_per_browser,
--- max_browsers_per_kx, now. Inputs: temp tables new_observations, reclustered_cookies.
+-- Variables: after_load_id, after_customers_load_id, cookie_lifetime, max_emails_per_browser, now.
+-- Inputs: temp tables new_observations, quarantined_cookies, reclustered_cookies.
 
 create or replace temp table cookie_cluster as
 select anonymous_id, browser_cluster_id, linked_by from browser_clusters;
-
-create or replace temp table shared_kx as
-select right_value as kx from identity_links
-where left_type = 'anonymous_id' and right_type = 'kx'
-group by right_value
-having count(distinct left_value) > getvariable('max_browsers_per_kx');
-
-insert into identity_flags
-select 'shared_kx', kx, 'seen on more than ' || getvariable('max_browsers_per_kx') || ' browsers; not used',
-       getvariable('now')
-from shared_kx
-on conflict do nothing;
 
 -- The cookies whose events may resolve differently now.
 create or replace temp table affected_cookies as
@@ -54,6 +43,8 @@ with seeds as (
     where link.left_type = 'anonymous_id' and link.right_type = 'customer_id'
     union
     select anonymous_id from reclustered_cookies
+    union
+    select anonymous_id from quarantined_cookies
 ),
 seed_clusters as (
     select coalesce(cookie_cluster.browser_cluster_id, seeds.anonymous_id) as cluster_id
@@ -84,7 +75,7 @@ earlier_affected as (
     from resolved_events
     semi join affected_cookies using (anonymous_id)
     anti join new_commerce using (event_id)
-    where event_time >= getvariable('now') - getvariable('email_lookback')
+    where event_time >= getvariable('now') - getvariable('cookie_lifetime')
 )
 select targets.*, coalesce(cookie_cluster.browser_cluster_id, targets.anonymous_id) as cluster_id
 from (select * from new_commerce union all select * from earlier_affected) as targets
@@ -108,21 +99,30 @@ select
         when 'phone_hash' then 'phone'
         when 'customer_id' then if(translation.only_from_customer_file, 'customer_file', 'login')
         when 'kx' then 'kx'
-    end as source
+    end as source,
+    -- Which of several observations at one instant names the event (a login carries an email and a customer
+    -- id): the strongest, so the answer never depends on the order rows happen to be read in.
+    case observation.id_type
+        when 'email' then 0 when 'email_hash' then 0 when 'customer_id' then 1 when 'phone' then 2
+        when 'phone_hash' then 2 else 3
+    end as source_rank
 from identity_observations as observation
 left join cookie_cluster using (anonymous_id)
 left join email_translations as translation
     on translation.id_type = observation.id_type and translation.id_value = observation.id_value
 where observation.id_type in ('email', 'email_hash', 'phone', 'phone_hash', 'customer_id', 'kx')
     and coalesce(cookie_cluster.browser_cluster_id, observation.anonymous_id) in (select cluster_id from targets)
-    and (observation.id_type = 'email' or observation.id_type = 'kx' or translation.email is not null)
-    and not (observation.id_type = 'kx' and observation.id_value in (select kx from shared_kx));
+    and (observation.id_type = 'email' or observation.id_type = 'kx' or translation.email is not null);
 
 create or replace temp table resolutions as
 with session_evidence as (                      -- each row once per kind of identity it carries
-    select 'email' as kind, * from evidence where email is not null
-    union all
-    select 'kx', * from evidence where kx is not null
+    select * from (
+        select 'email' as kind, * from evidence where email is not null
+        union all
+        select 'kx', * from evidence where kx is not null
+    )
+    qualify row_number() over (partition by kind, cluster_id, session_id, event_time
+                               order by source_rank, email, kx, event_id) = 1
 ),
 target_kinds as (
     select target.*, kind from targets as target cross join (values ('email'), ('kx')) as kinds(kind)
@@ -170,29 +170,31 @@ in_session as (
     left join typed_sessions
         on typed_sessions.session_id = target.session_id and typed_sessions.cluster_id = target.cluster_id
 ),
-email_history as (                              -- per cluster, how many distinct emails so far (lookback)
+email_history as (                              -- per cluster, how many distinct emails so far
     select
         *,
         count(distinct email) over (
             partition by cluster_id order by event_time
-            range between getvariable('email_lookback') preceding and current row
+            range between getvariable('cookie_lifetime') preceding and current row
         ) as emails_so_far
     from evidence
     where email is not null
+    qualify row_number() over (partition by cluster_id, event_time order by source_rank, email, event_id) = 1
 ),
 last_email as (
     select target.event_id, email_history as evidence
     from targets as target
     asof join email_history
         on email_history.cluster_id = target.cluster_id and email_history.event_time < target.event_time
-    where email_history.event_time >= target.event_time - getvariable('email_lookback')
+    where email_history.event_time >= target.event_time - getvariable('cookie_lifetime')
 ),
 last_kx as (
     select target.event_id, kx_history as evidence
     from targets as target
-    asof join (select * from evidence where kx is not null) as kx_history
+    asof join (select * from evidence where kx is not null
+               qualify row_number() over (partition by cluster_id, event_time order by kx, event_id) = 1) as kx_history
         on kx_history.cluster_id = target.cluster_id and kx_history.event_time < target.event_time
-    where kx_history.event_time >= target.event_time - getvariable('kx_lookback')
+    where kx_history.event_time >= target.event_time - getvariable('cookie_lifetime')
 ),
 decided as (
     select

@@ -131,17 +131,22 @@ create table if not exists identity_observations (
     load_id           bigint not null
 );
 
--- Values that looked like identifiers but are never used as one (placeholders, blocked or malformed).
+-- Values that looked like identifiers but are never used as one: placeholders, blocked or malformed values, and
+-- supernodes (seen on more browsers than one person uses, sql/identity_rejected_values.sql).
 create table if not exists identity_rejected_values (
     id_type     varchar not null,
     value       varchar not null,
     reason      varchar not null,           -- placeholder | invalid_email | blocklisted | store_address
-                                            -- | invalid_phone | invalid_hash
+                                            -- | invalid_phone | invalid_hash | many_browsers
     times_seen  bigint not null,
     first_seen  timestamptz not null,
     last_seen   timestamptz not null,
+    browsers    bigint,                     -- many_browsers: the most browsers (cookies) that showed it within
+                                            -- the supernode window, when it was quarantined
     primary key (id_type, value)
 );
+-- Warehouses created before the column existed gain it in place.
+alter table identity_rejected_values add column if not exists browsers bigint;
 
 -- Edges between identifiers observed together (SPEC 4): cookie <-> email/phone/customer id/_kx/click ids,
 -- session <-> cookie, customer id <-> email (events and the customers export), email hash <-> email, ...
@@ -174,9 +179,9 @@ create table if not exists browser_clusters (
     linked_by          varchar not null     -- how the cluster's cookies were joined, e.g. 'click_id_handoff'
 );
 
--- What the guards refused, for a person to review: shared devices, shared click ids and _kx, oversize clusters.
+-- What the guards refused, for a person to review: shared devices, shared click ids, oversize clusters.
 create table if not exists identity_flags (
-    flag        varchar not null,           -- shared_device | shared_click_id | shared_kx | oversize_cluster
+    flag        varchar not null,           -- shared_device | shared_click_id | oversize_cluster
                                             -- | conflicting_emails
     subject     varchar not null,           -- the cookie, cluster, click id or _kx
     detail      varchar not null,

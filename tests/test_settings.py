@@ -37,3 +37,23 @@ def test_a_malformed_number_names_the_variable():
 
     with pytest.raises(ValueError, match="UPSTACK_INGEST_BATCH_BYTES"):
         Settings.from_env({"UPSTACK_INGEST_BATCH_BYTES": "64MB"})
+
+
+def test_identity_guards_default_to_the_evidence_and_can_be_set_from_the_environment():
+    import pytest
+
+    defaults = Settings.from_env({}).identity
+    # A tie lasts as long as the pixel's server-set cookie can (browsers cap cookies at 400 days), not 30 days.
+    assert defaults.cookie_lifetime == timedelta(days=400)
+    assert (defaults.max_browsers_per_identifier, defaults.supernode_window) == (3, timedelta(days=90))
+    assert defaults.max_emails_per_browser == 2
+
+    identity = Settings.from_env({
+        "UPSTACK_COOKIE_LIFETIME_DAYS": "180", "UPSTACK_MAX_BROWSERS_PER_IDENTIFIER": "6",
+        "UPSTACK_SUPERNODE_WINDOW_DAYS": "7", "UPSTACK_MAX_EMAILS_PER_BROWSER": "1",
+    }).identity
+    assert identity.cookie_lifetime == timedelta(days=180)
+    assert (identity.max_browsers_per_identifier, identity.supernode_window) == (6, timedelta(days=7))
+    assert identity.max_emails_per_browser == 1
+    with pytest.raises(ValueError, match="UPSTACK_COOKIE_LIFETIME_DAYS must be a whole number of days"):
+        Settings.from_env({"UPSTACK_COOKIE_LIFETIME_DAYS": "1y"})

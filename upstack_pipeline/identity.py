@@ -3,7 +3,8 @@
 The work is set-based DuckDB SQL in `sql/`, run in order inside one transaction per run:
 
 1. `identifier_normalization` + `identity_observations`: identifiers of the new events, normalised, with
-   placeholders and blocked addresses rejected (and counted).
+   placeholders and blocked addresses rejected (and counted); `identity_rejected_values`: values now seen on
+   more browsers than one person uses, quarantined as supernodes.
 2. `identity_links`: the edges between identifiers observed together, merged into the graph.
 3. `browser_links` + `browser_clusters` (+ `browser_cluster_labels_step`, repeated, + `browser_clusters_finish`):
    cookies that are one browser (a shared session, an ad click handed from an in-app browser to Safari), under
@@ -48,8 +49,8 @@ def resolve_identities(settings: Settings, *, now: datetime) -> IdentityRun:
         watermark = _watermark(connection)
         latest_load = connection.execute("select coalesce(max(load_id), 0) from ingested_files").fetchone()[0]
         _set_variables(connection, settings.identity, after_load_id=watermark, now=now)
-        for step in ("identifier_normalization", "identity_observations", "identity_links", "browser_links",
-                     "email_translations", "browser_clusters"):
+        for step in ("identifier_normalization", "identity_observations", "identity_rejected_values",
+                     "identity_links", "browser_links", "email_translations", "browser_clusters"):
             connection.execute(read_sql(step))
         label_steps = _propagate_cluster_labels(connection)
         for step in ("browser_clusters_finish", "resolved_events", "identities"):
@@ -83,10 +84,10 @@ def _set_variables(
         "blocked_emails": [entry.lower() for entry in identity.blocked_emails],
         "max_emails_per_browser": identity.max_emails_per_browser,
         "max_browsers_per_cluster": identity.max_browsers_per_cluster,
-        "max_browsers_per_kx": identity.max_browsers_per_kx,
+        "max_browsers_per_identifier": identity.max_browsers_per_identifier,
+        "supernode_window": identity.supernode_window,
         "click_handoff_window": identity.click_handoff_window,
-        "email_lookback": identity.email_lookback,
-        "kx_lookback": identity.kx_lookback,
+        "cookie_lifetime": identity.cookie_lifetime,
         "probabilistic_matching": identity.probabilistic_matching,
         "probabilistic_window": identity.probabilistic_window,
     }
@@ -152,7 +153,7 @@ def overview(settings: Settings, *, limit: int = 5) -> IdentityOverview:
             from cart_sessions
         """).fetchone()
         over_guard = connection.execute(read_sql("shared_device_guard_check"), {
-            "email_lookback": guard.email_lookback, "max_emails": guard.max_emails_per_browser,
+            "cookie_lifetime": guard.cookie_lifetime, "max_emails": guard.max_emails_per_browser,
         }).fetchone()[0]
         return IdentityOverview(
             commerce_events=commerce,

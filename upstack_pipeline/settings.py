@@ -34,11 +34,19 @@ class IdentitySettings:
     max_browsers_per_cluster: int = 4
     # An ad click id seen on two browsers within this window is one person switching browser (in-app -> Safari).
     click_handoff_window: timedelta = timedelta(minutes=30)
-    # How long a typed email or login keeps naming a browser's later sessions, and a Klaviyo click (_kx).
-    email_lookback: timedelta = timedelta(days=30)
-    kx_lookback: timedelta = timedelta(days=7)
-    # A Klaviyo _kx seen on more browser clusters than this is a shared link (forwarded, posted): not used.
-    max_browsers_per_kx: int = 3
+    # How long an email, login or Klaviyo click (_kx) seen on a browser keeps naming its later sessions: as long
+    # as the pixel's server-set cookie can live (browsers cap any cookie at 400 days). Outliving Klaviyo's own
+    # 7-day Safari cookie is the product's edge; what ends a tie is a conflicting identity or the shared-device
+    # rule, not age (a 30-day window was measured to lose returning shoppers and buy no precision).
+    cookie_lifetime: timedelta = timedelta(days=400)
+    # Supernodes (shared/identity-design.md 3): an email, phone, customer id or _kx seen on more browsers
+    # (cookies) within `supernode_window` than one person identifies on (a phone, a computer, a tablet) is not one
+    # person's: a placeholder whatever its spelling (asdf@asdf.com), a front-desk phone, a _kx posted to a group.
+    # It is quarantined, never used again, and whatever it named is resolved again. A season rather than a month:
+    # a placeholder that a few strangers a month type adds up past a person's browsers within it, and a person's
+    # browsers over a season (new devices, cleared cookies aside) are still the same few. Measured in the README.
+    max_browsers_per_identifier: int = 3
+    supernode_window: timedelta = timedelta(days=90)
     blocked_emails: tuple[str, ...] = DEFAULT_BLOCKED_EMAILS
     # Same IP and user agent within minutes after a cookie reset: probabilistic, so off unless asked for, and
     # its matches carry their own match_method so delivery can leave them out.
@@ -119,7 +127,8 @@ class Settings:
             klaviyo_base_url=(env.get("KLAVIYO_BASE_URL") or defaults.klaviyo_base_url).rstrip("/"),
             klaviyo_api_key=env.get("KLAVIYO_API_KEY") or None,
             dagster_home=Path(env["DAGSTER_HOME"]) if env.get("DAGSTER_HOME") else None,
-            ingest_batch_bytes=_positive_int(env, "UPSTACK_INGEST_BATCH_BYTES", defaults.ingest_batch_bytes),
+            ingest_batch_bytes=_positive_int(env, "UPSTACK_INGEST_BATCH_BYTES", defaults.ingest_batch_bytes,
+                                             unit="bytes"),
             identity=replace(
                 defaults.identity,
                 blocked_emails=defaults.identity.blocked_emails + tuple(
@@ -127,6 +136,13 @@ class Settings:
                     if entry.strip()
                 ),
                 probabilistic_matching=_flag(env, "UPSTACK_PROBABILISTIC_MATCHING", False),
+                cookie_lifetime=_days(env, "UPSTACK_COOKIE_LIFETIME_DAYS", defaults.identity.cookie_lifetime),
+                max_emails_per_browser=_positive_int(env, "UPSTACK_MAX_EMAILS_PER_BROWSER",
+                                                     defaults.identity.max_emails_per_browser, unit="emails"),
+                max_browsers_per_identifier=_positive_int(env, "UPSTACK_MAX_BROWSERS_PER_IDENTIFIER",
+                                                          defaults.identity.max_browsers_per_identifier,
+                                                          unit="browsers"),
+                supernode_window=_days(env, "UPSTACK_SUPERNODE_WINDOW_DAYS", defaults.identity.supernode_window),
             ),
             destination=DestinationSettings(
                 send_mode=env.get("UPSTACK_SEND_MODE") or defaults.destination.send_mode,
@@ -156,13 +172,17 @@ class Settings:
         )
 
 
-def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+def _positive_int(env: Mapping[str, str], name: str, default: int, *, unit: str) -> int:
     raw = env.get(name)
     if not raw:
         return default
     if not raw.strip().isdigit() or int(raw) < 1:
-        raise ValueError(f"{name} must be a whole number of bytes, e.g. 67108864 (got {raw!r})")
+        raise ValueError(f"{name} must be a whole number of {unit}, e.g. {default} (got {raw!r})")
     return int(raw)
+
+
+def _days(env: Mapping[str, str], name: str, default: timedelta) -> timedelta:
+    return timedelta(days=_positive_int(env, name, default.days, unit="days"))
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
