@@ -1,9 +1,10 @@
 -- Identity resolution measured against the simulator's ground truth (upstack_pipeline/evaluation.py explains the
 -- definitions and why they are what they are; this file implements them).
 --
--- Inputs: raw_events, resolved_events, and the truth CSVs whose paths are in the variables eval_truth_events and
--- eval_truth_people (SET VARIABLE). The connection is read-only, so everything built here is a temp table; the
--- last statement returns one row per method ('ours' = resolved_events, 'baseline' = cookie -> last typed email).
+-- Inputs: raw_events, resolved_events, klaviyo_outbox, and the truth CSVs whose paths are in the variables
+-- eval_truth_events and eval_truth_people (SET VARIABLE). The connection is read-only, so everything built here is a
+-- temp table; the last statement returns one row per method ('ours' = resolved_events and the outbox, 'baseline' =
+-- cookie -> last typed email).
 
 -- Truth people, normalised the way the comparison needs them (emails trimmed and lower-cased, blanks are null).
 create or replace temp table eval_people as
@@ -15,16 +16,22 @@ from read_csv(getvariable('eval_truth_people'), header = true, delim = ',', all_
 
 -- The universe: every commerce event of raw_events that the truth describes, with who really did it. Sessions are
 -- the truth's (identical to the pixel's session_id in the simulator, but the truth is what defines abandonment).
+-- Sendable: what a backup flow may receive at all, whoever resolves it: Klaviyo could not identify the event
+-- natively (klaviyo_native, from resolved_events, so both methods share it) and the shopper did not decline
+-- marketing.
 create or replace temp table eval_commerce as
 select r.event_id, r.event_name, r.event_time, r.anonymous_id, r.session_id, r.source_file, r.line_number,
        t.person_id,
        t.session_id                                   as truth_session_id,
        coalesce(p.email, nullif(lower(trim(t.email)), '')) as true_email,
-       p.kx                                           as true_kx
+       p.kx                                           as true_kx,
+       coalesce(re.klaviyo_native, false)             as native,
+       not coalesce(re.klaviyo_native, false) and r.consent.marketing is distinct from false as sendable
 from raw_events r
 join read_csv(getvariable('eval_truth_events'), header = true, delim = ',', all_varchar = true) t
   on t.event_id = r.event_id
 left join eval_people p on p.person_id = t.person_id
+left join resolved_events re on re.event_id = r.event_id
 where r.event_name in ('ViewContent', 'AddToCart', 'InitiateCheckout', 'Purchase');
 
 -- Identity signals: a raw_events row (any event type) carrying an identifier that belongs to a known person.
@@ -65,9 +72,9 @@ from eval_commerce
 group by truth_session_id
 having bool_or(event_name = 'AddToCart') and not bool_or(event_name = 'Purchase');
 
--- Recall denominator: abandoned-cart AddToCart events whose cookie carried a signal of the true shopper before the
--- event: at an earlier event_time, or (same instant) earlier in the same session in pixel order. The event's own
--- signals do not count: "tied before" is what a resolver can know without this event.
+-- AddToCart events of abandoned sessions whose cookie carried a signal of the true shopper before the event: at an
+-- earlier event_time, or (same instant) earlier in the same session in pixel order. The event's own signals do not
+-- count: "tied before" is what a resolver can know without this event.
 create or replace temp table eval_tied as
 select distinct c.event_id
 from eval_commerce c
@@ -78,15 +85,22 @@ where c.event_name = 'AddToCart'
        or (s.event_time = c.event_time and s.session_id = c.session_id
            and (s.source_file, s.line_number) < (c.source_file, c.line_number)));
 
--- Native abandoned-cart sessions: Klaviyo could already identify some event of the session by itself. Taken from
--- resolved_events for both methods, so the lift of ours and of the baseline share one denominator.
+-- Native abandoned-cart sessions: Klaviyo could already identify some event of the session by itself.
 create or replace temp table eval_native_sessions as
 select c.truth_session_id
 from eval_commerce c
 join eval_abandoned_sessions a on a.truth_session_id = c.truth_session_id
-join resolved_events re on re.event_id = c.event_id
 group by c.truth_session_id
-having bool_or(coalesce(re.klaviyo_native, false));
+having bool_or(c.native);
+
+-- Reachable: abandoned-cart sessions with a cart tied before to the shopper, who did not decline marketing. A
+-- session is reached when Klaviyo identifies it natively or a method sends one of its carts to the right person.
+create or replace temp table eval_reachable_sessions as
+select distinct c.truth_session_id
+from eval_tied t
+join eval_commerce c using (event_id)
+join raw_events r using (event_id)
+where r.consent.marketing is distinct from false;
 
 -- Baseline "cookie -> last email typed on that cookie": the latest non-blank user_data.email on the same
 -- anonymous_id at or before the event (its own row included), no validation and no guards. Rows at the same
@@ -98,64 +112,85 @@ from raw_events
 where trim(user_data.email) <> ''
 group by anonymous_id, event_time;
 
--- What each method attached to each commerce event. An event missing from resolved_events is unresolved.
+-- What Klaviyo received from us for each event: the profile its outbox row was sent (or is to be sent) with.
+-- Refused rows (dead letters) reached nobody.
+create or replace temp table eval_outbox as
+select event_id,
+       if(profile_key like 'email:%', substr(profile_key, 7), null) as email,
+       if(profile_key like 'kx:%', substr(profile_key, 4), null) as kx
+from klaviyo_outbox
+where unique_id = event_id and status <> 'dead_letter';
+
+-- What each method attached to each commerce event, and what it sent. Ours: resolved_events and the outbox. The
+-- baseline sends what it attaches to a sendable event.
 create or replace temp table eval_attributions as
 select 'ours' as method, c.event_id,
        nullif(lower(trim(re.email)), '') as email,
-       nullif(trim(re.kx), '')           as kx
+       nullif(trim(re.kx), '')           as kx,
+       sent.email                        as sent_email,
+       sent.kx                           as sent_kx
 from eval_commerce c
 left join resolved_events re on re.event_id = c.event_id
+left join eval_outbox sent on sent.event_id = c.event_id
 union all
-select 'baseline' as method, c.event_id, b.email, null as kx
+select 'baseline' as method, c.event_id, b.email, null as kx, if(c.sendable, b.email, null), null
 from eval_commerce c
 asof left join eval_typed_emails b on b.anonymous_id = c.anonymous_id and c.event_time >= b.event_time;
 
 -- Correct: the email is the true shopper's; with no email, the Klaviyo exchange id is theirs.
+create or replace temp macro eval_is_correct(email, kx, true_email, true_kx) as
+    case when email is not null then coalesce(email = true_email, false)
+         when kx is not null then coalesce(kx = true_kx, false)
+         else false end;
+
 create or replace temp table eval_scored as
-select a.method, c.event_id, c.event_name, c.truth_session_id,
-       (a.email is not null or a.kx is not null) as resolved,
-       case when a.email is not null then coalesce(a.email = c.true_email, false)
-            when a.kx is not null then coalesce(a.kx = c.true_kx, false)
-            else false end                   as correct,
-       f.event_id is not null                as in_floor,
-       t.event_id is not null                as tied
+select a.method, c.event_id, c.event_name, c.truth_session_id, c.native,
+       (a.email is not null or a.kx is not null)                   as resolved,
+       eval_is_correct(a.email, a.kx, c.true_email, c.true_kx)      as correct,
+       (a.sent_email is not null or a.sent_kx is not null)         as sent,
+       eval_is_correct(a.sent_email, a.sent_kx, c.true_email, c.true_kx) as sent_correct,
+       f.event_id is not null                                      as in_floor
 from eval_attributions a
 join eval_commerce c on c.event_id = a.event_id
-left join eval_floor f on f.event_id = a.event_id
-left join eval_tied t on t.event_id = a.event_id;
+left join eval_floor f on f.event_id = a.event_id;
 
--- Extra sessions: abandoned, not native, and some AddToCart of the session resolved correctly.
-with extra as (
-    select s.method, count(distinct s.truth_session_id) as extra_sessions
+-- Per method and abandoned session: was one of its carts sent to the right person?
+with session_sends as (
+    select s.method, s.truth_session_id, bool_or(s.event_name = 'AddToCart' and s.sent_correct) as cart_sent
     from eval_scored s
     join eval_abandoned_sessions a on a.truth_session_id = s.truth_session_id
-    where s.event_name = 'AddToCart' and s.correct
-      and not exists (select 1 from eval_native_sessions n where n.truth_session_id = s.truth_session_id)
-    group by s.method
+    group by all
+),
+per_session as (
+    select x.method,
+           count(*) filter (where x.cart_sent and n.truth_session_id is null)    as extra_sessions,
+           count(*) filter (where r.truth_session_id is not null)                as reachable_sessions,
+           count(*) filter (where r.truth_session_id is not null
+                            and (x.cart_sent or n.truth_session_id is not null)) as reached_sessions
+    from session_sends x
+    left join eval_native_sessions n on n.truth_session_id = x.truth_session_id
+    left join eval_reachable_sessions r on r.truth_session_id = x.truth_session_id
+    group by x.method
 ),
 per_event as (
     select method,
-           count(*) filter (where resolved)                             as resolved,
-           count(*) filter (where correct)                              as correct,
-           count(*) filter (where resolved and not correct)             as wrong_person,
+           count(*) filter (where resolved)                                  as resolved,
+           count(*) filter (where correct)                                   as correct,
+           count(*) filter (where resolved and not correct)                  as wrong_person,
            count(*) filter (where resolved and not correct and not in_floor) as avoidable_wrong_person,
-           count(*) filter (where tied)                                 as recall_tied,
-           count(*) filter (where tied and correct)                     as recall_correct
+           count(*) filter (where sent)                                      as sent,
+           count(*) filter (where sent and not sent_correct)                 as sent_wrong_person,
+           count(*) filter (where sent and not sent_correct and not in_floor) as sent_avoidable_wrong_person
     from eval_scored
     group by method
 )
-select m.method,
-       coalesce(e.resolved, 0)               as resolved,
-       coalesce(e.correct, 0)                as correct,
-       coalesce(e.wrong_person, 0)           as wrong_person,
-       coalesce(e.avoidable_wrong_person, 0) as avoidable_wrong_person,
-       coalesce(e.recall_tied, 0)            as recall_tied,
-       coalesce(e.recall_correct, 0)         as recall_correct,
+select m.method, e.*, x.* exclude (method),
        (select count(*) from eval_native_sessions) as native_sessions,
-       coalesce(x.extra_sessions, 0)         as extra_sessions,
-       (select count(*) from eval_floor)     as floor,
-       (select count(*) from eval_commerce)  as commerce_events
+       (select count(*) from eval_floor)           as floor,
+       (select count(*) from eval_floor join eval_commerce using (event_id) where sendable) as sent_floor,
+       (select count(*) from eval_commerce)        as commerce_events,
+       (select count(*) from eval_abandoned_sessions) as abandoned_sessions
 from (values ('ours'), ('baseline')) m(method)
-left join per_event e on e.method = m.method
-left join extra x on x.method = m.method
+join per_event e on e.method = m.method
+join per_session x on x.method = m.method
 order by m.method desc;

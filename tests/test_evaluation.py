@@ -50,6 +50,8 @@ class Event:
     ours_email: str | None = None     # resolved_events.email
     ours_kx: str | None = None        # resolved_events.kx
     native: bool = False              # resolved_events.klaviyo_native
+    sent: str | None = None           # klaviyo_outbox status when ours sent it (with ours_email, else ours_kx)
+    declined: bool = False            # consent.marketing is false
 
 
 def build_world(root: Path, people: list[Person], events: list[Event]) -> tuple[Path, Path]:
@@ -75,13 +77,23 @@ def build_world(root: Path, people: list[Person], events: list[Event]) -> tuple[
         connection.execute(read_sql("warehouse"))
         connection.executemany(
             """insert into raw_events (event_id, event_name, event_time, shop, anonymous_id, session_id, user_data,
-                                       raw_json, source_file, line_number, ingested_at, load_id)
-               values (?, ?, ?, 'acme.myshopify.com', ?, ?, ?, ?, 'events/dt=2026-11-26/part-0000.ndjson', ?, ?, 1)""",
+                                       consent, raw_json, source_file, line_number, ingested_at, load_id)
+               values (?, ?, ?, 'acme.myshopify.com', ?, ?, ?, ?, ?, 'events/dt=2026-11-26/part-0000.ndjson', ?, ?,
+                       1)""",
             [[event.event_id, event.name, event.time, event.anonymous_id, event.session_id,
               {"email": event.email, "external_id": event.external_id, "kx": event.kx},
+              {"analytics": None, "marketing": False, "sale_of_data": None} if event.declined else None,
               json.dumps({"event_id": event.event_id}), line, at(5, 0, 0)]
              for line, event in enumerate(events, start=1)],
         )
+        outbox = [[event.event_id, event.event_id, event.name,
+                   f"email:{event.ours_email}" if event.ours_email else f"kx:{event.ours_kx}", event.sent, at(5, 0, 0)]
+                  for event in events if event.sent]
+        if outbox:
+            connection.executemany(
+                """insert into klaviyo_outbox (unique_id, event_id, event_name, metric_name, profile_key, profile,
+                                               event, backfill, status, created_at)
+                   values (?, ?, ?, 'Added to Cart from Upstack', ?, '{}', '{}', false, ?, ?)""", outbox)
         # Only the columns the evaluation relies on, whatever the resolver's own schema in warehouse.sql holds.
         connection.execute("drop table if exists resolved_events")
         connection.execute("""
@@ -115,8 +127,9 @@ def family_world() -> list[Event]:
         # A stray wrong kx does not matter when the email is right.
         Event("a4", ALICE, "Purchase", at(1, 10, 3), "tablet", "S1", email="alice@mail.com",
               ours_email="alice@mail.com", ours_kx="KX_B", native=True),
-        # S2, day 2: Bob on the tablet, never identifies, abandons: the floor. Ours names Alice once (unavoidable).
-        Event("b1", BOB, "ViewContent", at(2, 9, 0), "tablet", "S2", ours_email="alice@mail.com"),
+        # S2, day 2: Bob on the tablet, never identifies, abandons: the floor. Ours names Alice once (unavoidable)
+        # and sends it.
+        Event("b1", BOB, "ViewContent", at(2, 9, 0), "tablet", "S2", ours_email="alice@mail.com", sent="delivered"),
         Event("b2", BOB, "AddToCart", at(2, 9, 1), "tablet", "S2"),
         # S7, day 3: Bob on the tablet again, types his own email later in the session: not the floor.
         Event("b3", BOB, "ViewContent", at(3, 9, 0), "tablet", "S7", ours_email="bob@mail.com", native=True),
@@ -126,12 +139,13 @@ def family_world() -> list[Event]:
         Event("b5", BOB, "AddToCart", at(1, 12, 0), "bob-phone", "S6", ours_email="bob@mail.com", native=True),
         Event("b6", BOB, "InitiateCheckout", at(1, 12, 1), "bob-phone", "S6", email="bob@mail.com",
               ours_email="bob@mail.com", native=True),
-        # S3, Carol logs in, browses, abandons. Ours gets the cart (tied, extra) but puts Bob on a view (avoidable).
+        # S3, Carol logs in, browses, abandons. Ours gets the cart (tied, extra) but puts Bob on a view (avoidable),
+        # and sends both.
         Event("c0", CAROL, "Identify", at(1, 8, 0), "carol-phone", "S3", external_id="C3"),
         Event("c1", CAROL, "ViewContent", at(1, 8, 1), "carol-phone", "S3", external_id="C3",
-              ours_email="bob@mail.com"),
+              ours_email="bob@mail.com", sent="pending"),
         Event("c2", CAROL, "AddToCart", at(1, 8, 2), "carol-phone", "S3", external_id="C3",
-              ours_email="carol@mail.com"),
+              ours_email="carol@mail.com", sent="delivered"),
         # S4, Dan types a placeholder into a form, then a blank; Klaviyo knows him natively. Ours attaches a wrong
         # kx once (avoidable); the baseline attaches the placeholder twice (avoidable: it is nobody's signal).
         Event("d0", DAN, "Identify", at(1, 7, 0), "dan-laptop", "S4", email="test@test.com"),
@@ -142,7 +156,7 @@ def family_world() -> list[Event]:
         Event("e1", ERIN, "AddToCart", at(1, 6, 1), "erin-phone", "S5", ours_kx="KX_E", native=True),
         # S8, Alice logged in on her desktop: her id rides on the cart itself, nothing earlier (not tied before).
         Event("a8", ALICE, "AddToCart", at(2, 15, 0), "alice-desktop", "S8", external_id="C1",
-              ours_email="alice@mail.com"),
+              ours_email="alice@mail.com", sent="pending"),
     ]
 
 
@@ -156,29 +170,35 @@ def test_each_metric_has_its_exact_value(family: Evaluation):
     # 16 commerce events: a1-a4, b1-b6, c1, c2, d1, d2, e1, a8.
     assert family.commerce_events == 16
     # Floor: b1, b2 (the latest signal on the tablet is Alice's, Bob gives none in S2). Not b3/b4: Bob types his
-    # email in S7. Not d1/d2: the placeholder maps to nobody.
-    assert family.floor == 2
+    # email in S7. Not d1/d2: the placeholder maps to nobody. Both are sendable (not native, marketing allowed).
+    assert (family.floor, family.sent_floor) == (2, 2)
     # Abandoned-cart sessions: S2, S6, S3, S4, S5, S8 (S1 bought). Native: S6 (b5, b6), S4 (d1), S5 (e1).
-    # Tied before: c2 (Carol's login c0) and e1 (Erin's _kx e0); not b2 (Bob's signals are later or elsewhere),
-    # not b5 (the email comes after the cart), not d2 (placeholder), not a8 (only the event's own id).
+    assert family.abandoned_sessions == 6
+    # Reachable: S3 (c2, tied by Carol's login c0) and S5 (e1, tied by Erin's _kx e0); not S2 (Bob's signals are
+    # later or elsewhere), S6 (the email comes after the cart), S4 (placeholder), S8 (only the cart's own id).
     # Ours: resolved = all but b2, d2; wrong = b1 (floor), c1 (Bob's email on Carol), d1 (Alice's kx on Dan).
-    # Extra = S3 (c2) and S8 (a8); S2's cart is unresolved.
+    # Sent: b1 (floor), c1 (avoidable), c2, a8 (d1 is native: Klaviyo's, not ours to send). Reached: S3 (c2 sent to
+    # Carol), S5 (native). Extra = S3 (c2) and S8 (a8); S2's cart is unresolved.
     assert family.ours == ResolutionScore(
         resolved=14, correct=11, wrong_person=3, avoidable_wrong_person=2,
-        recall_tied=2, recall_correct=2, native_sessions=3, extra_sessions=2,
+        sent=4, sent_wrong_person=2, sent_avoidable_wrong_person=1,
+        reachable_sessions=2, reached_sessions=2, native_sessions=3, extra_sessions=2,
     )
     # Baseline: a1, a2, b5 come before any email on their cookie, c*, e1, a8 have none; a3, a4, b4, b6 are right
     # (the event's own typed email counts); b1, b2 get Alice (floor); b3 gets Alice although Bob types his email a
     # minute later (avoidable); d1, d2 get test@test.com (the blank on d1 does not replace it; avoidable).
+    # Sendable among them: b1, b2 (floor) and d2 (avoidable). It reaches S5 only, natively.
     assert family.baseline == ResolutionScore(
         resolved=9, correct=4, wrong_person=5, avoidable_wrong_person=3,
-        recall_tied=2, recall_correct=0, native_sessions=3, extra_sessions=0,
+        sent=3, sent_wrong_person=3, sent_avoidable_wrong_person=1,
+        reachable_sessions=2, reached_sessions=1, native_sessions=3, extra_sessions=0,
     )
     assert family.ours.precision == pytest.approx(11 / 14)
+    assert family.ours.sent_precision == pytest.approx(2 / 4)
     assert family.ours.recall == 1.0
     assert family.ours.lift == pytest.approx(2 / 3)
     assert family.baseline.precision == pytest.approx(4 / 9)
-    assert (family.baseline.recall, family.baseline.lift) == (0.0, 0.0)
+    assert (family.baseline.sent_precision, family.baseline.recall, family.baseline.lift) == (0.0, 0.5, 0.0)
 
 
 def test_the_table_shows_both_methods_and_the_floor(family: Evaluation):
@@ -186,13 +206,14 @@ def test_the_table_shows_both_methods_and_the_floor(family: Evaluation):
     lines = text.splitlines()
     ours = next(line for line in lines if line.startswith("ours"))
     baseline = next(line for line in lines if line.startswith("baseline"))
-    for expected in ("78.6%", "of 14", "3 (2)", "100.0%", "2/2", "66.7%", "2/3"):
+    for expected in ("78.6%", "of 14", "3 (2)", "50.0%", "of 4", "2 (1)", "100.0%", "2/2", "66.7%", "2/3"):
         assert expected in ours
-    for expected in ("44.4%", "of 9", "5 (3)", "0.0%", "0/2", "0/3"):
+    for expected in ("44.4%", "of 9", "5 (3)", "0.0%", "of 3", "3 (1)", "50.0%", "1/2", "0/3"):
         assert expected in baseline
-    assert "16 commerce events" in lines[0]
-    assert any(line.startswith("floor: 2 ") for line in lines)
-    assert all(column in lines[1] for column in ("precision", "wrong-person (avoidable)", "recall", "lift"))
+    assert "16 commerce events, 6 abandoned-cart sessions" in lines[0]
+    assert any(line.startswith("floor: 2 wrong-person events (2 of them sendable)") for line in lines)
+    assert all(column in lines[1] for column in ("resolved: precision", "sent: precision", "wrong (avoidable)",
+                                                 "reachable reached", "lift"))
 
 
 FRANK = Person("P6", "frank@mail.com", customer_id="F1", kx="KX_F")
@@ -203,22 +224,42 @@ def test_tied_before_means_an_earlier_time_or_earlier_in_the_same_session_never_
     events = [
         # Same instant, same session, earlier in pixel order: tied.
         Event("f1", FRANK, "Identify", noon, "f", "S1", email="frank@mail.com"),
-        Event("f2", FRANK, "AddToCart", noon, "f", "S1", ours_email="frank@mail.com"),
+        Event("f2", FRANK, "AddToCart", noon, "f", "S1", ours_email="frank@mail.com", sent="delivered"),
         # The cart carries the id itself, nothing earlier: not tied.
-        Event("g1", FRANK, "AddToCart", noon, "g", "S2", external_id="F1", ours_email="frank@mail.com"),
+        Event("g1", FRANK, "AddToCart", noon, "g", "S2", external_id="F1", ours_email="frank@mail.com",
+              sent="delivered"),
         # Same instant on the same cookie but another session: not tied.
         Event("h0", FRANK, "PageView", noon, "h", "S3x", kx="KX_F"),
-        Event("h1", FRANK, "AddToCart", noon, "h", "S3", ours_kx="KX_F"),
+        Event("h1", FRANK, "AddToCart", noon, "h", "S3", ours_kx="KX_F", sent="pending"),
     ]
     warehouse, truth = build_world(tmp_path, [FRANK], events)
 
     evaluation = evaluate(warehouse, truth)
 
-    assert (evaluation.ours.recall_tied, evaluation.ours.recall_correct) == (1, 1)
-    assert (evaluation.baseline.recall_tied, evaluation.baseline.recall_correct) == (1, 1)  # f1's email, same instant
+    assert (evaluation.ours.reachable_sessions, evaluation.ours.reached_sessions) == (1, 1)
+    assert (evaluation.baseline.reachable_sessions, evaluation.baseline.reached_sessions) == (1, 1)  # f1's email
     # No session is native: the lift's denominator is 0 and the ratio reads 0, the counts tell the story.
     assert (evaluation.ours.native_sessions, evaluation.ours.extra_sessions, evaluation.ours.lift) == (0, 3, 0.0)
     assert (evaluation.floor, evaluation.ours.wrong_person) == (0, 0)
+
+
+def test_a_refused_event_reached_nobody_and_a_declined_shopper_is_not_reachable(tmp_path: Path):
+    noon = at(1, 12, 0)
+    events = [
+        # Tied by an earlier login, sent, but Klaviyo refused it (a dead letter): not reached.
+        Event("f0", FRANK, "Identify", noon, "f", "S0", external_id="F1"),
+        Event("f1", FRANK, "AddToCart", at(2, 12, 0), "f", "S1", ours_email="frank@mail.com", sent="dead_letter"),
+        # Tied too, but Frank declined marketing on this cart: no backup flow may reach it, so it is not reachable.
+        Event("f2", FRANK, "AddToCart", at(3, 12, 0), "f", "S2", ours_email="frank@mail.com", declined=True),
+    ]
+    warehouse, truth = build_world(tmp_path, [FRANK], events)
+
+    evaluation = evaluate(warehouse, truth)
+
+    assert (evaluation.ours.sent, evaluation.ours.reachable_sessions, evaluation.ours.reached_sessions) == (0, 1, 0)
+    assert evaluation.ours.resolved == 2
+    # The baseline never sends to a shopper who declined, nor anything without a typed email.
+    assert evaluation.baseline.sent == 0
 
 
 def test_missing_inputs_say_what_to_do(tmp_path: Path):
@@ -245,7 +286,7 @@ END = datetime(2026, 11, 28, tzinfo=UTC)
 
 def test_simulated_traffic_scored_with_the_baseline_as_resolver_matches_the_baseline(tmp_path: Path):
     landing = tmp_path / "landing"
-    simulate(landing, visitors=300, days=2, seed=11, end=END)
+    simulate(landing, visitors=300, days=14, seed=11, end=END)
     settings = Settings(landing_dir=landing, warehouse_path=tmp_path / "warehouse.duckdb")
     ingest_events(settings, now=END + timedelta(hours=1))
     # The baseline rule written independently (a correlated subquery, not the evaluation's ASOF join).
@@ -268,6 +309,14 @@ def test_simulated_traffic_scored_with_the_baseline_as_resolver_matches_the_base
             ) typed on true
             where r.event_name in ('ViewContent', 'AddToCart', 'InitiateCheckout', 'Purchase')""")
         (commerce,) = connection.execute("select count(*) from resolved_events").fetchone()
+        # ...which sends what it resolves among the events Klaviyo could not identify, to shoppers who allow it.
+        connection.execute("""
+            insert into klaviyo_outbox (unique_id, event_id, event_name, metric_name, profile_key, profile, event,
+                                        backfill, status, created_at)
+            select re.event_id, re.event_id, re.event_name, 'm', 'email:' || re.email, '{}', '{}', false, 'pending',
+                   now()
+            from resolved_events re join raw_events r using (event_id)
+            where re.email is not null and not re.klaviyo_native and r.consent.marketing is distinct from false""")
 
     evaluation = evaluate(settings.warehouse_path, landing / "truth")
 
@@ -276,6 +325,7 @@ def test_simulated_traffic_scored_with_the_baseline_as_resolver_matches_the_base
     score = evaluation.baseline
     assert 0 < score.correct <= score.resolved <= commerce
     assert 0 <= score.avoidable_wrong_person <= score.wrong_person == score.resolved - score.correct
-    assert 0 <= score.recall_correct <= score.recall_tied and score.recall_tied > 0
+    assert 0 < score.sent <= score.resolved and 0 <= score.sent_avoidable_wrong_person <= score.sent_wrong_person
+    assert 0 <= score.reached_sessions <= score.reachable_sessions and score.reachable_sessions > 0
     assert score.native_sessions > 0
     assert "baseline" in format_evaluation(evaluation)

@@ -6,13 +6,17 @@ Klaviyo exchange id (`kx`). This module compares `resolved_events` with that tru
 rule every shop could run tomorrow: "cookie -> last email typed on that cookie" (the baseline).
 
 The product's promise (SPEC section 1) is "more identified abandoners, and never the wrong person's email", so the
-numbers are about those two things:
+numbers are about those two things, first for every commerce event (ViewContent, AddToCart, InitiateCheckout,
+Purchase) a method resolves, then for the ones it *sends*: what a backup flow receives.
 
-* **Precision** = correct / resolved, over commerce events (ViewContent, AddToCart, InitiateCheckout, Purchase).
-  An event is *resolved* when it carries an email or a `kx`. It is *correct* when its email (trimmed, lower-cased)
-  is the true shopper's email, or, when it carries no email, its `kx` is the true shopper's `kx`: the email is what
-  Klaviyo will act on, so a right `kx` never excuses a wrong email. A resolved event that is not correct is a
-  *wrong-person* event: a flow email about one person's cart sent to someone else.
+* **Precision** = correct / resolved. An event is *resolved* when it carries an email or a `kx`. It is *correct*
+  when its email (trimmed, lower-cased) is the true shopper's email, or, when it carries no email, its `kx` is the
+  true shopper's `kx`: the email is what Klaviyo will act on, so a right `kx` never excuses a wrong email. A
+  resolved event that is not correct is a *wrong-person* event.
+* **Sent**: ours sends what reached `klaviyo_outbox` (with the profile it was sent with; rows Klaviyo refused
+  reached nobody). Only *sendable* events can reach a backup flow at all: Klaviyo could not identify them natively
+  and the shopper did not decline marketing; the baseline sends what it resolves among those. A wrong-person event
+  sent is a flow email about one person's cart in another person's inbox.
 * **Floor**: some wrong-person events no deterministic method can avoid. When Bob picks up the family tablet on
   which Alice typed her email yesterday and browses without ever identifying himself, everything the pixel saw
   says "Alice". An event of person P is in the floor when the latest identity signal on its cookie strictly before
@@ -20,18 +24,19 @@ numbers are about those two things:
   back from later in the session cannot find P either). Only values that map to a known person are signals (a
   placeholder email or the store's support address maps to nobody, is skipped, and an error caused by it is
   avoidable: a guard would have stopped it). Wrong-person events outside the floor are *avoidable*; a good
-  resolver has none.
-* **Recall** ("coverage of the reachable"): most abandoned carts belong to people the pixel never saw identify,
-  and no method can name them; dividing by all carts would measure the traffic, not the resolver. So the
-  denominator is the abandoned-cart AddToCart events (their truth session has no Purchase) whose cookie was
-  deterministically tied to the true shopper *before* the event: the same anonymous_id carried, at an earlier
-  event_time (or at the same instant, earlier in the same session in pixel order), the shopper's email, Shopify
-  customer id (`external_id`) or `kx`. Recall is the share of those resolved correctly.
-* **Lift**: what the backup flows add on top of Klaviyo's own tracking. Over abandoned-cart sessions (truth sessions
-  with an AddToCart and no Purchase), *native* sessions are those where Klaviyo could already identify some event
-  (`klaviyo_native` in resolved_events); *extra* sessions are not native and have an AddToCart resolved correctly.
-  Lift = extra / native. The native set always comes from resolved_events, so ours and the baseline share one
-  denominator and their lifts compare.
+  resolver has none. `sent_floor` counts the floor's sendable events.
+* **Reachable abandoned sessions**: most abandoned carts belong to people the pixel never saw identify, and no
+  method can name them; dividing by all carts would measure the traffic, not the resolver. An abandoned-cart
+  session (a truth session with an AddToCart and no Purchase) is *reachable* when one of its AddToCart events was
+  deterministically tied to the true shopper *before* it, whose shopper did not decline marketing: the same
+  anonymous_id carried, at an earlier event_time (or at the same instant, earlier in the same session in pixel
+  order), the shopper's email, Shopify customer id (`external_id`) or `kx`. It is *reached* when Klaviyo
+  identifies the session natively or the method sends one of its carts to the right person. Recall = reached /
+  reachable.
+* **Lift**: what the backup flows add on top of Klaviyo's own tracking. *Native* abandoned sessions are those
+  where Klaviyo could already identify some event (`klaviyo_native` in resolved_events); *extra* sessions are not
+  native and had a cart sent to the right person. Lift = extra / native. The native set always comes from
+  resolved_events, so ours and the baseline share one denominator and their lifts compare.
 
 The baseline is scored with exactly the same rules: for every commerce event, the email is lower(trim()) of the
 latest non-blank `user_data.email` on the same anonymous_id at or before the event (its own row included; rows at
@@ -63,22 +68,29 @@ def _ratio(numerator: int, denominator: int) -> float:
 class ResolutionScore:
     """How one method (ours or the baseline) did; counts, so a reader can see how much evidence a rate rests on."""
 
-    resolved: int                # commerce events given an email or a kx
-    correct: int                 # ... whose email (or, without email, kx) is the true shopper's
-    wrong_person: int            # resolved - correct
-    avoidable_wrong_person: int  # wrong-person events outside the floor: should be 0
-    recall_tied: int             # abandoned-cart AddToCart events whose cookie was tied to the shopper before
-    recall_correct: int          # ... of which resolved correctly
-    native_sessions: int         # abandoned-cart sessions Klaviyo identifies natively (same for both methods)
-    extra_sessions: int          # abandoned-cart sessions not native with an AddToCart resolved correctly
+    resolved: int                     # commerce events given an email or a kx
+    correct: int                      # ... whose email (or, without email, kx) is the true shopper's
+    wrong_person: int                 # resolved - correct
+    avoidable_wrong_person: int       # wrong-person events outside the floor
+    sent: int                         # commerce events sent to Klaviyo (ours: the outbox; baseline: sendable)
+    sent_wrong_person: int            # ... to someone other than the shopper
+    sent_avoidable_wrong_person: int  # ... outside the floor: should be 0
+    reachable_sessions: int           # abandoned-cart sessions with a cart tied to the shopper before
+    reached_sessions: int             # ... Klaviyo-native, or a cart sent to the right person
+    native_sessions: int              # abandoned-cart sessions Klaviyo identifies natively (same for both methods)
+    extra_sessions: int               # abandoned-cart sessions not native with a cart sent to the right person
 
     @property
     def precision(self) -> float:
         return _ratio(self.correct, self.resolved)
 
     @property
+    def sent_precision(self) -> float:
+        return _ratio(self.sent - self.sent_wrong_person, self.sent)
+
+    @property
     def recall(self) -> float:
-        return _ratio(self.recall_correct, self.recall_tied)
+        return _ratio(self.reached_sessions, self.reachable_sessions)
 
     @property
     def lift(self) -> float:
@@ -89,8 +101,10 @@ class ResolutionScore:
 class Evaluation:
     ours: ResolutionScore
     baseline: ResolutionScore
-    floor: int            # wrong-person events no deterministic method can avoid (see the module docstring)
-    commerce_events: int  # commerce events in raw_events that the truth describes
+    floor: int               # wrong-person events no deterministic method can avoid (see the module docstring)
+    sent_floor: int          # ... among the sendable events
+    commerce_events: int     # commerce events in raw_events that the truth describes
+    abandoned_sessions: int  # truth sessions with an AddToCart and no Purchase
 
 
 def evaluate(warehouse_path: Path, truth_dir: Path) -> Evaluation:
@@ -123,10 +137,10 @@ def evaluate(warehouse_path: Path, truth_dir: Path) -> Evaluation:
         rows = {row[0]: dict(zip(columns, row)) for row in cursor.fetchall()}
     finally:
         connection.close()
-    floor, commerce_events = rows["ours"]["floor"], rows["ours"]["commerce_events"]
+    totals = rows["ours"]
     return Evaluation(
         ours=_score(rows["ours"]), baseline=_score(rows["baseline"]),
-        floor=int(floor), commerce_events=int(commerce_events),
+        **{name: int(totals[name]) for name in ("floor", "sent_floor", "commerce_events", "abandoned_sessions")},
     )
 
 
@@ -175,23 +189,30 @@ def _score(row: dict) -> ResolutionScore:
 
 
 def format_evaluation(evaluation: Evaluation) -> str:
-    """A short table for a person: precision, wrong-person (avoidable), recall and lift per method, then the floor."""
-    header = f"{'':<9}{'precision':>16}  {'wrong-person (avoidable)':>24}  {'recall':>17}  {'lift':>17}"
-    lines = [f"Identity resolution vs ground truth ({evaluation.commerce_events:,} commerce events)", header]
+    """A short table for a person: per method, what it resolved and what it sent (precision, wrong-person events and
+    how many were avoidable), the reachable abandoned sessions it reached, and its lift; then the floor."""
+    lines = [
+        f"Identity resolution vs ground truth: {evaluation.commerce_events:,} commerce events, "
+        f"{evaluation.abandoned_sessions:,} abandoned-cart sessions",
+        f"{'':<9}{'resolved: precision':>23} {'wrong (avoidable)':>18}  {'sent: precision':>19} "
+        f"{'wrong (avoidable)':>18}  {'reachable reached':>19}  {'lift':>15}",
+    ]
     for name, score in (("ours", evaluation.ours), ("baseline", evaluation.baseline)):
         lines.append(
             f"{name:<9}"
-            f"{_percent(score.precision):>7} {f'of {score.resolved:,}':>8}  "
-            f"{f'{score.wrong_person:,} ({score.avoidable_wrong_person:,})':>24}  "
-            f"{_percent(score.recall):>7} {f'{score.recall_correct:,}/{score.recall_tied:,}':>9}  "
-            f"{_percent(score.lift):>7} {f'{score.extra_sessions:,}/{score.native_sessions:,}':>9}"
+            f"{_percent(score.precision):>7} {f'of {score.resolved:,}':>15} "
+            f"{f'{score.wrong_person:,} ({score.avoidable_wrong_person:,})':>18}  "
+            f"{_percent(score.sent_precision):>7} {f'of {score.sent:,}':>11} "
+            f"{f'{score.sent_wrong_person:,} ({score.sent_avoidable_wrong_person:,})':>18}  "
+            f"{_percent(score.recall):>7} {f'{score.reached_sessions:,}/{score.reachable_sessions:,}':>11}  "
+            f"{_percent(score.lift):>6} {f'{score.extra_sessions:,}/{score.native_sessions:,}':>8}"
         )
-    lines.append(
-        f"floor: {evaluation.floor:,} wrong-person events no deterministic method can avoid "
-        "(another person's identity on the cookie, none of the shopper's own in the session)"
-    )
-    lines.append("recall: correct / abandoned carts whose cookie was tied to the shopper before; "
-                 "lift: extra abandoned-cart sessions / sessions Klaviyo identifies natively")
+    lines += [
+        f"floor: {evaluation.floor:,} wrong-person events ({evaluation.sent_floor:,} of them sendable) no deterministic "
+        "method can avoid (another person's identity on the cookie, none of the shopper's own in the session)",
+        "sent: to a backup flow (not Klaviyo-native, marketing allowed); reachable: abandoned carts tied to the shopper "
+        "before, reached natively or sent to the right person; lift: extra sessions / Klaviyo-native sessions",
+    ]
     return "\n".join(lines)
 
 
