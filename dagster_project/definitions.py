@@ -2,6 +2,7 @@
 
 import os
 import socket
+from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
@@ -22,16 +23,18 @@ def defs() -> dg.Definitions:
     return load_definitions()
 
 
-def run_sync(settings: Settings, instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+def run_sync(settings: Settings, instance: dg.DagsterInstance, *,
+             as_of: datetime | None = None) -> dg.ExecuteInProcessResult:
     """One run of the whole asset graph in this process, as the schedule runs it, recorded in `instance`.
 
-    Paths come from `settings`; everything else the assets read from the environment at run time.
+    Paths (and, for a replay of past traffic, the clock `as_of`) come from the arguments; everything else the
+    assets read from the environment at run time.
     """
     release_abandoned_cli_runs(instance)
     job = load_definitions().resolve_job_def(SYNC_JOB_NAME)
     return job.execute_in_process(
         instance=instance,
-        resources={"upstack": UpstackResource.from_settings(settings)},
+        resources={"upstack": UpstackResource.from_settings(settings, as_of=as_of)},
         run_config=QUIET_LOGS,
         raise_on_error=False,
         tags={"upstack/trigger": "cli", "upstack/host": socket.gethostname(), "upstack/pid": str(os.getpid())},

@@ -7,6 +7,7 @@ in run configuration or metadata.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
@@ -20,14 +21,21 @@ WAREHOUSE_POOL = "duckdb_warehouse"
 
 
 class UpstackResource(dg.ConfigurableResource):
-    """Where the landing folder and the DuckDB warehouse are."""
+    """Where the landing folder and the DuckDB warehouse are, and the run's clock."""
 
     landing_dir: str
     warehouse_path: str
+    # A replay of past traffic (the demo) runs as if it were this moment, ISO 8601 with an offset, so sessions go
+    # idle and events age as they did then. Empty: the wall clock.
+    as_of: str = ""
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "UpstackResource":
-        return cls(landing_dir=str(settings.landing_dir), warehouse_path=str(settings.warehouse_path))
+    def from_settings(cls, settings: Settings, *, as_of: datetime | None = None) -> "UpstackResource":
+        return cls(landing_dir=str(settings.landing_dir), warehouse_path=str(settings.warehouse_path),
+                   as_of=as_of.isoformat() if as_of else "")
+
+    def now(self) -> datetime:
+        return datetime.fromisoformat(self.as_of) if self.as_of else datetime.now(timezone.utc)
 
     def settings(self) -> Settings:
         return Settings.from_env().with_paths(

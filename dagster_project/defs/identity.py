@@ -1,7 +1,5 @@
 """Identity resolution: who is behind each commerce event (identity_links -> identities -> resolved_events)."""
 
-from datetime import datetime, timezone
-
 import dagster as dg
 
 from dagster_project.metadata import markdown_table
@@ -35,7 +33,7 @@ identity_checks = [
 def identity_resolution(upstack: UpstackResource):
     """One transaction builds all three tables, so they never disagree with each other."""
     settings = upstack.settings()
-    run = resolve_identities(settings, now=datetime.now(timezone.utc))
+    run = resolve_identities(settings, now=upstack.now())
     state = overview(settings)
     yield dg.MaterializeResult(asset_key="identity_links", metadata={
         "summary": dg.MetadataValue.text(

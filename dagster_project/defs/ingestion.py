@@ -1,7 +1,5 @@
 """Landing files into the warehouse: `raw_events` and `customers`, with checks on the landing folder's health."""
 
-from datetime import datetime, timezone
-
 import dagster as dg
 
 from dagster_project.metadata import ingestion_metadata
@@ -28,7 +26,7 @@ landing_checks = [
     description="Storefront events from the landing folder's new files; bad lines go to quarantined_events.",
 )
 def raw_events(context: dg.AssetExecutionContext, upstack: UpstackResource):
-    now = datetime.now(timezone.utc)
+    now = upstack.now()
     report = ingest_events(upstack.settings(), now=now, log=context.log.warning)
     table = overview(upstack.warehouse(), table="raw_events", quarantine_table="quarantined_events",
                      recent_columns="event_id, event_name, event_time, anonymous_id, source_file", now=now)
@@ -68,7 +66,7 @@ def warn_unless_zero(check_name: str, count: int, label: str, what_to_do: str) -
     description="Shopify customers export (optional): links customer ids to emails; newest export wins.",
 )
 def customers(context: dg.AssetExecutionContext, upstack: UpstackResource) -> dg.MaterializeResult:
-    now = datetime.now(timezone.utc)
+    now = upstack.now()
     report = ingest_customers(upstack.settings(), now=now, log=context.log.warning)
     table = overview(upstack.warehouse(), table="customers", quarantine_table="quarantined_customers",
                      recent_columns="customer_id, first_name, city, country, source_file", now=now)

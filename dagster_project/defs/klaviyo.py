@@ -1,7 +1,5 @@
 """Klaviyo: resolved commerce events -> the outbox of payloads (klaviyo_payloads) -> Klaviyo (klaviyo_delivery)."""
 
-from datetime import datetime, timezone
-
 import dagster as dg
 
 from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
@@ -30,7 +28,7 @@ mapping_checks = [
 )
 def klaviyo_payloads(upstack: UpstackResource):
     settings = upstack.settings()
-    now = datetime.now(timezone.utc)
+    now = upstack.now()
     run = map_events(settings, now=now)
     state = overview(settings, now=now)
     yield dg.MaterializeResult(metadata=payload_metadata(run.outbox_rows, run.skipped, state))
@@ -86,7 +84,7 @@ delivery_checks = [
 )
 def klaviyo_delivery(context: dg.AssetExecutionContext, upstack: UpstackResource):
     settings = upstack.settings()
-    now = datetime.now(timezone.utc)
+    now = upstack.now()
     try:
         run = deliver(settings, now=now)
     except KlaviyoAuthError as error:
