@@ -1,11 +1,11 @@
 """Does an hourly identity run cost in proportion to the hour, not the history?
 
-Simulates a history (default 3,000 visitors over 14 days), ingests all of it but the last six hours and resolves it
+Simulates a history (default 3,000 visitors over 60 days), ingests all of it but the last six hours and resolves it
 in one run (the full rebuild); then ingests each of the last six hours and resolves again, one run per hour, as
 the hourly schedule would. Reports each hourly run's time as a share of the full run's, beside the share of the
 events it brought: both measured in the same process, since absolute seconds on a shared machine mean little.
 
-    .venv/bin/python bench/identity.py [--visitors 3000] [--days 14]
+    .venv/bin/python bench/identity.py [--visitors 3000] [--days 60]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ HOURS = 6
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--visitors", type=int, default=3000)
-    parser.add_argument("--days", type=int, default=14)
+    parser.add_argument("--days", type=int, default=60)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:

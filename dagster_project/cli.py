@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import fields
 import shutil
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
@@ -15,11 +16,14 @@ import dagster as dg
 from dagster_project.definitions import run_sync, sync_instance
 from upstack_pipeline.evaluation import evaluate, format_evaluation
 from upstack_pipeline.klaviyo.client import KlaviyoAuthError, KlaviyoClient, check_key
+from upstack_pipeline.replay import ReplayStep, replay
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.simulate import simulate
+from upstack_pipeline.simulate import WorldRates, simulate
 
 # The demo's key for its own local emulator; it opens nothing anywhere else.
 DEMO_KEY = "pk_demo_local_emulator_only"
+# The sweep's worlds end at a fixed moment, so its table is the same on every machine and every day.
+SWEEP_END = datetime(2026, 12, 1, tzinfo=timezone.utc)
 
 
 def summarize(result: dg.ExecuteInProcessResult, seconds: float, instance_label: str) -> str:
@@ -45,18 +49,28 @@ def summarize(result: dg.ExecuteInProcessResult, seconds: float, instance_label:
 
 def command_sync(settings: Settings) -> int:
     instance = sync_instance(settings)
-    label = str(settings.dagster_home) if settings.dagster_home else "in-memory, set DAGSTER_HOME to keep history"
     started = time.monotonic()
     with instance:
         result = run_sync(settings, instance)
-    print(summarize(result, time.monotonic() - started, label))
+    print(summarize(result, time.monotonic() - started, instance_label(settings)))
+    return sync_status(result)
+
+
+def instance_label(settings: Settings) -> str:
+    return str(settings.dagster_home) if settings.dagster_home else "in-memory, set DAGSTER_HOME to keep history"
+
+
+def sync_status(result: dg.ExecuteInProcessResult) -> int:
+    """1 when the run failed or a check of ERROR severity did (a rejected Klaviyo key, say), else 0."""
     failed_errors = [check for check in result.get_asset_check_evaluations()
                      if not check.passed and check.severity == dg.AssetCheckSeverity.ERROR]
     return 0 if result.success and not failed_errors else 1
 
 
 def command_simulate(args: argparse.Namespace) -> int:
-    summary = simulate(Path(args.out_dir), visitors=args.visitors, days=args.days, seed=args.seed, end=args.end)
+    rates = WorldRates(**{rate.name: getattr(args, rate.name) for rate in fields(WorldRates)})
+    summary = simulate(Path(args.out_dir), visitors=args.visitors, days=args.days, seed=args.seed, end=args.end,
+                       rates=rates)
     print(
         f"upstack simulate: {summary.people:,} people, {summary.events:,} events in {summary.event_files:,} files "
         f"({summary.duplicate_lines:,} pixel retries, {summary.bad_lines:,} bad lines), "
@@ -66,36 +80,62 @@ def command_simulate(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace, settings: Settings) -> int:
-    """Fresh simulated traffic in a folder of its own, then one sync over it."""
+    """Fresh simulated traffic in a folder of its own, replayed into the pipeline as it would have arrived (the
+    history in one sync, then one sync per day), delivered into a local Klaviyo emulator, then scored."""
     demo_dir = Path(args.dir)
     if demo_dir.exists():
         shutil.rmtree(demo_dir)
-    landing = demo_dir / "landing"
-    summary = simulate(landing, visitors=args.visitors, days=args.days, seed=args.seed)
+    simulation = demo_dir / "simulation"
+    summary = simulate(simulation, visitors=args.visitors, days=args.days, seed=args.seed)
     print(
         f"Simulated {summary.people:,} shoppers over {args.days} days: {summary.events:,} events in "
         f"{summary.event_files:,} files, with {summary.duplicate_lines:,} pixel retries and {summary.bad_lines:,} "
-        f"bad lines mixed in.\n"
+        f"bad lines mixed in.\nReplaying them as they would have landed: everything before the last "
+        f"{args.live_days} days in one sync, then one sync per day, each at the hour after its day ends.\n"
     )
-    demo_settings = settings.with_paths(landing_dir=landing, warehouse_path=demo_dir / "warehouse.duckdb")
+    demo_settings = settings.with_paths(landing_dir=demo_dir / "landing", warehouse_path=demo_dir / "warehouse.duckdb")
     from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator  # the `emulator` extra: Klaviyo's SDK models
 
     with KlaviyoEmulator(api_key=DEMO_KEY) as emulator:
         # The assets read Klaviyo's address and key from the environment at run time, as in production.
         os.environ.update(KLAVIYO_BASE_URL=emulator.base_url, KLAVIYO_API_KEY=DEMO_KEY)
-        status = command_sync(demo_settings)
+        instance = sync_instance(demo_settings)
+
+        def timed_sync(now: datetime) -> tuple[dg.ExecuteInProcessResult, float]:
+            started = time.monotonic()
+            return run_sync(demo_settings, instance, as_of=now), time.monotonic() - started
+
+        with instance:
+            for step, (result, seconds) in replay(simulation, demo_settings.landing_dir, timed_sync,
+                                                  live_days=args.live_days):
+                print(replay_line(step, result))
+                if not result.success:
+                    break
+        print(f"\nThe last sync in full:\n{summarize(result, seconds, instance_label(settings))}")
         accepted = emulator.accepted_by_metric()
+    status = sync_status(result)
     print(f"\nThe local Klaviyo emulator at {emulator.base_url} accepted "
           + (", ".join(f"{count:,} {metric}" for metric, count in sorted(accepted.items())) or "no events") + ".")
     if status == 0:
         print()
-        command_evaluate(demo_settings, landing / "truth")
+        command_evaluate(demo_settings, simulation / "truth")
     print(
         f"\nThe warehouse is {demo_settings.warehouse_path}; its tables are described in the README. Try:\n"
         f"  .venv/bin/python -c \"import duckdb; duckdb.connect('{demo_settings.warehouse_path}', read_only=True)"
         f".sql('select reason, count(*) from quarantined_events group by all').show()\""
     )
     return status
+
+
+def replay_line(step: ReplayStep, result: dg.ExecuteInProcessResult) -> str:
+    """One line per replayed sync: what arrived, what was delivered."""
+    values = {(event.asset_key.to_user_string(), key): value.value
+              for event in result.get_asset_materialization_events()
+              for key, value in event.materialization.metadata.items()}
+    outcome = "ok" if result.success else "FAILED"
+    return (f"  {step.label:<24} sync {outcome}: {values.get(('raw_events', 'rows_ingested'), 0):>7,} events "
+            f"({values.get(('raw_events', 'rows_quarantined'), 0):,} quarantined) from {step.event_files:,} files, "
+            f"{values.get(('klaviyo_delivery', 'delivered'), 0):>5,} delivered to Klaviyo")
 
 
 def command_check_key(settings: Settings) -> int:
@@ -120,6 +160,23 @@ def command_evaluate(settings: Settings, truth_dir: Path) -> int:
     return 0
 
 
+def command_sweep(args: argparse.Namespace, settings: Settings) -> int:
+    """The default world, then each rate of SWEEP lower and higher, each replayed and scored (README's table)."""
+    from upstack_pipeline.sweep import SWEEP, format_sweep, sweep
+
+    worlds = 1 + sum(len(values) for values in SWEEP.values())
+    print(f"Simulating {worlds} worlds of {args.visitors:,} shoppers over {args.days} days under {args.dir}, each "
+          f"replayed one day per sync for its last {args.live_days} days.", file=sys.stderr)
+    rows = []
+    started = time.monotonic()
+    for row in sweep(Path(args.dir), visitors=args.visitors, days=args.days, seed=args.seed,
+                     live_days=args.live_days, end=SWEEP_END, settings=settings):
+        rows.append(row)
+        print(f"  {len(rows)}/{worlds} {row.world} ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+    print(format_sweep(rows))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="upstack", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
@@ -127,10 +184,14 @@ def parser() -> argparse.ArgumentParser:
     simulate_parser = commands.add_parser("simulate", help="write realistic storefront traffic to a landing folder")
     simulate_parser.add_argument("out_dir", help="landing folder to create (events/, customers/, truth/)")
     simulate_parser.add_argument("--visitors", type=int, default=3000)
-    simulate_parser.add_argument("--days", type=int, default=14)
+    simulate_parser.add_argument("--days", type=int, default=60)
     simulate_parser.add_argument("--seed", type=int, default=7)
     simulate_parser.add_argument("--end", type=datetime.fromisoformat, default=None,
                                  help="when the traffic ends, ISO 8601 with offset (default: this hour)")
+    world = simulate_parser.add_argument_group("the world's rates (README: the simulated world)")
+    for rate in fields(WorldRates):
+        world.add_argument(f"--{rate.name.replace('_', '-')}", dest=rate.name, type=float, default=rate.default,
+                           help=f"{rate.metadata['help']}; default {rate.default}")
 
     commands.add_parser("sync", help="run the whole pipeline once on UPSTACK_LANDING_DIR / UPSTACK_WAREHOUSE")
 
@@ -138,6 +199,15 @@ def parser() -> argparse.ArgumentParser:
         "evaluate", help="score identity resolution in UPSTACK_WAREHOUSE against a simulation's ground truth")
     evaluate_parser.add_argument("--truth", default=None,
                                  help="the simulation's truth/ folder (default: UPSTACK_LANDING_DIR/truth)")
+    evaluate_parser.add_argument("--sweep", action="store_true",
+                                 help="instead, simulate worlds across the key rates (Safari share, return gaps, _kx "
+                                      "share, shared devices, placeholders, forwards), replay each and print a table")
+    evaluate_parser.add_argument("--dir", default="data/sweep", help="--sweep: where the worlds are written")
+    evaluate_parser.add_argument("--visitors", type=int, default=3000, help="--sweep: shoppers per world")
+    evaluate_parser.add_argument("--days", type=int, default=60, help="--sweep: days per world")
+    evaluate_parser.add_argument("--live-days", type=int, default=14,
+                                 help="--sweep: the last days, synced one at a time")
+    evaluate_parser.add_argument("--seed", type=int, default=7, help="--sweep: the worlds' seed")
 
     klaviyo_parser = commands.add_parser("klaviyo", help="Klaviyo account tools")
     klaviyo_commands = klaviyo_parser.add_subparsers(dest="klaviyo_command", required=True)
@@ -146,10 +216,14 @@ def parser() -> argparse.ArgumentParser:
     emulator_parser = commands.add_parser("klaviyo-emulator", help="serve the local Klaviyo emulator")
     emulator_parser.add_argument("--port", type=int, default=8787)
 
-    demo_parser = commands.add_parser("demo", help="simulate traffic into a fresh folder and sync it")
+    demo_parser = commands.add_parser(
+        "demo", help="simulate traffic into a fresh folder, replay it day by day into the pipeline and a local "
+                     "Klaviyo emulator, and score it")
     demo_parser.add_argument("--dir", default="data/demo")
     demo_parser.add_argument("--visitors", type=int, default=3000)
-    demo_parser.add_argument("--days", type=int, default=14)
+    demo_parser.add_argument("--days", type=int, default=60)
+    demo_parser.add_argument("--live-days", type=int, default=14,
+                             help="the last days, synced one at a time (the earlier ones arrive together)")
     demo_parser.add_argument("--seed", type=int, default=7)
     return top
 
@@ -169,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "klaviyo":
             return command_check_key(settings)
         if args.command == "evaluate":
+            if args.sweep:
+                return command_sweep(args, settings)
             return command_evaluate(settings, Path(args.truth) if args.truth else settings.landing_dir / "truth")
         return command_demo(args, settings)
     except (ValueError, OSError) as error:

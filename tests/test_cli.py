@@ -38,23 +38,27 @@ def count(pattern: str, text: str) -> int:
     return int(match.group(1).replace(",", ""))
 
 
-def test_demo_simulates_syncs_and_prints_a_summary_that_adds_up(tmp_path):
-    completed = upstack("demo", "--dir", str(tmp_path / "demo"), "--visitors", "400", "--days", "2",
+def test_demo_simulates_replays_day_by_day_and_prints_a_summary_that_adds_up(tmp_path):
+    completed = upstack("demo", "--dir", str(tmp_path / "demo"), "--visitors", "400", "--days", "4",
+                        "--live-days", "2",
                         env=environment(Settings(landing_dir=tmp_path / "unused", warehouse_path=tmp_path / "x")))
 
     assert completed.returncode == 0, completed.stderr
     out = completed.stdout
     assert "succeeded" in out and "FAILED" not in out
-    simulated, retries, bad = (count(r"([\d,]+) events in", out), count(r"([\d,]+) pixel retries", out),
-                               count(r"([\d,]+) bad lines", out))
-    assert count(r"raw_events +([\d,]+) new rows", out) == simulated
-    assert count(r"raw_events .*; ([\d,]+) pixel retries skipped", out) == retries
-    assert count(r"raw_events .*; ([\d,]+) quarantined", out) == bad
+    simulated, bad = count(r"([\d,]+) events in", out), count(r"([\d,]+) bad lines", out)
+    # The history (the first days together), then one sync per remaining day, each line saying what it took in.
+    syncs = re.findall(r"sync ok: +([\d,]+) events \(([\d,]+) quarantined\) from [\d,]+ files, +([\d,]+) delivered",
+                       out)
+    assert len(syncs) == 3
+    assert sum(int(events.replace(",", "")) for events, _, _ in syncs) == simulated
+    assert sum(int(quarantined.replace(",", "")) for _, quarantined, _ in syncs) == bad
     checks_passed, checks = re.search(r"checks +(\d+) of (\d+) passed", out).groups()
     assert checks_passed == checks
     accepted = re.search(r"emulator at \S+ accepted (.*)\.", out).group(1)
-    assert count(r"klaviyo_delivery +([\d,]+) events delivered", out) == sum(
+    assert sum(int(delivered.replace(",", "")) for _, _, delivered in syncs) == sum(
         int(number.replace(",", "")) for number in re.findall(r"([\d,]+) [A-Z]", accepted))
+    assert "Identity resolution vs ground truth" in out
     assert (tmp_path / "demo" / "warehouse.duckdb").exists()
 
 
