@@ -458,17 +458,6 @@ def _ascii(text: str) -> str:
     return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
 
 
-def _poisson(rng: random.Random, lam: float) -> int:
-    if lam > 30:  # Knuth's method underflows; the normal approximation is plenty for visit counts
-        return max(0, round(rng.gauss(lam, math.sqrt(lam))))
-    limit, k, p = math.exp(-lam), 0, 1.0
-    while True:
-        p *= rng.random()
-        if p <= limit:
-            return k
-        k += 1
-
-
 def _format_time(ms: int, style: int, offset_minutes: int) -> str:
     """Pixels disagree on formats; the instant is what matters, so the same moment appears as Z, +00:00 or local."""
     if style == 2:
