@@ -191,7 +191,7 @@ def parser() -> argparse.ArgumentParser:
     world = simulate_parser.add_argument_group("the world's rates (README: the simulated world)")
     for rate in fields(WorldRates):
         world.add_argument(f"--{rate.name.replace('_', '-')}", dest=rate.name, type=float, default=rate.default,
-                           help=f"{rate.metadata['help']}; default {rate.default}")
+                           help=f"{rate.metadata['help']}; default {rate.default}".replace("%", "%%"))
 
     commands.add_parser("sync", help="run the whole pipeline once on UPSTACK_LANDING_DIR / UPSTACK_WAREHOUSE")
 

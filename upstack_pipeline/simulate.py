@@ -107,15 +107,15 @@ class WorldRates:
     an assumption to sweep and report against, not a fact; the README says where each default comes from and how
     the results move with it."""
 
-    safari_share: float = _rate(0.5, "phones that are iPhones, so Safari and WebKit in-app browsers: 40-60%% of a "
+    safari_share: float = _rate(0.5, "phones that are iPhones, so Safari and WebKit in-app browsers: 40-60% of a "
                                      "Shopify store's mobile sessions (A)")
     returning_share: float = _rate(0.3, "prospects (neither customers nor subscribers, who always come back) who "
                                         "return after a first visit (A)")
     return_gap_days: float = _rate(21.0, "median days between a returning shopper's visits: 2-4 weeks, log-normal "
                                          "with a tail past 90 days (A)")
-    kx_share: float = _rate(0.2, "a subscriber's visits that land from a Klaviyo email or SMS with _kx: 10-30%% (A)")
-    cookie_clear_rate: float = _rate(0.035, "browsers whose cookies are cleared in a month: 2-5%% (A)")
-    private_share: float = _rate(0.05, "sessions in a private window, a cookie for that session only: 3-8%% (A)")
+    kx_share: float = _rate(0.2, "a subscriber's visits that land from a Klaviyo email or SMS with _kx: 10-30% (A)")
+    cookie_clear_rate: float = _rate(0.035, "browsers whose cookies are cleared in a month: 2-5% (A)")
+    private_share: float = _rate(0.05, "sessions in a private window, a cookie for that session only: 3-8% (A)")
     shared_device_share: float = _rate(0.25, "households of two or more that share a tablet, each member shopping "
                                              "on it now and then (A)")
     forward_share: float = _rate(0.03, "Klaviyo email clicks made by someone other than the recipient: forwarded "
