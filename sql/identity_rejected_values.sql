@@ -2,8 +2,9 @@
 -- supernode_window than one person uses is not one person's. It is the placeholder that many shoppers type into a
 -- pop-up (asdf@asdf.com, whatever its spelling and whether or not a block list names it), a shop's front-desk
 -- phone, or a _kx posted to a group. Such a value joins identity_rejected_values with the reason 'many_browsers'
--- and its counts; its observations and links are deleted, so no later step can use it; every cookie that carried
--- it is handed to re-resolution (temp table quarantined_cookies), which withdraws what it named from the outbox.
+-- and its counts; its observations, links and the identity anchored on it are deleted, so no later step can use
+-- it; every cookie that carried it is handed to re-resolution (temp table quarantined_cookies), which withdraws
+-- what it named from the outbox.
 -- The decision is taken once and kept: later sightings are rejected on arrival (sql/identity_observations.sql),
 -- so an hourly run and a full rebuild quarantine the same values.
 --
@@ -51,3 +52,7 @@ where (id_type, id_value) in (select (id_type, id_value) from new_supernodes);
 delete from identity_links
 where (left_type, left_value) in (select (id_type, id_value) from new_supernodes)
    or (right_type, right_value) in (select (id_type, id_value) from new_supernodes);
+
+-- A person anchored on it was never one person (sql/identities.sql rebuilds the others it touched).
+delete from identities
+where (anchor_type, if(anchor_type = 'email', email, kx)) in (select (id_type, id_value) from new_supernodes);

@@ -810,11 +810,13 @@ def test_a_placeholder_found_in_a_later_run_withdraws_what_it_named_and_stays_qu
     # Run 1: three shoppers typed it, as three browsers of one person could: their carts are named by it.
     sync(_placeholder_typists(0, 3, day=-10), "run1.ndjson", NOW - timedelta(days=5))
     assert resolved(settings)["cart-0"] == ("asdf@asdf.com", None, "cookie_history")
+    assert query(settings, "select count(*) from identities where email = 'asdf@asdf.com'") == [(1,)]
     assert query(settings, "select count(*) from klaviyo_outbox where profile_key = 'email:asdf@asdf.com'") == [(3,)]
 
     # Run 2: a fourth browser within the month: a supernode. What it named is resolved again and taken back.
     sync(_placeholder_typists(3, 4, day=-10), "run2.ndjson", NOW - timedelta(days=4))
     assert {resolved(settings)[f"cart-{n}"] for n in range(4)} == {NOBODY}
+    assert query(settings, "select count(*) from identities where email = 'asdf@asdf.com'") == [(0,)]
     assert query(settings, "select count(*) from klaviyo_outbox where profile_key = 'email:asdf@asdf.com'") == [(0,)]
     assert set(query(settings, "select event_id, reason from klaviyo_skipped where event_id like 'cart-%'")) == {
         (f"cart-{n}", "unresolved") for n in range(4)}
