@@ -8,15 +8,15 @@
 create or replace temp table email_translations as
 with translations as (
     select left_type as id_type, left_value as id_value, min(right_value) as email
-    from identity_links
+    from usable_identity_links
     where left_type in ('customer_id', 'phone', 'email_hash', 'phone_hash', 'kx') and right_type = 'email'
     group by left_type, left_value
     having count(distinct right_value) = 1
 ),
 logins_with_email as (
     select distinct login.id_value, email.id_value as email
-    from identity_observations as login
-    join identity_observations as email on email.event_id = login.event_id and email.id_type = 'email'
+    from usable_identity_observations as login
+    join usable_identity_observations as email on email.event_id = login.event_id and email.id_type = 'email'
     where login.id_type = 'customer_id'
 )
 select translations.*,
@@ -32,7 +32,7 @@ with linked_cookies as (
 )
 select distinct link.left_value as anonymous_id,
        if(link.right_type = 'email', link.right_value, translation.email) as email
-from identity_links as link
+from usable_identity_links as link
 semi join linked_cookies on linked_cookies.anonymous_id = link.left_value
 left join email_translations as translation
     on translation.id_type = link.right_type and translation.id_value = link.right_value

@@ -13,7 +13,7 @@ where kx is not null and email is null;
 create or replace temp table anchor_links as
 select anchor.anchor_type, anchor.anchor, link.left_value as anonymous_id, link.first_seen, link.last_seen
 from touched_anchors as anchor
-join identity_links as link
+join usable_identity_links as link
     on link.left_type = 'anonymous_id' and link.right_type = anchor.anchor_type and link.right_value = anchor.anchor;
 
 insert or replace into identities
@@ -29,7 +29,7 @@ profile as (
            arg_max(last_name, event_time) filter (where last_name is not null) as last_name,
            arg_max(city, event_time) filter (where city is not null) as city,
            arg_max(region, event_time) filter (where region is not null) as region
-    from identity_observations
+    from usable_identity_observations
     semi join touched_anchors on touched_anchors.anchor_type = id_type and touched_anchors.anchor = id_value
     group by id_type, id_value
 ),

@@ -44,11 +44,6 @@ where load_id > getvariable('after_customers_load_id')
     and phone is not null
     and phone_rejection(e164_phone(phone)) is null;
 
--- A customers export row never brings back a value quarantined as a supernode (sql/identity_rejected_values.sql).
-delete from new_links
-where (left_type, left_value) in (select (id_type, value) from identity_rejected_values)
-   or (right_type, right_value) in (select (id_type, value) from identity_rejected_values);
-
 insert into identity_links
 select left_type, left_value, right_type, right_value,
        min(event_time), max(event_time), count(*), arg_min(event_id, event_time)

@@ -1,7 +1,7 @@
 -- The identifiers carried by the events of the loads after variable after_load_id, normalised and judged
--- (sql/identifier_normalization.sql; a value quarantined as a supernode stays rejected). Usable ones go to
--- identity_observations and stay in temp table new_observations for the rest of the run; rejected ones are
--- counted in identity_rejected_values.
+-- (sql/identifier_normalization.sql). Well-formed ones go to identity_observations and stay in temp table
+-- new_observations for the rest of the run (a supernode's too: sql/identity_rejected_values.sql counts them);
+-- rejected ones are counted in identity_rejected_values.
 
 create or replace temp table new_identifier_candidates as
 with events as (
@@ -46,18 +46,15 @@ normalised as (
     where candidate.raw is not null
 )
 select
-    normalised.*,
-    coalesce(case normalised.id_type
-        when 'email' then email_rejection(normalised.id_value, shop)
-        when 'email_hash' then hash_rejection(normalised.id_value)
-        when 'phone_hash' then hash_rejection(normalised.id_value)
-        when 'phone' then phone_rejection(normalised.id_value)
-        else token_rejection(normalised.id_value)
-    end, quarantined.reason) as rejection
-from normalised
-left join identity_rejected_values as quarantined    -- a supernode stays quarantined (identity_rejected_values.sql)
-    on quarantined.id_type = normalised.id_type and quarantined.value = normalised.id_value
-    and quarantined.reason = 'many_browsers';
+    *,
+    case id_type
+        when 'email' then email_rejection(id_value, shop)
+        when 'email_hash' then hash_rejection(id_value)
+        when 'phone_hash' then hash_rejection(id_value)
+        when 'phone' then phone_rejection(id_value)
+        else token_rejection(id_value)
+    end as rejection
+from normalised;
 
 create or replace temp table new_observations as
 select event_id, event_time, shop, anonymous_id, session_id, id_type, id_value,

@@ -1,58 +1,92 @@
 -- Supernode quarantine (shared/identity-design.md 3): an identifier seen on more browsers (cookies) within
 -- supernode_window than one person uses is not one person's. It is the placeholder that many shoppers type into a
 -- pop-up (asdf@asdf.com, whatever its spelling and whether or not a block list names it), a shop's front-desk
--- phone, or a _kx posted to a group. Such a value joins identity_rejected_values with the reason 'many_browsers'
--- and its counts; its observations, links and the identity anchored on it are deleted, so no later step can use
--- it; every cookie that carried it is handed to re-resolution (temp table quarantined_cookies), which withdraws
--- what it named from the outbox.
--- The decision is taken once and kept: later sightings are rejected on arrival (sql/identity_observations.sql),
--- so an hourly run and a full rebuild quarantine the same values.
+-- phone, or a _kx posted to a group. Such a value is listed in identity_rejected_values with the reason
+-- 'many_browsers' and its counts; its observations and links are kept (and counted) but never used: the views
+-- usable_identity_observations and usable_identity_links leave it out (sql/warehouse.sql).
 --
--- Cookies, not browser clusters, are counted: clusters are rebuilt later in the run, and a quarantine that does
--- not depend on them decides the same way however the history was cut into runs.
--- Variables: max_browsers_per_identifier, supernode_window.
--- Input: temp table new_observations (this run's usable identifiers).
+-- Every run judges the values it saw again and every value already quarantined, with the settings of the run, so
+-- a changed threshold also releases values. Whatever a value newly quarantined or released named, or may name now,
+-- is resolved again (temp table supernode_cookies), which withdraws pending outbox rows that no longer hold.
+--
+-- Cookies, not browser clusters, are counted: clusters are rebuilt later in the run, and a verdict that does not
+-- depend on them is the same however the history was cut into runs.
+-- Variables: max_browsers_per_identifier, supernode_window. Input: temp table new_observations.
 
-create or replace temp table new_supernodes as
-with touched as (
-    select distinct id_type, id_value from new_observations
+create or replace temp table supernode_verdicts as
+with candidates as (
+    select id_type, id_value from new_observations
     where id_type in ('email', 'email_hash', 'phone', 'phone_hash', 'customer_id', 'kx')
+    union
+    select id_type, value from identity_rejected_values where reason = 'many_browsers'
 ),
 history as (
-    select observation.id_type, observation.id_value, observation.event_time, observation.anonymous_id,
+    select observation.id_type, observation.id_value, observation.event_time,
            count(distinct observation.anonymous_id) over (
                partition by observation.id_type, observation.id_value order by observation.event_time
                range between getvariable('supernode_window') preceding and current row
            ) as browsers_in_window
     from identity_observations as observation
-    semi join touched using (id_type, id_value)
+    semi join candidates using (id_type, id_value)
 )
 select id_type, id_value, max(browsers_in_window) as browsers, count(*) as times_seen,
-       min(event_time) as first_seen, max(event_time) as last_seen
+       min(event_time) as first_seen, max(event_time) as last_seen,
+       max(browsers_in_window) > getvariable('max_browsers_per_identifier') as quarantined
 from history
-group by id_type, id_value
-having max(browsers_in_window) > getvariable('max_browsers_per_identifier');
+group by id_type, id_value;
 
--- Never a conflict: a value already rejected never becomes an observation.
+create or replace temp table supernode_changes as
+select verdict.id_type, verdict.id_value, verdict.quarantined
+from supernode_verdicts as verdict
+left join identity_rejected_values as listed
+    on listed.id_type = verdict.id_type and listed.value = verdict.id_value and listed.reason = 'many_browsers'
+where verdict.quarantined <> (listed.value is not null);
+
+delete from identity_rejected_values
+where reason = 'many_browsers'
+    and (id_type, value) in (select (id_type, id_value) from supernode_verdicts where not quarantined);
+
+-- A value one shop's rules rejected (its own domain) may be a supernode under another's: the verdict wins.
 insert into identity_rejected_values (id_type, value, reason, times_seen, first_seen, last_seen, browsers)
 select id_type, id_value, 'many_browsers', times_seen, first_seen, last_seen, browsers
-from new_supernodes;
+from supernode_verdicts
+where quarantined
+on conflict do update set
+    reason = excluded.reason, times_seen = excluded.times_seen, first_seen = excluded.first_seen,
+    last_seen = excluded.last_seen, browsers = excluded.browsers;
 
-create or replace temp table quarantined_cookies as
-select distinct observation.anonymous_id
+-- The cookies that saw a changed value, and those whose events it named through a translation (a login or a
+-- phone whose email it is).
+create or replace temp table supernode_cookies as
+select observation.anonymous_id
 from identity_observations as observation
-semi join new_supernodes using (id_type, id_value);
+semi join supernode_changes using (id_type, id_value)
+union
+select resolved.anonymous_id
+from resolved_events as resolved
+semi join supernode_changes as changed
+    on (changed.id_type = 'email' and changed.id_value = resolved.email)
+    or (changed.id_type = 'kx' and changed.id_value = resolved.kx);
 
-delete from identity_observations
-where (id_type, id_value) in (select (id_type, id_value) from new_supernodes);
+-- A person anchored on a quarantined value was never one person; others no longer carry it. (A released value
+-- comes back with the re-resolution of its cookies, in sql/identities.sql.)
+create or replace temp table newly_quarantined as
+select id_type, id_value from supernode_changes where quarantined;
 
-delete from new_observations
-where (id_type, id_value) in (select (id_type, id_value) from new_supernodes);
-
-delete from identity_links
-where (left_type, left_value) in (select (id_type, id_value) from new_supernodes)
-   or (right_type, right_value) in (select (id_type, id_value) from new_supernodes);
-
--- A person anchored on it was never one person (sql/identities.sql rebuilds the others it touched).
 delete from identities
-where (anchor_type, if(anchor_type = 'email', email, kx)) in (select (id_type, id_value) from new_supernodes);
+where (anchor_type, if(anchor_type = 'email', email, kx)) in (select (id_type, id_value) from newly_quarantined);
+
+set variable quarantined_kx = (select coalesce(list(id_value), []) from newly_quarantined where id_type = 'kx');
+set variable quarantined_phones = (
+    select coalesce(list(id_value), []) from newly_quarantined where id_type = 'phone');
+set variable quarantined_customer_ids = (
+    select coalesce(list(id_value), []) from newly_quarantined where id_type = 'customer_id');
+
+update identities set
+    kx = if(list_contains(getvariable('quarantined_kx'), kx), null, kx),
+    phones = list_filter(phones, lambda phone: not list_contains(getvariable('quarantined_phones'), phone)),
+    customer_ids = list_filter(customer_ids, lambda customer_id:
+        not list_contains(getvariable('quarantined_customer_ids'), customer_id))
+where list_contains(getvariable('quarantined_kx'), kx)
+    or len(list_intersect(phones, getvariable('quarantined_phones'))) > 0
+    or len(list_intersect(customer_ids, getvariable('quarantined_customer_ids'))) > 0;

@@ -14,10 +14,10 @@
 --      email unless the _kx is known to belong to someone else;
 --   3. else unresolved, with the reason.
 -- Person identifiers only translate into an email; they never join two browsers (sql/browser_clusters.sql), and a
--- value quarantined as a supernode is gone from the observations (sql/identity_rejected_values.sql).
+-- value quarantined as a supernode is never used (usable_identity_observations, sql/identity_rejected_values.sql).
 --
 -- Variables: after_load_id, after_customers_load_id, cookie_lifetime, max_emails_per_browser, now.
--- Inputs: temp tables new_observations, quarantined_cookies, reclustered_cookies.
+-- Inputs: temp tables new_observations, supernode_cookies, reclustered_cookies.
 
 create or replace temp table cookie_cluster as
 select anonymous_id, browser_cluster_id, linked_by from browser_clusters;
@@ -44,7 +44,7 @@ with seeds as (
     union
     select anonymous_id from reclustered_cookies
     union
-    select anonymous_id from quarantined_cookies
+    select anonymous_id from supernode_cookies
 ),
 seed_clusters as (
     select coalesce(cookie_cluster.browser_cluster_id, seeds.anonymous_id) as cluster_id
@@ -106,7 +106,7 @@ select
         when 'email' then 0 when 'email_hash' then 0 when 'customer_id' then 1 when 'phone' then 2
         when 'phone_hash' then 2 else 3
     end as source_rank
-from identity_observations as observation
+from usable_identity_observations as observation
 left join cookie_cluster using (anonymous_id)
 left join email_translations as translation
     on translation.id_type = observation.id_type and translation.id_value = observation.id_value

@@ -10,7 +10,7 @@ with cluster_emails as (
             order by observation.event_time
             range between $cookie_lifetime preceding and current row
         ) as emails_so_far
-    from identity_observations as observation
+    from usable_identity_observations as observation
     left join browser_clusters as cluster using (anonymous_id)
     where observation.id_type = 'email'
 ),

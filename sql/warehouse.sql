@@ -142,7 +142,7 @@ create table if not exists identity_rejected_values (
     first_seen  timestamptz not null,
     last_seen   timestamptz not null,
     browsers    bigint,                     -- many_browsers: the most browsers (cookies) that showed it within
-                                            -- the supernode window, when it was quarantined
+                                            -- the supernode window
     primary key (id_type, value)
 );
 -- Warehouses created before the column existed gain it in place.
@@ -161,6 +161,22 @@ create table if not exists identity_links (
     first_event_id varchar not null,        -- 'customers:<file>' for links from the customers export
     primary key (left_type, left_value, right_type, right_value)
 );
+
+-- What identity resolution may use: every observation and link but those of a value quarantined as a supernode
+-- (reason many_browsers in identity_rejected_values). Its sightings are kept and counted, so a higher threshold
+-- can release it.
+create or replace view usable_identity_observations as
+select * from identity_observations as observation
+where not exists (select 1 from identity_rejected_values as quarantined
+                  where quarantined.reason = 'many_browsers'
+                      and quarantined.id_type = observation.id_type and quarantined.value = observation.id_value);
+
+create or replace view usable_identity_links as
+select * from identity_links as link
+where not exists (select 1 from identity_rejected_values as quarantined
+                  where quarantined.reason = 'many_browsers'
+                      and ((quarantined.id_type = link.left_type and quarantined.value = link.left_value)
+                           or (quarantined.id_type = link.right_type and quarantined.value = link.right_value)));
 
 -- Same-browser evidence between two cookies: one session on both, or one ad click opened in both within minutes.
 create table if not exists browser_links (

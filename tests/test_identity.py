@@ -796,7 +796,10 @@ def test_a_placeholder_typed_on_many_unrelated_browsers_is_quarantined_whatever_
     assert query(settings, "select id_type, value, reason, times_seen, browsers from identity_rejected_values "
                            "where reason = 'many_browsers' order by id_type") == [
         ("email", "asdf@asdf.com", "many_browsers", 5, 5)]
-    assert query(settings, "select count(*) from identity_observations where id_value = 'asdf@asdf.com'") == [(0,)]
+    # Its sightings are kept and counted, never used.
+    assert query(settings, "select count(*) from identity_observations where id_value = 'asdf@asdf.com'") == [(5,)]
+    assert query(settings, "select count(*) from usable_identity_observations "
+                           "where id_value = 'asdf@asdf.com'") == [(0,)]
     assert query(settings, "select count(*) from identities where email = 'asdf@asdf.com'") == [(0,)]
 
 
@@ -813,7 +816,7 @@ def test_a_placeholder_found_in_a_later_run_withdraws_what_it_named_and_stays_qu
     assert query(settings, "select count(*) from identities where email = 'asdf@asdf.com'") == [(1,)]
     assert query(settings, "select count(*) from klaviyo_outbox where profile_key = 'email:asdf@asdf.com'") == [(3,)]
 
-    # Run 2: a fourth browser within the month: a supernode. What it named is resolved again and taken back.
+    # Run 2: a fourth browser within the supernode window (90 days). What it named is resolved again and taken back.
     sync(_placeholder_typists(3, 4, day=-10), "run2.ndjson", NOW - timedelta(days=4))
     assert {resolved(settings)[f"cart-{n}"] for n in range(4)} == {NOBODY}
     assert query(settings, "select count(*) from identities where email = 'asdf@asdf.com'") == [(0,)]
@@ -821,11 +824,51 @@ def test_a_placeholder_found_in_a_later_run_withdraws_what_it_named_and_stays_qu
     assert set(query(settings, "select event_id, reason from klaviyo_skipped where event_id like 'cart-%'")) == {
         (f"cart-{n}", "unresolved") for n in range(4)}
 
-    # Run 3: one more typist is turned away on arrival and counted.
+    # Run 3: one more typist is counted and never used.
     sync(_placeholder_typists(4, 5, day=-10), "run3.ndjson", NOW)
     assert resolved(settings)["cart-4"] == NOBODY
-    assert query(settings, "select reason, times_seen from identity_rejected_values where value = 'asdf@asdf.com'") \
-        == [("many_browsers", 5)]
+    assert query(settings, "select reason, times_seen, browsers from identity_rejected_values "
+                           "where value = 'asdf@asdf.com'") == [("many_browsers", 5, 5)]
+
+
+def test_a_placeholder_that_named_a_login_through_the_customers_export_is_taken_back_too(settings):
+    from upstack_pipeline.klaviyo.mapping import map_events
+
+    # The store's export has a customer who signed up with the placeholder; she logs in and browses.
+    (settings.customers_dir / "customers.csv").write_text("customer_id,email\nC9,asdf@asdf.com\n")
+    run(settings, [ev("kim-login", "ViewContent", at(-9), "kim-phone", "k1", {"external_id": "C9"}),
+                   ev("kim-cart", "AddToCart", at(-9, 2), "kim-phone", "k1", {"external_id": "C9"})],
+        now=NOW - timedelta(days=6))
+    map_events(settings, now=NOW - timedelta(days=6))
+    assert resolved(settings)["kim-cart"] == ("asdf@asdf.com", None, "customer_file")
+
+    run(settings, _placeholder_typists(0, 4, day=-5), file="run2.ndjson")
+    map_events(settings, now=NOW)
+
+    assert resolved(settings)["kim-cart"] == NOBODY
+    assert query(settings, "select count(*) from klaviyo_outbox where profile_key = 'email:asdf@asdf.com'") == [(0,)]
+
+
+def test_a_higher_threshold_releases_a_quarantined_value_on_the_next_run(settings):
+    run(settings, _placeholder_typists(0, 5))
+    assert resolved(settings)["cart-0"] == NOBODY
+
+    tolerant = with_identity(settings, max_browsers_per_identifier=5)
+    resolve_identities(tolerant, now=NOW)
+
+    assert resolved(tolerant)["cart-0"] == ("asdf@asdf.com", None, "cookie_history")
+    assert query(tolerant, "select count(*) from identity_rejected_values") == [(0,)]
+    assert query(tolerant, "select count(*) from identities where email = 'asdf@asdf.com'") == [(1,)]
+
+
+def test_a_value_one_shop_rejects_as_its_own_address_can_still_be_a_supernode_under_another(settings):
+    typed = [ev(f"p{n}", "ViewContent", at(n), f"b{n}", f"s{n}", {"email": "orders@acme.com"}) for n in range(4)]
+    run(settings, [*typed, {**ev("p9", "ViewContent", at(5), "b9", "s9", {"email": "orders@acme.com"}),
+                            "shop": "acme.com"}])
+
+    assert query(settings, "select reason, browsers from identity_rejected_values "
+                           "where value = 'orders@acme.com'") == [("many_browsers", 4)]
+    assert {resolved(settings)[f"p{n}"] for n in range(4)} == {NOBODY}
 
 
 def test_browsers_spread_over_months_are_one_person_changing_devices_not_a_placeholder(settings):

@@ -171,7 +171,7 @@ def overview(settings: Settings, *, limit: int = 5) -> IdentityOverview:
             flags_by_kind=pairs("select flag, count(*) from identity_flags group by 1 order by 2 desc"),
             largest_shared_browsers=connection.sql(f"""
                 select left_value as anonymous_id, count(distinct right_value) as emails
-                from identity_links where left_type = 'anonymous_id' and right_type = 'email'
+                from usable_identity_links where left_type = 'anonymous_id' and right_type = 'email'
                 group by left_value having count(distinct right_value) > 1
                 order by emails desc, anonymous_id limit {limit}""").pl(),
             history_attributions_over_guard=over_guard,
