@@ -48,7 +48,8 @@ from raw_events r join eval_people p on p.kx = r.user_data.kx;
 
 -- Floor: the latest signal on the event's cookie strictly before the event names only other people, and the true
 -- shopper gave no signal of their own anywhere in the session (so not even stitching back could find them).
--- Signals at the same instant are taken together: if the true shopper is among them the error is avoidable.
+-- Signals at the same instant are taken together: if the true shopper is among them the error is avoidable. Only
+-- naming one of those people is unavoidable (eval_scored): naming anyone else, a placeholder say, is not.
 create or replace temp table eval_floor as
 with signal_moments as (
     select anonymous_id, event_time, list(distinct person_id) as persons
@@ -58,7 +59,7 @@ with signal_moments as (
 own_session_signals as (
     select distinct session_id, person_id from eval_signals
 )
-select c.event_id
+select c.event_id, m.persons
 from eval_commerce c
 asof join signal_moments m on m.anonymous_id = c.anonymous_id and c.event_time > m.event_time
 where not list_contains(m.persons, c.person_id)
@@ -143,13 +144,19 @@ create or replace temp macro eval_is_correct(email, kx, true_email, true_kx) as
          when kx is not null then coalesce(kx = true_kx, false)
          else false end;
 
+-- Whom an email (or, without one, a kx) names: a known person, or nobody (a placeholder, the support address).
+create or replace temp macro eval_named(named_email, named_kx) as
+    if(named_email is not null, (select person_id from eval_people p where p.email = named_email),
+       (select person_id from eval_people p where p.kx = named_kx));
+
 create or replace temp table eval_scored as
 select a.method, c.event_id, c.event_name, c.truth_session_id, c.native,
        (a.email is not null or a.kx is not null)                   as resolved,
        eval_is_correct(a.email, a.kx, c.true_email, c.true_kx)      as correct,
        (a.sent_email is not null or a.sent_kx is not null)         as sent,
        eval_is_correct(a.sent_email, a.sent_kx, c.true_email, c.true_kx) as sent_correct,
-       f.event_id is not null                                      as in_floor
+       coalesce(list_contains(f.persons, eval_named(a.email, a.kx)), false)           as in_floor,
+       coalesce(list_contains(f.persons, eval_named(a.sent_email, a.sent_kx)), false) as sent_in_floor
 from eval_attributions a
 join eval_commerce c on c.event_id = a.event_id
 left join eval_floor f on f.event_id = a.event_id;
@@ -180,7 +187,7 @@ per_event as (
            count(*) filter (where resolved and not correct and not in_floor) as avoidable_wrong_person,
            count(*) filter (where sent)                                      as sent,
            count(*) filter (where sent and not sent_correct)                 as sent_wrong_person,
-           count(*) filter (where sent and not sent_correct and not in_floor) as sent_avoidable_wrong_person
+           count(*) filter (where sent and not sent_correct and not sent_in_floor) as sent_avoidable_wrong_person
     from eval_scored
     group by method
 )

@@ -262,6 +262,22 @@ def test_a_refused_event_reached_nobody_and_a_declined_shopper_is_not_reachable(
     assert evaluation.baseline.sent == 0
 
 
+def test_only_naming_the_person_behind_the_last_signal_is_the_floor(tmp_path: Path):
+    events = [
+        Event("a0", ALICE, "Identify", at(1, 9, 0), "tablet", "S1", email="alice@mail.com"),
+        # Bob, anonymous on the tablet after Alice: naming Alice is the floor; naming a placeholder is avoidable.
+        Event("b1", BOB, "ViewContent", at(2, 9, 0), "tablet", "S2", ours_email="alice@mail.com", sent="delivered"),
+        Event("b2", BOB, "AddToCart", at(2, 9, 1), "tablet", "S2", ours_email="qwerty@qwerty.com", sent="pending"),
+    ]
+    warehouse, truth = build_world(tmp_path, [ALICE, BOB], events)
+
+    evaluation = evaluate(warehouse, truth)
+
+    assert evaluation.floor == 2
+    assert (evaluation.ours.wrong_person, evaluation.ours.avoidable_wrong_person) == (2, 1)
+    assert (evaluation.ours.sent_wrong_person, evaluation.ours.sent_avoidable_wrong_person) == (2, 1)
+
+
 def test_missing_inputs_say_what_to_do(tmp_path: Path):
     warehouse, truth = build_world(tmp_path, [FRANK], [Event("f1", FRANK, "AddToCart", at(1, 9, 0), "f", "S1")])
 

@@ -22,9 +22,10 @@ Purchase) a method resolves, then for the ones it *sends*: what a backup flow re
   says "Alice". An event of person P is in the floor when the latest identity signal on its cookie strictly before
   it belongs to other people only, and P gave no signal of their own anywhere in the event's session (so stitching
   back from later in the session cannot find P either). Only values that map to a known person are signals (a
-  placeholder email or the store's support address maps to nobody, is skipped, and an error caused by it is
-  avoidable: a guard would have stopped it). Wrong-person events outside the floor are *avoidable*; a good
-  resolver has none. `sent_floor` counts the floor's sendable events.
+  placeholder email or the store's support address maps to nobody and is skipped). Naming one of the people
+  behind that latest signal is the unavoidable error; naming anyone else there (a placeholder, say) is not.
+  Wrong-person events outside the floor are *avoidable*; a good resolver has none. `sent_floor` counts the
+  floor's sendable events.
 * **Reachable abandoned sessions**: most abandoned carts belong to people the pixel never saw identify, and no
   method can name them; dividing by all carts would measure the traffic, not the resolver. An abandoned-cart
   session (a truth session with an AddToCart and no Purchase) is *reachable* when one of its AddToCart events was
@@ -208,10 +209,11 @@ def format_evaluation(evaluation: Evaluation) -> str:
             f"{_percent(score.lift):>6} {f'{score.extra_sessions:,}/{score.native_sessions:,}':>8}"
         )
     lines += [
-        f"floor: {evaluation.floor:,} wrong-person events ({evaluation.sent_floor:,} of them sendable) no deterministic "
-        "method can avoid (another person's identity on the cookie, none of the shopper's own in the session)",
-        "sent: to a backup flow (not Klaviyo-native, marketing allowed); reachable: abandoned carts tied to the shopper "
-        "before, reached natively or sent to the right person; lift: extra sessions / Klaviyo-native sessions",
+        f"floor: {evaluation.floor:,} wrong-person events ({evaluation.sent_floor:,} of them sendable) no "
+        "deterministic method can avoid (another person's identity on the cookie, none of the shopper's own in the "
+        "session)",
+        "sent: to a backup flow (not Klaviyo-native, marketing allowed); reachable: abandoned carts tied to the "
+        "shopper before, reached natively or sent to the right person; lift: extra sessions / Klaviyo-native sessions",
     ]
     return "\n".join(lines)
 
