@@ -20,6 +20,7 @@ from typing import TypeVar
 from upstack_pipeline.customers import ingest_customers
 from upstack_pipeline.events import ingest_events
 from upstack_pipeline.identity import resolve_identities
+from upstack_pipeline.klaviyo.delivery import deliver
 from upstack_pipeline.klaviyo.mapping import map_events
 from upstack_pipeline.settings import Settings
 
@@ -81,11 +82,13 @@ def _days(events_dir: Path) -> list[tuple[date, Path]]:
 
 
 def pipeline(settings: Settings) -> Callable[[datetime], None]:
-    """The pipeline's stages up to the outbox, in order, without Dagster: what a sync decides. Delivery only sends
-    the outbox, so scoring what was sent needs no Klaviyo."""
+    """The pipeline's stages in the order of the Dagster job's asset graph, without Dagster's start-up cost per
+    run (a sweep runs hundreds of syncs). Delivery goes to `settings`' Klaviyo, e.g. a local emulator; without a
+    key the outbox keeps every event, as in production."""
     def sync(now: datetime) -> None:
         ingest_customers(settings, now=now)
         ingest_events(settings, now=now)
         resolve_identities(settings, now=now)
         map_events(settings, now=now)
+        deliver(settings, now=now)
     return sync

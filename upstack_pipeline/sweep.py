@@ -3,8 +3,9 @@
 A store's traffic is not the simulator's default world: more or fewer iPhones, shoppers who return sooner or later,
 more or fewer clicks from Klaviyo emails, more shared tablets, more made-up addresses. The sweep simulates the
 default world and, one rate at a time, a lower and a higher value of each (`SWEEP`), replays each world one day
-per sync as the schedule would (`upstack_pipeline.replay`) and scores it against the truth, ours beside the
-baseline. The README's table is its output; it tells a store which way its numbers move and which settings to
+per sync as the schedule would (`upstack_pipeline.replay`), delivering into a local Klaviyo emulator (so what
+was delivered before a later file changed the answer stays delivered), and scores it against the truth, ours
+beside the baseline. The README's table is its output; it tells a store which way its numbers move and which settings to
 revisit when its traffic differs.
 """
 
@@ -17,9 +18,13 @@ from datetime import datetime
 from pathlib import Path
 
 from upstack_pipeline.evaluation import Evaluation, evaluate
+from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator
 from upstack_pipeline.replay import pipeline, replay
 from upstack_pipeline.settings import Settings
 from upstack_pipeline.simulate import WorldRates, simulate
+
+# The key of the local Klaviyo emulator each world delivers into; it opens nothing anywhere else.
+SWEEP_KEY = "pk_sweep_local_emulator_only"
 
 # Each rate of simulated-world.md that moves the results, with a value either side of the default (WorldRates).
 SWEEP: Mapping[str, tuple[float, ...]] = {
@@ -54,10 +59,13 @@ def sweep(work_dir: Path, *, visitors: int, days: int, seed: int, live_days: int
         if root.exists():
             shutil.rmtree(root)
         simulate(root / "simulation", visitors=visitors, days=days, seed=seed, end=end, rates=rates)
-        world_settings = settings.with_paths(landing_dir=root / "landing", warehouse_path=root / "warehouse.duckdb")
-        for _ in replay(root / "simulation", world_settings.landing_dir, pipeline(world_settings),
-                        live_days=live_days):
-            pass
+        with KlaviyoEmulator(api_key=SWEEP_KEY) as emulator:
+            world_settings = replace(
+                settings.with_paths(landing_dir=root / "landing", warehouse_path=root / "warehouse.duckdb"),
+                klaviyo_base_url=emulator.base_url, klaviyo_api_key=SWEEP_KEY)
+            for _ in replay(root / "simulation", world_settings.landing_dir, pipeline(world_settings),
+                            live_days=live_days):
+                pass
         yield SweepRow(rate, value, evaluate(world_settings.warehouse_path, root / "simulation" / "truth"))
 
 
