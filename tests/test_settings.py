@@ -1,6 +1,8 @@
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
 from upstack_pipeline.settings import KLAVIYO_PRODUCTION_URL, Settings
 
 
@@ -33,15 +35,11 @@ def test_empty_variables_fall_back_to_defaults():
 
 
 def test_a_malformed_number_names_the_variable():
-    import pytest
-
     with pytest.raises(ValueError, match="UPSTACK_INGEST_BATCH_BYTES"):
         Settings.from_env({"UPSTACK_INGEST_BATCH_BYTES": "64MB"})
 
 
 def test_identity_guards_default_to_the_evidence_and_can_be_set_from_the_environment():
-    import pytest
-
     defaults = Settings.from_env({}).identity
     # A tie lasts as long as the pixel's server-set cookie can (browsers cap cookies at 400 days), not 30 days.
     assert defaults.cookie_lifetime == timedelta(days=400)

@@ -13,8 +13,8 @@ The model, in the order it is built:
   catalogue does not change between test runs. Popularity is Zipf-like, so a few products dominate.
 * **People** live in households (one person for most, two to four for some, sharing a city, a home IP address and
   often a last name). Each has a unique, real-looking email, usually a phone (stored in E.164, typed in many
-  formats), a Klaviyo exchange id (`kx`, constant per person), consent flags and, for about a third, a Shopify
-  customer account. One or two people are store staff.
+  formats), a Klaviyo exchange id (`kx`, constant per person), consent flags and, for about one in seven, a
+  Shopify customer account; about one in five is on the store's Klaviyo list. One or two people are store staff.
 * **Devices and browsers**: every person has 1-3 devices (phone, desktop, tablet) and every device 1-2 browsers
   (Safari on iOS or macOS, Chrome on Android or desktop, the Instagram or TikTok in-app browser). Some households
   share a tablet. A browser keeps the pixel's `anonymous_id` cookie, which the shop's server sets, so no browser
@@ -22,8 +22,8 @@ The model, in the order it is built:
   window (a cookie for that session alone) or on another device or browser.
 * **Klaviyo's own cookie** (`__kla_id`) fills `user_data.klaviyo_identified`. Klaviyo learns who a browser is from
   a Klaviyo email click (`_kx`), a typed checkout email, a form or a login. klaviyo.js writes its cookie from the
-  page, so Safari and in-app browsers (`itp`) keep it 7 days after the last visit, 24 hours after a landing from a
-  decorated link (`_kx`, an ad click id); elsewhere it lasts 2 years. A returning Safari shopper is therefore known
+  page, so Safari and iPhone in-app browsers (`itp`) keep it 7 days after the last visit, 24 hours after a
+  landing from a decorated link (`_kx`, an ad click id); elsewhere it lasts 2 years. A returning Safari shopper is therefore known
   to our cookie and forgotten by Klaviyo's: the gap the pipeline exists to close.
 * **Visits** are long-tailed in time: most people come once; the rest come back after gaps drawn from a
   log-normal distribution (median `return_gap_days`, a tail past 90 days), sometimes twice the same day. A
@@ -77,8 +77,8 @@ MINUTE = 60 * SECOND
 HOUR = 60 * MINUTE
 DAY = 24 * HOUR
 # klaviyo.js writes __kla_id from the page. WebKit caps such cookies at 7 days (ITP 2.1), 24 hours on a landing
-# from a decorated link (ITP 2.2); in-app browsers on WebKit and Android WebViews are treated alike. Elsewhere
-# Klaviyo sets 2 years (Klaviyo help centre on its cookie).
+# from a decorated link (ITP 2.2): Safari and, on an iPhone, in-app browsers. Elsewhere (Chrome, Android's in-app
+# WebViews) Klaviyo's cookie lasts 2 years (Klaviyo help centre on its cookie).
 KLAVIYO_COOKIE_ITP_TTL = 7 * DAY
 KLAVIYO_COOKIE_DECORATED_TTL = DAY
 KLAVIYO_COOKIE_TTL = 730 * DAY
@@ -109,8 +109,8 @@ class WorldRates:
 
     safari_share: float = _rate(0.5, "phones that are iPhones, so Safari and WebKit in-app browsers: 40-60% of a "
                                      "Shopify store's mobile sessions (A)")
-    returning_share: float = _rate(0.3, "prospects (neither customers nor subscribers, who always come back) who "
-                                        "return after a first visit (A)")
+    returning_share: float = _rate(0.25, "prospects (neither customers nor subscribers, who always come back) who "
+                                         "return after a first visit (A)")
     return_gap_days: float = _rate(21.0, "median days between a returning shopper's visits: 2-4 weeks, log-normal "
                                          "with a tail past 90 days (A)")
     kx_share: float = _rate(0.2, "a subscriber's visits that land from a Klaviyo email or SMS with _kx: 10-30% (A)")
@@ -335,7 +335,7 @@ class Browser:
     browser_id: str
     kind: str
     user_agent: str
-    itp: bool  # Safari or in-app: script-written cookies (Klaviyo's) capped at 7 days, 24 h after decorated links
+    itp: bool  # WebKit (Safari, in-app on iOS): script cookies (Klaviyo's) capped at 7 days, 24 h if decorated
     device: Device
     anonymous_id: str | None = None
     fbp: str | None = None
@@ -567,8 +567,8 @@ class _WorldBuilder:
     def _person(self, person_id: str, household_id: str, first: str, last: str, city: City, postal: str,
                 staff: bool) -> Person:
         rng = self.rng
-        has_account = not staff and rng.random() < 0.25
-        subscribed = not staff and rng.random() < (0.7 if has_account else 0.25)
+        has_account = not staff and rng.random() < 0.15
+        subscribed = not staff and rng.random() < (0.6 if has_account else 0.15)
         marketing = rng.random() >= 0.05
         consent = {"analytics": rng.random() >= 0.03, "marketing": marketing, "sale_of_data": rng.random() >= 0.08}
         # the store's own audience (customers, subscribers who get its emails) comes back; of the rest, some do
@@ -660,8 +660,11 @@ class _WorldBuilder:
         """Most browsers visited before the window: they carry the pixel's cookie from then."""
         self.browser_count += 1
         rng = self.rng
-        itp = kind in ("safari_ios", "safari_ipad", "safari_mac", "instagram_inapp", "tiktok_inapp")
-        browser = Browser(f"B{self.browser_count:07d}", kind, self._user_agent(kind, mac), itp, device)
+        # WebKit caps script cookies: Safari, and in-app browsers on an iPhone (WKWebView); Android's are WebViews.
+        itp = kind in ("safari_ios", "safari_ipad", "safari_mac") or (
+            kind.endswith("_inapp") and device.kind == "iphone")
+        browser = Browser(f"B{self.browser_count:07d}", kind, self._user_agent(kind, mac, device.kind == "iphone"),
+                          itp, device)
         if rng.random() < 0.6:
             browser.last_seen = self.window_start - rng.randint(HOUR, 40 * DAY)
             browser.anonymous_id = self.ids.uuid()
@@ -669,7 +672,7 @@ class _WorldBuilder:
         device.browsers.append(browser)
         return browser
 
-    def _user_agent(self, kind: str, mac: bool) -> str:
+    def _user_agent(self, kind: str, mac: bool, iphone: bool) -> str:
         rng = self.rng
         ios = rng.choice(IOS_VERSIONS)
         ios_dot = ".".join(ios.split("_")[:2])
@@ -688,7 +691,7 @@ class _WorldBuilder:
             platform = "Macintosh; Intel Mac OS X 10_15_7" if mac else "Windows NT 10.0; Win64; x64"
             return (f"Mozilla/5.0 ({platform}) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/{chrome}.0.0.0 "
                     f"Safari/537.36")
-        on_ios = rng.random() < 0.6
+        on_ios = iphone
         if kind == "instagram_inapp":
             if on_ios:
                 return (f"Mozilla/5.0 (iPhone; CPU iPhone OS {ios} like Mac OS X) AppleWebKit/605.1.15 "
