@@ -81,7 +81,10 @@ select targets.*, coalesce(cookie_cluster.browser_cluster_id, targets.anonymous_
 from (select * from new_commerce union all select * from earlier_affected) as targets
 left join cookie_cluster using (anonymous_id);
 
--- What every identifying observation on the targets' clusters says about the person.
+-- What every identifying observation on the targets' clusters says about the person. A quarantined value typed
+-- as an email (a placeholder, or the email of someone with more browsers than the guard allows) names nobody, but
+-- still says that someone identified themselves there: it ends the browser's previous email as a new email would
+-- (source 'quarantined', no email), so a false quarantine costs a send, never sends to the wrong person.
 create or replace temp table evidence as
 select
     observation.event_id,
@@ -112,12 +115,24 @@ left join email_translations as translation
     on translation.id_type = observation.id_type and translation.id_value = observation.id_value
 where observation.id_type in ('email', 'email_hash', 'phone', 'phone_hash', 'customer_id', 'kx')
     and coalesce(cookie_cluster.browser_cluster_id, observation.anonymous_id) in (select cluster_id from targets)
-    and (observation.id_type = 'email' or observation.id_type = 'kx' or translation.email is not null);
+    and (observation.id_type = 'email' or observation.id_type = 'kx' or translation.email is not null)
+
+union all
+select
+    observation.event_id, observation.event_time, observation.anonymous_id, observation.session_id,
+    coalesce(cookie_cluster.browser_cluster_id, observation.anonymous_id), null, null, 'quarantined', 0
+from identity_observations as observation
+semi join identity_rejected_values as quarantined
+    on quarantined.reason = 'many_browsers' and quarantined.id_type = observation.id_type
+    and quarantined.value = observation.id_value
+left join cookie_cluster using (anonymous_id)
+where observation.id_type in ('email', 'email_hash')
+    and coalesce(cookie_cluster.browser_cluster_id, observation.anonymous_id) in (select cluster_id from targets);
 
 create or replace temp table resolutions as
 with session_evidence as (                      -- each row once per kind of identity it carries
     select * from (
-        select 'email' as kind, * from evidence where email is not null
+        select 'email' as kind, * from evidence where email is not null or source = 'quarantined'
         union all
         select 'kx', * from evidence where kx is not null
     )
@@ -150,8 +165,8 @@ own_email as (
     where evidence.source = 'typed'
     group by target.event_id
 ),
-typed_sessions as (
-    select distinct session_id, cluster_id from evidence where source = 'typed'
+typed_sessions as (                             -- Klaviyo sees what is typed, placeholders included
+    select distinct session_id, cluster_id from evidence where source in ('typed', 'quarantined')
 ),
 in_session as (
     select
@@ -178,7 +193,7 @@ email_history as (                              -- per cluster, how many distinc
             range between getvariable('cookie_lifetime') preceding and current row
         ) as emails_so_far
     from evidence
-    where email is not null
+    where email is not null or source = 'quarantined'
     qualify row_number() over (partition by cluster_id, event_time order by source_rank, email, event_id) = 1
 ),
 last_email as (
@@ -218,13 +233,17 @@ decided as (
 select
     *,
     case
+        when email_evidence.source = 'quarantined' then 'quarantined'
         when email_evidence is not null then 'session_email'
         when kx_evidence is not null and history_email is not null and not shared_device
              and kx_known_email is distinct from history_email.email then 'conflict'
         when kx_evidence is not null then 'session_kx'
         when shared_device then 'shared_device'
+        when history_email.source = 'quarantined'
+             and (history_kx is null or history_kx.event_time < history_email.event_time) then 'quarantined'
         when history_email is not null
              and (history_kx is null or history_kx.event_time < history_email.event_time) then 'history_email'
+        when history_kx is not null and history_email.source = 'quarantined' then 'history_kx'
         when history_kx is not null and history_email is not null
              and kx_known_email <> history_email.email then 'conflict'
         when history_kx is not null and history_email is not null then 'history_email'
@@ -288,6 +307,7 @@ select
     case
         when decision = 'shared_device' then 'shared_device'
         when decision = 'conflict' then 'conflicting_identity'
+        when decision = 'quarantined' then 'quarantined_identifier'
         when decision is null then 'no_evidence'
     end as unresolved_reason,
     klaviyo_identified or typed_in_session as klaviyo_native,

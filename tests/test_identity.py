@@ -883,3 +883,26 @@ def test_browsers_spread_over_months_are_one_person_changing_devices_not_a_place
     assert resolved(settings)["cart"] == ("ana@gmail.com", None, "cookie_history")
     assert query(settings, "select count(distinct anonymous_id) from identity_observations "
                            "where id_value = 'ana@gmail.com'") == [(4,)]
+
+
+def test_a_quarantined_email_typed_on_a_browser_still_ends_the_previous_persons_claim(settings):
+    # Eve shops from more browsers than the guard allows, so her email is quarantined like a placeholder. On the
+    # family tablet, where Alice typed hers, Eve's session (and the next anonymous one) must not become Alice's.
+    eve_elsewhere = [ev(f"eve-{n}", "Identify", at(n), f"eve-browser-{n}", f"e{n}", {"email": "eve@gmail.com"})
+                     for n in range(4)]
+    run(settings, [
+        ev("alice-checkout", "InitiateCheckout", at(-5), "tablet", "t1", {"email": "alice@gmail.com"}),
+        *eve_elsewhere,
+        ev("eve-view", "ViewContent", at(5), "tablet", "t2"),
+        ev("eve-cart", "AddToCart", at(5, 1), "tablet", "t2"),
+        ev("eve-shipping", "Identify", at(5, 3), "tablet", "t2", {"email": "eve@gmail.com"}),
+        ev("later-cart", "AddToCart", at(7), "tablet", "t3"),
+    ])
+
+    assert query(settings, "select value from identity_rejected_values where reason = 'many_browsers'") == [
+        ("eve@gmail.com",)]
+    got = resolved(settings)
+    assert got["eve-view"] == got["eve-cart"] == got["later-cart"] == NOBODY
+    reasons = column(settings, "unresolved_reason")
+    assert reasons["eve-cart"] == reasons["later-cart"] == "quarantined_identifier"
+    assert column(settings, "klaviyo_native")["eve-cart"] is True  # Klaviyo saw her type it
