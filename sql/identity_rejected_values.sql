@@ -62,11 +62,11 @@ select observation.anonymous_id
 from identity_observations as observation
 semi join supernode_changes using (id_type, id_value)
 union
-select resolved.anonymous_id
-from resolved_events as resolved
-semi join supernode_changes as changed
-    on (changed.id_type = 'email' and changed.id_value = resolved.email)
-    or (changed.id_type = 'kx' and changed.id_value = resolved.kx);
+select anonymous_id from resolved_events
+where email in (select id_value from supernode_changes where id_type = 'email')
+union
+select anonymous_id from resolved_events
+where kx in (select id_value from supernode_changes where id_type = 'kx');
 
 -- A person anchored on a quarantined value was never one person; others no longer carry it. (A released value
 -- comes back with the re-resolution of its cookies, in sql/identities.sql.)
