@@ -240,7 +240,8 @@ create table if not exists resolved_events (
     match_method            varchar,        -- typed_in_event | same_session | login | customer_file | cookie_history
                                             -- | click_id_handoff | klaviyo_click | probabilistic_ip_ua
     evidence_event_id       varchar,        -- the event whose identifier decided it
-    unresolved_reason       varchar,        -- no_evidence | shared_device | conflicting_identity | quarantined_identifier
+    unresolved_reason       varchar,        -- no_evidence | shared_device | conflicting_identity
+                                            -- | quarantined_identifier
     klaviyo_native          boolean not null,
     klaviyo_native_reason   varchar,        -- klaviyo_cookie | typed_in_event | typed_in_session
     consent_marketing       boolean,

@@ -23,8 +23,8 @@ The model, in the order it is built:
 * **Klaviyo's own cookie** (`__kla_id`) fills `user_data.klaviyo_identified`. Klaviyo learns who a browser is from
   a Klaviyo email click (`_kx`), a typed checkout email, a form or a login. klaviyo.js writes its cookie from the
   page, so Safari and iPhone in-app browsers (`itp`) keep it 7 days after the last visit, 24 hours after a
-  landing from a decorated link (`_kx`, an ad click id); elsewhere it lasts 2 years. A returning Safari shopper is therefore known
-  to our cookie and forgotten by Klaviyo's: the gap the pipeline exists to close.
+  landing from a decorated link (`_kx`, an ad click id); elsewhere it lasts 2 years. A returning Safari shopper
+  is therefore known to our cookie and forgotten by Klaviyo's: the gap the pipeline exists to close.
 * **Visits** are long-tailed in time: most people come once; the rest come back after gaps drawn from a
   log-normal distribution (median `return_gap_days`, a tail past 90 days), sometimes twice the same day. A
   session uses one browser and runs PageView -> 1-5 ViewContent -> maybe AddToCart -> maybe the checkout funnel
