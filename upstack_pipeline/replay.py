@@ -46,7 +46,7 @@ class ReplayStep:
 
 def replay(simulation_dir: Path, landing_dir: Path, sync: Callable[[datetime], T], *,
            live_days: int = 14) -> Iterator[tuple[ReplayStep, T]]:
-    """Moves a simulation's landing files (written by `upstack simulate` into `simulation_dir`) into `landing_dir`
+    """Copies a simulation's landing files (written by `upstack simulate` into `simulation_dir`) into `landing_dir`
     day by day, calling `sync(now)` after each arrival, and yields each step with what `sync` returned.
 
     `landing_dir` must not hold events yet: the replay is the only writer. The customers export arrives with the
