@@ -1,9 +1,10 @@
-"""Klaviyo payloads against Klaviyo's published contract: the SDK's request models, the OpenAPI spec (in CI), and
-the limits the spec states only in prose (`upstack_pipeline.klaviyo.limits`)."""
+"""Klaviyo payloads against Klaviyo's published contract: the SDK's request models, the OpenAPI spec (the part of it
+in tests/contract/), and the limits the spec states only in prose (`upstack_pipeline.klaviyo.limits`)."""
 
 from __future__ import annotations
 
 import copy
+import re
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -136,7 +137,7 @@ def test_limits_match_the_issue():
 
 
 def test_profile_identifiers_are_the_ones_the_spec_documents():
-    schemas = klaviyo_contract.spec_or_skip()["components"]["schemas"]
+    schemas = klaviyo_contract.openapi_spec()["components"]["schemas"]
     for name in ("OnsiteProfileCreateQueryResourceObject", "EventProfileCreateQueryResourceObject"):
         documented = schemas[name]["properties"]["attributes"]["properties"]
         assert set(limits.PROFILE_IDENTIFIERS) <= set(documented), name
@@ -381,17 +382,53 @@ def test_sdk_helper_rejects_keys_the_sdk_would_drop():
         validate_with_sdk("ProfileImportJobCreateQuery", body)
 
 
-# --- the spec file is only in CI --------------------------------------------------------------------------------
+# --- the part of the spec in the repo is the part the client and the emulator use --------------------------------
 
-def test_openapi_check_skips_outside_ci_when_the_spec_is_absent(monkeypatch, tmp_path):
-    monkeypatch.setattr(klaviyo_contract, "SPEC_PATH", tmp_path / "openapi-stable.json")
-    monkeypatch.delenv("CI", raising=False)
-    with pytest.raises(pytest.skip.Exception, match="it is only in CI"):
-        validate_with_openapi("EventsBulkCreateJob", valid_bulk_body())
+def spec_operations() -> dict[tuple[str, str], dict]:
+    """(METHOD, path template) -> operation, for every operation in the repo's excerpt of the spec."""
+    methods = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
+    return {(method.upper(), path): operation for path, item in klaviyo_contract.openapi_spec()["paths"].items()
+            for method, operation in item.items() if method in methods}
 
 
-def test_openapi_check_fails_in_ci_when_the_spec_is_absent(monkeypatch, tmp_path):
-    monkeypatch.setattr(klaviyo_contract, "SPEC_PATH", tmp_path / "openapi-stable.json")
-    monkeypatch.setenv("CI", "true")
-    with pytest.raises(pytest.fail.Exception, match="CI must have Klaviyo's OpenAPI spec"):
-        validate_with_openapi("EventsBulkCreateJob", valid_bulk_body())
+def test_the_spec_excerpt_has_every_endpoint_the_emulator_serves_and_no_other():
+    from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator
+
+    operations = spec_operations()
+    served = set()
+    for route in KlaviyoEmulator(api_key="unused", rate_limits=None)._routes:
+        matches = [(method, path) for method, path in operations
+                   if method == route.method and route.pattern.fullmatch(re.sub(r"\{[^}]+\}", "ID1", path))]
+        assert len(matches) == 1, f"{route.method} {route.pattern.pattern} is in the spec excerpt {len(matches)} times"
+        assert route.scope in operations[matches[0]]["x-klaviyo-scopes"], (route, operations[matches[0]])
+        served.update(matches)
+    assert served == set(operations), f"the excerpt has operations nothing serves: {set(operations) - served}"
+
+
+def test_the_spec_excerpt_has_every_path_the_client_calls():
+    from upstack_pipeline.klaviyo.client import SCOPE_PROBES
+    from upstack_pipeline.klaviyo.delivery import BULK_EVENTS_PATH
+
+    posts = {BULK_EVENTS_PATH, *(path for path, _body in SCOPE_PROBES.values())}
+    gets = {"/api/profile-bulk-import-jobs/{job_id}", "/api/profile-bulk-import-jobs/{id}/import-errors"}
+    operations = spec_operations()
+    assert {("POST", path) for path in posts} | {("GET", path) for path in gets} <= set(operations)
+
+
+def test_every_reference_of_the_spec_excerpt_resolves_inside_it():
+    spec = klaviyo_contract.openapi_spec()
+
+    def references(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from [value] if key == "$ref" else references(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from references(value)
+
+    found = set(references(spec))
+    assert "#/components/schemas/EventsBulkCreateJob" in found
+    for reference in found:
+        _, kind, section, name = reference.split("/")
+        assert kind == "components" and name in spec["components"].get(section, {}), reference
+    assert spec["info"]["version"] == "2026-07-15" and spec["openapi"] == "3.0.2"
