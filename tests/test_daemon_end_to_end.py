@@ -2,10 +2,10 @@
 
 Each test starts a throwaway PostgreSQL database (tests/postgres.py), a Klaviyo emulator on 127.0.0.1, a landing
 folder and a warehouse file, then the daemon (and the webserver where the test talks GraphQL) as subprocesses in
-their own process groups with SIGINT restored (see shared/dagster-notes.md: a background `dagster` that inherits
-an ignored SIGINT does not stop on SIGTERM). Everything a test started is stopped in its teardown, even on failure:
-SIGTERM to each process group, SIGKILL after a grace period, then SIGKILL to any process still carrying this
-test's DAGSTER_HOME (a run worker or code server that outlived its parent).
+their own process groups with SIGINT restored (a background `dagster` that inherits an ignored SIGINT does not stop
+on SIGTERM). Everything a test started is stopped in its teardown, even on failure: SIGTERM to each process group,
+SIGKILL after a grace period, then SIGKILL to any process still carrying this test's DAGSTER_HOME (a run worker or
+code server that outlived its parent).
 
 The sensor ticks every 30 s; a daemon's first tick comes as soon as it has loaded the code location, so files are
 landed before the daemon starts (they are still new to the sensor: its cursor is empty) and every wait is a poll

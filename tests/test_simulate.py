@@ -1,5 +1,5 @@
 """The simulator is the yardstick for identity resolution, so its files must be exactly what it claims, and its
-world must be the one of the README (shared/simulated-world.md): the phenomena the product exists for, with the
+world must be the one of the README ("What the simulator measures"): the phenomena the product exists for, with the
 rates it is given.
 
 Real files in tmp_path, no mocks. Small runs (hundreds of visitors) keep the module fast.

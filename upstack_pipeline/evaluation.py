@@ -1,4 +1,4 @@
-"""Identity resolution measured against the simulator's ground truth (shared/identity-design.md section 7).
+"""Identity resolution measured against the simulator's ground truth (the README's "What the simulator measures").
 
 Real pixel data never says who did an event, so the resolver can only be judged on simulated traffic, where
 `truth/events.csv` names the person behind every event and `truth/people.csv` their email, Shopify customer id and

@@ -24,7 +24,7 @@ DEFAULT_BLOCKED_EMAILS = (
 
 @dataclass(frozen=True)
 class IdentitySettings:
-    """The guards of identity resolution (SPEC 4, shared/identity-design.md 3); precision comes first."""
+    """The guards of identity resolution (the README's "Identity resolution"); precision comes first."""
 
     # A browser cluster or click id seen with more distinct emails than this is a shared device: it links no
     # email through its history (an email typed in the same session still counts).
@@ -39,7 +39,7 @@ class IdentitySettings:
     # 7-day Safari cookie is the product's edge; what ends a tie is a conflicting identity or the shared-device
     # rule, not age (a 30-day window was measured to lose returning shoppers and buy no precision).
     cookie_lifetime: timedelta = timedelta(days=400)
-    # Supernodes (shared/identity-design.md 3): an email, phone, customer id or _kx seen on more browsers
+    # Supernodes (the README's "Identity resolution"): an email, phone, customer id or _kx seen on more browsers
     # (cookies) within `supernode_window` than one person identifies on (a phone, a computer, a tablet) is not one
     # person's: a placeholder whatever its spelling (asdf@asdf.com), a front-desk phone, a _kx posted to a group.
     # It is quarantined, never used again, and whatever it named is resolved again. A season rather than a month:

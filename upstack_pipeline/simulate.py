@@ -2,9 +2,9 @@
 
 Identity resolution can only be judged against the truth, and real pixel data never comes with it. This module
 invents a small world, lets it shop for weeks, and writes what a store's first-party pixel would have captured
-(the landing files of SPEC section 3) next to what really happened (who did each event). The world is the one of
-`shared/simulated-world.md` (summarised in the README): a world without the phenomena the product exists for
-would measure nothing. Its rates are `WorldRates`, each a setting of `upstack simulate`; the defaults are sourced
+(the landing files of SPEC section 3) next to what really happened (who did each event). The world is the one the
+README describes in "What the simulator measures": a world without the phenomena the product exists for would
+measure nothing. Its rates are `WorldRates`, each a setting of `upstack simulate`; the defaults are sourced
 or marked as assumptions there, and a sweep moves them.
 
 The model, in the order it is built:
@@ -103,9 +103,9 @@ def _rate(default: float, help: str) -> float:
 
 @dataclass(frozen=True)
 class WorldRates:
-    """The rates of the simulated world (`shared/simulated-world.md`), each a flag of `upstack simulate`. "(A)" marks
-    an assumption to sweep and report against, not a fact; the README says where each default comes from and how
-    the results move with it."""
+    """The rates of the simulated world (the README's "What the simulator measures"), each a flag of `upstack
+    simulate`. "(A)" marks an assumption to sweep and report against, not a fact; the README says where each default
+    comes from and how the results move with it."""
 
     safari_share: float = _rate(0.5, "phones that are iPhones, so Safari and WebKit in-app browsers: 40-60% of a "
                                      "Shopify store's mobile sessions (A)")

@@ -13,8 +13,9 @@ network. It serves the endpoints delivery uses:
 - `GET /api/profile-bulk-import-jobs/{id}/import-errors`: 200, `GetImportErrorResponseCollection`.
 - `GET /api/accounts`: 200, `GetAccountResponseCollection` with one account.
 
-Shapes and status codes follow Klaviyo's OpenAPI spec (revision 2026-07-15, `../shared/klaviyo/openapi-stable.json`)
-and its guide "Rate limits, status codes, and errors". What a request goes through, in order:
+Shapes and status codes follow Klaviyo's OpenAPI spec (revision 2026-07-15; the tests check the answers against the
+part of it in `tests/contract/`) and its guide "Rate limits, status codes, and errors". What a request goes
+through, in order:
 
 1. route (404 unknown path, 405 wrong method);
 2. `Authorization: Klaviyo-API-Key <key>` (401), then the `revision` header (400);
