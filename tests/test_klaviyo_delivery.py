@@ -18,7 +18,7 @@ from conftest import query
 from upstack_pipeline.customers import ingest_customers
 from upstack_pipeline.events import ingest_events
 from upstack_pipeline.identity import resolve_identities
-from upstack_pipeline.klaviyo.client import KlaviyoAuthError, KlaviyoClient
+from upstack_pipeline.klaviyo.client import KlaviyoClient
 from upstack_pipeline.klaviyo.delivery import deliver
 from upstack_pipeline.klaviyo.emulator import Faults, KlaviyoEmulator, RateLimits
 from upstack_pipeline.klaviyo.mapping import map_events
@@ -94,11 +94,44 @@ def test_a_400_names_one_event_and_only_that_event_is_dead_lettered(outbox_setti
 
 def test_a_bad_key_stops_delivery_with_what_to_do_and_leaves_the_outbox_pending(outbox_settings):
     with KlaviyoEmulator(api_key="pk_the_real_one_000000000000") as emulator:
-        with pytest.raises(KlaviyoAuthError, match="KLAVIYO_API_KEY"):
-            deliver(outbox_settings, now=END, client=client_for(emulator))
+        run = deliver(outbox_settings, now=END, client=client_for(emulator))
 
+    assert run.stopped.startswith("Klaviyo rejected the API key") and "KLAVIYO_API_KEY" in run.stopped
+    assert (run.delivered, run.left_pending) == (0, outbox_size(outbox_settings))
     assert query(outbox_settings, "select distinct status from klaviyo_outbox") == [("pending",)]
     assert query(outbox_settings, "select distinct status from klaviyo_deliveries") == [(401,)]
+
+
+def test_an_unreachable_klaviyo_stops_delivery_soon_says_where_it_looked_and_loses_nothing(outbox_settings):
+    with KlaviyoEmulator(api_key=KEY) as emulator:
+        closed_port_url = emulator.base_url  # nothing listens there once the emulator has stopped
+    started = time.monotonic()
+    run = deliver(outbox_settings, now=END, client=KlaviyoClient(closed_port_url, KEY))
+    seconds = time.monotonic() - started
+
+    assert run.stopped.startswith(f"Could not reach Klaviyo at {closed_port_url}") and "KLAVIYO_BASE_URL" in run.stopped
+    assert "ConnectError" in run.stopped
+    # A refused connection is given up after a few quick attempts, not the minute of backoff a 5xx gets.
+    assert seconds < 15
+    assert (run.delivered, run.left_pending) == (0, outbox_size(outbox_settings))
+    assert query(outbox_settings, "select distinct status from klaviyo_outbox") == [("pending",)]
+    statuses, errors = query(outbox_settings, "select count(status), count(error) from klaviyo_deliveries")[0]
+    assert statuses == 0 and errors >= 3  # every attempt recorded, none answered
+
+
+@pytest.mark.parametrize("emulator_options, says", [
+    ({"faults": Faults(server_error_rate=1.0)}, "answered HTTP 503"),
+    ({"newest_revision": "2026-07-15"}, "Klaviyo refused API revision 2026-10-15"),
+])
+def test_a_klaviyo_that_refuses_every_request_stops_delivery_with_the_cause(outbox_settings, emulator_options, says):
+    with KlaviyoEmulator(api_key=KEY, **emulator_options) as emulator:
+        run = deliver(outbox_settings, now=END, client=client_for(emulator))
+        requests = len(emulator.requests())
+
+    assert says in run.stopped
+    assert requests <= 4 * 8  # it stopped: at most the requests in flight, each through its retries
+    assert query(outbox_settings, "select distinct status from klaviyo_outbox") == [("pending",)]
+    assert query(outbox_settings, "select count(*) from klaviyo_dead_letters") == [(0,)]
 
 
 def test_a_delivery_killed_mid_flight_then_rerun_loses_nothing_and_duplicates_nothing(outbox_settings):

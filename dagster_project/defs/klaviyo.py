@@ -2,8 +2,8 @@
 
 import dagster as dg
 
+from dagster_project.metadata import percent, plural
 from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
-from upstack_pipeline.klaviyo.client import KlaviyoAuthError
 from upstack_pipeline.klaviyo.delivery import DeliveryRun, deliver, stale_pending_rows
 from upstack_pipeline.klaviyo.mapping import MappingOverview, map_events, overview
 
@@ -65,7 +65,7 @@ def payload_metadata(outbox_rows: int, skipped: int, state: MappingOverview) -> 
 
 delivery_checks = [
     dg.AssetCheckSpec("destination_healthy", asset="klaviyo_delivery",
-                      description="Klaviyo accepts the API key and its scopes."),
+                      description="Klaviyo is reachable and accepts the API key, its scopes and our API revision."),
     dg.AssetCheckSpec("no_stale_pending_rows", asset="klaviyo_delivery",
                       description="No outbox row has waited longer than max_pending_age."),
     dg.AssetCheckSpec("dead_letter_share", asset="klaviyo_delivery",
@@ -85,31 +85,29 @@ delivery_checks = [
 def klaviyo_delivery(context: dg.AssetExecutionContext, upstack: UpstackResource):
     settings = upstack.settings()
     now = upstack.now()
-    try:
-        run = deliver(settings, now=now)
-    except KlaviyoAuthError as error:
-        context.log.error(str(error))
-        run = DeliveryRun(configured=True, auth_error=str(error))
+    run = deliver(settings, now=now)
+    if run.stopped:
+        context.log.error(run.stopped)
     stale = stale_pending_rows(settings, now=now)
     limits = settings.destination
     yield dg.MaterializeResult(metadata=delivery_metadata(run))
     yield dg.AssetCheckResult(
-        check_name="destination_healthy", passed=run.configured and run.auth_error is None,
-        severity=dg.AssetCheckSeverity.ERROR if run.auth_error else dg.AssetCheckSeverity.WARN,
-        description=run.auth_error or (None if run.configured else
-                                       "KLAVIYO_API_KEY is not set: set it, then run `upstack klaviyo check-key`."),
+        check_name="destination_healthy", passed=run.configured and run.stopped is None,
+        severity=dg.AssetCheckSeverity.ERROR if run.stopped else dg.AssetCheckSeverity.WARN,
+        description=run.stopped or (None if run.configured else
+                                    "KLAVIYO_API_KEY is not set: set it, then run `upstack klaviyo check-key`."),
     )
     yield dg.AssetCheckResult(
         check_name="no_stale_pending_rows", passed=stale == 0, severity=dg.AssetCheckSeverity.WARN,
-        metadata={"stale_pending_rows": stale, "max_pending_age_minutes": limits.max_pending_age.total_seconds() / 60},
+        metadata={"stale_pending_rows": stale,
+                  "max_pending_age_minutes": int(limits.max_pending_age.total_seconds() // 60)},
         description=None if stale == 0 else "Events wait in the outbox; see this asset's destination_healthy check "
                                             "and table klaviyo_deliveries for Klaviyo's answers.",
     )
     yield dg.AssetCheckResult(
         check_name="dead_letter_share", passed=run.dead_letter_share <= limits.max_dead_letter_share,
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={"dead_letter_share": dg.MetadataValue.float(run.dead_letter_share),
-                  "dead_lettered": run.dead_lettered},
+        metadata={"dead_letter_pct": percent(run.dead_letter_share), "dead_lettered": run.dead_lettered},
         description=None if run.dead_letter_share <= limits.max_dead_letter_share else
         "Klaviyo refused events: its reasons are in table klaviyo_dead_letters.",
     )
@@ -119,17 +117,21 @@ def delivery_metadata(run: DeliveryRun) -> dict:
     if not run.configured:
         return {"summary": dg.MetadataValue.text(
             "KLAVIYO_API_KEY is not set: nothing sent; the outbox keeps every event until it is.")}
-    if run.auth_error:
-        return {"summary": dg.MetadataValue.text(f"Nothing sent: {run.auth_error}")}
+    sent = (f"{plural(run.delivered, 'event')} delivered in {plural(run.requests, 'request')} "
+            f"({run.retried:,} retried)")
+    if run.delivered_backfill:
+        sent += (f", {run.delivered_backfill:,} of them as backfill (older than max_event_age: recorded on the "
+                 "profile without firing flows)")
+    outcome = f"{run.dead_lettered:,} dead-lettered, {run.left_pending:,} left pending"
+    summary = (f"STOPPED: {run.stopped} So far: {sent}; {outcome}" if run.stopped
+               else f"{sent}; {outcome}; {run.events_per_minute:,.0f} events/min")
     return {
-        "summary": dg.MetadataValue.text(
-            f"{run.delivered:,} events delivered in {run.requests:,} requests ({run.retried:,} retried), "
-            f"{run.dead_lettered:,} dead-lettered, {run.left_pending:,} left pending; "
-            f"{run.events_per_minute:,.0f} events/min"),
+        "summary": dg.MetadataValue.text(summary),
         "delivered": run.delivered,
+        "delivered_backfill": run.delivered_backfill,
         "requests": run.requests,
         "retried_requests": run.retried,
         "dead_lettered": run.dead_lettered,
         "left_pending": run.left_pending,
-        "events_per_minute": dg.MetadataValue.float(run.events_per_minute),
+        "events_per_minute": dg.MetadataValue.float(round(run.events_per_minute, 1)),
     }

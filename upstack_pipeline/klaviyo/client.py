@@ -25,12 +25,26 @@ REVISION = "2026-10-15"
 RETRIABLE_STATUSES = {429, 500, 502, 503, 504}
 
 
-class KlaviyoAuthError(RuntimeError):
+class KlaviyoDestinationError(RuntimeError):
+    """Delivery cannot go on this run: the message says what a person should check. Pending rows stay pending."""
+
+
+class KlaviyoAuthError(KlaviyoDestinationError):
     """Klaviyo refused the key (401) or its scopes (403): nothing more can be sent until a person fixes it."""
 
     def __init__(self, message: str, status: int):
         super().__init__(message)
         self.status = status
+
+
+class KlaviyoRevisionError(KlaviyoDestinationError):
+    """Klaviyo refused the API revision this release speaks: every request would fail the same way."""
+
+
+class KlaviyoUnavailableError(KlaviyoDestinationError):
+    """No answer from Klaviyo after every attempt (refused, DNS, TLS, timeouts), or a server error every time.
+
+    Sending the rest of the outbox would only repeat the wait, so the run stops and says where it looked."""
 
 
 @dataclass
@@ -96,6 +110,7 @@ class KlaviyoClient:
         per_second: int = 10,
         per_minute: int = 150,
         max_attempts: int = 8,
+        connect_attempts: int = 3,
         timeout_seconds: float = 30.0,
         backoff_seconds: float = 0.5,
         on_attempt: Callable[[Attempt], None] = lambda attempt: None,
@@ -112,6 +127,10 @@ class KlaviyoClient:
         )
         self.pacer = RatePacer(per_second, per_minute)
         self.max_attempts = max_attempts
+        # A request that never left (connection refused, DNS, TLS) is a wrong address, a firewall or an outage,
+        # not a blip that a minute of backoff cures: give up sooner than on a timeout or a 5xx.
+        self.connect_attempts = min(connect_attempts, max_attempts)
+        self.base_url = base_url
         self.backoff_seconds = backoff_seconds
         self.on_attempt = on_attempt
         self.random = random.Random()
@@ -149,10 +168,12 @@ class KlaviyoClient:
         return list((errors.body or {}).get("data") or [])
 
     def _send(self, method: str, path: str, payload: bytes | None, events: int) -> Outcome:
-        for attempt in range(1, self.max_attempts + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             self.pacer.wait_turn()
             started = time.monotonic()
-            status, body, error, retry_after = None, None, None, None
+            status, body, error, retry_after, never_sent = None, None, None, None, False
             try:
                 response = self.http.request(method, path, content=payload)
                 status = response.status_code
@@ -161,18 +182,34 @@ class KlaviyoClient:
                 body = response.json() if response.content else None
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
+                never_sent = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol))
             except ValueError:
                 body = None  # a non-JSON answer; the status says what happened
             self.on_attempt(Attempt(path, status, events, len(payload or b""),
                                     (time.monotonic() - started) * 1000, error or _error_summary(status, body)))
             if status in (401, 403):
                 raise KlaviyoAuthError(_auth_advice(status, body), status)
+            if status == 400 and _names_parameter(body, "revision"):
+                raise KlaviyoRevisionError(
+                    f"Klaviyo refused API revision {REVISION} ({_error_summary(status, body)}). This release of "
+                    "upstack-flows speaks that revision: if KLAVIYO_BASE_URL is Klaviyo's own address, upgrade "
+                    "upstack-flows; else check what serves KLAVIYO_BASE_URL.")
             if status is not None and status not in RETRIABLE_STATUSES:
                 return Outcome(status, body, attempt)
-            if attempt == self.max_attempts:
-                return Outcome(status, body, attempt)
+            if attempt >= (self.connect_attempts if never_sent else self.max_attempts):
+                if status is None or status >= 500:
+                    raise KlaviyoUnavailableError(self._unavailable_advice(attempt, error, status, body))
+                return Outcome(status, body, attempt)  # still rate limited: the rows wait for the next run
             self._back_off(attempt, retry_after)
-        raise AssertionError("unreachable")
+
+    def _unavailable_advice(self, attempts: int, error: str | None, status: int | None, body: dict | None) -> str:
+        if status is None:
+            return (f"Could not reach Klaviyo at {self.base_url} ({attempts} attempts, last: {error}). Check "
+                    "KLAVIYO_BASE_URL, this machine's network, proxy and firewall (outbound HTTPS to a.klaviyo.com), "
+                    "and status.klaviyo.com. Nothing was lost: the outbox keeps every event for the next run.")
+        return (f"Klaviyo at {self.base_url} answered {_error_summary(status, body)} to all {attempts} attempts. "
+                "Check status.klaviyo.com; if KLAVIYO_BASE_URL is not Klaviyo's own address, check what serves it. "
+                "Nothing was lost: the outbox keeps every event for the next run.")
 
     def _respect_rate_limit_headers(self, headers: httpx.Headers) -> None:
         """Another client on the same account spends the same allowance: when Klaviyo says none is left in the
@@ -198,6 +235,10 @@ def _error_summary(status: int | None, body: dict | None) -> str | None:
     return f"HTTP {status}" + (f": {details}" if details else "")
 
 
+def _names_parameter(body: dict | None, parameter: str) -> bool:
+    return any(((error.get("source") or {}).get("parameter")) == parameter for error in (body or {}).get("errors") or [])
+
+
 def _auth_advice(status: int, body: dict | None) -> str:
     detail = _error_summary(status, body)
     if status == 401:
@@ -219,7 +260,11 @@ SCOPE_PROBES = {
 
 
 def check_key(client: KlaviyoClient, *, needs_list: bool) -> dict[str, bool]:
-    """Scope -> whether the key has it, for the scopes delivery needs (lists:write only with a list)."""
+    """Scope -> whether the key has it, for the scopes delivery needs (lists:write only with a list).
+
+    Raises what stops every scope alike, so a person is told the real cause: KlaviyoUnavailableError (nothing
+    answered), KlaviyoAuthError with status 401 (the key itself), KlaviyoRevisionError (the API revision).
+    """
     verdicts = {}
     for scope, (path, body) in SCOPE_PROBES.items():
         if scope == "lists:write" and not needs_list:
@@ -231,5 +276,8 @@ def check_key(client: KlaviyoClient, *, needs_list: bool) -> dict[str, bool]:
                 raise
             verdicts[scope] = False
             continue
-        verdicts[scope] = outcome.status is not None and outcome.status < 500
+        if outcome.status == 429:
+            raise KlaviyoUnavailableError("Klaviyo kept answering 429 (rate limited): another client is spending "
+                                          "this account's allowance. Run the check again in a minute.")
+        verdicts[scope] = True  # any other answer came after Klaviyo checked the key and its scopes
     return verdicts

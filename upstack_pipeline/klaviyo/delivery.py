@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 
 import duckdb
 
-from upstack_pipeline.klaviyo.client import Attempt, KlaviyoAuthError, KlaviyoClient
+from upstack_pipeline.klaviyo.client import Attempt, KlaviyoClient, KlaviyoDestinationError
 from upstack_pipeline.klaviyo.limits import MAX_BULK_REQUEST_BYTES, MAX_EVENTS_PER_BULK_REQUEST, encode_body
 from upstack_pipeline.klaviyo.mapping import OutboxRow, bulk_create_body, profile_import_body
 from upstack_pipeline.settings import Settings
@@ -34,10 +34,15 @@ _ENVELOPE_BYTES = 64 * 1024
 @dataclass
 class DeliveryRun:
     configured: bool
-    auth_error: str | None = None  # Klaviyo refused the key or its scopes: what a person must do
+    # Why delivery stopped before the outbox was empty (key refused, Klaviyo unreachable, revision refused):
+    # what a person must check. The rows it did not send wait as pending.
+    stopped: str | None = None
     requests: int = 0
     retried: int = 0
     delivered: int = 0
+    # Delivered events older than max_event_age, sent with Klaviyo's backfill flag: recorded on the profile
+    # without firing flows (a cart abandoned days ago must not trigger an email now).
+    delivered_backfill: int = 0
     dead_lettered: int = 0
     left_pending: int = 0
     profile_import_errors: list[dict] = field(default_factory=list)
@@ -77,9 +82,14 @@ def deliver(
             connection.execute("update klaviyo_outbox set status = 'pending', claimed_at = null "
                                "where status = 'claimed'")
             rows = _pending_rows(connection)
-            _send_all(connection, client, pack_requests(rows, events_per_request), run, now, concurrency)
-            if settings.destination.list_id:
-                run.profile_import_errors = _add_to_list(connection, client, rows, settings.destination.list_id)
+            try:
+                _send_all(connection, client, pack_requests(rows, events_per_request), run, now, concurrency)
+                if settings.destination.list_id:
+                    run.profile_import_errors = _add_to_list(connection, client, rows, settings.destination.list_id)
+            except KlaviyoDestinationError as error:
+                run.stopped = str(error)
+                run.left_pending = connection.execute(
+                    "select count(*) from klaviyo_outbox where status = 'pending'").fetchone()[0]
     finally:
         if own_client:
             client.close()
@@ -102,6 +112,7 @@ def _send_all(connection, client: KlaviyoClient, batches: list[list[OutboxRow]],
             attempts, recorded = run.attempts[recorded:], len(run.attempts)
             _settle(connection, delivered, dead, unsent, now, attempts)
             run.delivered += len(delivered)
+            run.delivered_backfill += sum(1 for row in delivered if row.event.get("backfill"))
             run.dead_lettered += len(dead)
             run.left_pending += len(unsent)
 
@@ -115,10 +126,10 @@ def _send_all(connection, client: KlaviyoClient, batches: list[list[OutboxRow]],
                     settle(wait(in_flight, return_when=FIRST_COMPLETED).done)
             while in_flight:
                 settle(wait(in_flight, return_when=FIRST_COMPLETED).done)
-        except KlaviyoAuthError:
+        except KlaviyoDestinationError:
             for future in in_flight:
                 future.cancel()
-            # Nothing more will be sent until a person fixes the key: what this run claimed waits as pending.
+            # Nothing more can be sent until a person fixes the cause: what this run claimed waits as pending.
             connection.execute("update klaviyo_outbox set status = 'pending', claimed_at = null "
                                "where status = 'claimed'")
             raise

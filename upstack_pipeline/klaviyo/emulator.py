@@ -232,7 +232,10 @@ class KlaviyoEmulator:
         faults: Faults = Faults(),
         host: str = "127.0.0.1",
         port: int = 0,
+        newest_revision: str | None = None,
     ):
+        """`newest_revision`: refuse later revisions (400 on the `revision` parameter), as Klaviyo refuses one
+        it does not serve: an old emulator, or an account behind a client that speaks a newer API."""
         if not api_key:
             raise ValueError("the emulator needs an API key to expect")
         self._authorization = f"Klaviyo-API-Key {api_key}".encode()
@@ -240,6 +243,7 @@ class KlaviyoEmulator:
         self.rate_limits = rate_limits
         self.faults = faults
         self.host, self.port = host, port
+        self.newest_revision = newest_revision
         self._lock = threading.Lock()
         self._limiter = _FixedWindows(rate_limits) if rate_limits is not None else None
         self._random = _SeededRandom(faults.seed)
@@ -413,8 +417,7 @@ class KlaviyoEmulator:
                                            "Missing or invalid private key; send `Authorization: "
                                            "Klaviyo-API-Key <your private key>`.")])
 
-    @staticmethod
-    def _check_revision(headers: dict[str, str]) -> None:
+    def _check_revision(self, headers: dict[str, str]) -> None:
         revision = headers.get("revision")
         if not revision:
             raise ApiError(400, [api_error(400, "invalid", "Invalid input.", "The `revision` header is required "
@@ -422,6 +425,10 @@ class KlaviyoEmulator:
         if not _REVISION.fullmatch(revision):
             raise ApiError(400, [api_error(400, "invalid", "Invalid input.", f"Invalid revision {revision!r} "
                                            "(format YYYY-MM-DD[.suffix]).", parameter="revision")])
+        if self.newest_revision and revision[:10] > self.newest_revision:
+            raise ApiError(400, [api_error(400, "invalid", "Invalid input.", f"Revision {revision} is not "
+                                           f"available; the newest is {self.newest_revision}.",
+                                           parameter="revision")])
 
     def _pass_rate_limits(self) -> None:
         """429 when the account is over a window, or when a forced 429 is due."""
