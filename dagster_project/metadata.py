@@ -6,6 +6,18 @@ import dagster as dg
 import polars as pl
 
 from upstack_pipeline.ingestion import IngestReport, TableOverview
+from upstack_pipeline.landing import accepted_names
+
+
+def percent(share: float) -> dg.FloatMetadataValue:
+    """A share as a percentage with two decimals (0.0097 -> 0.97): readable in the UI, still a number that the
+    Plots tab can draw. Keys holding one end in `_pct`."""
+    return dg.MetadataValue.float(round(share * 100, 2))
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 request`, `2 requests`, `1,000 events`."""
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
 def markdown_table(frame: pl.DataFrame, max_cell: int = 80) -> str:
@@ -24,17 +36,21 @@ def markdown_table(frame: pl.DataFrame, max_cell: int = 80) -> str:
 
 def ingestion_summary(report: IngestReport, table: TableOverview) -> str:
     """One line for a person: what this run added, and what it set aside and why."""
-    files = f"{report.files_read:,} file" + ("" if report.files_read == 1 else "s")
-    parts = [f"{report.ingested_rows:,} new rows from {files} (table now {table.total_rows:,})"]
+    parts = [f"{plural(report.ingested_rows, 'new row')} from {plural(report.files_read, 'file')} "
+             f"(table now {table.total_rows:,})"]
     if report.duplicate_rows:
         parts.append(f"{report.duplicate_rows:,} pixel retries skipped")
     if report.quarantined_rows:
         reasons = ", ".join(f"{reason} {count:,}" for reason, count in table.quarantined_this_run_by_reason.items())
         parts.append(f"{report.quarantined_rows:,} quarantined ({reasons})")
     if report.unreadable_files:
-        parts.append(f"{len(report.unreadable_files)} unreadable files")
+        parts.append(plural(len(report.unreadable_files), "unreadable file"))
     if report.changed_files:
-        parts.append(f"{len(report.changed_files)} files changed after ingestion (not re-read)")
+        parts.append(f"{plural(len(report.changed_files), 'file')} changed after ingestion (not re-read)")
+    if report.ignored_files:
+        shown = ", ".join(report.ignored_files[:5]) + (", ..." if len(report.ignored_files) > 5 else "")
+        parts.append(f"{plural(len(report.ignored_files), 'file')} ignored, named as no reader takes "
+                     f"({accepted_names()}): {shown}")
     return "; ".join(parts)
 
 
@@ -50,6 +66,7 @@ def ingestion_metadata(report: IngestReport, table: TableOverview) -> dict[str, 
         "quarantined_total": dg.MetadataValue.int(table.total_quarantined),
         "unreadable_files": dg.MetadataValue.json(report.unreadable_files),
         "changed_files": dg.MetadataValue.json(report.changed_files),
+        "ignored_files": dg.MetadataValue.json(report.ignored_files),
         "preview": dg.MetadataValue.md(markdown_table(table.recent_rows)),
         "quarantine_preview": dg.MetadataValue.md(markdown_table(table.quarantined_this_run)),
     }

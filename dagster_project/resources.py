@@ -31,8 +31,13 @@ class UpstackResource(dg.ConfigurableResource):
 
     @classmethod
     def from_settings(cls, settings: Settings, *, as_of: datetime | None = None) -> "UpstackResource":
-        return cls(landing_dir=str(settings.landing_dir), warehouse_path=str(settings.warehouse_path),
-                   as_of=as_of.isoformat() if as_of else "")
+        return cls(**cls.config_for(settings, as_of))
+
+    @staticmethod
+    def config_for(settings: Settings, as_of: datetime | None = None) -> dict[str, str]:
+        """The resource's configuration for `settings`, as a run's run config carries it."""
+        return {"landing_dir": str(settings.landing_dir), "warehouse_path": str(settings.warehouse_path),
+                "as_of": as_of.isoformat() if as_of else ""}
 
     def now(self) -> datetime:
         return datetime.fromisoformat(self.as_of) if self.as_of else datetime.now(timezone.utc)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -14,6 +16,8 @@ from conftest import klaviyo_click, make_event, materialization, query, write_ev
 from dagster_project.definitions import SYNC_JOB_NAME, load_definitions, run_sync
 from dagster_project.defs.sync import hourly_sync, landing_files_sensor
 from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
+from upstack_pipeline.landing import ArrivalCursor, arrivals
+from upstack_pipeline.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -58,6 +62,13 @@ def test_sync_materializes_both_tables_with_operator_metadata_and_passing_checks
                                        "dead_letter_share"}, True),
                       "destination_healthy": False}  # no KLAVIYO_API_KEY here: a warning, not an error
     assert "KLAVIYO_API_KEY is not set" in materialization(result, "klaviyo_delivery")["summary"]
+    # Shares are percentages with two decimals (readable, and still numbers the Plots tab draws); counts are ints.
+    resolved = materialization(result, "resolved_events")
+    assert {key for key in resolved if key.endswith(("share", "lift"))} == set()
+    for key in ("lift_pct", "resolved_pct"):
+        assert isinstance(resolved[key], float) and resolved[key] == round(resolved[key], 2) and resolved[key] <= 100
+    assert resolved["resolved_pct"] == 100.0  # both events name jane@gmail.com
+    assert all(isinstance(events[key], int) for key in ("files_read", "rows_ingested", "rows_quarantined"))
 
     rerun = materialization(sync(), "raw_events")
     assert (rerun["files_read"], rerun["rows_ingested"], rerun["dagster/row_count"]) == (0, 0, 2)
@@ -101,6 +112,36 @@ def test_landing_sensor_requests_one_run_per_batch_of_new_files_and_none_for_old
         assert len(second.run_requests) == 1
         assert second.run_requests[0].tags["upstack/new_files"] == "1"
         assert second.run_requests[0].run_key != first.run_requests[0].run_key
+
+
+def test_the_sensor_cursor_is_a_high_water_mark_with_recent_arrivals_not_every_file_ever_seen(settings):
+    for hour in range(30):
+        write_events(settings.events_dir / f"h{hour:02d}.ndjson", [make_event(f"e{hour}")])
+    arrived, cursor = arrivals(settings.landing_dir, ArrivalCursor.parse(None))
+    assert len(arrived) == 30
+
+    # Once they are older than the grace period (none here, to see it), only the latest arrival is remembered.
+    arrived, cursor = arrivals(settings.landing_dir, cursor, grace=timedelta(0))
+    assert arrived == {} and len(cursor.recent) < 30
+    write_events(settings.events_dir / "h30.ndjson", [make_event("e30")])
+    write_events(settings.events_dir / "h00.ndjson", [make_event("e0"), make_event("e0b")])  # rewritten
+    arrived, cursor = arrivals(settings.landing_dir, ArrivalCursor.parse(cursor.dumps()), grace=timedelta(0))
+    assert sorted(arrived) == ["events/h00.ndjson", "events/h30.ndjson"]
+    assert len(cursor.dumps()) < 200
+
+    # A cursor kept by an older release (every path) starts afresh: one extra run, nothing missed.
+    legacy = json.dumps({f"events/h{hour:02d}.ndjson": "1:1" for hour in range(31)})
+    assert len(arrivals(settings.landing_dir, ArrivalCursor.parse(legacy))[0]) == 31
+
+
+def test_a_missing_landing_folder_is_the_sensors_skip_reason_with_the_variable_to_fix(tmp_path):
+    settings = Settings(landing_dir=tmp_path / "nowhere", warehouse_path=tmp_path / "warehouse.duckdb")
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(instance=instance, resources={
+            "upstack": UpstackResource.from_settings(settings)})
+        skipped = landing_files_sensor(context)
+    assert isinstance(skipped, dg.SkipReason)
+    assert "the landing folder does not exist" in skipped.skip_message and "UPSTACK_LANDING_DIR" in skipped.skip_message
 
 
 def test_sensor_and_schedule_start_running_and_target_the_sync_job():

@@ -15,7 +15,7 @@ import duckdb
 import polars as pl
 
 from upstack_pipeline.ingestion import IngestReport, UnreadableFileError, ingest_new_files
-from upstack_pipeline.landing import LandingFile
+from upstack_pipeline.landing import LandingFile, check_landing_folder, ignored_files
 from upstack_pipeline.settings import Settings
 from upstack_pipeline.warehouse import Warehouse, read_sql
 
@@ -136,8 +136,12 @@ def read_parquet_rows(data: bytes) -> pl.DataFrame:
 
 
 def ingest_events(settings: Settings, *, now: datetime, log: Callable[[str], None] = lambda message: None) -> IngestReport:
-    """Ingests every event file not read yet into raw_events / quarantined_events."""
-    return ingest_new_files(
+    """Ingests every event file not read yet into raw_events / quarantined_events; the report also names the
+    landing folder's files that no reader takes. A missing landing folder raises LandingFolderError."""
+    check_landing_folder(settings.landing_dir)
+    report = ingest_new_files(
         Warehouse(settings.warehouse_path), settings.landing_dir, EventFiles(settings.max_clock_skew),
         now=now, batch_bytes=settings.ingest_batch_bytes, log=log,
     )
+    report.ignored_files = ignored_files(settings.landing_dir)
+    return report

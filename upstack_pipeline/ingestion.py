@@ -56,6 +56,8 @@ class IngestReport:
     files_read: int = 0
     unreadable_files: dict[str, str] = field(default_factory=dict)
     changed_files: list[str] = field(default_factory=list)
+    # Files in the landing folder that match no accepted name (e.g. `.json`, `.csv` among events): not read.
+    ignored_files: list[str] = field(default_factory=list)
     lines: int = 0
     ingested_rows: int = 0
     duplicate_rows: int = 0

@@ -8,9 +8,10 @@ time act as a cheap fingerprint: only a file whose fingerprint moved is hashed a
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -22,6 +23,50 @@ FORMATS: dict[str, dict[str, str]] = {
 }
 
 
+class LandingFolderError(ValueError):
+    """The landing folder is not where the settings say: nothing can be ingested until the path is fixed."""
+
+
+def check_landing_folder(landing_dir: Path) -> None:
+    """Raises LandingFolderError naming the path and the variable to fix: a mistyped UPSTACK_LANDING_DIR must
+    not pass for a quiet day with no new files."""
+    landing_dir = Path(landing_dir)
+    where = f"UPSTACK_LANDING_DIR is {str(landing_dir)!r} (absolute: {landing_dir.absolute()})"
+    if not landing_dir.is_dir():
+        raise LandingFolderError(f"the landing folder does not exist: {where}. Set UPSTACK_LANDING_DIR to the "
+                                 "folder your pixel's files land in (it holds events/ and, optionally, customers/).")
+    if not (landing_dir / "events").is_dir():
+        raise LandingFolderError(f"the landing folder has no events/ folder: {where}. Pixel files go in "
+                                 "<landing>/events/ (any nesting): check UPSTACK_LANDING_DIR, or create events/ "
+                                 "if the pixel has not written anything yet.")
+
+
+def _in_progress(name: str) -> bool:
+    return name.startswith((".", "_"))
+
+
+def accepted_names() -> str:
+    """The names each folder takes, for messages: `events/ *.ndjson.gz, ...; customers/ *.csv, ...`."""
+    return "; ".join(f"{kind}/ " + ", ".join(f"*{suffix}" for suffix in suffixes) for kind, suffixes in FORMATS.items())
+
+
+def ignored_files(landing_dir: Path) -> list[str]:
+    """Files a person put where data goes that no reader takes (a `.json`, a `.csv` among the events, a file
+    at the top of the landing folder), relative to it. Named in the summary so they are not silently lost."""
+    landing_dir = Path(landing_dir)
+    ignored = []
+    for entry in sorted(landing_dir.iterdir()) if landing_dir.is_dir() else []:
+        if entry.is_file() and not _in_progress(entry.name):
+            ignored.append(entry.name)
+    for kind in FORMATS:
+        for folder, subfolders, names in os.walk(landing_dir / kind):
+            subfolders[:] = [name for name in subfolders if not _in_progress(name)]
+            for name in names:
+                if not _in_progress(name) and _format_of(name, kind) is None:
+                    ignored.append((Path(folder) / name).relative_to(landing_dir).as_posix())
+    return sorted(ignored)
+
+
 @dataclass(frozen=True)
 class LandingFile:
     kind: str  # events | customers
@@ -30,6 +75,9 @@ class LandingFile:
     format: str
     size_bytes: int
     modified_ns: int
+    # When the file appeared here: its inode change time, which a copy or a move sets even when it keeps an
+    # old modified time (rsync -t, cp -p, mv), or the modified time if later.
+    arrived_ns: int = 0
 
     @property
     def modified_at(self) -> datetime:
@@ -76,10 +124,10 @@ def discover(landing_dir: Path, kind: str) -> list[LandingFile]:
     root = Path(landing_dir) / kind
     found: list[LandingFile] = []
     for folder, subfolders, names in os.walk(root):
-        subfolders[:] = [name for name in subfolders if not name.startswith((".", "_"))]
+        subfolders[:] = [name for name in subfolders if not _in_progress(name)]
         for name in names:
             reader = _format_of(name, kind)
-            if reader is None or name.startswith((".", "_")):
+            if reader is None or _in_progress(name):
                 continue
             absolute = Path(folder) / name
             try:
@@ -93,6 +141,7 @@ def discover(landing_dir: Path, kind: str) -> list[LandingFile]:
                 format=reader,
                 size_bytes=stat.st_size,
                 modified_ns=stat.st_mtime_ns,
+                arrived_ns=max(stat.st_mtime_ns, stat.st_ctime_ns),
             ))
     return sorted(found, key=lambda landing_file: landing_file.path)
 
@@ -142,15 +191,42 @@ def batches(files: list[LandingFile], max_bytes: int) -> Iterable[list[LandingFi
         yield batch
 
 
-def snapshot(landing_dir: Path) -> dict[str, str]:
-    """Path -> fingerprint of every data file of every kind: what a file sensor compares between ticks."""
-    return {
-        landing_file.path: landing_file.fingerprint
-        for kind in FORMATS
-        for landing_file in discover(landing_dir, kind)
-    }
+# A file sensor looks this far behind the latest arrival it has seen: files being written or moved while the
+# folder was listed can show an arrival time a little earlier than one already seen.
+ARRIVAL_GRACE = timedelta(minutes=10)
 
 
-def arrivals(previous: Mapping[str, str], current: Mapping[str, str]) -> dict[str, str]:
-    """Files that appeared, or whose fingerprint moved, since `previous`."""
-    return {path: fingerprint for path, fingerprint in current.items() if previous.get(path) != fingerprint}
+@dataclass(frozen=True)
+class ArrivalCursor:
+    """What a file sensor remembers between ticks: the latest arrival time seen (a high-water mark) and the
+    fingerprints of the files that arrived within ARRIVAL_GRACE of it. Its size follows the arrival rate, not
+    the history: a folder of a year of hourly files is remembered in a few lines."""
+
+    mark_ns: int = 0
+    recent: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str | None) -> "ArrivalCursor":
+        """A cursor of another shape (an older release kept every path) starts afresh: one extra run."""
+        try:
+            stored = json.loads(text) if text else {}
+            return cls(int(stored["mark_ns"]), dict(stored["recent"]))
+        except (ValueError, KeyError, TypeError):
+            return cls()
+
+    def dumps(self) -> str:
+        return json.dumps({"mark_ns": self.mark_ns, "recent": self.recent}, separators=(",", ":"), sort_keys=True)
+
+
+def arrivals(landing_dir: Path, cursor: ArrivalCursor,
+             grace: timedelta = ARRIVAL_GRACE) -> tuple[dict[str, str], ArrivalCursor]:
+    """(path -> fingerprint of the data files that arrived or changed since `cursor`, the next cursor)."""
+    files = [landing_file for kind in FORMATS for landing_file in discover(landing_dir, kind)]
+    mark = max([cursor.mark_ns, *(landing_file.arrived_ns for landing_file in files)])
+    horizon_ns = int(grace.total_seconds() * 10**9)
+    arrived = {landing_file.path: landing_file.fingerprint for landing_file in files
+               if landing_file.arrived_ns >= cursor.mark_ns - horizon_ns
+               and cursor.recent.get(landing_file.path) != landing_file.fingerprint}
+    recent = {landing_file.path: landing_file.fingerprint for landing_file in files
+              if landing_file.arrived_ns >= mark - horizon_ns}
+    return arrived, ArrivalCursor(mark, recent)

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from dagster_project.metadata import markdown_table
+from dagster_project.metadata import markdown_table, percent
 from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
 from upstack_pipeline.identity import IdentityOverview, overview, resolve_identities
 
@@ -73,10 +73,10 @@ def resolved_events_metadata(events_resolved_this_run: int, state: IdentityOverv
         ),
         "dagster/row_count": state.commerce_events,
         "events_resolved_this_run": events_resolved_this_run,
-        "resolved_share": dg.MetadataValue.float(share),
+        "resolved_pct": percent(share),
         "resolved_by_match_method": dg.MetadataValue.json(state.by_match_method),
         "unresolved_by_reason": dg.MetadataValue.json(state.unresolved_by_reason),
         "native_cart_sessions": state.native_cart_sessions,
         "extra_cart_sessions": state.extra_cart_sessions,
-        "lift": dg.MetadataValue.float(state.lift),
+        "lift_pct": percent(state.lift),
     }

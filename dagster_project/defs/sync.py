@@ -12,7 +12,7 @@ import dagster as dg
 
 from dagster_project.definitions import SYNC_JOB_NAME
 from dagster_project.resources import UpstackResource
-from upstack_pipeline.landing import arrivals, snapshot
+from upstack_pipeline.landing import ArrivalCursor, LandingFolderError, arrivals, check_landing_folder
 
 upstack_sync = dg.define_asset_job(
     SYNC_JOB_NAME,
@@ -20,6 +20,9 @@ upstack_sync = dg.define_asset_job(
     # One process per run: steps share the warehouse file one after another, and a run starts in well under a
     # second instead of paying a process start per step.
     executor_def=dg.in_process_executor,
+    # Dagster's console logger prints every DEBUG event of a run; an operator watching `make dev` needs INFO.
+    # The Launchpad shows this and lets a run ask for DEBUG.
+    config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
     description="The whole pipeline: ingest new landing files, then every stage downstream of them.",
 )
 
@@ -40,13 +43,16 @@ hourly_sync = dg.ScheduleDefinition(
     description="Requests a sync when files appear (or change) in the landing folder.",
 )
 def landing_files_sensor(context: dg.SensorEvaluationContext, upstack: UpstackResource):
-    previous = json.loads(context.cursor) if context.cursor else {}
-    current = snapshot(upstack.settings().landing_dir)
-    arrived = arrivals(previous, current)
+    landing_dir = upstack.settings().landing_dir
+    try:
+        check_landing_folder(landing_dir)
+    except LandingFolderError as error:
+        return dg.SkipReason(f"Cannot watch the landing folder: {error}")
+    arrived, cursor = arrivals(landing_dir, ArrivalCursor.parse(context.cursor))
     if not arrived:
-        return dg.SkipReason(f"No new files among {len(current)} in the landing folder.")
+        return dg.SkipReason(f"No new files in {landing_dir}.")
     batch_key = hashlib.sha256(json.dumps(sorted(arrived.items())).encode()).hexdigest()[:16]
     return dg.SensorResult(
         run_requests=[dg.RunRequest(run_key=f"landing-{batch_key}", tags={"upstack/new_files": str(len(arrived))})],
-        cursor=json.dumps(current, separators=(",", ":")),
+        cursor=cursor.dumps(),
     )
