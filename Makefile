@@ -16,8 +16,9 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(INSTALLED)
 
+# The demo records its runs where `make dev` looks: the same Dagster instance, landing folder and warehouse.
 demo: $(INSTALLED)
-	$(BIN)/upstack demo
+	DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/upstack demo
 
 test: $(INSTALLED)
 	$(BIN)/pytest

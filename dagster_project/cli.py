@@ -14,11 +14,20 @@ from pathlib import Path
 import dagster as dg
 
 from dagster_project.definitions import run_sync, sync_instance
+from dagster_project.metadata import plural
 from upstack_pipeline.evaluation import evaluate, format_evaluation
-from upstack_pipeline.klaviyo.client import KlaviyoAuthError, KlaviyoClient, check_key
+from upstack_pipeline.klaviyo.client import (
+    KlaviyoAuthError,
+    KlaviyoClient,
+    KlaviyoRevisionError,
+    KlaviyoUnavailableError,
+    check_key,
+)
+from upstack_pipeline.landing import check_landing_folder
 from upstack_pipeline.replay import ReplayStep, replay
 from upstack_pipeline.settings import Settings
 from upstack_pipeline.simulate import WorldRates, simulate
+from upstack_pipeline.warehouse import WarehouseBusyError
 
 # The demo's key for its own local emulator; it opens nothing anywhere else.
 DEMO_KEY = "pk_demo_local_emulator_only"
@@ -27,8 +36,10 @@ SWEEP_END = datetime(2026, 12, 1, tzinfo=timezone.utc)
 
 
 def summarize(result: dg.ExecuteInProcessResult, seconds: float, instance_label: str) -> str:
-    """What the run did, asset by asset (each asset's `summary` metadata), then its checks."""
-    outcome = "succeeded" if result.success else "FAILED"
+    """What the run did, asset by asset (each asset's `summary` metadata), then its checks. The first line says
+    whether it worked and, if not, what failed first."""
+    problems = failures(result)
+    outcome = "succeeded" if not problems else f"FAILED ({problems[0]})"
     lines = [f"upstack sync: run {result.run_id[:8]} {outcome} in {seconds:.1f} s (Dagster instance: {instance_label})"]
     for event in result.get_asset_materialization_events():
         summary = event.materialization.metadata.get("summary")
@@ -40,14 +51,36 @@ def summarize(result: dg.ExecuteInProcessResult, seconds: float, instance_label:
         lines.append(f"    {check.severity.value} {check.asset_key.to_user_string()}:{check.check_name}: "
                      f"{check.description or 'failed'}")
     for failure in result.get_step_failure_events():
-        error = failure.step_failure_data.error
-        while error is not None and error.cause is not None:  # Dagster wraps the exception that says what to do
-            error = error.cause
-        lines.append(f"  step {failure.step_key} failed: {error.message.strip() if error else 'unknown error'}")
+        lines.append(f"  step {failure.step_key} failed: {step_error(failure)}")
     return "\n".join(lines)
 
 
+def failures(result: dg.ExecuteInProcessResult) -> list[str]:
+    """What makes the run a failure, in one short phrase each: failed steps, then failed checks of severity
+    ERROR (a rejected key, an unreachable Klaviyo). Empty when the run worked."""
+    problems = [f"step {failure.step_key}: {first_sentence(step_error(failure))}"
+                for failure in result.get_step_failure_events()]
+    problems += [f"{check.asset_key.to_user_string()}:{check.check_name}: {first_sentence(check.description or '')}"
+                 for check in result.get_asset_check_evaluations()
+                 if not check.passed and check.severity == dg.AssetCheckSeverity.ERROR]
+    if not result.success and not problems:
+        problems.append("the run did not finish")
+    return problems
+
+
+def step_error(failure: dg.DagsterEvent) -> str:
+    error = failure.step_failure_data.error
+    while error is not None and error.cause is not None:  # Dagster wraps the exception that says what to do
+        error = error.cause
+    return error.message.strip() if error else "unknown error"
+
+
+def first_sentence(text: str) -> str:
+    return text.split(". ")[0].rstrip(".")
+
+
 def command_sync(settings: Settings) -> int:
+    check_landing_folder(settings.landing_dir)
     instance = sync_instance(settings)
     started = time.monotonic()
     with instance:
@@ -62,9 +95,7 @@ def instance_label(settings: Settings) -> str:
 
 def sync_status(result: dg.ExecuteInProcessResult) -> int:
     """1 when the run failed or a check of ERROR severity did (a rejected Klaviyo key, say), else 0."""
-    failed_errors = [check for check in result.get_asset_check_evaluations()
-                     if not check.passed and check.severity == dg.AssetCheckSeverity.ERROR]
-    return 0 if result.success and not failed_errors else 1
+    return 1 if failures(result) else 0
 
 
 def command_simulate(args: argparse.Namespace) -> int:
@@ -72,7 +103,7 @@ def command_simulate(args: argparse.Namespace) -> int:
     summary = simulate(Path(args.out_dir), visitors=args.visitors, days=args.days, seed=args.seed, end=args.end,
                        rates=rates)
     print(
-        f"upstack simulate: {summary.people:,} people, {summary.events:,} events in {summary.event_files:,} files "
+        f"upstack simulate: {summary.people:,} people, {summary.events:,} events in {plural(summary.event_files, 'file')} "
         f"({summary.duplicate_lines:,} pixel retries, {summary.bad_lines:,} bad lines), "
         f"{summary.customers:,} customers -> {summary.out_dir}"
     )
@@ -80,51 +111,85 @@ def command_simulate(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace, settings: Settings) -> int:
-    """Fresh simulated traffic in a folder of its own, replayed into the pipeline as it would have arrived (the
-    history in one sync, then one sync per day), delivered into a local Klaviyo emulator, then scored."""
-    demo_dir = Path(args.dir)
-    if demo_dir.exists():
-        shutil.rmtree(demo_dir)
-    simulation = demo_dir / "simulation"
+    """Fresh simulated traffic, replayed into the pipeline as it would have arrived (the history in one sync, then
+    one sync per day), delivered into a local Klaviyo emulator, then scored.
+
+    The replay lands in UPSTACK_LANDING_DIR and UPSTACK_WAREHOUSE and records its runs in DAGSTER_HOME, where the
+    Dagster UI (`make dev`) looks, so the UI opens on what the demo did."""
+    start_demo_over(Path(args.dir), settings.landing_dir, settings.warehouse_path)
+    simulation = Path(args.dir) / "simulation"
     summary = simulate(simulation, visitors=args.visitors, days=args.days, seed=args.seed)
     print(
         f"Simulated {summary.people:,} shoppers over {args.days} days: {summary.events:,} events in "
-        f"{summary.event_files:,} files, with {summary.duplicate_lines:,} pixel retries and {summary.bad_lines:,} "
+        f"{plural(summary.event_files, 'file')}, with {summary.duplicate_lines:,} pixel retries and {summary.bad_lines:,} "
         f"bad lines mixed in.\nReplaying them as they would have landed: everything before the last "
         f"{args.live_days} days in one sync, then one sync per day, each at the hour after its day ends.\n"
     )
-    demo_settings = settings.with_paths(landing_dir=demo_dir / "landing", warehouse_path=demo_dir / "warehouse.duckdb")
     from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator  # the `emulator` extra: Klaviyo's SDK models
 
     with KlaviyoEmulator(api_key=DEMO_KEY) as emulator:
         # The assets read Klaviyo's address and key from the environment at run time, as in production.
         os.environ.update(KLAVIYO_BASE_URL=emulator.base_url, KLAVIYO_API_KEY=DEMO_KEY)
-        instance = sync_instance(demo_settings)
+        instance = sync_instance(settings)
 
         def timed_sync(now: datetime) -> tuple[dg.ExecuteInProcessResult, float]:
             started = time.monotonic()
-            return run_sync(demo_settings, instance, as_of=now), time.monotonic() - started
+            return run_sync(settings, instance, as_of=now), time.monotonic() - started
 
         with instance:
-            for step, (result, seconds) in replay(simulation, demo_settings.landing_dir, timed_sync,
+            for step, (result, seconds) in replay(simulation, settings.landing_dir, timed_sync,
                                                   live_days=args.live_days):
                 print(replay_line(step, result))
                 if not result.success:
                     break
         print(f"\nThe last sync in full:\n{summarize(result, seconds, instance_label(settings))}")
         accepted = emulator.accepted_by_metric()
+        backfill = sum(1 for event in emulator.accepted_events() if event["attributes"].get("backfill"))
     status = sync_status(result)
     print(f"\nThe local Klaviyo emulator at {emulator.base_url} accepted "
           + (", ".join(f"{count:,} {metric}" for metric, count in sorted(accepted.items())) or "no events") + ".")
+    if backfill:
+        print(f"{backfill:,} of the {sum(accepted.values()):,} went as backfill: they were older than "
+              f"{settings.destination.max_event_age.total_seconds() / 3600:.0f} h when sent (mostly the history's "
+              "first sync), so Klaviyo records them on the profile without firing flows.")
     if status == 0:
         print()
-        command_evaluate(demo_settings, simulation / "truth")
+        command_evaluate(settings, simulation / "truth")
     print(
-        f"\nThe warehouse is {demo_settings.warehouse_path}; its tables are described in the README. Try:\n"
-        f"  .venv/bin/python -c \"import duckdb; duckdb.connect('{demo_settings.warehouse_path}', read_only=True)"
+        f"\nThe warehouse is {settings.warehouse_path}; its tables are described in the README. Try:\n"
+        f"  .venv/bin/python -c \"import duckdb; duckdb.connect('{settings.warehouse_path}', read_only=True)"
         f".sql('select reason, count(*) from quarantined_events group by all').show()\""
     )
+    if settings.dagster_home:
+        print(f"The runs are recorded in {settings.dagster_home}: `make dev` opens the Dagster UI on them "
+              "(http://127.0.0.1:3000).")
     return status
+
+
+# Marks a landing folder the demo wrote, naming the warehouse it wrote beside it: only those does it replace.
+DEMO_MARKER = ".upstack-demo"
+
+
+def start_demo_over(demo_dir: Path, landing_dir: Path, warehouse_path: Path) -> None:
+    """Removes the previous demo's simulation, landing folder and warehouse, and refuses to touch data it did not
+    write: the demo uses the configured paths, which may be a real shop's."""
+    marker = landing_dir / DEMO_MARKER
+    ours = marker.read_text().strip() if marker.is_file() else None
+    foreign = [path for path, taken in (
+        (landing_dir, landing_dir.is_dir() and any(landing_dir.iterdir()) and ours is None),
+        (warehouse_path, warehouse_path.exists() and ours != str(warehouse_path.absolute())),
+    ) if taken]
+    if foreign:
+        raise ValueError(
+            f"{' and '.join(map(str, foreign))} hold data the demo did not write, and the demo starts by replacing "
+            "its landing folder (UPSTACK_LANDING_DIR) and warehouse (UPSTACK_WAREHOUSE). Point those variables "
+            "at other paths for the demo, or move that data away.")
+    for folder in (demo_dir, landing_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    for path in (warehouse_path, warehouse_path.with_name(warehouse_path.name + ".wal")):
+        path.unlink(missing_ok=True)
+    landing_dir.mkdir(parents=True)
+    marker.write_text(str(warehouse_path.absolute()) + "\n")
 
 
 def replay_line(step: ReplayStep, result: dg.ExecuteInProcessResult) -> str:
@@ -134,24 +199,32 @@ def replay_line(step: ReplayStep, result: dg.ExecuteInProcessResult) -> str:
               for key, value in event.materialization.metadata.items()}
     outcome = "ok" if result.success else "FAILED"
     return (f"  {step.label:<24} sync {outcome}: {values.get(('raw_events', 'rows_ingested'), 0):>7,} events "
-            f"({values.get(('raw_events', 'rows_quarantined'), 0):,} quarantined) from {step.event_files:,} files, "
+            f"({values.get(('raw_events', 'rows_quarantined'), 0):,} quarantined) from {plural(step.event_files, 'file')}, "
             f"{values.get(('klaviyo_delivery', 'delivered'), 0):>5,} delivered to Klaviyo")
 
 
 def command_check_key(settings: Settings) -> int:
-    """Does the configured key work, with the scopes delivery needs? Never prints the key."""
+    """Does the configured key work, with the scopes delivery needs? Tells apart what can be wrong: Klaviyo not
+    reached, the key rejected, the API revision refused, a scope missing. Never prints the key."""
     if not settings.klaviyo_api_key:
         print("KLAVIYO_API_KEY is not set. Create a private key in Klaviyo (Settings > API keys) with Events: Write, "
               "Profiles: Write" + (" and Lists: Write" if settings.destination.list_id else "") + ", then export it.")
         return 1
+    print(f"Checking KLAVIYO_API_KEY against {settings.klaviyo_base_url} (KLAVIYO_BASE_URL)")
     with KlaviyoClient(settings.klaviyo_base_url, settings.klaviyo_api_key, max_attempts=3) as client:
         try:
             verdicts = check_key(client, needs_list=settings.destination.list_id is not None)
+        except KlaviyoUnavailableError as error:
+            print(f"unreachable: {error}")
+            return 1
         except KlaviyoAuthError as error:
-            print(f"no: {error}")
+            print(f"key rejected: {error}")
+            return 1
+        except KlaviyoRevisionError as error:
+            print(f"revision refused: {error}")
             return 1
     for scope, granted in verdicts.items():
-        print(f"{scope:<16} {'yes' if granted else 'NO: add this scope to the key in Klaviyo'}")
+        print(f"{scope:<16} {'yes' if granted else 'NO: the key lacks this scope; add it in Klaviyo (Settings > API keys)'}")
     return 0 if all(verdicts.values()) else 1
 
 
@@ -247,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                 return command_sweep(args, settings)
             return command_evaluate(settings, Path(args.truth) if args.truth else settings.landing_dir / "truth")
         return command_demo(args, settings)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, WarehouseBusyError) as error:
+        # A person's mistake (a path, a setting) or a busy file: one line that says what to fix, no traceback.
         print(f"upstack {args.command}: {error}", file=sys.stderr)
         return 2
 

@@ -34,8 +34,9 @@ def run_sync(settings: Settings, instance: dg.DagsterInstance, *,
     job = load_definitions().resolve_job_def(SYNC_JOB_NAME)
     return job.execute_in_process(
         instance=instance,
-        resources={"upstack": UpstackResource.from_settings(settings, as_of=as_of)},
-        run_config=QUIET_LOGS,
+        # As run config, not a resource override: the job carries default run config (its log level), and the
+        # UI shows each run's paths and clock.
+        run_config={**QUIET_LOGS, "resources": {"upstack": {"config": UpstackResource.config_for(settings, as_of)}}},
         raise_on_error=False,
         tags={"upstack/trigger": "cli", "upstack/host": socket.gethostname(), "upstack/pid": str(os.getpid())},
     )
@@ -71,7 +72,15 @@ def _process_alive(pid: int) -> bool:
 
 
 def sync_instance(settings: Settings) -> dg.DagsterInstance:
-    """The instance at DAGSTER_HOME, so CLI runs appear in the UI beside scheduled ones; else a throwaway one."""
-    if settings.dagster_home is not None:
-        return dg.DagsterInstance.from_config(str(settings.dagster_home))
-    return dg.DagsterInstance.ephemeral()
+    """The instance at DAGSTER_HOME, so CLI runs appear in the UI beside scheduled ones; else a throwaway one.
+
+    A DAGSTER_HOME that is not a folder is refused in one line rather than created: a typo would otherwise start
+    a second, empty history that the UI never shows."""
+    home = settings.dagster_home
+    if home is None:
+        return dg.DagsterInstance.ephemeral()
+    if not home.is_dir():
+        raise ValueError(f"DAGSTER_HOME is {str(home)!r}, which is not a folder. Create it (mkdir -p {home}) or "
+                         "point DAGSTER_HOME at the folder the Dagster UI uses (`make dev` uses dagster_home/ in "
+                         "this repository); unset it to run without keeping history.")
+    return dg.DagsterInstance.from_config(str(home.absolute()))

@@ -28,7 +28,8 @@ def upstack(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess
 
 def environment(settings: Settings, **extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("UPSTACK_", "KLAVIYO_", "DAGSTER_"))}
-    env.update(UPSTACK_LANDING_DIR=str(settings.landing_dir), UPSTACK_WAREHOUSE=str(settings.warehouse_path), **extra)
+    env.update({"UPSTACK_LANDING_DIR": str(settings.landing_dir), "UPSTACK_WAREHOUSE": str(settings.warehouse_path),
+                **extra})
     return env
 
 
@@ -39,16 +40,16 @@ def count(pattern: str, text: str) -> int:
 
 
 def test_demo_simulates_replays_day_by_day_and_prints_a_summary_that_adds_up(tmp_path):
+    demo = Settings(landing_dir=tmp_path / "landing", warehouse_path=tmp_path / "warehouse.duckdb")
     completed = upstack("demo", "--dir", str(tmp_path / "demo"), "--visitors", "400", "--days", "4",
-                        "--live-days", "2",
-                        env=environment(Settings(landing_dir=tmp_path / "unused", warehouse_path=tmp_path / "x")))
+                        "--live-days", "2", env=environment(demo))
 
     assert completed.returncode == 0, completed.stderr
     out = completed.stdout
     assert "succeeded" in out and "FAILED" not in out
     simulated, bad = count(r"([\d,]+) events in", out), count(r"([\d,]+) bad lines", out)
     # The history (the first days together), then one sync per remaining day, each line saying what it took in.
-    syncs = re.findall(r"sync ok: +([\d,]+) events \(([\d,]+) quarantined\) from [\d,]+ files, +([\d,]+) delivered",
+    syncs = re.findall(r"sync ok: +([\d,]+) events \(([\d,]+) quarantined\) from [\d,]+ files?, +([\d,]+) delivered",
                        out)
     assert len(syncs) == 3
     assert sum(int(events.replace(",", "")) for events, _, _ in syncs) == simulated
@@ -59,7 +60,10 @@ def test_demo_simulates_replays_day_by_day_and_prints_a_summary_that_adds_up(tmp
     assert sum(int(delivered.replace(",", "")) for _, _, delivered in syncs) == sum(
         int(number.replace(",", "")) for number in re.findall(r"([\d,]+) [A-Z]", accepted))
     assert "Identity resolution vs ground truth" in out
-    assert (tmp_path / "demo" / "warehouse.duckdb").exists()
+    # The history's first sync sends days-old events: the summary says how many went as backfill, and why.
+    [(backfill,)] = query(demo, "select count(*) from klaviyo_outbox where status = 'delivered' and backfill")
+    assert backfill > 0 and f"{backfill:,} of the " in out and "without firing flows" in out
+    assert not re.search(r"\b1 (events|requests|files)\b", out)
 
 
 def test_sync_records_its_run_in_the_dagster_instance_at_dagster_home(settings, tmp_path):
