@@ -1,5 +1,8 @@
--- The warehouse's tables. Idempotent: run on every write connection, so a new warehouse file and an old one
--- reach the same shape. Names are stable: analysts and dashboards depend on them (SPEC 7).
+-- The warehouse's whole current schema: what a new (empty) warehouse file is created with. An existing file is
+-- brought to this same shape by sql/migrations/ (upstack_pipeline/warehouse.py), so every change here comes with
+-- the migration that makes it in place; a new column goes last in its table, where `alter table` puts it. Names are
+-- stable: analysts and dashboards depend on them (SPEC 7). The version table, warehouse_schema_version, is created
+-- by upstack_pipeline/warehouse.py.
 
 -- How far each incremental stage has got: the last raw_events/customers load_id it processed.
 create table if not exists pipeline_state (
@@ -145,8 +148,6 @@ create table if not exists identity_rejected_values (
                                             -- the supernode window
     primary key (id_type, value)
 );
--- Warehouses created before the column existed gain it in place.
-alter table identity_rejected_values add column if not exists browsers bigint;
 
 -- Edges between identifiers observed together (SPEC 4): cookie <-> email/phone/customer id/_kx/click ids,
 -- session <-> cookie, customer id <-> email (events and the customers export), email hash <-> email, ...

@@ -1,25 +1,86 @@
-"""Access to the DuckDB warehouse: short connections, the schema, and the SQL kept in `sql/`.
+"""Access to the DuckDB warehouse: short connections, the schema and its upgrades, and the SQL kept in `sql/`.
 
 DuckDB lets one process hold the file for writing at a time. Dagster serialises our own steps with a pool, but a
 notebook, a second `upstack sync` or the UI's launched run can still hold the lock for a moment, so opening a
 connection waits for the lock (with backoff) instead of failing the run on the first collision.
+
+Schema versions. A warehouse outlives releases: it holds the history identity resolution reads and the record of
+what Klaviyo was sent, so a new release must keep it, never ask for a new file. The table
+`warehouse_schema_version` says which schema the file has (one row per step that brought it there).
+
+- `sql/warehouse.sql` is the whole current schema. An empty file gets it and is stamped `SCHEMA_VERSION`.
+- `sql/migrations/NNNN_<what>.sql` moves a warehouse from version NNNN - 1 to NNNN. A file that is behind gets
+  the migrations it lacks, all in one transaction with their version rows: an upgrade either completes or leaves
+  the file exactly as the older release left it, so that release can still open it.
+- Version 1 is the schema of the first release (commit 16a0543), which recorded no version: a file with our tables
+  but no version table is taken as version 1 and gets every migration. Unreleased commits between that release
+  and versioning changed the schema in place too, so the migrations written for those changes (0002) are
+  idempotent (`add column if not exists`, `create or replace view`): they meet such files halfway done. Later
+  migrations only ever run on files whose version says exactly what they hold.
+- A file newer than this release is refused (`WarehouseTooNewError`): this release's SQL could misread it or
+  write rows the newer schema does not expect.
+
+A release that changes the schema edits `sql/warehouse.sql` and adds the next migration, which makes the same
+change to an existing file (a new column goes last in its table in warehouse.sql, where `alter table ... add
+column` puts it). `tests/test_warehouse_migrations.py` upgrades a first-release warehouse and checks that it ends
+with the schema of a new one.
+
+Opening a read-write connection costs two catalog queries when the file is current, and writes nothing. A
+read-only connection never migrates: a file that is behind is read as it is; a newer one is refused there too.
 """
 
 from __future__ import annotations
 
+import logging
 import random
+import re
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import duckdb
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+MIGRATIONS_DIR = SQL_DIR / "migrations"
+
+VERSION_TABLE = "warehouse_schema_version"
+BASELINE_VERSION = 1  # the first release's schema, which has no migration file: it predates them
+# A table every warehouse from before versioning has: with it and no version table, a file is at version 1.
+PRE_VERSIONING_MARKER = "raw_events"
+
+_VERSION_TABLE_DDL = f"""
+create table if not exists {VERSION_TABLE} (
+    version     integer primary key,
+    applied_at  timestamptz not null,
+    description varchar not null  -- 'new warehouse', the migration file, or how a pre-versioning file was taken
+)"""
+
+log = logging.getLogger(__name__)
 
 
-class WarehouseBusyError(RuntimeError):
+class WarehouseError(RuntimeError):
+    """A warehouse problem the person running the pipeline must act on; the message says what to do."""
+
+
+class WarehouseBusyError(WarehouseError):
     """Another process kept the warehouse file locked for longer than we were willing to wait."""
+
+
+class WarehouseTooNewError(WarehouseError):
+    """The warehouse was written by a newer release of upstack-flows than this one."""
+
+
+class WarehouseMigrationError(WarehouseError):
+    """A migration failed; the transaction was rolled back and the file kept its previous version."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int  # the version the warehouse has after it
+    name: str     # the file name, recorded in the version table
+    sql: str
 
 
 def read_sql(name: str) -> str:
@@ -27,28 +88,123 @@ def read_sql(name: str) -> str:
     return (SQL_DIR / f"{name}.sql").read_text()
 
 
+def load_migrations(directory: Path = MIGRATIONS_DIR) -> tuple[Migration, ...]:
+    """The migrations in `directory`, in order. Their numbers must run 2, 3, ... without a gap or a repeat: a
+    misnumbered file would silently skip or re-run a step on someone's warehouse, so it fails loudly here."""
+    migrations = []
+    for path in sorted(directory.glob("*.sql")):
+        match = re.fullmatch(r"(\d{4})_[a-z0-9_]+\.sql", path.name)
+        if not match:
+            raise RuntimeError(f"{path}: a migration is named NNNN_<what>.sql (lower case, digits, underscores)")
+        migrations.append(Migration(int(match.group(1)), path.name, path.read_text()))
+    expected = list(range(BASELINE_VERSION + 1, BASELINE_VERSION + 1 + len(migrations)))
+    if [migration.version for migration in migrations] != expected:
+        raise RuntimeError(f"the migrations in {directory} must be numbered {expected} in order, found "
+                           f"{[migration.name for migration in migrations]}")
+    return tuple(migrations)
+
+
+MIGRATIONS = load_migrations()
+SCHEMA_VERSION = MIGRATIONS[-1].version if MIGRATIONS else BASELINE_VERSION  # what this release creates and knows
+
+
+def schema_version(connection: duckdb.DuckDBPyConnection) -> int | None:
+    """The schema version of the open file: None when it has none of our tables yet, `BASELINE_VERSION` when it
+    is from before versioning."""
+    tables = {name for (name,) in connection.execute(
+        "select table_name from duckdb_tables() where database_name = current_database() and schema_name = 'main'"
+    ).fetchall()}
+    if VERSION_TABLE in tables:
+        version = connection.execute(f"select max(version) from {VERSION_TABLE}").fetchone()[0]
+        if version is not None:
+            return version
+    return BASELINE_VERSION if PRE_VERSIONING_MARKER in tables else None
+
+
 def _is_lock_conflict(error: duckdb.Error) -> bool:
     return "lock" in str(error).lower()
 
 
 class Warehouse:
-    def __init__(self, path: Path, *, lock_timeout_seconds: float = 600.0):
+    def __init__(self, path: Path, *, lock_timeout_seconds: float = 600.0,
+                 migrations: Sequence[Migration] = MIGRATIONS):
+        """`migrations` are this release's; tests pass others to see a failing one roll back."""
         self.path = Path(path)
         self.lock_timeout_seconds = lock_timeout_seconds
+        self.migrations = tuple(migrations)
+        self.latest_version = self.migrations[-1].version if self.migrations else BASELINE_VERSION
 
     @contextmanager
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection in UTC whose schema is current; closed (and the file lock released) on exit."""
+        """A connection in UTC; read-write ones see the current schema (a new file is created, an older one
+        upgraded in place). Closed, and the file lock released, on exit."""
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = self._open(read_only)
         try:
             connection.execute("set TimeZone = 'UTC'")
-            if not read_only:
-                connection.execute(read_sql("warehouse"))
+            version = self._check_version(connection)
+            if not read_only and version != self.latest_version:
+                self._bring_up_to_date(connection)
             yield connection
         finally:
             connection.close()
+
+    def _check_version(self, connection: duckdb.DuckDBPyConnection) -> int | None:
+        version = schema_version(connection)
+        if version is not None and version > self.latest_version:
+            raise WarehouseTooNewError(
+                f"The warehouse {self.path} has schema version {version}, but this release of upstack-flows "
+                f"knows versions up to {self.latest_version}: a newer release has upgraded it, and this one could "
+                "misread it or damage it, so it leaves the file untouched. Upgrade upstack-flows to the release "
+                "that wrote it (or a later one), or set UPSTACK_WAREHOUSE to another warehouse file."
+            )
+        return version
+
+    def _bring_up_to_date(self, connection: duckdb.DuckDBPyConnection) -> None:
+        """Creates the schema in an empty file, or runs the migrations an older file lacks: in one transaction,
+        so a failed or killed upgrade leaves the file as it was."""
+        connection.begin()
+        try:
+            # Read again inside the transaction: another connection of this process may have just done the work.
+            version = self._check_version(connection)
+            if version is None:
+                self._create(connection)
+            elif version < self.latest_version:
+                self._migrate(connection, version)
+            connection.commit()
+        except BaseException:
+            connection.rollback()
+            raise
+
+    def _create(self, connection: duckdb.DuckDBPyConnection) -> None:
+        connection.execute(_VERSION_TABLE_DDL)
+        connection.execute(read_sql("warehouse"))
+        self._record(connection, self.latest_version, "new warehouse")
+
+    def _migrate(self, connection: duckdb.DuckDBPyConnection, found: int) -> None:
+        connection.execute(_VERSION_TABLE_DDL)
+        if found == BASELINE_VERSION:  # say how a file without a version was taken (unless its table says 1)
+            connection.execute(f"insert or ignore into {VERSION_TABLE} values (?, now(), ?)",
+                               [BASELINE_VERSION, "found without a version: taken as the first release's schema"])
+        pending = [migration for migration in self.migrations if migration.version > found]
+        for migration in pending:
+            try:
+                connection.execute(migration.sql)
+            except duckdb.Error as error:
+                raise WarehouseMigrationError(
+                    f"Upgrading the warehouse {self.path} from schema version {found} to {self.latest_version} "
+                    f"failed in sql/migrations/{migration.name}: {error}. Nothing was changed: the file is still at "
+                    f"version {found}, which the release that wrote it can still open. This is a bug in upstack-flows: "
+                    "report it with this message."
+                ) from error
+            self._record(connection, migration.version, migration.name)
+        log.info("Upgraded the warehouse %s from schema version %s to %s (%s)", self.path, found,
+                 self.latest_version, ", ".join(migration.name for migration in pending))
+
+    @staticmethod
+    def _record(connection: duckdb.DuckDBPyConnection, version: int, description: str) -> None:
+        connection.execute(f"insert into {VERSION_TABLE} values (?, now(), ?)", [version, description])
 
     def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         deadline = time.monotonic() + self.lock_timeout_seconds
