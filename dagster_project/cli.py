@@ -27,7 +27,7 @@ from upstack_pipeline.landing import check_landing_folder
 from upstack_pipeline.replay import ReplayStep, replay
 from upstack_pipeline.settings import Settings
 from upstack_pipeline.simulate import WorldRates, simulate
-from upstack_pipeline.warehouse import WarehouseBusyError
+from upstack_pipeline.warehouse import Warehouse, WarehouseError
 
 # The demo's key for its own local emulator; it opens nothing anywhere else.
 DEMO_KEY = "pk_demo_local_emulator_only"
@@ -80,13 +80,21 @@ def first_sentence(text: str) -> str:
 
 
 def command_sync(settings: Settings) -> int:
-    check_landing_folder(settings.landing_dir)
+    check_before_a_run(settings)
     instance = sync_instance(settings)
     started = time.monotonic()
     with instance:
         result = run_sync(settings, instance)
     print(summarize(result, time.monotonic() - started, instance_label(settings)))
     return sync_status(result)
+
+
+def check_before_a_run(settings: Settings) -> None:
+    """The setup mistakes a run would only find inside a step (and report with a stack trace), found first."""
+    check_landing_folder(settings.landing_dir)
+    if settings.warehouse_path.is_file():
+        with Warehouse(settings.warehouse_path).connect(read_only=True):
+            pass  # opening refuses a warehouse written by a newer release
 
 
 def instance_label(settings: Settings) -> str:
@@ -320,8 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                 return command_sweep(args, settings)
             return command_evaluate(settings, Path(args.truth) if args.truth else settings.landing_dir / "truth")
         return command_demo(args, settings)
-    except (ValueError, OSError, WarehouseBusyError) as error:
-        # A person's mistake (a path, a setting) or a busy file: one line that says what to fix, no traceback.
+    except (ValueError, OSError, WarehouseError) as error:
+        # A person's mistake (a path, a setting), a busy file or a warehouse from a newer release: one line that
+        # says what to fix, no traceback.
         print(f"upstack {args.command}: {error}", file=sys.stderr)
         return 2
 

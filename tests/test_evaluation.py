@@ -16,7 +16,7 @@ from upstack_pipeline.evaluation import Evaluation, ResolutionScore, evaluate, f
 from upstack_pipeline.events import ingest_events
 from upstack_pipeline.settings import Settings
 from upstack_pipeline.simulate import simulate
-from upstack_pipeline.warehouse import read_sql
+from upstack_pipeline.warehouse import Warehouse
 
 COMMERCE = ("ViewContent", "AddToCart", "InitiateCheckout", "Purchase")
 UTC = timezone.utc
@@ -72,9 +72,7 @@ def build_world(root: Path, people: list[Person], events: list[Event]) -> tuple[
                              event.session_id, "normal"])
 
     warehouse = root / "warehouse.duckdb"
-    with duckdb.connect(str(warehouse)) as connection:
-        connection.execute("set TimeZone = 'UTC'")
-        connection.execute(read_sql("warehouse"))
+    with Warehouse(warehouse).connect() as connection:
         connection.executemany(
             """insert into raw_events (event_id, event_name, event_time, shop, anonymous_id, session_id, user_data,
                                        consent, raw_json, source_file, line_number, ingested_at, load_id)

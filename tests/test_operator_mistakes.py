@@ -17,6 +17,7 @@ from conftest import klaviyo_click, make_event, query, write_events
 from test_cli import PROJECT_ROOT, environment, upstack
 from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator
 from upstack_pipeline.settings import Settings
+from upstack_pipeline.warehouse import SCHEMA_VERSION, Warehouse
 
 KEY = "pk_mistakes_emulator_only_0000"
 
@@ -75,6 +76,13 @@ def landing_with_stray_files(settings, tmp_path, stack):
     return ["sync"], environment(settings)
 
 
+def warehouse_from_a_newer_release(settings, tmp_path, stack):
+    with Warehouse(settings.warehouse_path).connect() as connection:
+        connection.execute("insert into warehouse_schema_version values (?, now(), 'a later release')",
+                           [SCHEMA_VERSION + 1])
+    return ["sync"], environment(settings)
+
+
 MISTAKES = {
     "klaviyo_base_url_where_nothing_listens": Mistake(
         sync_against(nothing_listens), 1,
@@ -107,6 +115,10 @@ MISTAKES = {
     "dagster_home_that_does_not_exist": Mistake(
         sync_with(DAGSTER_HOME=lambda settings, tmp_path: str(tmp_path / "no" / "such" / "home")), 2,
         stderr=r"^upstack sync: DAGSTER_HOME is '.*/no/such/home', which is not a folder\. Create it"),
+    "a_warehouse_from_a_newer_release": Mistake(
+        warehouse_from_a_newer_release, 2,
+        stderr=r"^upstack sync: The warehouse .*warehouse\.duckdb has schema version \d+, but this release of "
+               r"upstack-flows knows versions up to \d+.*Upgrade upstack-flows"),
     "files_named_as_no_reader_takes": Mistake(
         landing_with_stray_files, 0,
         first_line=r"^upstack sync: run \w+ succeeded",

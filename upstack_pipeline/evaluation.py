@@ -54,7 +54,7 @@ from pathlib import Path
 
 import duckdb
 
-from upstack_pipeline.warehouse import read_sql
+from upstack_pipeline.warehouse import Warehouse, read_sql
 
 __all__ = ["Evaluation", "ResolutionScore", "evaluate", "format_evaluation"]
 
@@ -127,17 +127,13 @@ def evaluate(warehouse_path: Path, truth_dir: Path) -> Evaluation:
             f"No warehouse at {warehouse_path}. Ingest and resolve the simulated landing folder first: "
             "run `upstack sync` with UPSTACK_LANDING_DIR and UPSTACK_WAREHOUSE set."
         )
-    connection = duckdb.connect(str(warehouse_path), read_only=True)
-    try:
-        connection.execute("set TimeZone = 'UTC'")
+    with Warehouse(warehouse_path).connect(read_only=True) as connection:
         _check_tables(connection, warehouse_path)
         connection.execute("set variable eval_truth_events = ?", [str(truth_events)])
         connection.execute("set variable eval_truth_people = ?", [str(truth_people)])
         cursor = connection.execute(read_sql("evaluation"))
         columns = [description[0] for description in cursor.description]
         rows = {row[0]: dict(zip(columns, row)) for row in cursor.fetchall()}
-    finally:
-        connection.close()
     totals = rows["ours"]
     return Evaluation(
         ours=_score(rows["ours"]), baseline=_score(rows["baseline"]),
