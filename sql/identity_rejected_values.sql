@@ -1,4 +1,4 @@
--- Supernode quarantine (shared/identity-design.md 3): an identifier seen on more browsers (cookies) within
+-- Supernode quarantine (README: Identity resolution): an identifier seen on more browsers (cookies) within
 -- supernode_window than one person uses is not one person's. It is the placeholder that many shoppers type into a
 -- pop-up (asdf@asdf.com, whatever its spelling and whether or not a block list names it), a shop's front-desk
 -- phone, or a _kx posted to a group. Such a value is listed in identity_rejected_values with the reason

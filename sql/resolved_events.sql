@@ -2,7 +2,7 @@
 -- evidence, new members, or a customers export row. Everything else in resolved_events stays as it was, so a
 -- run costs in proportion to what is new.
 --
--- For each event, in order (shared/identity-design.md 2):
+-- For each event, in order (README: Identity resolution):
 --   1. an email seen in the same session (typed in this event, else the latest one before it in the session, else
 --      the first one after it: back-stitching), a login, or a phone/hash that translates to exactly one email;
 --      else a Klaviyo _kx of the session;
