@@ -49,15 +49,65 @@ from (
     where verdict.is_first_sighting
 );
 
--- A second sighting of an event_id is a pixel retry only if it is the same event. Another payload under an id
--- already kept is a pixel bug that would otherwise lose an event silently: quarantine it.
-update line_verdicts set reason = 'conflicting_duplicate', bad_path = 'event_id'
-from staged_lines, raw_events
-where line_verdicts.reason is null and not line_verdicts.is_first_sighting
-    and staged_lines.source_file = line_verdicts.source_file
-    and staged_lines.line_number = line_verdicts.line_number
-    and raw_events.event_id = line_verdicts.event_id
-    and raw_events.raw_json::varchar <> staged_lines.raw_line;
+-- A second sighting of an event_id (in this batch or an earlier one: this batch's first sightings are in
+-- raw_events by now) is a pixel retry when it is the same JSON value as the kept one, and a conflicting_duplicate
+-- only when a value differs: another payload under an id already kept is a pixel bug that would otherwise lose an
+-- event silently. Same value: object key order, whitespace and string escapes do not matter; numbers are equal by
+-- value (1, 1.0 and 1e0 are one number, as JSON parsers read them); array order, strings, booleans and null vs
+-- absent do; unknown fields count like contract fields. Most retries are byte-identical, and most others differ
+-- only in spacing or escapes, which minifying both sides with json() settles; only what is left (other key order,
+-- numbers spelled otherwise, real conflicts) is walked node by node with json_tree, both sides, matched by path. The quarantine names the first differing path in the kept event's order (then, for keys only the
+-- retry has, in the retry's order): its first differing value, or the container whose type changed.
+update line_verdicts set reason = 'conflicting_duplicate', bad_path = conflict.path
+from (
+    with pairs as materialized (
+        select verdict.source_file, verdict.line_number, staged.raw_line, kept.raw_json::varchar as kept_json
+        from line_verdicts as verdict
+        join staged_lines as staged using (source_file, line_number)
+        join raw_events as kept on kept.event_id = verdict.event_id
+        where verdict.reason is null and not verdict.is_first_sighting
+            and case  -- cheapest first: the same bytes, then the same text once minified (spacing, escapes)
+                when kept.raw_json::varchar = staged.raw_line then false
+                else json(kept.raw_json) <> json(staged.raw_line)
+            end
+    ),
+
+    kept_nodes as (
+        select pair.source_file, pair.line_number, node.id, node.fullkey, node.type, node.atom
+        from pairs as pair, json_tree(pair.kept_json) as node
+    ),
+
+    retry_nodes as (
+        select pair.source_file, pair.line_number, node.id, node.fullkey, node.type, node.atom
+        from pairs as pair, json_tree(pair.raw_line) as node
+    ),
+
+    differences as (
+        select
+            coalesce(kept.source_file, retry.source_file) as source_file,
+            coalesce(kept.line_number, retry.line_number) as line_number,
+            coalesce(kept.fullkey, retry.fullkey) as fullkey,
+            (kept.id is null, coalesce(kept.id, retry.id)) as position
+        from kept_nodes as kept
+        full join retry_nodes as retry using (source_file, line_number, fullkey)
+        where kept.id is null or retry.id is null
+            or case
+                when kept.type in ('UBIGINT', 'BIGINT') and retry.type in ('UBIGINT', 'BIGINT')
+                    then kept.atom::varchar::hugeint <> retry.atom::varchar::hugeint
+                when kept.type in ('UBIGINT', 'BIGINT', 'DOUBLE') and retry.type in ('UBIGINT', 'BIGINT', 'DOUBLE')
+                    then kept.atom::varchar::double <> retry.atom::varchar::double
+                when kept.type <> retry.type then true
+                when kept.type = 'VARCHAR' then kept.atom ->> '$' <> retry.atom ->> '$'
+                when kept.type = 'BOOLEAN' then kept.atom::varchar <> retry.atom::varchar
+                else false  -- both null, or both objects or both arrays: their members are compared by path
+            end
+    )
+
+    select source_file, line_number, regexp_replace(arg_min(fullkey, position), '^\$\.?', '') as path
+    from differences
+    group by source_file, line_number
+) as conflict
+where line_verdicts.source_file = conflict.source_file and line_verdicts.line_number = conflict.line_number;
 
 insert into quarantined_events
 select
@@ -72,7 +122,7 @@ select
         when 'missing_field' then 'required field ' || verdict.bad_path || ' is missing, null or empty'
         when 'too_long' then verdict.bad_path || ' is longer than the event contract allows'
         when 'conflicting_duplicate' then 'event_id ' || verdict.event_id
-            || ' was already ingested with a different payload; the first one was kept'
+            || ' was already ingested with a different ' || verdict.bad_path || '; the first one was kept'
         when 'wrong_type' then verdict.bad_path || ' is a JSON '
             || coalesce(lower(json_type(staged.raw_line, '$.' || verdict.bad_path)), 'value')
             || ', which the event contract does not allow'

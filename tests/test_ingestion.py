@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 from dataclasses import replace
 from datetime import timedelta
 
@@ -302,3 +303,132 @@ def test_an_older_customers_export_arriving_later_does_not_overwrite_a_newer_one
     ingest_customers(settings, now=NOW)
 
     assert query(settings, "select email from customers") == [("new@gmail.com",)]
+
+
+def reversed_keys(value):
+    """The same JSON value with every object's keys in reverse order, nested ones too."""
+    if isinstance(value, dict):
+        return {key: reversed_keys(value[key]) for key in reversed(list(value))}
+    if isinstance(value, list):
+        return [reversed_keys(item) for item in value]
+    return value
+
+
+def reserialised(event: dict) -> str:
+    """A pixel retry as another serialiser writes it: keys reversed at every level, other spacing, raw UTF-8."""
+    return json.dumps(reversed_keys(event), separators=(" ,  ", " :\t"), ensure_ascii=False)
+
+
+def differing_field(detail: str) -> str:
+    """The field a conflicting_duplicate detail names (the whole detail when it names none, to fail visibly)."""
+    match = re.fullmatch(r"event_id \S+ was already ingested with a different (\S+); the first one was kept", detail)
+    return match.group(1) if match else detail
+
+
+def conflicts(settings) -> list[tuple]:
+    return query(settings, """
+        select source_file, line_number, reason, detail from quarantined_events order by source_file, line_number""")
+
+
+def test_a_retry_with_other_spacing_and_key_order_is_a_retry_within_a_file_and_across_files(settings):
+    event = make_event("e1", user_data={"email": "zoë@gmail.com", "first_name": "Zoë", "klaviyo_identified": False})
+    first_line = json.dumps(event)  # ASCII-escaped: "zo\u00eb@gmail.com"
+    assert reserialised(event) != first_line and "zoë" in reserialised(event)
+    assert list(json.loads(reserialised(event))) == list(reversed(list(event)))
+    write_lines(settings.events_dir / "a.ndjson", [first_line, reserialised(event)])
+    write_lines(settings.events_dir / "b.ndjson", [json.dumps(event, sort_keys=True, indent=None, separators=(",", ":"))])
+    first = ingest(settings)
+    only_spacing = json.dumps(event, separators=(" , ", ":  "), ensure_ascii=False)  # same key order
+    write_lines(settings.events_dir / "c.ndjson", [reserialised(event), only_spacing])
+    second = ingest(settings)
+
+    assert (first.ingested_rows, first.duplicate_rows, first.quarantined_rows) == (1, 2, 0)
+    assert (second.ingested_rows, second.duplicate_rows, second.quarantined_rows) == (0, 2, 0)
+    assert conflicts(settings) == []
+    assert query(settings, "select raw_json::varchar, source_file, line_number from raw_events") == [
+        (first_line, "events/a.ndjson", 1)]
+
+
+def test_numbers_are_equal_by_value_so_1_and_1_0_are_the_same_retry(settings):
+    event = make_event("e1", custom_data={"value": 24.0, "items": [{"id": "p1", "price": 12.0, "quantity": 2}]})
+    spelled_otherwise = (json.dumps(event).replace('"value": 24.0', '"value": 24')
+                         .replace('"price": 12.0', '"price": 1.2e1').replace('"quantity": 2', '"quantity": 2.0'))
+    assert spelled_otherwise.count("24.0") == 0 and "1.2e1" in spelled_otherwise and '"quantity": 2.0' in spelled_otherwise
+    write_lines(settings.events_dir / "a.ndjson", [json.dumps(event), spelled_otherwise])
+    write_lines(settings.events_dir / "b.ndjson", [json.dumps(event).replace('"value": 24.0', '"value": 24.5')])
+
+    report = ingest(settings)
+
+    assert (report.ingested_rows, report.duplicate_rows, report.quarantined_rows) == (1, 1, 1)
+    assert conflicts(settings) == [(
+        "events/b.ndjson", 1, "conflicting_duplicate",
+        "event_id e1 was already ingested with a different custom_data.value; the first one was kept")]
+
+
+def test_a_changed_nested_value_is_a_conflicting_duplicate_naming_the_field_within_and_across_files(settings):
+    event = make_event("e1")
+    changed_email = make_event("e1", user_data={**event["user_data"], "email": "john@gmail.com"})
+    write_lines(settings.events_dir / "a.ndjson", [json.dumps(event), reserialised(changed_email)])
+    ingest(settings)
+    changed_price = json.loads(json.dumps(event))
+    changed_price["custom_data"]["items"][0]["price"] = 13.0
+    write_lines(settings.events_dir / "b.ndjson", [reserialised(event), reserialised(changed_price)])
+
+    report = ingest(settings)
+
+    assert (report.ingested_rows, report.duplicate_rows, report.quarantined_rows) == (0, 1, 1)
+    assert [(path, line, reason) for path, line, reason, _ in conflicts(settings)] == [
+        ("events/a.ndjson", 2, "conflicting_duplicate"), ("events/b.ndjson", 2, "conflicting_duplicate")]
+    assert [detail for *_, detail in conflicts(settings)] == [
+        "event_id e1 was already ingested with a different user_data.email; the first one was kept",
+        "event_id e1 was already ingested with a different custom_data.items[0].price; the first one was kept"]
+    assert query(settings, "select user_data.email, custom_data.items[1].price from raw_events") == [
+        ("jane@gmail.com", 12.0)]
+
+
+def test_arrays_keep_their_order_and_a_changed_element_is_named_by_its_index(settings):
+    event = make_event("e1", custom_data={"discount_codes": ["WELCOME", "VIP"],
+                                          "items": [{"id": "p1", "price": 12.0}, {"id": "p2", "price": 5.0}]})
+    swapped_codes = make_event("e1", custom_data={**event["custom_data"], "discount_codes": ["VIP", "WELCOME"]})
+    second_item = make_event("e1", custom_data={**event["custom_data"],
+                                                "items": [{"id": "p1", "price": 12.0}, {"id": "p3", "price": 5.0}]})
+    extra_item = make_event("e1", custom_data={**event["custom_data"],
+                                               "items": event["custom_data"]["items"] + [{"id": "p4"}]})
+    write_events(settings.events_dir / "a.ndjson", [event, swapped_codes, second_item, extra_item])
+
+    ingest(settings)
+
+    assert [(line, reason, differing_field(detail)) for _, line, reason, detail in conflicts(settings)] == [
+        (2, "conflicting_duplicate", "custom_data.discount_codes[0]"),
+        (3, "conflicting_duplicate", "custom_data.items[1].id"),
+        (4, "conflicting_duplicate", "custom_data.items[2]")]
+
+
+def test_the_first_differing_field_is_first_in_the_kept_events_order_and_unknown_absent_or_added_keys_count(
+        settings):
+    event = make_event("e1", referrer="https://google.com/", page={"tags": ["sale"]})  # page: not in the contract
+
+    def retry(**changes):
+        return make_event("e1", **{"referrer": "https://google.com/", "page": {"tags": ["sale"]}, **changes})
+
+    write_lines(settings.events_dir / "a.ndjson", [
+        json.dumps(event),
+        reserialised(retry(event_name="Purchase", custom_data={**event["custom_data"], "value": 99.0})),
+        reserialised(retry(user_data={k: v for k, v in event["user_data"].items() if k != "email"})),
+        json.dumps(retry(user_data={**event["user_data"], "phone": "+15555550100"})),
+        json.dumps(retry(referrer=None)),
+        json.dumps(retry(page={"tags": {"0": "sale"}})),
+        json.dumps(retry(page={"tags": ["sale"], "layout": "grid"})),
+    ])
+
+    report = ingest(settings)
+
+    assert (report.ingested_rows, report.quarantined_rows) == (1, 6)
+    # Reversed, the retry on line 2 shows custom_data.value before event_name; the kept event's order decides.
+    assert [(line, reason, differing_field(detail)) for _, line, reason, detail in conflicts(settings)] == [
+        (2, "conflicting_duplicate", "event_name"),
+        (3, "conflicting_duplicate", "user_data.email"),
+        (4, "conflicting_duplicate", "user_data.phone"),
+        (5, "conflicting_duplicate", "referrer"),
+        (6, "conflicting_duplicate", "page.tags"),
+        (7, "conflicting_duplicate", "page.layout")]
