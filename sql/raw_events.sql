@@ -54,10 +54,12 @@ from (
 -- only when a value differs: another payload under an id already kept is a pixel bug that would otherwise lose an
 -- event silently. Same value: object key order, whitespace and string escapes do not matter; numbers are equal by
 -- value (1, 1.0 and 1e0 are one number, as JSON parsers read them); array order, strings, booleans and null vs
--- absent do; unknown fields count like contract fields. Most retries are byte-identical, and most others differ
--- only in spacing or escapes, which minifying both sides with json() settles; only what is left (other key order,
--- numbers spelled otherwise, real conflicts) is walked node by node with json_tree, both sides, matched by path. The quarantine names the first differing path in the kept event's order (then, for keys only the
--- retry has, in the retry's order): its first differing value, or the container whose type changed.
+-- absent do; unknown fields count like contract fields.
+-- Cost: most retries are byte-identical, and most others differ only in spacing or escapes, which minifying both
+-- sides with json() settles. Only what is left (other key order, numbers spelled otherwise, real conflicts) is
+-- walked node by node with json_tree, both sides, matched by path. First sightings are never looked at.
+-- The quarantine names the first differing path in the kept event's order (then, for keys only the retry has, in
+-- the retry's order): the first differing value, or the container whose type changed.
 update line_verdicts set reason = 'conflicting_duplicate', bad_path = conflict.path
 from (
     with pairs as materialized (
