@@ -5,8 +5,10 @@ Writes N realistic events as hourly gzip NDJSON files, then times, in the same p
   ours:     `upstack_pipeline.events.ingest_events` into a fresh warehouse (contract checks, quarantine,
             duplicate removal, file ledger)
 and reports ours as a multiple of the baseline, since absolute seconds on a shared 2-core machine mean little.
+`--retries N` adds N pixel retries re-serialised (half with other spacing, half with keys sorted too), each in
+the file after its first sighting, to time the retry-versus-conflict comparison; all must count as duplicates.
 
-    .venv/bin/python bench/ingest.py [--events 1000000] [--files 24]
+    .venv/bin/python bench/ingest.py [--events 1000000] [--files 24] [--retries 0]
 """
 
 from __future__ import annotations
@@ -28,13 +30,15 @@ from upstack_pipeline.settings import Settings
 NAMES = ["PageView", "ViewContent", "ViewContent", "AddToCart", "InitiateCheckout", "Purchase"]
 
 
-def write_landing(root: Path, events: int, files: int, seed: int = 1) -> list[Path]:
+def write_landing(root: Path, events: int, files: int, seed: int = 1, retries: int = 0) -> list[Path]:
     rng = random.Random(seed)
     start = datetime(2026, 11, 27, tzinfo=timezone.utc)
     per_file = events // files
-    paths = []
+    paths, previous = [], []
     for index in range(files):
         lines = []
+        for number in range(retries // (files - 1) + (index <= retries % (files - 1)) if index else 0):
+            lines.append(json.dumps(json.loads(rng.choice(previous)), separators=(",", ":"), sort_keys=number % 2 == 1))
         for number in range(per_file):
             event_id = f"{index:03d}-{number:07d}"
             lines.append(json.dumps({
@@ -54,6 +58,7 @@ def write_landing(root: Path, events: int, files: int, seed: int = 1) -> list[Pa
                                            "quantity": 1, "sku": "MUG-1"}]},
                 "consent": {"analytics": True, "marketing": True, "sale_of_data": False},
             }))
+        previous = lines[-per_file:]
         path = root / "events" / f"dt=2026-11-27/hour={index:02d}" / "part-0000.ndjson.gz"
         path.parent.mkdir(parents=True)
         path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode(), compresslevel=6))
@@ -65,11 +70,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--files", type=int, default=24)
+    parser.add_argument("--retries", type=int, default=0)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        paths = write_landing(root / "landing", args.events, args.files)
+        paths = write_landing(root / "landing", args.events, args.files, retries=args.retries)
         events = args.events // args.files * args.files
 
         started = time.perf_counter()
@@ -83,8 +89,9 @@ def main() -> None:
         report = ingest_events(settings, now=datetime.now(timezone.utc))
         ours = time.perf_counter() - started
         assert report.ingested_rows == events, report
+        assert (report.duplicate_rows, report.quarantined_rows) == (args.retries, 0), report
 
-    print(f"events: {events:,} in {args.files} gzip NDJSON files")
+    print(f"events: {events:,} in {args.files} gzip NDJSON files, plus {args.retries:,} re-serialised retries")
     print(f"DuckDB read_json into a table (baseline): {baseline:6.2f} s  {events / baseline:>12,.0f} events/s")
     print(f"upstack ingest_events:                     {ours:6.2f} s  {events / ours:>12,.0f} events/s")
     print(f"ingestion takes {ours / baseline:.1f}x the baseline")
