@@ -189,7 +189,8 @@ def start_demo_over(demo_dir: Path, landing_dir: Path, warehouse_path: Path) -> 
     ) if taken]
     if foreign:
         raise ValueError(
-            f"{' and '.join(map(str, foreign))} hold data the demo did not write, and the demo starts by replacing "
+            f"{' and '.join(map(str, foreign))} {'hold' if len(foreign) > 1 else 'holds'} data the demo did not "
+            "write, and the demo starts by replacing "
             "its landing folder (UPSTACK_LANDING_DIR) and warehouse (UPSTACK_WAREHOUSE). Point those variables "
             "at other paths for the demo, or move that data away.")
     for folder in (demo_dir, landing_dir):

@@ -207,5 +207,5 @@ def test_the_demo_refuses_to_replace_data_it_did_not_write(tmp_path):
     completed = upstack("demo", "--dir", str(tmp_path / "demo"), env=environment(settings))
 
     assert completed.returncode == 2
-    assert re.search(r"^upstack demo: .*shop-landing hold data the demo did not write", completed.stderr)
+    assert re.search(r"^upstack demo: .*shop-landing holds data the demo did not write", completed.stderr)
     assert (settings.events_dir / "real.ndjson").exists()

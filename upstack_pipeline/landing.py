@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -191,18 +192,18 @@ def batches(files: list[LandingFile], max_bytes: int) -> Iterable[list[LandingFi
         yield batch
 
 
-# A file sensor looks this far behind the latest arrival it has seen: files being written or moved while the
-# folder was listed can show an arrival time a little earlier than one already seen.
+# A file sensor looks this far behind its previous listing: a file being written or moved while the folder was
+# listed, or stamped by a clock a little behind ours, can show an arrival time slightly before that listing.
 ARRIVAL_GRACE = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
 class ArrivalCursor:
-    """What a file sensor remembers between ticks: the latest arrival time seen (a high-water mark) and the
-    fingerprints of the files that arrived within ARRIVAL_GRACE of it. Its size follows the arrival rate, not
-    the history: a folder of a year of hourly files is remembered in a few lines."""
+    """What a file sensor remembers between ticks: when it last listed the folder (a high-water mark) and the
+    fingerprints of the files that arrived within ARRIVAL_GRACE before that. Its size follows the files of the
+    last few minutes, not the history: after a quiet spell it is a timestamp and an empty map."""
 
-    mark_ns: int = 0
+    listed_ns: int = 0
     recent: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -210,23 +211,24 @@ class ArrivalCursor:
         """A cursor of another shape (an older release kept every path) starts afresh: one extra run."""
         try:
             stored = json.loads(text) if text else {}
-            return cls(int(stored["mark_ns"]), dict(stored["recent"]))
+            return cls(int(stored["listed_ns"]), dict(stored["recent"]))
         except (ValueError, KeyError, TypeError):
             return cls()
 
     def dumps(self) -> str:
-        return json.dumps({"mark_ns": self.mark_ns, "recent": self.recent}, separators=(",", ":"), sort_keys=True)
+        return json.dumps({"listed_ns": self.listed_ns, "recent": self.recent}, separators=(",", ":"),
+                          sort_keys=True)
 
 
 def arrivals(landing_dir: Path, cursor: ArrivalCursor,
              grace: timedelta = ARRIVAL_GRACE) -> tuple[dict[str, str], ArrivalCursor]:
     """(path -> fingerprint of the data files that arrived or changed since `cursor`, the next cursor)."""
+    listed_ns = time.time_ns()  # before listing: a file landing during the listing is seen now or next time
     files = [landing_file for kind in FORMATS for landing_file in discover(landing_dir, kind)]
-    mark = max([cursor.mark_ns, *(landing_file.arrived_ns for landing_file in files)])
-    horizon_ns = int(grace.total_seconds() * 10**9)
+    grace_ns = int(grace.total_seconds() * 10**9)
     arrived = {landing_file.path: landing_file.fingerprint for landing_file in files
-               if landing_file.arrived_ns >= cursor.mark_ns - horizon_ns
+               if landing_file.arrived_ns >= cursor.listed_ns - grace_ns
                and cursor.recent.get(landing_file.path) != landing_file.fingerprint}
     recent = {landing_file.path: landing_file.fingerprint for landing_file in files
-              if landing_file.arrived_ns >= mark - horizon_ns}
-    return arrived, ArrivalCursor(mark, recent)
+              if landing_file.arrived_ns >= listed_ns - grace_ns}
+    return arrived, ArrivalCursor(listed_ns, recent)

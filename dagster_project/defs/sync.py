@@ -50,7 +50,8 @@ def landing_files_sensor(context: dg.SensorEvaluationContext, upstack: UpstackRe
         return dg.SkipReason(f"Cannot watch the landing folder: {error}")
     arrived, cursor = arrivals(landing_dir, ArrivalCursor.parse(context.cursor))
     if not arrived:
-        return dg.SkipReason(f"No new files in {landing_dir}.")
+        # The cursor still moves on: files older than the grace period are dropped from it.
+        return dg.SensorResult(skip_reason=f"No new files in {landing_dir}.", cursor=cursor.dumps())
     batch_key = hashlib.sha256(json.dumps(sorted(arrived.items())).encode()).hexdigest()[:16]
     return dg.SensorResult(
         run_requests=[dg.RunRequest(run_key=f"landing-{batch_key}", tags={"upstack/new_files": str(len(arrived))})],
