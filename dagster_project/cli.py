@@ -17,8 +17,11 @@ from dagster_project.definitions import run_sync, sync_instance
 from dagster_project.metadata import plural
 from upstack_pipeline.evaluation import evaluate, format_evaluation
 from upstack_pipeline.klaviyo.client import (
+    KlaviyoAddressError,
     KlaviyoAuthError,
     KlaviyoClient,
+    KlaviyoDestinationError,
+    KlaviyoRateLimitedError,
     KlaviyoRevisionError,
     KlaviyoUnavailableError,
     check_key,
@@ -124,6 +127,8 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     The replay lands in UPSTACK_LANDING_DIR and UPSTACK_WAREHOUSE and records its runs in DAGSTER_HOME, where the
     Dagster UI (`make dev`) looks, so the UI opens on what the demo did."""
+    instance = sync_instance(settings)
+    refuse_beside_a_running_daemon(instance)
     start_demo_over(Path(args.dir), settings.landing_dir, settings.warehouse_path)
     simulation = Path(args.dir) / "simulation"
     summary = simulate(simulation, visitors=args.visitors, days=args.days, seed=args.seed)
@@ -138,7 +143,6 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
     with KlaviyoEmulator(api_key=DEMO_KEY) as emulator:
         # The assets read Klaviyo's address and key from the environment at run time, as in production.
         os.environ.update(KLAVIYO_BASE_URL=emulator.base_url, KLAVIYO_API_KEY=DEMO_KEY)
-        instance = sync_instance(settings)
 
         def timed_sync(now: datetime) -> tuple[dg.ExecuteInProcessResult, float]:
             started = time.monotonic()
@@ -148,7 +152,7 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
             for step, (result, seconds) in replay(simulation, settings.landing_dir, timed_sync,
                                                   live_days=args.live_days):
                 print(replay_line(step, result))
-                if not result.success:
+                if failures(result):
                     break
         print(f"\nThe last sync in full:\n{summarize(result, seconds, instance_label(settings))}")
         accepted = emulator.accepted_by_metric()
@@ -172,6 +176,16 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
         print(f"The runs are recorded in {settings.dagster_home}: `make dev` opens the Dagster UI on them "
               "(http://127.0.0.1:3000).")
     return status
+
+
+def refuse_beside_a_running_daemon(instance: dg.DagsterInstance) -> None:
+    """The demo replays past days into the landing folder and warehouse that `make dev` watches: its sensor and
+    schedule would run syncs on today's clock in between, changing what the demo shows."""
+    now = time.time()
+    if any(now - heartbeat.timestamp < 60 for heartbeat in instance.get_daemon_heartbeats().values()):
+        raise ValueError("the Dagster daemon of DAGSTER_HOME is running (is `make dev` open?): stop it before the "
+                         "demo, which replays past days into the landing folder and warehouse that it watches, "
+                         "then start it again to see the demo's runs.")
 
 
 # Marks a landing folder the demo wrote, naming the warehouse it wrote beside it: only those does it replace.
@@ -206,10 +220,20 @@ def replay_line(step: ReplayStep, result: dg.ExecuteInProcessResult) -> str:
     values = {(event.asset_key.to_user_string(), key): value.value
               for event in result.get_asset_materialization_events()
               for key, value in event.materialization.metadata.items()}
-    outcome = "ok" if result.success else "FAILED"
+    outcome = "FAILED" if failures(result) else "ok"
     return (f"  {step.label:<24} sync {outcome}: {values.get(('raw_events', 'rows_ingested'), 0):>7,} events "
             f"({values.get(('raw_events', 'rows_quarantined'), 0):,} quarantined) from {plural(step.event_files, 'file')}, "
             f"{values.get(('klaviyo_delivery', 'delivered'), 0):>5,} delivered to Klaviyo")
+
+
+# What stopped the check, as `upstack klaviyo check-key` names it.
+CHECK_KEY_VERDICTS = {
+    KlaviyoUnavailableError: "unreachable",
+    KlaviyoAddressError: "not Klaviyo's API",
+    KlaviyoAuthError: "key rejected",
+    KlaviyoRevisionError: "revision refused",
+    KlaviyoRateLimitedError: "rate limited",
+}
 
 
 def command_check_key(settings: Settings) -> int:
@@ -223,14 +247,8 @@ def command_check_key(settings: Settings) -> int:
     with KlaviyoClient(settings.klaviyo_base_url, settings.klaviyo_api_key, max_attempts=3) as client:
         try:
             verdicts = check_key(client, needs_list=settings.destination.list_id is not None)
-        except KlaviyoUnavailableError as error:
-            print(f"unreachable: {error}")
-            return 1
-        except KlaviyoAuthError as error:
-            print(f"key rejected: {error}")
-            return 1
-        except KlaviyoRevisionError as error:
-            print(f"revision refused: {error}")
+        except KlaviyoDestinationError as error:
+            print(f"{CHECK_KEY_VERDICTS[type(error)]}: {error}")
             return 1
     for scope, granted in verdicts.items():
         print(f"{scope:<16} {'yes' if granted else 'NO: the key lacks this scope; add it in Klaviyo (Settings > API keys)'}")

@@ -15,9 +15,9 @@ def percent(share: float) -> dg.FloatMetadataValue:
     return dg.MetadataValue.float(round(share * 100, 2))
 
 
-def plural(count: int, noun: str) -> str:
-    """`1 request`, `2 requests`, `1,000 events`."""
-    return f"{count:,} {noun}" + ("" if count == 1 else "s")
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """`1 request`, `2 requests`, `1,000 events`; `nouns` where adding an s is wrong (`1 person`, `2 people`)."""
+    return f"{count:,} " + (noun if count == 1 else nouns or noun + "s")
 
 
 def markdown_table(frame: pl.DataFrame, max_cell: int = 80) -> str:
@@ -39,7 +39,7 @@ def ingestion_summary(report: IngestReport, table: TableOverview) -> str:
     parts = [f"{plural(report.ingested_rows, 'new row')} from {plural(report.files_read, 'file')} "
              f"(table now {table.total_rows:,})"]
     if report.duplicate_rows:
-        parts.append(f"{report.duplicate_rows:,} pixel retries skipped")
+        parts.append(f"{plural(report.duplicate_rows, 'pixel retry', 'pixel retries')} skipped")
     if report.quarantined_rows:
         reasons = ", ".join(f"{reason} {count:,}" for reason, count in table.quarantined_this_run_by_reason.items())
         parts.append(f"{report.quarantined_rows:,} quarantined ({reasons})")
@@ -48,10 +48,17 @@ def ingestion_summary(report: IngestReport, table: TableOverview) -> str:
     if report.changed_files:
         parts.append(f"{plural(len(report.changed_files), 'file')} changed after ingestion (not re-read)")
     if report.ignored_files:
-        shown = ", ".join(report.ignored_files[:5]) + (", ..." if len(report.ignored_files) > 5 else "")
-        parts.append(f"{plural(len(report.ignored_files), 'file')} ignored, named as no reader takes "
-                     f"({accepted_names()}): {shown}")
+        outside = [path for path in report.ignored_files if "/" not in path]
+        misnamed = [path for path in report.ignored_files if "/" in path]
+        why = [f"outside events/ and customers/: {_first_few(outside)}" if outside else "",
+               f"named as no reader takes ({accepted_names()}): {_first_few(misnamed)}" if misnamed else ""]
+        parts.append(f"{plural(len(report.ignored_files), 'file')} not read, "
+                     + "; ".join(reason for reason in why if reason))
     return "; ".join(parts)
+
+
+def _first_few(paths: list[str], shown: int = 5) -> str:
+    return ", ".join(paths[:shown]) + (", ..." if len(paths) > shown else "")
 
 
 def ingestion_metadata(report: IngestReport, table: TableOverview) -> dict[str, dg.MetadataValue]:

@@ -119,6 +119,28 @@ def test_an_unreachable_klaviyo_stops_delivery_soon_says_where_it_looked_and_los
     assert statuses == 0 and errors >= 3  # every attempt recorded, none answered
 
 
+def test_an_address_that_is_not_klaviyos_api_stops_delivery_instead_of_dead_lettering_the_outbox(outbox_settings):
+    with KlaviyoEmulator(api_key=KEY) as emulator:  # a path after the host: every endpoint answers 404
+        run = deliver(outbox_settings, now=END, client=KlaviyoClient(f"{emulator.base_url}/proxy", KEY))
+
+    assert run.stopped.startswith(f"{emulator.base_url}/proxy does not answer as Klaviyo's API does")
+    assert "HTTP 404" in run.stopped and "KLAVIYO_BASE_URL" in run.stopped
+    assert query(outbox_settings, "select distinct status from klaviyo_outbox") == [("pending",)]
+    assert query(outbox_settings, "select count(*) from klaviyo_dead_letters") == [(0,)]
+
+
+def test_with_nothing_to_send_one_harmless_request_still_tells_whether_klaviyo_can_be_reached(outbox_settings):
+    with KlaviyoEmulator(api_key=KEY) as emulator:
+        deliver(outbox_settings, now=END, client=client_for(emulator))
+        quiet = deliver(outbox_settings, now=END, client=client_for(emulator))
+        probes = [request["path"] for request in emulator.requests()][-1:]
+    unreachable = deliver(outbox_settings, now=END, client=KlaviyoClient(emulator.base_url, KEY))
+
+    assert (quiet.stopped, quiet.requests, quiet.delivered, probes) == (None, 1, 0, ["/api/events"])
+    assert unreachable.stopped.startswith("Could not reach Klaviyo")
+    assert query(outbox_settings, "select count(*) from klaviyo_outbox where status <> 'delivered'") == [(0,)]
+
+
 @pytest.mark.parametrize("emulator_options, says", [
     ({"faults": Faults(server_error_rate=1.0)}, "answered HTTP 503"),
     ({"newest_revision": "2026-07-15"}, "Klaviyo refused API revision 2026-10-15"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -83,6 +84,19 @@ def warehouse_from_a_newer_release(settings, tmp_path, stack):
     return ["sync"], environment(settings)
 
 
+def demo_beside_a_running_daemon(settings, tmp_path, stack):
+    """`make dev` open while `make demo` starts: the daemon's heartbeat is in the shared instance."""
+    import dagster as dg
+    from dagster._daemon.types import DaemonHeartbeat
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", home)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.add_daemon_heartbeat(DaemonHeartbeat(time.time(), "SENSOR", "make-dev"))
+    return ["demo", "--dir", str(tmp_path / "demo")], environment(settings, DAGSTER_HOME=str(home))
+
+
 MISTAKES = {
     "klaviyo_base_url_where_nothing_listens": Mistake(
         sync_against(nothing_listens), 1,
@@ -102,6 +116,16 @@ MISTAKES = {
     "check_key_with_a_revision_klaviyo_refuses": Mistake(
         check_key_against(lambda stack: emulator(stack, newest_revision="2026-07-15")), 1,
         stdout=r"revision refused: Klaviyo refused API revision 2026-10-15 .*Revision 2026-10-15 is not available"),
+    "check_key_against_an_address_that_is_not_klaviyos_api": Mistake(
+        check_key_against(lambda stack: emulator(stack) + "/v1"), 1,
+        stdout=r"not Klaviyo's API: http://127\.0\.0\.1:\d+/v1 does not answer as Klaviyo's API does: POST /api/events "
+               r"got HTTP 404"),
+    "klaviyo_base_url_that_is_not_a_url": Mistake(
+        check_key_against(lambda stack: "a.klaviyo.com"), 2,
+        stderr=r"^upstack klaviyo: KLAVIYO_BASE_URL must start with https:// .* got 'a\.klaviyo\.com'"),
+    "the_demo_while_make_dev_runs": Mistake(
+        demo_beside_a_running_daemon, 2,
+        stderr=r"^upstack demo: the Dagster daemon of DAGSTER_HOME is running \(is `make dev` open\?\): stop it"),
     "check_key_without_a_scope": Mistake(
         check_key_against(lambda stack: emulator(stack, scopes=frozenset({"profiles:write"}))), 1,
         stdout=r"events:write +NO: the key lacks this scope"),
@@ -122,8 +146,8 @@ MISTAKES = {
     "files_named_as_no_reader_takes": Mistake(
         landing_with_stray_files, 0,
         first_line=r"^upstack sync: run \w+ succeeded",
-        stdout=r"3 files ignored, named as no reader takes \(events/ \*\.ndjson\.gz.*\): c\.ndjson, "
-               r"customers/customers\.xlsx, events/b\.json"),
+        stdout=r"3 files not read, outside events/ and customers/: c\.ndjson; named as no reader takes "
+               r"\(events/ \*\.ndjson\.gz.*\): customers/customers\.xlsx, events/b\.json"),
 }
 
 

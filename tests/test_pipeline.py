@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -180,3 +181,30 @@ def test_a_broken_payload_fails_the_blocking_mapping_check_and_the_run(settings,
     assert not result.success
     failed = {check.check_name for check in result.get_asset_check_evaluations() if not check.passed}
     assert failed == {"payloads_complete"}
+
+
+def test_summaries_say_one_of_a_thing_in_the_singular():
+    import polars as pl
+
+    from dagster_project.defs.identity import resolved_events_metadata
+    from dagster_project.defs.klaviyo import delivery_metadata, payload_metadata
+    from dagster_project.metadata import ingestion_summary
+    from upstack_pipeline.identity import IdentityOverview
+    from upstack_pipeline.ingestion import IngestReport, TableOverview
+    from upstack_pipeline.klaviyo.delivery import DeliveryRun
+    from upstack_pipeline.klaviyo.mapping import MappingOverview
+
+    one_each = [
+        ingestion_summary(IngestReport("events", files_read=1, ingested_rows=1, duplicate_rows=1,
+                                       changed_files=["a"], ignored_files=["b"]),
+                          TableOverview(1, 0, {}, pl.DataFrame(), pl.DataFrame())),
+        delivery_metadata(DeliveryRun(configured=True, delivered=1, requests=1, delivered_backfill=1))["summary"],
+        payload_metadata(1, 1, MappingOverview({"Viewed Product from Upstack": 1}, {"unresolved": 1}, 1, {}, 0, 0, 0,
+                                               0))["summary"],
+        resolved_events_metadata(1, IdentityOverview(1, 1, {}, {}, 1, 1, 1, pl.DataFrame(), {}, pl.DataFrame(), 0,
+                                                     0))["summary"],
+    ]
+    text = " | ".join(str(getattr(summary, "value", summary)) for summary in one_each)
+    assert "1 new row from 1 file " in text and "1 pixel retry skipped" in text and "1 event delivered in 1 request" in text
+    assert "1 Klaviyo event queued, 1 commerce event skipped" in text and "1 of 1 commerce event resolved" in text
+    assert not re.search(r"\b1 (\w+ )?(rows|files|retries|events|requests)\b", text), text

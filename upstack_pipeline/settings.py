@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import urlsplit
 
 KLAVIYO_PRODUCTION_URL = "https://a.klaviyo.com"
 
@@ -124,7 +125,7 @@ class Settings:
         return cls(
             landing_dir=Path(env.get("UPSTACK_LANDING_DIR") or defaults.landing_dir),
             warehouse_path=Path(env.get("UPSTACK_WAREHOUSE") or defaults.warehouse_path),
-            klaviyo_base_url=(env.get("KLAVIYO_BASE_URL") or defaults.klaviyo_base_url).rstrip("/"),
+            klaviyo_base_url=_base_url(env.get("KLAVIYO_BASE_URL") or defaults.klaviyo_base_url),
             klaviyo_api_key=env.get("KLAVIYO_API_KEY") or None,
             dagster_home=Path(env["DAGSTER_HOME"]) if env.get("DAGSTER_HOME") else None,
             ingest_batch_bytes=_positive_int(env, "UPSTACK_INGEST_BATCH_BYTES", defaults.ingest_batch_bytes,
@@ -170,6 +171,20 @@ class Settings:
             landing_dir=landing_dir or self.landing_dir,
             warehouse_path=warehouse_path or self.warehouse_path,
         )
+
+
+def _base_url(raw: str) -> str:
+    """A mistyped address is named at start-up, not met later as a connection error that blames the network."""
+    try:
+        parts = urlsplit(raw.strip())
+        parts.port  # reading the port is what checks it
+    except ValueError as error:
+        raise ValueError(f"KLAVIYO_BASE_URL is not a URL ({error}): got {raw!r}; Klaviyo's is "
+                         f"{KLAVIYO_PRODUCTION_URL}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"KLAVIYO_BASE_URL must start with https:// (or http:// for a local emulator) and name a "
+                         f"host: got {raw!r}; Klaviyo's is {KLAVIYO_PRODUCTION_URL}")
+    return raw.strip().rstrip("/")
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int, *, unit: str) -> int:

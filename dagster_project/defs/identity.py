@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from dagster_project.metadata import markdown_table, percent
+from dagster_project.metadata import markdown_table, percent, plural
 from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
 from upstack_pipeline.identity import IdentityOverview, overview, resolve_identities
 
@@ -37,7 +37,8 @@ def identity_resolution(upstack: UpstackResource):
     state = overview(settings)
     yield dg.MaterializeResult(asset_key="identity_links", metadata={
         "summary": dg.MetadataValue.text(
-            f"{run.new_observations:,} identifiers observed this run; {run.rejected_values:,} values rejected "
+            f"{plural(run.new_observations, 'identifier')} observed this run; "
+            f"{plural(run.rejected_values, 'value')} rejected "
             "(placeholders, blocked or malformed)"),
         "new_observations": run.new_observations,
         "rejected_values_this_run": run.rejected_values,
@@ -45,7 +46,7 @@ def identity_resolution(upstack: UpstackResource):
     })
     flags = ", ".join(f"{flag} {count:,}" for flag, count in state.flags_by_kind.items()) or "none"
     yield dg.MaterializeResult(asset_key="identities", metadata={
-        "summary": dg.MetadataValue.text(f"{state.identities:,} people; guard flags: {flags}"),
+        "summary": dg.MetadataValue.text(f"{plural(state.identities, 'person', 'people')}; guard flags: {flags}"),
         "dagster/row_count": state.identities,
         "flags": dg.MetadataValue.json(state.flags_by_kind),
         "largest_shared_browsers": dg.MetadataValue.md(markdown_table(state.largest_shared_browsers)),
@@ -67,7 +68,7 @@ def resolved_events_metadata(events_resolved_this_run: int, state: IdentityOverv
     share = state.resolved_events / state.commerce_events if state.commerce_events else 0.0
     return {
         "summary": dg.MetadataValue.text(
-            f"{state.resolved_events:,} of {state.commerce_events:,} commerce events resolved ({share:.1%}); "
+            f"{state.resolved_events:,} of {plural(state.commerce_events, 'commerce event')} resolved ({share:.1%}); "
             f"{state.extra_cart_sessions:,} cart sessions Klaviyo could not identify natively, "
             f"{state.native_cart_sessions:,} it could (lift {state.lift:.1%})"
         ),

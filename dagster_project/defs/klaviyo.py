@@ -51,7 +51,7 @@ def payload_metadata(outbox_rows: int, skipped: int, state: MappingOverview) -> 
     per_reason = ", ".join(f"{reason} {count:,}" for reason, count in state.skipped_by_reason.items()) or "none"
     return {
         "summary": dg.MetadataValue.text(
-            f"{outbox_rows:,} Klaviyo events queued, {skipped:,} commerce events skipped this run; "
+            f"{plural(outbox_rows, 'Klaviyo event')} queued, {plural(skipped, 'commerce event')} skipped this run; "
             f"{state.held_back:,} wait for their session to go idle. Outbox: {per_metric}. Skipped: {per_reason}"),
         "dagster/row_count": sum(state.outbox_by_metric.values()),
         "outbox_rows_this_run": outbox_rows,

@@ -41,6 +41,15 @@ class KlaviyoRevisionError(KlaviyoDestinationError):
     """Klaviyo refused the API revision this release speaks: every request would fail the same way."""
 
 
+class KlaviyoAddressError(KlaviyoDestinationError):
+    """KLAVIYO_BASE_URL answers, but not as Klaviyo's API does (404, 405, a page that is not JSON): a typo, a
+    proxy or a website. Dead-lettering events on such answers would lose them, so delivery stops instead."""
+
+
+class KlaviyoRateLimitedError(KlaviyoDestinationError):
+    """Klaviyo kept answering 429 after every retry: another client is spending the account's allowance."""
+
+
 class KlaviyoUnavailableError(KlaviyoDestinationError):
     """No answer from Klaviyo after every attempt (refused, DNS, TLS, timeouts), or a server error every time.
 
@@ -173,7 +182,7 @@ class KlaviyoClient:
             attempt += 1
             self.pacer.wait_turn()
             started = time.monotonic()
-            status, body, error, retry_after, never_sent = None, None, None, None, False
+            status, body, error, retry_after, never_sent, not_json = None, None, None, None, False, False
             try:
                 response = self.http.request(method, path, content=payload)
                 status = response.status_code
@@ -184,7 +193,7 @@ class KlaviyoClient:
                 error = f"{type(exc).__name__}: {exc}"
                 never_sent = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol))
             except ValueError:
-                body = None  # a non-JSON answer; the status says what happened
+                body, not_json = None, True  # Klaviyo answers errors in JSON:API; something else answered
             self.on_attempt(Attempt(path, status, events, len(payload or b""),
                                     (time.monotonic() - started) * 1000, error or _error_summary(status, body)))
             if status in (401, 403):
@@ -194,6 +203,11 @@ class KlaviyoClient:
                     f"Klaviyo refused API revision {REVISION} ({_error_summary(status, body)}). This release of "
                     "upstack-flows speaks that revision: if KLAVIYO_BASE_URL is Klaviyo's own address, upgrade "
                     "upstack-flows; else check what serves KLAVIYO_BASE_URL.")
+            if status in (404, 405) or (not_json and status is not None and 400 <= status < 429):
+                raise KlaviyoAddressError(
+                    f"{self.base_url} does not answer as Klaviyo's API does: {method} {path} got HTTP {status}"
+                    f"{' and a body that is not JSON' if not_json else ''}. Check KLAVIYO_BASE_URL (Klaviyo's "
+                    "is https://a.klaviyo.com, with no path). Nothing was lost: the outbox keeps every event.")
             if status is not None and status not in RETRIABLE_STATUSES:
                 return Outcome(status, body, attempt)
             if attempt >= (self.connect_attempts if never_sent else self.max_attempts):
@@ -259,11 +273,18 @@ SCOPE_PROBES = {
 }
 
 
+def probe(client: KlaviyoClient) -> None:
+    """One request that changes nothing and reaches what delivery needs (the address, the key, events:write, the
+    revision): raises the KlaviyoDestinationError a delivery would have met."""
+    client.post(*SCOPE_PROBES["events:write"])
+
+
 def check_key(client: KlaviyoClient, *, needs_list: bool) -> dict[str, bool]:
     """Scope -> whether the key has it, for the scopes delivery needs (lists:write only with a list).
 
     Raises what stops every scope alike, so a person is told the real cause: KlaviyoUnavailableError (nothing
-    answered), KlaviyoAuthError with status 401 (the key itself), KlaviyoRevisionError (the API revision).
+    answered), KlaviyoAddressError (something else answered), KlaviyoAuthError with status 401 (the key itself),
+    KlaviyoRevisionError (the API revision), KlaviyoRateLimitedError.
     """
     verdicts = {}
     for scope, (path, body) in SCOPE_PROBES.items():
@@ -277,7 +298,7 @@ def check_key(client: KlaviyoClient, *, needs_list: bool) -> dict[str, bool]:
             verdicts[scope] = False
             continue
         if outcome.status == 429:
-            raise KlaviyoUnavailableError("Klaviyo kept answering 429 (rate limited): another client is spending "
-                                          "this account's allowance. Run the check again in a minute.")
+            raise KlaviyoRateLimitedError("Klaviyo kept answering 429: another client is spending this account's "
+                                          "allowance. Run the check again in a minute.")
         verdicts[scope] = True  # any other answer came after Klaviyo checked the key and its scopes
     return verdicts

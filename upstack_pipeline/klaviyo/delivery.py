@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 
 import duckdb
 
-from upstack_pipeline.klaviyo.client import Attempt, KlaviyoClient, KlaviyoDestinationError
+from upstack_pipeline.klaviyo.client import Attempt, KlaviyoClient, KlaviyoDestinationError, probe
 from upstack_pipeline.klaviyo.limits import MAX_BULK_REQUEST_BYTES, MAX_EVENTS_PER_BULK_REQUEST, encode_body
 from upstack_pipeline.klaviyo.mapping import OutboxRow, bulk_create_body, profile_import_body
 from upstack_pipeline.settings import Settings
@@ -83,7 +83,15 @@ def deliver(
                                "where status = 'claimed'")
             rows = _pending_rows(connection)
             try:
-                _send_all(connection, client, pack_requests(rows, events_per_request), run, now, concurrency)
+                if rows:
+                    _send_all(connection, client, pack_requests(rows, events_per_request), run, now, concurrency)
+                else:
+                    # Nothing to send still says whether Klaviyo could take it: an outage or a revoked key shows
+                    # on the quiet hourly runs too, not only once events wait.
+                    try:
+                        probe(client)
+                    finally:
+                        _record_attempts(connection, run.attempts)
                 if settings.destination.list_id:
                     run.profile_import_errors = _add_to_list(connection, client, rows, settings.destination.list_id)
             except KlaviyoDestinationError as error:
@@ -127,8 +135,8 @@ def _send_all(connection, client: KlaviyoClient, batches: list[list[OutboxRow]],
             while in_flight:
                 settle(wait(in_flight, return_when=FIRST_COMPLETED).done)
         except KlaviyoDestinationError:
-            for future in in_flight:
-                future.cancel()
+            # Requests already in flight finish (quickly: they meet the same cause) and are recorded below.
+            pool.shutdown(wait=True, cancel_futures=True)
             # Nothing more can be sent until a person fixes the cause: what this run claimed waits as pending.
             connection.execute("update klaviyo_outbox set status = 'pending', claimed_at = null "
                                "where status = 'claimed'")
