@@ -114,7 +114,8 @@ def command_simulate(args: argparse.Namespace) -> int:
     summary = simulate(Path(args.out_dir), visitors=args.visitors, days=args.days, seed=args.seed, end=args.end,
                        rates=rates)
     print(
-        f"upstack simulate: {summary.people:,} people, {summary.events:,} events in {plural(summary.event_files, 'file')} "
+        f"upstack simulate: {summary.people:,} people, {summary.events:,} events in "
+        f"{plural(summary.event_files, 'file')} "
         f"({summary.duplicate_lines:,} pixel retries, {summary.bad_lines:,} bad lines), "
         f"{summary.customers:,} customers -> {summary.out_dir}"
     )
@@ -134,7 +135,8 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
     summary = simulate(simulation, visitors=args.visitors, days=args.days, seed=args.seed)
     print(
         f"Simulated {summary.people:,} shoppers over {args.days} days: {summary.events:,} events in "
-        f"{plural(summary.event_files, 'file')}, with {summary.duplicate_lines:,} pixel retries and {summary.bad_lines:,} "
+        f"{plural(summary.event_files, 'file')}, with {summary.duplicate_lines:,} pixel retries and "
+        f"{summary.bad_lines:,} "
         f"bad lines mixed in.\nReplaying them as they would have landed: everything before the last "
         f"{args.live_days} days in one sync, then one sync per day, each at the hour after its day ends.\n"
     )
@@ -222,7 +224,8 @@ def replay_line(step: ReplayStep, result: dg.ExecuteInProcessResult) -> str:
               for key, value in event.materialization.metadata.items()}
     outcome = "FAILED" if failures(result) else "ok"
     return (f"  {step.label:<24} sync {outcome}: {values.get(('raw_events', 'rows_ingested'), 0):>7,} events "
-            f"({values.get(('raw_events', 'rows_quarantined'), 0):,} quarantined) from {plural(step.event_files, 'file')}, "
+            f"({values.get(('raw_events', 'rows_quarantined'), 0):,} quarantined) "
+            f"from {plural(step.event_files, 'file')}, "
             f"{values.get(('klaviyo_delivery', 'delivered'), 0):>5,} delivered to Klaviyo")
 
 
@@ -251,7 +254,8 @@ def command_check_key(settings: Settings) -> int:
             print(f"{CHECK_KEY_VERDICTS[type(error)]}: {error}")
             return 1
     for scope, granted in verdicts.items():
-        print(f"{scope:<16} {'yes' if granted else 'NO: the key lacks this scope; add it in Klaviyo (Settings > API keys)'}")
+        verdict = "yes" if granted else "NO: the key lacks this scope; add it in Klaviyo (Settings > API keys)"
+        print(f"{scope:<16} {verdict}")
     return 0 if all(verdicts.values()) else 1
 
 

@@ -20,7 +20,7 @@ from upstack_pipeline.events import ingest_events
 from upstack_pipeline.identity import resolve_identities
 from upstack_pipeline.klaviyo.client import KlaviyoClient
 from upstack_pipeline.klaviyo.delivery import deliver
-from upstack_pipeline.klaviyo.emulator import Faults, KlaviyoEmulator, RateLimits
+from upstack_pipeline.klaviyo.emulator import Faults, KlaviyoEmulator
 from upstack_pipeline.klaviyo.mapping import map_events
 from upstack_pipeline.simulate import simulate
 

@@ -250,7 +250,8 @@ def _error_summary(status: int | None, body: dict | None) -> str | None:
 
 
 def _names_parameter(body: dict | None, parameter: str) -> bool:
-    return any(((error.get("source") or {}).get("parameter")) == parameter for error in (body or {}).get("errors") or [])
+    errors = (body or {}).get("errors") or []
+    return any((error.get("source") or {}).get("parameter") == parameter for error in errors)
 
 
 def _auth_advice(status: int, body: dict | None) -> str:

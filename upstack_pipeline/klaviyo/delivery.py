@@ -115,7 +115,7 @@ def _send_all(connection, client: KlaviyoClient, batches: list[list[OutboxRow]],
     def settle(done: set[Future]) -> None:
         nonlocal recorded
         for future in done:
-            batch = in_flight.pop(future)
+            in_flight.pop(future)
             delivered, dead, unsent = future.result()
             attempts, recorded = run.attempts[recorded:], len(run.attempts)
             _settle(connection, delivered, dead, unsent, now, attempts)
