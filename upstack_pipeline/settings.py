@@ -61,6 +61,8 @@ PIXEL_TO_KLAVIYO_METRIC = {
     "InitiateCheckout": "Started Checkout",
     "Purchase": "Placed Order",
 }
+# Each Placed Order also becomes one event per order line, as Klaviyo's own Shopify integration records them.
+ORDER_LINE_METRIC = "Ordered Product"
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,12 @@ class DestinationSettings:
         if unknown:
             raise ValueError(f"UPSTACK_ENABLED_EVENTS has events we do not map: {', '.join(sorted(unknown))} "
                              f"(known: {', '.join(PIXEL_TO_KLAVIYO_METRIC)})")
+
+    @property
+    def metric_names(self) -> dict[str, str]:
+        """Our Klaviyo metric per standard one, e.g. 'Added to Cart' -> 'Added to Cart from Upstack'."""
+        standard = [*PIXEL_TO_KLAVIYO_METRIC.values(), ORDER_LINE_METRIC]
+        return {name: self.metric_name_template.replace("{metric}", name) for name in standard}
 
 
 @dataclass(frozen=True)

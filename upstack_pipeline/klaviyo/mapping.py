@@ -67,12 +67,6 @@ def _counts(connection: duckdb.DuckDBPyConnection) -> tuple[int, int]:
         "select (select count(*) from klaviyo_outbox), (select count(*) from klaviyo_skipped)").fetchone()
 
 
-def metric_names(destination: DestinationSettings) -> dict[str, str]:
-    """Klaviyo metric name per standard metric, e.g. 'Added to Cart' -> 'Added to Cart from Upstack'."""
-    standard = [*PIXEL_TO_KLAVIYO_METRIC.values(), "Ordered Product"]
-    return {name: destination.metric_name_template.replace("{metric}", name) for name in standard}
-
-
 @dataclass(frozen=True)
 class OutboxRow:
     unique_id: str
@@ -135,7 +129,7 @@ class MappingOverview:
 
 def overview(settings: Settings, *, now: datetime) -> MappingOverview:
     destination = settings.destination
-    names = metric_names(destination)
+    names = destination.metric_names
     missing_key = " or ".join(
         f"(metric_name = '{names[metric]}' and ("
         + " or ".join(f"json_extract(event, '$.properties.{key}') is null "
