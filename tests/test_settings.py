@@ -55,3 +55,23 @@ def test_identity_guards_default_to_the_evidence_and_can_be_set_from_the_environ
     assert identity.max_emails_per_browser == 1
     with pytest.raises(ValueError, match="UPSTACK_COOKIE_LIFETIME_DAYS must be a whole number of days"):
         Settings.from_env({"UPSTACK_COOKIE_LIFETIME_DAYS": "1y"})
+
+
+@pytest.mark.parametrize("template, problem", [
+    ("Upstack", r"UPSTACK_METRIC_TEMPLATE must contain \{metric\}"),
+    ("{metric}", r"UPSTACK_METRIC_TEMPLATE gives 'Viewed Product', the name of a metric Klaviyo's own tracking"),
+    ("{metric} from\nUpstack", r"UPSTACK_METRIC_TEMPLATE must be one line of printable characters"),
+    ("{metric} " + "é" * 111, r"UPSTACK_METRIC_TEMPLATE gives a metric name of 128 characters; Klaviyo takes "
+                              r"fewer than 128"),
+])
+def test_a_metric_template_klaviyo_or_the_flows_could_not_use_is_refused_in_one_line_naming_the_variable(
+        template, problem):
+    with pytest.raises(ValueError, match=problem) as refused:
+        Settings.from_env({"UPSTACK_METRIC_TEMPLATE": template})
+    assert "\n" not in str(refused.value).replace(repr(template), "")
+
+
+def test_the_longest_metric_name_klaviyo_takes_is_accepted():
+    # "Started Checkout" and "Ordered Product" are the longest standard names (16 and 15 characters)
+    names = Settings.from_env({"UPSTACK_METRIC_TEMPLATE": "{metric} " + "é" * 110}).destination.metric_names
+    assert max(len(name) for name in names.values()) == 127

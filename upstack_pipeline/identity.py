@@ -166,14 +166,14 @@ def overview(settings: Settings, *, limit: int = 5) -> IdentityOverview:
             extra_cart_sessions=extra_sessions,
             identities=identities,
             rejected_values=connection.sql(
-                f"select id_type, value, reason, times_seen from identity_rejected_values "
-                f"order by times_seen desc, value limit {limit}").pl(),
+                "select id_type, value, reason, times_seen from identity_rejected_values "
+                "order by times_seen desc, value limit $limit", params={"limit": limit}).pl(),
             flags_by_kind=pairs("select flag, count(*) from identity_flags group by 1 order by 2 desc"),
-            largest_shared_browsers=connection.sql(f"""
+            largest_shared_browsers=connection.sql("""
                 select left_value as anonymous_id, count(distinct right_value) as emails
                 from usable_identity_links where left_type = 'anonymous_id' and right_type = 'email'
                 group by left_value having count(distinct right_value) > 1
-                order by emails desc, anonymous_id limit {limit}""").pl(),
+                order by emails desc, anonymous_id limit $limit""", params={"limit": limit}).pl(),
             history_attributions_over_guard=over_guard,
             identities_with_several_emails=connection.execute(
                 "select count(*) from (select upstack_id from resolved_events where email is not null "

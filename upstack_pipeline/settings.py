@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
 
+from upstack_pipeline.klaviyo.limits import MAX_METRIC_NAME_CHARS
+
 KLAVIYO_PRODUCTION_URL = "https://a.klaviyo.com"
 
 # Never identifiers (SPEC 4): exact addresses, "@domain" for a whole domain, "local@" for a local part at any
@@ -95,8 +97,7 @@ class DestinationSettings:
     def __post_init__(self):
         if self.send_mode not in ("backup", "all"):
             raise ValueError(f"UPSTACK_SEND_MODE must be 'backup' or 'all' (got {self.send_mode!r})")
-        if "{metric}" not in self.metric_name_template:
-            raise ValueError("UPSTACK_METRIC_TEMPLATE must contain {metric}, e.g. '{metric} from Upstack'")
+        _check_metric_template(self.metric_name_template, self.metric_names)
         unknown = set(self.enabled_events) - set(PIXEL_TO_KLAVIYO_METRIC)
         if unknown:
             raise ValueError(f"UPSTACK_ENABLED_EVENTS has events we do not map: {', '.join(sorted(unknown))} "
@@ -179,6 +180,29 @@ class Settings:
             landing_dir=landing_dir or self.landing_dir,
             warehouse_path=warehouse_path or self.warehouse_path,
         )
+
+
+def _check_metric_template(template: str, names: Mapping[str, str]) -> None:
+    """Refused at start-up, in one line, rather than met later as events Klaviyo refuses or flows that mix ours
+    with Shopify's: the name goes to Klaviyo as data, so any character is fine, but not any name."""
+    def refuse(problem: str) -> ValueError:
+        return ValueError(f"UPSTACK_METRIC_TEMPLATE {problem} (got {template!r}; the default is "
+                          f"'{{metric}} from Upstack')")
+
+    if "{metric}" not in template:
+        raise refuse("must contain {metric}, the place of Klaviyo's standard name")
+    if any(not character.isprintable() for character in template):
+        raise refuse("must be one line of printable characters")
+    too_long = [name for name in names.values() if len(name) > MAX_METRIC_NAME_CHARS]
+    if too_long:
+        raise refuse(f"gives a metric name of {len(max(too_long, key=len))} characters; Klaviyo takes fewer than "
+                     f"{MAX_METRIC_NAME_CHARS + 1}")
+    # Substituting into one template keeps five distinct standard names distinct; what is left to refuse is a
+    # name that is one of Klaviyo's own.
+    standard = [name for name, ours in names.items() if ours.strip() == name]
+    if standard:
+        raise refuse(f"gives {standard[0]!r}, the name of a metric Klaviyo's own tracking and Shopify integration "
+                     "record: flow filters could not tell ours from theirs; add words around {metric}")
 
 
 def _base_url(raw: str) -> str:
