@@ -2,8 +2,32 @@
 -- hold_back: a payload in klaviyo_outbox, or a reason in klaviyo_skipped (SPEC 5). Events of sessions still
 -- active wait for a later run, so an email typed later in the session can still change the answer.
 --
--- Variables: now, send_mode, metric_name_template, enabled_events, create_profiles, update_profiles,
--- respect_consent, max_event_age, hold_back.
+-- Variables: now, send_mode, metric_names (a map from the pixel's event name to our metric's),
+-- order_line_metric_name, enabled_events, create_profiles, update_profiles, respect_consent, max_event_age,
+-- hold_back, and Klaviyo's limits from upstack_pipeline/klaviyo/limits.py (max_string_bytes,
+-- max_profile_strings_bytes, max_properties, max_metric_name_chars, earliest_event_time, latest_event_time,
+-- profile_identifiers).
+--
+-- Leaves `mapped` behind: the rows beyond a cheap bound of Klaviyo's limits (`needs_review`) are not inserted
+-- here; upstack_pipeline/klaviyo/mapping.py judges them with the exact checks the emulator runs.
+
+-- Shopify's variant id of a pixel line item: in `variant` (a number or a ProductVariant GID), in `id` as a
+-- ProductVariant GID, or in the product link's `?variant=` (Shopify's storefront links carry it).
+create or replace temp macro shopify_variant_id(item) as coalesce(
+    nullif(regexp_extract(item.variant, '^(?:gid://shopify/ProductVariant/)?([0-9]+)$', 1), ''),
+    nullif(regexp_extract(item.id, '^gid://shopify/ProductVariant/([0-9]+)$', 1), ''),
+    nullif(regexp_extract(item.url, '[?&]variant=([0-9]+)', 1), ''));
+
+-- `<variant id>:<quantity>,...`, the path of a Shopify cart permalink: a variant on two lines adds up.
+create or replace temp macro cart_permalink_path(variant_ids, quantities) as array_to_string(
+    [variant_id || ':' || list_sum(list_filter(quantities, lambda quantity, i: variant_ids[i] = variant_id))::bigint
+     for variant_id in list_filter(variant_ids, lambda variant_id, i: list_position(variant_ids, variant_id) = i)],
+    ',');
+
+-- The shop's host name, from `shop` (acme.myshopify.com, with or without a scheme), else from the page's address.
+create or replace temp macro shop_host(shop, page) as coalesce(
+    nullif(regexp_extract(lower(trim(shop)), '^(?:https?://)?([a-z0-9-]+(?:\.[a-z0-9-]+)+)/?$', 1), ''),
+    nullif(regexp_extract(lower(page), '^https?://([a-z0-9-]+(?:\.[a-z0-9-]+)+)(?:[:/?#]|$)', 1), ''));
 
 -- A decision follows the latest resolution until the event is delivered: an email typed later (in a file that
 -- arrived late) or a translation that turned ambiguous withdraws a pending row, and an event skipped only for
@@ -43,6 +67,7 @@ select
     undecided.*,
     raw.custom_data,
     raw.event_source_url,
+    shop_host(raw.shop, raw.event_source_url) as shop_host,
     identity.first_name,
     identity.last_name,
     identity.city,
@@ -68,6 +93,7 @@ select
             then 'invalid'
         when event_name = 'AddToCart' and (custom_data.items[1].id is null or items_value is null) then 'invalid'
         when event_name = 'InitiateCheckout' and items_value is null then 'invalid'
+        when event_name in ('AddToCart', 'InitiateCheckout') and cart_link is null then 'invalid'
         when event_name = 'Purchase' and (custom_data.order_id is null or custom_data.value is null
             or len(list_filter(custom_data.items, lambda item: item.id is null or item.price is null)) > 0)
             then 'invalid'
@@ -78,7 +104,23 @@ from (
         -- value, else the items' total, but only when every item has a price: a partial sum would understate it
         coalesce(custom_data.value, case when len(custom_data.items) > 0
                  and len(list_filter(custom_data.items, lambda item: item.price is null)) = 0
-            then list_sum([item.price * coalesce(item.quantity, 1) for item in custom_data.items]) end) as items_value
+            then list_sum([item.price * coalesce(item.quantity, 1) for item in custom_data.items]) end) as items_value,
+        -- The cart email's button (Klaviyo's CheckoutURL): the pixel's checkout link once a checkout exists; else
+        -- a cart permalink, which rebuilds the whole cart on any device, when every line names its variant and a
+        -- whole quantity; else the shop's cart page.
+        case
+            when regexp_matches(custom_data.checkout_url, '^https?://[^\s]+$')
+                then {'url': custom_data.checkout_url, 'source': 'pixel_checkout_url'}
+            when shop_host is not null and len(custom_data.items) > 0
+                and len(list_filter(custom_data.items, lambda item: shopify_variant_id(item) is null
+                    or coalesce(item.quantity, 1) < 1 or coalesce(item.quantity, 1) <> floor(coalesce(item.quantity, 1))
+                )) = 0
+                then {'url': 'https://' || shop_host || '/cart/' || cart_permalink_path(
+                          [shopify_variant_id(item) for item in custom_data.items],
+                          [coalesce(item.quantity, 1) for item in custom_data.items]),
+                      'source': 'cart_permalink'}
+            when shop_host is not null then {'url': 'https://' || shop_host || '/cart', 'source': 'cart_page'}
+        end as cart_link
     from candidates
 );
 
@@ -92,9 +134,14 @@ select
         when 'native_identified' then klaviyo_native_reason
         when 'invalid' then case event_name
             when 'Purchase' then 'a Purchase needs custom_data.order_id, custom_data.value and an id and price per item'
-            when 'InitiateCheckout' then 'a checkout needs custom_data.value or items that all have a price'
             when 'ViewContent' then 'a product view needs custom_data.items[0] with an id and a name'
-            else 'an add to cart needs custom_data.items[0] with an id, and a value or priced items'
+            else case when cart_link is not null and event_name = 'InitiateCheckout'
+                    then 'a checkout needs custom_data.value or items that all have a price'
+                when cart_link is not null
+                    then 'an add to cart needs custom_data.items[0] with an id, and a value or priced items'
+                else 'a cart event needs a link back to the cart: custom_data.checkout_url, or a shop (or page '
+                     'address) naming the shop''s domain'
+            end
         end
     end,
     getvariable('now')
@@ -138,12 +185,7 @@ profiles as (
 klaviyo_events as (
     select
         event_id, event_name, profile_key, profile, backfill, event_time,
-        replace(getvariable('metric_name_template'), '{metric}', case event_name
-            when 'ViewContent' then 'Viewed Product'
-            when 'AddToCart' then 'Added to Cart'
-            when 'InitiateCheckout' then 'Started Checkout'
-            when 'Purchase' then 'Placed Order'
-        end) as metric_name,
+        getvariable('metric_names')[event_name] as metric_name,
         event_id as unique_id,
         case event_name when 'ViewContent' then custom_data.items[1].price else money end as value,
         custom_data.currency as currency,
@@ -164,11 +206,13 @@ klaviyo_events as (
                 'ProductName': custom_data.items[1].name, 'ProductID': custom_data.items[1].id,
                 'Price': custom_data.items[1].price, 'Quantity': custom_data.items[1].quantity,
                 'CartValue': money, 'ItemNames': item_names, 'Items': klaviyo_items,
-                'CheckoutURL': custom_data.checkout_url, 'upstack_match_method': match_method})
+                'CheckoutURL': cart_link.url, 'upstack_checkout_url_source': cart_link.source,
+                'upstack_match_method': match_method})
             when 'InitiateCheckout' then to_json({
                 'CartValue': money, 'ItemCount': list_sum([coalesce(item.quantity, 1) for item in custom_data.items]),
                 'ItemNames': item_names, 'Items': klaviyo_items, 'Categories': categories,
-                'CheckoutURL': custom_data.checkout_url, 'upstack_match_method': match_method})
+                'CheckoutURL': cart_link.url, 'upstack_checkout_url_source': cart_link.source,
+                'upstack_match_method': match_method})
             when 'Purchase' then to_json({
                 'OrderID': custom_data.order_id, 'Revenue': money, 'ItemNames': item_names, 'Items': klaviyo_items,
                 'Categories': categories, 'DiscountCodes': coalesce(custom_data.discount_codes, []),
@@ -180,7 +224,7 @@ klaviyo_events as (
     union all                                   -- Placed Order: one Ordered Product per line
     select
         event_id, event_name, profile_key, profile, backfill, event_time,
-        replace(getvariable('metric_name_template'), '{metric}', 'Ordered Product'),
+        getvariable('order_line_metric_name'),
         event_id || ':' || line.position,
         line.item.price * coalesce(line.item.quantity, 1),
         custom_data.currency,
@@ -196,21 +240,39 @@ klaviyo_events as (
     ), lateral (select {'item': line_pair[1], 'position': line_pair[2]} as line)
 )
 select
-    unique_id, event_id, event_name, metric_name, profile_key, profile,
-    json_merge_patch('{}', to_json({
-        'properties': properties,
-        'time': strftime(event_time, '%Y-%m-%dT%H:%M:%S.%g+00:00'),
-        'value': value,
-        'value_currency': if(value is null, null, currency),
-        'unique_id': unique_id,
-        'backfill': if(backfill, true, null),
-        'metric': {'data': {'type': 'metric', 'attributes': {'name': metric_name}}}
-    })) as event,
-    backfill
-from klaviyo_events;
+    *,
+    -- A cheap bound that every row breaking one of Klaviyo's limits crosses (a string can be no longer than the
+    -- document holding it, a '$' key or a NaN leaves its mark in the text), so the exact checks run on few rows.
+    bool_or(
+        strlen(event) > getvariable('max_string_bytes')
+        or strlen(profile) > getvariable('max_profile_strings_bytes')
+        or len(json_keys(event, '$.properties')) > getvariable('max_properties')
+        or length(metric_name) > getvariable('max_metric_name_chars') or trim(coalesce(metric_name, '')) = ''
+        or event_time < getvariable('earliest_event_time') or event_time >= getvariable('latest_event_time')
+        or contains(event, '"$') or contains(profile, '"$') or contains(event, 'Infinity') or contains(event, 'NaN')
+        or not regexp_full_match(coalesce(event->>'$.value_currency', 'USD'), '[A-Z]{3}')
+        or len(list_filter(getvariable('profile_identifiers'), lambda identifier:
+               trim(coalesce(json_extract_string(profile, '$.' || identifier), '')) <> '')) = 0
+    ) over (partition by event_id) as needs_review
+from (
+    select
+        unique_id, event_id, event_name, metric_name, profile_key, profile, event_time,
+        json_merge_patch('{}', to_json({
+            'properties': properties,
+            'time': strftime(event_time, '%Y-%m-%dT%H:%M:%S.%g+00:00'),
+            'value': value,
+            'value_currency': if(value is null, null, upper(trim(currency))),
+            'unique_id': unique_id,
+            'backfill': if(backfill, true, null),
+            'metric': {'data': {'type': 'metric', 'attributes': {'name': metric_name}}}
+        })) as event,
+        backfill
+    from klaviyo_events
+);
 
 insert into klaviyo_outbox
 select unique_id, event_id, event_name, metric_name, profile_key, profile, event, backfill, 'pending',
-       getvariable('now'), null as claimed_at, null as delivered_at
+       getvariable('now'), null as claimed_at, null as delivered_at, null as notes
 from mapped
+where not needs_review
 on conflict do nothing;

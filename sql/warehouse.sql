@@ -267,7 +267,8 @@ create table if not exists klaviyo_outbox (
     -- Claimed just before its request is sent, settled after: a row still claimed when a run starts was
     -- in flight when a run died, and is sent again (its unique_id makes that harmless on Klaviyo's side).
     claimed_at    timestamptz,
-    delivered_at  timestamptz
+    delivered_at  timestamptz,
+    notes         varchar                   -- what was changed to fit Klaviyo's limits (a profile string dropped)
 );
 
 -- Commerce events that are not sent, and why; with the outbox it accounts for every decided commerce event.

@@ -4,6 +4,7 @@ in tests/contract/), and the limits the spec states only in prose (`upstack_pipe
 from __future__ import annotations
 
 import copy
+import json
 import re
 from datetime import datetime, timedelta, timezone
 
@@ -127,13 +128,21 @@ def test_valid_single_event_is_within_the_limits():
     assert event_violations(attributes, attributes["profile"]["data"]["attributes"], now=NOW) == []
 
 
-def test_limits_match_the_issue():
-    assert limits.MAX_EVENTS_PER_BULK_REQUEST == 1000
-    assert limits.MAX_BULK_REQUEST_BYTES == 5 * 1024 * 1024
-    assert limits.MAX_STRING_BYTES == 100 * 1024
-    assert limits.MAX_PROPERTIES == 300
-    assert limits.MAX_METRIC_NAME_CHARS == 127
-    assert set(limits.PROFILE_IDENTIFIERS) == {"email", "phone_number", "external_id", "anonymous_id", "_kx"}
+def test_limits_are_the_ones_klaviyos_spec_states_in_prose():
+    """Each number is read back from the sentence of the published spec it comes from, so a limit changed by hand
+    (or a spec that changes it) fails here."""
+    spec = json.dumps(klaviyo_contract.openapi_spec())
+    stated = {
+        r"Accepts up to ([\d,]+) events per request": limits.MAX_EVENTS_PER_BULK_REQUEST,
+        r"events per request\. The maximum allowed payload size is (\d+)MB": limits.MAX_BULK_REQUEST_BYTES // 1024**2,
+        r"A single string cannot exceed (\d+)KB": limits.MAX_STRING_BYTES // 1024,
+        r"The maximum allowed payload size per-profile is (\d+)KB": limits.MAX_PROFILE_STRINGS_BYTES // 1024,
+        r"must not exceed (\d+) properties": limits.MAX_PROPERTIES,
+        r"Name of the event\. Must be less than (\d+) characters": limits.MAX_METRIC_NAME_CHARS + 1,
+    }
+    for sentence, ours in stated.items():
+        found = {int(number.replace(",", "")) for number in re.findall(sentence, spec)}
+        assert found == {ours}, (sentence, found, ours)
 
 
 def test_profile_identifiers_are_the_ones_the_spec_documents():
@@ -178,15 +187,39 @@ def test_string_over_100_kb_nested_in_properties():
 def test_string_over_100_kb_in_profile_properties():
     event_attributes, profile = only_event(valid_bulk_body())
     profile["properties"]["notes"] = "x" * (100 * 1024 + 1)
-    assert event_violations(event_attributes, profile, now=NOW) == [
-        "string at profile.data.attributes.properties.notes is 102,401 bytes in UTF-8 (max 102,400 = 100 KB)"]
+    assert event_violations(event_attributes, profile, now=NOW)[0] == (
+        "string at profile.data.attributes.properties.notes is 102,401 bytes in UTF-8 (max 102,400 = 100 KB)")
 
 
-def test_301_properties():
+def test_profile_strings_over_100_kb_together():
     event_attributes, profile = only_event(valid_bulk_body())
-    event_attributes["properties"] = {f"p{i}": i for i in range(301)}
-    assert event_violations(event_attributes, profile, now=NOW) == ["properties has 301 top-level keys (max 300)"]
-    del event_attributes["properties"]["p300"]
+    profile.update(first_name="x" * 60_000, last_name="y" * 60_000)
+    assert event_violations(event_attributes, profile, now=NOW) == [
+        f"profile strings total {limits.profile_strings_bytes(profile):,} bytes in UTF-8 (max 102,400 = 100 KB)"]
+    assert limits.profile_strings_bytes(profile) > 120_000
+
+
+def test_fit_profile_drops_the_longest_free_text_until_the_profile_fits_and_keeps_identifiers():
+    profile = {"email": "jane@gmail.com", "first_name": "J" * 60_000, "last_name": "Doe",
+               "location": {"city": "c" * 70_000, "region": "TX"}, "properties": {"upstack_id": "u1"}}
+    fitted, notes = limits.fit_profile(profile)
+    assert fitted == {"email": "jane@gmail.com", "first_name": "J" * 60_000, "last_name": "Doe",
+                      "location": {"region": "TX"}, "properties": {"upstack_id": "u1"}}
+    assert notes == ["dropped profile location.city (70,000 bytes): Klaviyo takes strings of at most 102,400 "
+                     "bytes and 102,400 bytes of strings per profile"]
+    assert profile["location"]["city"] == "c" * 70_000  # the caller's profile is left as it was
+    alone, notes = limits.fit_profile({"email": "jane@gmail.com", "location": {"city": "c" * 200_000}})
+    assert alone == {"email": "jane@gmail.com"} and len(notes) == 1
+    long_email = {"email": "j" * 200_000}
+    assert limits.fit_profile(long_email) == (long_email, [])
+
+
+def test_one_property_too_many():
+    event_attributes, profile = only_event(valid_bulk_body())
+    event_attributes["properties"] = {f"p{i}": i for i in range(limits.MAX_PROPERTIES + 1)}
+    assert event_violations(event_attributes, profile, now=NOW) == [
+        f"properties has {limits.MAX_PROPERTIES + 1} top-level keys (max {limits.MAX_PROPERTIES})"]
+    del event_attributes["properties"][f"p{limits.MAX_PROPERTIES}"]
     assert event_violations(event_attributes, profile, now=NOW) == []
 
 
@@ -266,9 +299,10 @@ def test_legacy_dollar_keys_at_any_depth():
 
 
 @pytest.mark.parametrize("value, currency, message", [
-    ("24.00", "USD", "value '24.00' is not a finite number"),
-    (float("nan"), "USD", "value nan is not a finite number"),
-    (True, "USD", "value True is not a finite number"),
+    ("24.00", "USD", "value '24.00' is not a number"),
+    (float("nan"), "USD", "number at value is nan (JSON has no NaN or Infinity)"),
+    (float("inf"), "USD", "number at value is inf (JSON has no NaN or Infinity)"),
+    (True, "USD", "value True is not a number"),
     (24.0, "usd", "value_currency 'usd' is not a three-letter ISO 4217 code"),
 ])
 def test_value_and_currency(value, currency, message):
@@ -290,7 +324,7 @@ def test_malformed_bodies_are_reported_not_raised():
 def limit_breaking_body() -> dict:
     body = valid_bulk_body()
     event_attributes, profile = only_event(body)
-    event_attributes["properties"] = {f"p{i}": "x" for i in range(301)}
+    event_attributes["properties"] = {f"p{i}": "x" for i in range(limits.MAX_PROPERTIES + 1)}
     event_attributes["properties"]["$value"] = 1
     event_attributes["metric"] = metric("M" * 200)
     event_attributes["time"] = "1995-01-01T00:00:00Z"

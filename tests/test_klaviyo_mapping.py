@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from datetime import timedelta
 
@@ -108,7 +109,8 @@ def test_each_commerce_event_maps_to_its_klaviyo_metric_with_the_recommended_pro
         "AddedItemURL": "https://acme.myshopify.com/products/mug", "AddedItemCategories": ["Kitchen"],
         "ProductName": "Mug", "ProductID": "p1", "Price": 12.0, "Quantity": 2.0, "CartValue": 44.0,
         "ItemNames": ["Mug", "Tee"], "Items": [mug_line, tee_line],
-        "CheckoutURL": "https://acme.myshopify.com/cart", "upstack_match_method": "cookie_history"}
+        "CheckoutURL": "https://acme.myshopify.com/cart", "upstack_checkout_url_source": "pixel_checkout_url",
+        "upstack_match_method": "cookie_history"}
     assert (event["value"], event["value_currency"], event["unique_id"]) == (44.0, "USD", "cart")
 
     metric, _, event = sent["checkout"]
@@ -116,7 +118,7 @@ def test_each_commerce_event_maps_to_its_klaviyo_metric_with_the_recommended_pro
     assert event["properties"] == {
         "CartValue": 44.0, "ItemCount": 3.0, "ItemNames": ["Mug", "Tee"], "Items": [mug_line, tee_line],
         "Categories": ["Apparel", "Kitchen"], "CheckoutURL": "https://acme.myshopify.com/checkouts/c1",
-        "upstack_match_method": "cookie_history"}
+        "upstack_checkout_url_source": "pixel_checkout_url", "upstack_match_method": "cookie_history"}
     assert "backfill" not in event
 
 
@@ -297,6 +299,11 @@ def test_every_payload_of_a_simulated_week_is_valid_against_klaviyos_contract(se
     assert {row.event["metric"]["data"]["attributes"]["name"] for row in rows} == {
         "Viewed Product from Upstack", "Added to Cart from Upstack", "Started Checkout from Upstack",
         "Placed Order from Upstack", "Ordered Product from Upstack"}
+    carts = [row.event["properties"] for row in rows if row.event["metric"]["data"]["attributes"]["name"]
+             in ("Added to Cart from Upstack", "Started Checkout from Upstack")]
+    assert carts and all(cart["CheckoutURL"].startswith("https://") for cart in carts)
+    # the simulated pixel sends checkout_url from the checkout on, and product links that name the variant
+    assert {cart["upstack_checkout_url_source"] for cart in carts} == {"pixel_checkout_url", "cart_permalink"}
 
     for start in range(0, len(rows), MAX_EVENTS_PER_BULK_REQUEST):
         body = bulk_create_body(rows[start:start + MAX_EVENTS_PER_BULK_REQUEST])
@@ -348,3 +355,156 @@ def test_shapes_klaviyo_cannot_render_are_skipped_as_invalid_not_queued(settings
     assert outbox(settings)["fine"][2]["properties"]["Categories"] == []
     state = overview(settings, now=NOW)
     assert (state.rows_missing_key_properties, state.money_rows_without_numeric_value) == (0, 0)
+
+
+# --- issue 11: a cart link on every cart event, any metric name, Klaviyo's limits before sending ---------------
+
+def cart_link(settings, event_id: str) -> tuple[str, str]:
+    properties = outbox(settings)[event_id][2]["properties"]
+    return properties["CheckoutURL"], properties["upstack_checkout_url_source"]
+
+
+def test_a_cart_event_links_to_the_pixels_checkout_once_a_checkout_exists(settings):
+    run(settings, shopper_history() + [
+        returning("cart", "AddToCart", 0, {"value": 24.0, "items": [MUG],
+                                           "checkout_url": "https://acme.myshopify.com/checkouts/cn/Z9"}),
+        returning("relative", "AddToCart", 1, {"value": 24.0, "items": [MUG], "checkout_url": "/checkouts/cn/Z9"}),
+    ])
+    assert cart_link(settings, "cart") == ("https://acme.myshopify.com/checkouts/cn/Z9", "pixel_checkout_url")
+    # an email needs an absolute link: a relative one is passed over for the cart page
+    assert cart_link(settings, "relative") == ("https://acme.myshopify.com/cart", "cart_page")
+
+
+def test_without_a_checkout_the_cart_is_rebuilt_from_its_variant_ids_and_quantities(settings):
+    by_link = dict(MUG, url="https://acme.myshopify.com/products/mug?variant=4401&ref=x", quantity=2)
+    by_number = dict(TEE, variant="4402", quantity=1)
+    by_gid = {"id": "gid://shopify/ProductVariant/4403", "name": "Cap", "price": 9.0}
+    run(settings, shopper_history() + [
+        # the line just added first, then the cart before it: the Mug was already there once
+        returning("cart", "AddToCart", 0, {"value": 77.0, "items": [by_link, by_number, by_gid, dict(by_link,
+                                                                                                 quantity=1)]}),
+        returning("checkout", "InitiateCheckout", 1, {"value": 12.0, "items": [dict(by_link, quantity=1)]},
+                  shop="HTTPS://Acme.MyShopify.com/"),
+    ])
+    assert cart_link(settings, "cart") == ("https://acme.myshopify.com/cart/4401:3,4402:1,4403:1", "cart_permalink")
+    assert cart_link(settings, "checkout") == ("https://acme.myshopify.com/cart/4401:1", "cart_permalink")
+
+
+def test_a_cart_whose_lines_do_not_all_name_a_variant_links_to_the_shops_cart_page(settings):
+    run(settings, shopper_history() + [
+        returning("titles", "AddToCart", 0, {"value": 24.0, "items": [MUG]}),  # variant "Blue": a title, not an id
+        returning("half", "AddToCart", 1, {"value": 44.0, "items": [dict(MUG, variant="4401"), TEE]}),
+        returning("fraction", "AddToCart", 2, {"value": 6.0, "items": [dict(MUG, variant="4401", quantity=0.5)]}),
+        returning("no-shop", "AddToCart", 3, {"value": 24.0, "items": [MUG]}, shop="Acme Store"),
+    ])
+    for event_id in ("titles", "half", "fraction"):
+        assert cart_link(settings, event_id) == ("https://acme.myshopify.com/cart", "cart_page"), event_id
+    # `shop` is not a domain: the page the shopper was on names it
+    assert cart_link(settings, "no-shop") == ("https://acme.myshopify.com/cart", "cart_page")
+
+
+def test_a_cart_event_with_no_way_back_to_the_shop_is_skipped_not_sent_without_a_link(settings):
+    run(settings, shopper_history() + [
+        returning("lost", "AddToCart", 0, {"value": 24.0, "items": [MUG]}, shop="Acme Store", event_source_url=None),
+    ])
+    assert skipped(settings)["lost"] == "invalid"
+    assert query(settings, "select detail from klaviyo_skipped where event_id = 'lost'")[0][0].startswith(
+        "a cart event needs a link back to the cart")
+    assert overview(settings, now=NOW).rows_missing_key_properties == 0
+
+
+@pytest.mark.parametrize("template", ["{metric} from Bob's", 'Upstack "{metric}"', "{metric} · récupéré 🛒",
+                                      "{metric}{metric}"])
+def test_any_template_klaviyo_takes_maps_and_passes_the_checks(settings, template):
+    destination = replace(settings.destination, send_mode="all", metric_name_template=template)
+    names = destination.metric_names
+    assert len(set(names.values())) == len(names)
+    configured = replace(settings, destination=destination)
+
+    run(configured, shopper_history() + [returning("cart", "AddToCart", 0, {"value": 24.0, "items": [MUG]})])
+
+    assert outbox(settings)["cart"][0] == names["Added to Cart"]
+    assert outbox(settings)["safari-old-checkout"][0] == names["Started Checkout"]
+    state = overview(configured, now=NOW)
+    assert state.outbox_by_metric == {names["Added to Cart"]: 1, names["Started Checkout"]: 1}
+    assert (state.rows_missing_key_properties, state.money_rows_without_numeric_value) == (0, 0)
+
+
+def invalid_details(settings) -> dict[str, str]:
+    return dict(query(settings, "select event_id, detail from klaviyo_skipped where reason = 'invalid'"))
+
+
+def test_a_string_over_klaviyos_100_kb_is_skipped_as_invalid_with_the_property_and_its_size(settings):
+    from upstack_pipeline.klaviyo.limits import MAX_STRING_BYTES
+
+    essay = "é" * (MAX_STRING_BYTES // 2 + 1)  # two bytes each in UTF-8
+    run(settings, shopper_history() + [
+        returning("essay", "ViewContent", 0, {"items": [dict(MUG, name=essay)]}),
+        returning("fine", "ViewContent", 1, {"items": [MUG]}),
+    ])
+    assert "essay" not in outbox(settings) and "fine" in outbox(settings)
+    assert invalid_details(settings)["essay"] == (
+        f"Viewed Product from Upstack: string at properties.ProductName is {len(essay.encode()):,} bytes in UTF-8 "
+        f"(max {MAX_STRING_BYTES:,} = 100 KB)")
+
+
+def test_one_order_line_beyond_a_limit_holds_back_the_whole_order(settings):
+    huge = dict(TEE, name="x" * 200_000)
+    run(settings, shopper_history() + [
+        returning("order", "Purchase", 0, {"value": 32.0, "order_id": "#9", "items": [MUG, huge]}),
+    ])
+    assert not [unique_id for unique_id in outbox(settings) if unique_id.startswith("order")]
+    detail = invalid_details(settings)["order"]
+    assert detail.startswith("Placed Order from Upstack: string at properties.ItemNames[1] is 200,000 bytes")
+    assert "Ordered Product from Upstack: string at properties.ProductName is 200,000 bytes" in detail
+
+
+def test_an_event_too_big_for_any_request_is_skipped_with_its_size(settings):
+    from upstack_pipeline.klaviyo.limits import MAX_BULK_REQUEST_BYTES
+
+    lines = [dict(MUG, id=f"p{i}", name=f"{i}" + "n" * 90_000) for i in range(30)]
+    run(settings, shopper_history() + [returning("hoard", "AddToCart", 0, {"value": 360.0, "items": lines})])
+    assert "hoard" not in outbox(settings)
+    assert re.search(rf"the event alone makes a request of [\d,]+ bytes \(max {MAX_BULK_REQUEST_BYTES:,} = 5 MB\)",
+                     invalid_details(settings)["hoard"])
+
+
+def test_a_number_json_cannot_carry_and_a_currency_that_is_no_code_are_skipped(settings):
+    run(settings, shopper_history() + [
+        returning("overflow", "AddToCart", 0, {"items": [dict(MUG, price=1e308, quantity=10)]}),
+        returning("dollars", "AddToCart", 1, {"value": 24.0, "currency": "US Dollar", "items": [MUG]}),
+        returning("lowercase", "AddToCart", 2, {"value": 24.0, "currency": " usd", "items": [MUG]}),
+    ])
+    details = invalid_details(settings)
+    assert "number at properties.Items[0].RowTotal is inf (JSON has no NaN or Infinity)" in details["overflow"]
+    assert details["dollars"] == ("Added to Cart from Upstack: value_currency 'US DOLLAR' is not a three-letter "
+                                  "ISO 4217 code")
+    assert outbox(settings)["lowercase"][2]["value_currency"] == "USD"
+
+
+def test_a_time_klaviyo_would_refuse_is_skipped_even_from_rows_ingestion_let_through(settings):
+    """Ingestion quarantines times before 2000 and far ahead; rows an older release ingested may not have been."""
+    import duckdb
+
+    write_events(settings.events_dir / "events.ndjson", shopper_history() + [
+        returning("epoch", "ViewContent", 0, {"items": [MUG]})])
+    ingest_events(settings, now=NOW)
+    resolve_identities(settings, now=NOW)
+    with duckdb.connect(str(settings.warehouse_path)) as connection:
+        connection.execute("update resolved_events set event_time = '1970-01-01 00:00:00+00' "
+                           "where event_id = 'epoch'")
+    map_events(settings, now=NOW)
+    assert invalid_details(settings)["epoch"] == (
+        "Viewed Product from Upstack: time 1970-01-01T00:00:00+00:00 is before 2000")
+
+
+def test_a_profile_string_too_long_is_dropped_with_a_note_and_the_event_still_goes(settings):
+    history = shopper_history()
+    history[0]["user_data"]["first_name"] = "J" * 150_000
+    run(settings, history + [returning("cart", "AddToCart", 0, {"value": 24.0, "items": [MUG]})])
+
+    assert "first_name" not in outbox(settings)["cart"][1]
+    assert outbox(settings)["cart"][1]["last_name"] == "Doe"
+    notes = dict(query(settings, "select unique_id, notes from klaviyo_outbox"))
+    assert notes["cart"] == ("dropped profile first_name (150,000 bytes): Klaviyo takes strings of at most 102,400 "
+                             "bytes and 102,400 bytes of strings per profile")

@@ -143,6 +143,10 @@ MISTAKES = {
         warehouse_from_a_newer_release, 2,
         stderr=r"^upstack sync: The warehouse .*warehouse\.duckdb has schema version \d+, but this release of "
                r"upstack-flows knows versions up to \d+.*Upgrade upstack-flows"),
+    "a_metric_template_over_klaviyos_length": Mistake(
+        sync_with(UPSTACK_METRIC_TEMPLATE=lambda settings, tmp_path: "{metric} recovered by " + "x" * 120), 2,
+        stderr=r"^upstack sync: UPSTACK_METRIC_TEMPLATE gives a metric name of 150 characters; Klaviyo takes fewer "
+               r"than 128"),
     "files_named_as_no_reader_takes": Mistake(
         landing_with_stray_files, 0,
         first_line=r"^upstack sync: run \w+ succeeded",
@@ -186,6 +190,22 @@ def test_events_wait_in_the_outbox_while_klaviyo_is_unreachable_and_go_once_it_i
         assert back.returncode == 0, back.stdout + back.stderr
         assert klaviyo.accepted_by_metric() == {"Viewed Product from Upstack": 1}
     assert query(settings, "select status from klaviyo_outbox") == [("delivered",)]
+
+
+def test_a_metric_template_with_an_apostrophe_runs_end_to_end_and_a_bad_one_writes_nothing(settings):
+    with_a_pending_event(settings)
+    refused = upstack("sync", env=environment(settings, UPSTACK_METRIC_TEMPLATE="Bob's {metric"))
+    assert refused.returncode == 2 and "UPSTACK_METRIC_TEMPLATE must contain {metric}" in refused.stderr
+    assert not settings.warehouse_path.exists()
+
+    with KlaviyoEmulator(api_key=KEY) as klaviyo:
+        synced = upstack("sync", env=environment(settings, KLAVIYO_API_KEY=KEY, KLAVIYO_BASE_URL=klaviyo.base_url,
+                                                 UPSTACK_METRIC_TEMPLATE="{metric} from Bob's «shop»"))
+        assert synced.returncode == 0, synced.stdout + synced.stderr
+        assert klaviyo.accepted_by_metric() == {"Viewed Product from Bob's «shop»": 1}
+        again = upstack("sync", env=environment(settings, KLAVIYO_API_KEY=KEY, KLAVIYO_BASE_URL=klaviyo.base_url,
+                                                UPSTACK_METRIC_TEMPLATE="{metric} from Bob's «shop»"))
+        assert again.returncode == 0, again.stdout + again.stderr  # the run after it works too
 
 
 def test_after_the_demo_the_dagster_ui_opens_on_its_runs_landing_folder_and_warehouse(tmp_path):

@@ -229,4 +229,8 @@ def set_variables(connection: duckdb.DuckDBPyConnection, variables: dict) -> Non
     """DuckDB session variables for the SQL files of a stage (read there with getvariable): unlike prepared
     parameters they reach every statement of a multi-statement file."""
     for name, value in variables.items():
-        connection.execute(f"set variable {name} = ?", [value])
+        if isinstance(value, dict):  # a MAP, looked up with getvariable(name)[key]
+            connection.execute(f"set variable {name} = map(?::varchar[], ?::varchar[])",
+                               [list(value), list(value.values())])
+        else:
+            connection.execute(f"set variable {name} = ?", [value])

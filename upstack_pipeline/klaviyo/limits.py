@@ -51,14 +51,16 @@ Bulk Import Profiles (`POST /api/profile-bulk-import-jobs`), schema `ProfileImpo
 
 Where the limits come from: the operation `bulk_create_events` says "Accepts up to 1,000 events per request. The
 maximum allowed payload size is 5MB. A single string cannot exceed 100KB."; event `properties` say "must not
-exceed 400 properties" (we keep the stricter 300 that our issue sets); the metric `name` "must be less than 128
+exceed 400 properties"; the metric `name` "must be less than 128
 characters"; `time` "must be after the year 1990 and can only be up to 1 year in the future" (we keep the
-stricter year 2000 that our issue sets); the operations ask for "at least one profile identifier"; the bulk
+stricter year 2000 that our issue sets); the operations ask for "at least one profile identifier"; Create Profile says "The maximum allowed sum of profile
+strings is 100KB" and Bulk Import Profiles "The maximum allowed payload size per-profile is 100KB"; the bulk
 `unique_id` says "If a unique_id is repeated for the same profile and metric, the request will fail and no events
 will be processed."
 
 All functions here are pure: no I/O, no clock (the caller passes `now`), and they never raise on a malformed
-payload (they report it), only on a naive `now`.
+payload (they report it), only on a naive `now`. The mapping runs them before a row enters the outbox, the emulator
+runs them on every request: one definition of what Klaviyo refuses.
 """
 
 from __future__ import annotations
@@ -73,8 +75,10 @@ MAX_EVENTS_PER_BULK_REQUEST = 1000
 # "5MB" and "100KB" in Klaviyo's prose; read as binary units, as our issue does.
 MAX_BULK_REQUEST_BYTES = 5 * 1024 * 1024
 MAX_STRING_BYTES = 100 * 1024
-# The spec's text says 400; our issue sets the stricter 300.
-MAX_PROPERTIES = 300
+# "The maximum allowed sum of profile strings is 100KB" (Create Profile; Bulk Import says 100KB per profile).
+MAX_PROFILE_STRINGS_BYTES = 100 * 1024
+# "Must not exceed 400 properties."
+MAX_PROPERTIES = 400
 # "Must be less than 128 characters."
 MAX_METRIC_NAME_CHARS = 127
 # An event's time must be on or after this instant (the spec says "after the year 1990"; the issue says 2000)...
@@ -124,8 +128,10 @@ def event_violations(
       Klaviyo refuses times before 1990 or more than a year ahead; a time before 2000 in our data is a bug
       (an epoch-0 or a swapped field), and a time without an offset would be read in a zone we did not choose.
     - the metric name is present and under 128 characters: Klaviyo refuses longer names.
-    - `properties` is an object with at most 300 top-level keys: Klaviyo documents a cap on properties per event.
-    - every string (values and keys, at any depth) is at most 100 KB in UTF-8: Klaviyo refuses larger strings.
+    - `properties` is an object with at most 400 top-level keys: Klaviyo documents a cap on properties per event.
+    - every string (values and keys, at any depth) is at most 100 KB in UTF-8: Klaviyo refuses larger strings;
+      the profile's strings together are at most 100 KB, Klaviyo's cap on a profile.
+    - every number is finite: JSON has no NaN or Infinity, so such a body cannot even be sent.
     - no key starts with `$`, in the event or the profile: those are the v1/v2 APIs' special properties; the
       current API has first-class fields for them (`value`, `unique_id`, `first_name`, ...) and does not map `$`
       keys onto those fields, so the data would land as odd custom properties instead of where we meant it.
@@ -232,9 +238,8 @@ def _event_only_violations(event_attributes: Any, now: datetime) -> list[str]:
         violations.append(f"properties has {len(properties)} top-level keys (max {MAX_PROPERTIES})")
 
     value = event_attributes.get("value")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                              or not math.isfinite(value)):
-        violations.append(f"value {value!r} is not a finite number")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        violations.append(f"value {value!r} is not a number")  # NaN and Infinity: see the walk below
     currency = event_attributes.get("value_currency")
     if currency is not None and not (isinstance(currency, str) and _CURRENCY.fullmatch(currency)):
         violations.append(f"value_currency {currency!r} is not a three-letter ISO 4217 code")
@@ -253,7 +258,54 @@ def _profile_violations(profile_attributes: Any, profile_id: Any = None) -> list
         violations.append(f"profile has no identifier (needs a non-empty one of {', '.join(PROFILE_IDENTIFIERS)}, "
                           "or a Klaviyo profile id)")
     violations += _string_and_key_violations(profile_attributes, "profile.data.attributes")
+    total = profile_strings_bytes(profile_attributes)
+    if total > MAX_PROFILE_STRINGS_BYTES:
+        violations.append(
+            f"profile strings total {total:,} bytes in UTF-8 (max {MAX_PROFILE_STRINGS_BYTES:,} = 100 KB)")
     return violations
+
+
+def profile_strings_bytes(profile_attributes: Any) -> int:
+    """What Klaviyo counts against a profile's 100 KB: its strings' UTF-8 bytes, keys included."""
+    return sum(len(text.encode("utf-8", "surrogatepass")) for _, kind, text in _walk(profile_attributes, "")
+               if kind in ("key", "string"))
+
+
+def fit_profile(profile_attributes: dict) -> tuple[dict, list[str]]:
+    """The profile without the strings Klaviyo would refuse, and a note for each one dropped.
+
+    Klaviyo refuses an event whose profile breaks a string limit, so a pasted essay in a name field would cost the
+    shopper's cart event. Dropping the field (longest first, until the profile fits) keeps the event; truncating
+    would send a wrong name. Identifiers are never dropped: without them the event has no one to belong to, and
+    `event_violations` reports the profile instead.
+    """
+    fitted = json.loads(json.dumps(profile_attributes))
+    notes: list[str] = []
+    droppable = sorted(
+        ((where, len(text.encode("utf-8", "surrogatepass"))) for where, kind, text in _walk(fitted, "")
+         if kind == "string" and where.split(".")[0].split("[")[0] not in PROFILE_IDENTIFIERS),
+        key=lambda entry: -entry[1])
+    for where, size in droppable:
+        too_long = size > MAX_STRING_BYTES
+        if not too_long and profile_strings_bytes(fitted) <= MAX_PROFILE_STRINGS_BYTES:
+            break
+        _drop(fitted, where)
+        notes.append(f"dropped profile {where} ({size:,} bytes): Klaviyo takes strings of at most "
+                     f"{MAX_STRING_BYTES:,} bytes and {MAX_PROFILE_STRINGS_BYTES:,} bytes of strings per profile")
+    return fitted, notes
+
+
+def _drop(attributes: dict, where: str) -> None:
+    """Removes the object key at dotted path `where`, then any object it leaves empty (an empty `location`)."""
+    keys = where.split(".")
+    parents = [attributes]
+    for key in keys[:-1]:
+        parents.append(parents[-1][key])
+    del parents[-1][keys[-1]]
+    for parent, key in zip(reversed(parents[:-1]), reversed(keys[:-1])):
+        if parent[key]:
+            break
+        del parent[key]
 
 
 def _time_violations(raw: Any, now: datetime) -> list[str]:
@@ -275,6 +327,9 @@ def _string_and_key_violations(value: Any, path: str) -> list[str]:
     violations: list[str] = []
     for where, kind, item in _walk(value, path):
         where = where if len(where) <= 200 else where[:200] + "..."
+        if kind == "number":
+            violations.append(f"number at {where or '(top)'} is {item} (JSON has no NaN or Infinity)")
+            continue
         if kind == "key" and item.startswith(LEGACY_KEY_PREFIX):
             violations.append(f"key {where} starts with {LEGACY_KEY_PREFIX!r} (a legacy v1/v2 special property)")
         size = len(item.encode("utf-8", "surrogatepass"))
@@ -285,9 +340,12 @@ def _string_and_key_violations(value: Any, path: str) -> list[str]:
 
 
 def _walk(value: Any, path: str) -> Iterator[tuple[str, str, str]]:
-    """Yields (path, "key" | "string", text) for every key and string value at any depth."""
+    """Yields (path, "key" | "string", text) for every key and string value at any depth, and (path, "number",
+    text) for every number JSON cannot carry (NaN, Infinity)."""
     if isinstance(value, str):
         yield path, "string", value
+    elif isinstance(value, float) and not math.isfinite(value):
+        yield path, "number", str(value)
     elif isinstance(value, dict):
         for key, item in value.items():
             key_text = key if isinstance(key, str) else str(key)

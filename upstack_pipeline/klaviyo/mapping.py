@@ -6,13 +6,16 @@ sets its parameters, reports what it did, and turns outbox rows into the request
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import groupby
 from typing import Iterable, Mapping
 
 import duckdb
 
-from upstack_pipeline.settings import PIXEL_TO_KLAVIYO_METRIC, DestinationSettings, Settings
+from upstack_pipeline.klaviyo import limits
+from upstack_pipeline.settings import ORDER_LINE_METRIC, PIXEL_TO_KLAVIYO_METRIC, DestinationSettings, Settings
 from upstack_pipeline.warehouse import Warehouse, read_sql, set_variables
 
 SKIP_REASONS = ("disabled_event", "no_consent", "unresolved", "native_identified", "profile_creation_disabled",
@@ -20,8 +23,8 @@ SKIP_REASONS = ("disabled_event", "no_consent", "unresolved", "native_identified
 # The properties without which a metric's flow templates render empty: checked on every outbox row.
 KEY_PROPERTIES = {
     "Viewed Product": ("ProductID", "ProductName"),
-    "Added to Cart": ("AddedItemProductID", "CartValue", "Items"),
-    "Started Checkout": ("CartValue", "Items"),
+    "Added to Cart": ("AddedItemProductID", "CartValue", "Items", "CheckoutURL"),
+    "Started Checkout": ("CartValue", "Items", "CheckoutURL"),
     "Placed Order": ("OrderID", "Revenue", "Items"),
     "Ordered Product": ("OrderID", "ProductID"),
 }
@@ -41,6 +44,7 @@ def map_events(settings: Settings, *, now: datetime) -> MappingRun:
         _set_variables(connection, settings.destination, now)
         before = _counts(connection)
         connection.execute(read_sql("klaviyo_outbox"))
+        _review_rows_near_the_limits(connection, now)
         decided = connection.execute("select count(*) from decisions").fetchone()[0]
         after = _counts(connection)
         connection.commit()
@@ -48,18 +52,78 @@ def map_events(settings: Settings, *, now: datetime) -> MappingRun:
 
 
 def _set_variables(connection: duckdb.DuckDBPyConnection, destination: DestinationSettings, now: datetime) -> None:
+    names = destination.metric_names
     variables = {
         "now": now,
         "send_mode": destination.send_mode,
-        "metric_name_template": destination.metric_name_template,
+        "metric_names": {event: names[metric] for event, metric in PIXEL_TO_KLAVIYO_METRIC.items()},
+        "order_line_metric_name": names[ORDER_LINE_METRIC],
         "enabled_events": list(destination.enabled_events),
         "create_profiles": destination.create_profiles,
         "update_profiles": destination.update_profiles,
         "respect_consent": destination.respect_consent,
         "max_event_age": destination.max_event_age,
         "hold_back": destination.hold_back,
+        "max_string_bytes": limits.MAX_STRING_BYTES,
+        "max_profile_strings_bytes": limits.MAX_PROFILE_STRINGS_BYTES,
+        "max_properties": limits.MAX_PROPERTIES,
+        "max_metric_name_chars": limits.MAX_METRIC_NAME_CHARS,
+        "earliest_event_time": limits.EARLIEST_EVENT_TIME,
+        "latest_event_time": limits.latest_event_time(now),
+        "profile_identifiers": list(limits.PROFILE_IDENTIFIERS),
     }
     set_variables(connection, variables)
+
+
+def _review_rows_near_the_limits(connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
+    """Judges the rows `klaviyo_outbox.sql` left out as possibly beyond Klaviyo's limits, with the checks the
+    emulator runs (`limits`): a profile string too long is dropped with a note and the event goes; an event that
+    still breaks a limit is skipped as `invalid` with what broke, so it never reaches Klaviyo to be refused along
+    with the rest of its request. All rows of a pixel event share one verdict: an order is not sent in part.
+
+    Python, not SQL, because it walks each payload; the SQL's bound keeps this to the rare row that needs it.
+    """
+    rows = connection.execute("""
+        select unique_id, event_id, event_name, metric_name, profile_key, profile, event, backfill
+        from mapped where needs_review order by event_id, unique_id
+    """).fetchall()
+    accepted, skipped = [], []
+    for event_id, event_rows in groupby(rows, key=lambda row: row[1]):
+        event_rows = list(event_rows)
+        fitted, problems = [], []
+        for unique_id, _, event_name, metric_name, profile_key, profile, event, backfill in event_rows:
+            profile, notes = limits.fit_profile(json.loads(profile))
+            row = OutboxRow(unique_id, profile_key, profile, json.loads(event))
+            problems += [f"{metric_name}: {problem}" for problem in _limit_violations(row, now)]
+            fitted.append([unique_id, event_id, event_name, metric_name, profile_key, json.dumps(profile),
+                           json.dumps(row.event), backfill, "; ".join(notes) or None])
+        if problems:
+            shown = problems[:3] + ([f"and {len(problems) - 3} more"] if len(problems) > 3 else [])
+            skipped.append([event_id, event_rows[0][2], "invalid", "; ".join(shown), now])
+        else:
+            accepted += fitted
+    if accepted:
+        connection.executemany("""
+            insert into klaviyo_outbox (unique_id, event_id, event_name, metric_name, profile_key, profile, event,
+                                        backfill, status, created_at, notes)
+            values (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?) on conflict do nothing
+        """, [row[:8] + [now, row[8]] for row in accepted])
+    if skipped:
+        connection.executemany("insert into klaviyo_skipped values (?, ?, ?, ?, ?)", skipped)
+
+
+def _limit_violations(row: OutboxRow, now: datetime) -> list[str]:
+    """What Klaviyo would refuse in this row sent on its own: the limits on the event and its profile, and the
+    request size, since a row over 5 MB could never be sent in any request."""
+    violations = limits.event_violations(row.event, row.profile, now=now)
+    try:
+        size = len(limits.encode_body(bulk_create_body([row])))
+    except ValueError:
+        return violations  # NaN or Infinity, already named by event_violations
+    if size > limits.MAX_BULK_REQUEST_BYTES:
+        violations.append(f"the event alone makes a request of {size:,} bytes "
+                          f"(max {limits.MAX_BULK_REQUEST_BYTES:,} = 5 MB)")
+    return violations
 
 
 def _counts(connection: duckdb.DuckDBPyConnection) -> tuple[int, int]:
@@ -130,14 +194,10 @@ class MappingOverview:
 def overview(settings: Settings, *, now: datetime) -> MappingOverview:
     destination = settings.destination
     names = destination.metric_names
-    missing_key = " or ".join(
-        f"(metric_name = '{names[metric]}' and ("
-        + " or ".join(f"json_extract(event, '$.properties.{key}') is null "
-                      f"or json_type(event, '$.properties.{key}') = 'NULL'" for key in keys)
-        + "))"
-        for metric, keys in KEY_PROPERTIES.items()
-    )
-    money = ", ".join(f"'{names[metric]}'" for metric in MONEY_METRICS)
+    # Metric names are settings: they reach SQL as bound values only, whatever characters the template holds.
+    required = {"metric_name": [names[metric] for metric in KEY_PROPERTIES],
+                "keys": [list(keys) for keys in KEY_PROPERTIES.values()]}
+    money_metrics = [names[metric] for metric in MONEY_METRICS]
     with Warehouse(settings.warehouse_path).connect() as connection:
         def pairs(query: str) -> dict:
             return dict(connection.execute(query).fetchall())
@@ -166,10 +226,15 @@ def overview(settings: Settings, *, now: datetime) -> MappingOverview:
             decided_twice=connection.execute(
                 "select count(distinct event_id) from klaviyo_outbox semi join klaviyo_skipped using (event_id)"
             ).fetchone()[0],
-            rows_missing_key_properties=connection.execute(
-                f"select count(*) from klaviyo_outbox where {missing_key}").fetchone()[0],
+            rows_missing_key_properties=connection.execute("""
+                select count(*)
+                from klaviyo_outbox join (select unnest(?::varchar[]) as metric_name, unnest(?::varchar[][]) as keys)
+                    using (metric_name)
+                where len(list_filter(keys, lambda key:
+                    coalesce(json_type(event, '$.properties.' || key), 'NULL') = 'NULL')) > 0
+            """, [required["metric_name"], required["keys"]]).fetchone()[0],
             money_rows_without_numeric_value=connection.execute(
-                f"select count(*) from klaviyo_outbox where metric_name in ({money}) "
-                "and coalesce(json_type(event, '$.value'), 'NULL') not in ('DOUBLE', 'BIGINT', 'UBIGINT')"
-            ).fetchone()[0],
+                "select count(*) from klaviyo_outbox where list_contains(?::varchar[], metric_name) "
+                "and coalesce(json_type(event, '$.value'), 'NULL') not in ('DOUBLE', 'BIGINT', 'UBIGINT')",
+                [money_metrics]).fetchone()[0],
         )
