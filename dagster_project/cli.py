@@ -26,6 +26,7 @@ from upstack_pipeline.klaviyo.client import (
     KlaviyoUnavailableError,
     check_key,
 )
+from upstack_pipeline.klaviyo.flows import render_backup_flows_guide
 from upstack_pipeline.landing import check_landing_folder
 from upstack_pipeline.replay import ReplayStep, replay
 from upstack_pipeline.settings import Settings
@@ -316,6 +317,8 @@ def parser() -> argparse.ArgumentParser:
     klaviyo_parser = commands.add_parser("klaviyo", help="Klaviyo account tools")
     klaviyo_commands = klaviyo_parser.add_subparsers(dest="klaviyo_command", required=True)
     klaviyo_commands.add_parser("check-key", help="check KLAVIYO_API_KEY and its scopes (never prints the key)")
+    klaviyo_commands.add_parser("flows", help="print how to set up the backup flows in Klaviyo for the configured "
+                                              "metric names (no key, no network)")
 
     emulator_parser = commands.add_parser("klaviyo-emulator", help="serve the local Klaviyo emulator")
     emulator_parser.add_argument("--port", type=int, default=8787)
@@ -345,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sync":
             return command_sync(settings)
         if args.command == "klaviyo":
+            if args.klaviyo_command == "flows":
+                print(render_backup_flows_guide(settings.destination))
+                return 0
             return command_check_key(settings)
         if args.command == "evaluate":
             if args.sweep:
