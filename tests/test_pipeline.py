@@ -192,15 +192,15 @@ def test_summaries_say_one_of_a_thing_in_the_singular():
     from upstack_pipeline.identity import IdentityOverview
     from upstack_pipeline.ingestion import IngestReport, TableOverview
     from upstack_pipeline.klaviyo.delivery import DeliveryRun
-    from upstack_pipeline.klaviyo.mapping import MappingOverview
+    from upstack_pipeline.klaviyo.mapping import MappingOverview, MappingRun
 
     one_each = [
         ingestion_summary(IngestReport("events", files_read=1, ingested_rows=1, duplicate_rows=1,
                                        changed_files=["a"], ignored_files=["b"]),
                           TableOverview(1, 0, {}, pl.DataFrame(), pl.DataFrame())),
         delivery_metadata(DeliveryRun(configured=True, delivered=1, requests=1, delivered_backfill=1))["summary"],
-        payload_metadata(1, 1, MappingOverview({"Viewed Product from Upstack": 1}, {"unresolved": 1}, 1, {}, 0, 0, 0,
-                                               0))["summary"],
+        payload_metadata(MappingRun(1, 1, 1, 0), MappingOverview({"Viewed Product from Upstack": 1}, {"unresolved": 1},
+                                                                 1, {}, 0, 0, 0, 0, {}))["summary"],
         resolved_events_metadata(1, IdentityOverview(1, 1, {}, {}, 1, 1, 1, pl.DataFrame(), {}, pl.DataFrame(), 0,
                                                      0))["summary"],
     ]

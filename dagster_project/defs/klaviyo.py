@@ -5,7 +5,7 @@ import dagster as dg
 from dagster_project.metadata import percent, plural
 from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
 from upstack_pipeline.klaviyo.delivery import DeliveryRun, deliver, stale_pending_rows
-from upstack_pipeline.klaviyo.mapping import MappingOverview, map_events, overview
+from upstack_pipeline.klaviyo.mapping import MappingOverview, MappingRun, map_events, overview
 
 mapping_checks = [
     dg.AssetCheckSpec("every_commerce_event_decided", asset="klaviyo_payloads", blocking=True,
@@ -31,7 +31,7 @@ def klaviyo_payloads(upstack: UpstackResource):
     now = upstack.now()
     run = map_events(settings, now=now)
     state = overview(settings, now=now)
-    yield dg.MaterializeResult(metadata=payload_metadata(run.outbox_rows, run.skipped, state))
+    yield dg.MaterializeResult(metadata=payload_metadata(run, state))
     yield dg.AssetCheckResult(
         check_name="every_commerce_event_decided",
         passed=state.undecided_idle_events == 0 and state.decided_twice == 0,
@@ -46,18 +46,21 @@ def klaviyo_payloads(upstack: UpstackResource):
     )
 
 
-def payload_metadata(outbox_rows: int, skipped: int, state: MappingOverview) -> dict:
+def payload_metadata(run: MappingRun, state: MappingOverview) -> dict:
     per_metric = ", ".join(f"{metric} {count:,}" for metric, count in state.outbox_by_metric.items()) or "none"
     per_reason = ", ".join(f"{reason} {count:,}" for reason, count in state.skipped_by_reason.items()) or "none"
     return {
         "summary": dg.MetadataValue.text(
-            f"{plural(outbox_rows, 'Klaviyo event')} queued, {plural(skipped, 'commerce event')} skipped this run; "
-            f"{state.held_back:,} wait for their session to go idle. Outbox: {per_metric}. Skipped: {per_reason}"),
+            f"{plural(run.outbox_rows, 'Klaviyo event')} queued, {plural(run.skipped, 'commerce event')} skipped "
+            f"this run; {state.held_back:,} wait for their session to go idle. Outbox: {per_metric}. "
+            f"Skipped: {per_reason}"),
         "dagster/row_count": sum(state.outbox_by_metric.values()),
-        "outbox_rows_this_run": outbox_rows,
-        "skipped_this_run": skipped,
+        "outbox_rows_this_run": run.outbox_rows,
+        "skipped_this_run": run.skipped,
+        "reviewed_for_klaviyo_limits_this_run": run.reviewed_for_limits,
         "outbox_by_metric": dg.MetadataValue.json(state.outbox_by_metric),
         "skipped_by_reason": dg.MetadataValue.json(state.skipped_by_reason),
+        "cart_links_by_source": dg.MetadataValue.json(state.cart_links_by_source),
         "held_back": state.held_back,
         "raw_events_by_name": dg.MetadataValue.json(state.raw_events_by_name),
     }

@@ -36,6 +36,7 @@ class MappingRun:
     events_decided: int
     outbox_rows: int
     skipped: int
+    reviewed_for_limits: int  # events past the SQL's bound of Klaviyo's limits, judged one by one
 
 
 def map_events(settings: Settings, *, now: datetime) -> MappingRun:
@@ -44,11 +45,12 @@ def map_events(settings: Settings, *, now: datetime) -> MappingRun:
         _set_variables(connection, settings.destination, now)
         before = _counts(connection)
         connection.execute(read_sql("klaviyo_outbox"))
-        _review_rows_near_the_limits(connection, now)
+        reviewed = _review_rows_near_the_limits(connection, now)
         decided = connection.execute("select count(*) from decisions").fetchone()[0]
         after = _counts(connection)
         connection.commit()
-    return MappingRun(events_decided=decided, outbox_rows=after[0] - before[0], skipped=after[1] - before[1])
+    return MappingRun(events_decided=decided, outbox_rows=after[0] - before[0], skipped=after[1] - before[1],
+                      reviewed_for_limits=reviewed)
 
 
 def _set_variables(connection: duckdb.DuckDBPyConnection, destination: DestinationSettings, now: datetime) -> None:
@@ -75,7 +77,7 @@ def _set_variables(connection: duckdb.DuckDBPyConnection, destination: Destinati
     set_variables(connection, variables)
 
 
-def _review_rows_near_the_limits(connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
+def _review_rows_near_the_limits(connection: duckdb.DuckDBPyConnection, now: datetime) -> int:
     """Judges the rows `klaviyo_outbox.sql` left out as possibly beyond Klaviyo's limits, with the checks the
     emulator runs (`limits`): a profile string too long is dropped with a note and the event goes; an event that
     still breaks a limit is skipped as `invalid` with what broke, so it never reaches Klaviyo to be refused along
@@ -110,6 +112,7 @@ def _review_rows_near_the_limits(connection: duckdb.DuckDBPyConnection, now: dat
         """, [row[:8] + [now, row[8]] for row in accepted])
     if skipped:
         connection.executemany("insert into klaviyo_skipped values (?, ?, ?, ?, ?)", skipped)
+    return len({row[1] for row in rows})
 
 
 def _limit_violations(row: OutboxRow, now: datetime) -> list[str]:
@@ -189,6 +192,8 @@ class MappingOverview:
     decided_twice: int  # must be 0: an event is in the outbox or skipped, never both
     rows_missing_key_properties: int  # must be 0
     money_rows_without_numeric_value: int  # must be 0
+    # How cart events link back to the cart: mostly `cart_page` means the pixel's lines name no variant id.
+    cart_links_by_source: dict[str, int]
 
 
 def overview(settings: Settings, *, now: datetime) -> MappingOverview:
@@ -237,4 +242,7 @@ def overview(settings: Settings, *, now: datetime) -> MappingOverview:
                 "select count(*) from klaviyo_outbox where list_contains(?::varchar[], metric_name) "
                 "and coalesce(json_type(event, '$.value'), 'NULL') not in ('DOUBLE', 'BIGINT', 'UBIGINT')",
                 [money_metrics]).fetchone()[0],
+            cart_links_by_source=pairs(
+                "select event->>'$.properties.upstack_checkout_url_source' as source, count(*) from klaviyo_outbox "
+                "where source is not null group by 1 order by 2 desc"),
         )
