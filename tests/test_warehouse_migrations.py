@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -285,6 +286,30 @@ def test_a_first_release_warehouse_is_upgraded_in_place_keeps_every_row_and_sync
     assert query(settings, "select upstack_id from identities where email = 'jane@gmail.com'") == [(JANE_ID,)]
     assert query(settings, "select count(*), max(load_id) from raw_events") == [(4, 3)]
     assert query(settings, "select max(version) from warehouse_schema_version") == [(SCHEMA_VERSION,)]
+
+
+def test_cart_events_queued_without_a_cart_link_are_mapped_again_after_the_upgrade(settings):
+    """Release 1 queued carts without CheckoutURL: one not yet sent is withdrawn and queued again with its link.
+    (Delivered ones stay as they were, and the completeness check looks only at what is still to send: the test
+    above syncs after the upgrade.)"""
+    from upstack_pipeline.klaviyo.mapping import map_events, overview
+
+    create_release_1_warehouse(settings.warehouse_path)
+    with duckdb.connect(str(settings.warehouse_path)) as connection:
+        connection.execute("update klaviyo_outbox set status = 'pending', claimed_at = null, delivered_at = null "
+                           "where event_id = 'jane-cart'")
+    with Warehouse(settings.warehouse_path).connect():
+        pass
+    assert query(settings, "select count(*) from klaviyo_outbox where event_id = 'jane-cart'") == [(0,)]
+
+    everything = replace(settings, destination=replace(settings.destination, send_mode="all"))
+    map_events(everything, now=NOW)
+
+    assert overview(everything, now=NOW).rows_missing_key_properties == 0
+    [(link, source)] = query(settings, "select event->>'$.properties.CheckoutURL', "
+                                       "event->>'$.properties.upstack_checkout_url_source' from klaviyo_outbox "
+                                       "where event_id = 'jane-cart'")
+    assert (link, source) == ("https://acme.myshopify.com/cart", "cart_page")
 
 
 @pytest.mark.parametrize("built_by", ["3a63024", "d016ccf"])

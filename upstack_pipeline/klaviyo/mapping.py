@@ -190,6 +190,7 @@ class MappingOverview:
     raw_events_by_name: dict[str, int]  # every name the pixel sent, mapped or not: nothing disappears unseen
     undecided_idle_events: int  # must be 0: idle sessions' events are all decided
     decided_twice: int  # must be 0: an event is in the outbox or skipped, never both
+    # Of the rows still to send (delivered ones are history, mapped by the release of their day):
     rows_missing_key_properties: int  # must be 0
     money_rows_without_numeric_value: int  # must be 0
     # How cart events link back to the cart: mostly `cart_page` means the pixel's lines name no variant id.
@@ -235,11 +236,12 @@ def overview(settings: Settings, *, now: datetime) -> MappingOverview:
                 select count(*)
                 from klaviyo_outbox join (select unnest(?::varchar[]) as metric_name, unnest(?::varchar[][]) as keys)
                     using (metric_name)
-                where len(list_filter(keys, lambda key:
+                where status in ('pending', 'claimed') and len(list_filter(keys, lambda key:
                     coalesce(json_type(event, '$.properties.' || key), 'NULL') = 'NULL')) > 0
             """, [required["metric_name"], required["keys"]]).fetchone()[0],
             money_rows_without_numeric_value=connection.execute(
-                "select count(*) from klaviyo_outbox where list_contains(?::varchar[], metric_name) "
+                "select count(*) from klaviyo_outbox where status in ('pending', 'claimed') "
+                "and list_contains(?::varchar[], metric_name) "
                 "and coalesce(json_type(event, '$.value'), 'NULL') not in ('DOUBLE', 'BIGINT', 'UBIGINT')",
                 [money_metrics]).fetchone()[0],
             cart_links_by_source=pairs(
