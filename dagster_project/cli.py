@@ -133,7 +133,7 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
     refuse_beside_a_running_daemon(instance)
     start_demo_over(Path(args.dir), settings.landing_dir, settings.warehouse_path)
     simulation = Path(args.dir) / "simulation"
-    summary = simulate(simulation, visitors=args.visitors, days=args.days, seed=args.seed)
+    summary = simulate(simulation, visitors=args.visitors, days=args.days, seed=args.seed, end=args.end)
     print(
         f"Simulated {summary.people:,} shoppers over {args.days} days: {summary.events:,} events in "
         f"{plural(summary.event_files, 'file')}, with {summary.duplicate_lines:,} pixel retries and "
@@ -332,6 +332,9 @@ def parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--live-days", type=int, default=14,
                              help="the last days, synced one at a time (the earlier ones arrive together)")
     demo_parser.add_argument("--seed", type=int, default=7)
+    demo_parser.add_argument("--end", type=datetime.fromisoformat, default=None,
+                             help="when the traffic ends, ISO 8601 with offset (default: this hour); the same "
+                                  "end and seed give the same demo")
     return top
 
 

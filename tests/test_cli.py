@@ -41,8 +41,9 @@ def count(pattern: str, text: str) -> int:
 
 def test_demo_simulates_replays_day_by_day_and_prints_a_summary_that_adds_up(tmp_path):
     demo = Settings(landing_dir=tmp_path / "landing", warehouse_path=tmp_path / "warehouse.duckdb")
-    completed = upstack("demo", "--dir", str(tmp_path / "demo"), "--visitors", "400", "--days", "4",
-                        "--live-days", "2", env=environment(demo))
+    # A fixed end: the same world whatever today's date (a small world ending this hour may send nothing).
+    completed = upstack("demo", "--dir", str(tmp_path / "demo"), "--visitors", "1000", "--days", "21",
+                        "--live-days", "2", "--end", "2026-11-28T00:00:00+00:00", env=environment(demo))
 
     assert completed.returncode == 0, completed.stderr
     out = completed.stdout
