@@ -11,12 +11,19 @@
 -- Leaves `mapped` behind: the rows beyond a cheap bound of Klaviyo's limits (`needs_review`) are not inserted
 -- here; upstack_pipeline/klaviyo/mapping.py judges them with the exact checks the emulator runs.
 
--- Shopify's variant id of a pixel line item: in `variant` (a number or a ProductVariant GID), in `id` as a
--- ProductVariant GID, or in the product link's `?variant=` (Shopify's storefront links carry it).
+-- Shopify's variant id of a pixel line item: the product link's `?variant=` (Shopify's storefront links carry
+-- it), or a ProductVariant GID in `variant` or `id`. A bare number in `variant` is not taken: it is as likely a
+-- variant title (a shoe size, "42") as an id, and a wrong id makes a link to a broken cart.
 create or replace temp macro shopify_variant_id(item) as coalesce(
-    nullif(regexp_extract(item.variant, '^(?:gid://shopify/ProductVariant/)?([0-9]+)$', 1), ''),
-    nullif(regexp_extract(item.id, '^gid://shopify/ProductVariant/([0-9]+)$', 1), ''),
-    nullif(regexp_extract(item.url, '[?&]variant=([0-9]+)', 1), ''));
+    nullif(regexp_extract(item.url, '[?&]variant=([0-9]+)', 1), ''),
+    nullif(regexp_extract(item.variant, '^gid://shopify/ProductVariant/([0-9]+)$', 1), ''),
+    nullif(regexp_extract(item.id, '^gid://shopify/ProductVariant/([0-9]+)$', 1), ''));
+
+-- A quantity a cart permalink can carry: a whole number of at least one that fits Shopify's 32-bit Int.
+create or replace temp macro cart_quantity(item) as
+    case when coalesce(item.quantity, 1) between 1 and 2147483647
+              and coalesce(item.quantity, 1) = floor(coalesce(item.quantity, 1))
+         then coalesce(item.quantity, 1)::bigint end;
 
 -- `<variant id>:<quantity>,...`, the path of a Shopify cart permalink: a variant on two lines adds up.
 create or replace temp macro cart_permalink_path(variant_ids, quantities) as array_to_string(
@@ -109,15 +116,16 @@ from (
         -- a cart permalink, which rebuilds the whole cart on any device, when every line names its variant and a
         -- whole quantity; else the shop's cart page.
         case
-            when regexp_matches(custom_data.checkout_url, '^https?://[^\s]+$')
+            -- only a link to the shop itself: an email must not send shoppers wherever a pixel line says
+            when regexp_full_match(custom_data.checkout_url, 'https?://[^\s/?#]+[/?#][^\s]*')
+                and shop_host(null, custom_data.checkout_url) in (shop_host, shop_host(null, event_source_url))
                 then {'url': custom_data.checkout_url, 'source': 'pixel_checkout_url'}
             when shop_host is not null and len(custom_data.items) > 0
-                and len(list_filter(custom_data.items, lambda item: shopify_variant_id(item) is null
-                    or coalesce(item.quantity, 1) < 1 or coalesce(item.quantity, 1) <> floor(coalesce(item.quantity, 1))
-                )) = 0
+                and len(list_filter(custom_data.items,
+                                    lambda item: shopify_variant_id(item) is null or cart_quantity(item) is null)) = 0
                 then {'url': 'https://' || shop_host || '/cart/' || cart_permalink_path(
                           [shopify_variant_id(item) for item in custom_data.items],
-                          [coalesce(item.quantity, 1) for item in custom_data.items]),
+                          [cart_quantity(item) for item in custom_data.items]),
                       'source': 'cart_permalink'}
             when shop_host is not null then {'url': 'https://' || shop_host || '/cart', 'source': 'cart_page'}
         end as cart_link
@@ -251,8 +259,9 @@ select
         or event_time < getvariable('earliest_event_time') or event_time >= getvariable('latest_event_time')
         or contains(event, '"$') or contains(profile, '"$') or contains(event, 'Infinity') or contains(event, 'NaN')
         or not regexp_full_match(coalesce(event->>'$.value_currency', 'USD'), '[A-Z]{3}')
+        -- an identifier without a letter or digit may be all whitespace, which DuckDB's trim does not all remove
         or len(list_filter(getvariable('profile_identifiers'), lambda identifier:
-               trim(coalesce(json_extract_string(profile, '$.' || identifier), '')) <> '')) = 0
+               regexp_matches(json_extract_string(profile, '$.' || identifier), '\w'))) = 0
     ) over (partition by event_id) as needs_review
 from (
     select
@@ -270,9 +279,10 @@ from (
     from klaviyo_events
 );
 
-insert into klaviyo_outbox
+insert into klaviyo_outbox (unique_id, event_id, event_name, metric_name, profile_key, profile, event, backfill,
+                            status, created_at)
 select unique_id, event_id, event_name, metric_name, profile_key, profile, event, backfill, 'pending',
-       getvariable('now'), null as claimed_at, null as delivered_at, null as notes
+       getvariable('now')
 from mapped
 where not needs_review
 on conflict do nothing;

@@ -369,16 +369,24 @@ def test_a_cart_event_links_to_the_pixels_checkout_once_a_checkout_exists(settin
         returning("cart", "AddToCart", 0, {"value": 24.0, "items": [MUG],
                                            "checkout_url": "https://acme.myshopify.com/checkouts/cn/Z9"}),
         returning("relative", "AddToCart", 1, {"value": 24.0, "items": [MUG], "checkout_url": "/checkouts/cn/Z9"}),
+        returning("elsewhere", "AddToCart", 2, {"value": 24.0, "items": [MUG],
+                                                "checkout_url": "https://acme.myshopify.com.evil.example/c"}),
+        returning("on-the-page", "InitiateCheckout", 3, {"value": 24.0, "items": [MUG],
+                                                         "checkout_url": "https://shop.acme.com/checkouts/cn/Z9"},
+                  event_source_url="https://shop.acme.com/cart"),
     ])
     assert cart_link(settings, "cart") == ("https://acme.myshopify.com/checkouts/cn/Z9", "pixel_checkout_url")
-    # an email needs an absolute link: a relative one is passed over for the cart page
+    # an email needs an absolute link to the shop: a relative one, or one to another site, is passed over
     assert cart_link(settings, "relative") == ("https://acme.myshopify.com/cart", "cart_page")
+    assert cart_link(settings, "elsewhere") == ("https://acme.myshopify.com/cart", "cart_page")
+    # the shop's own domain, where the shopper was, is the shop too
+    assert cart_link(settings, "on-the-page") == ("https://shop.acme.com/checkouts/cn/Z9", "pixel_checkout_url")
 
 
 def test_without_a_checkout_the_cart_is_rebuilt_from_its_variant_ids_and_quantities(settings):
     by_link = dict(MUG, url="https://acme.myshopify.com/products/mug?variant=4401&ref=x", quantity=2)
-    by_number = dict(TEE, variant="4402", quantity=1)
-    by_gid = {"id": "gid://shopify/ProductVariant/4403", "name": "Cap", "price": 9.0}
+    by_number = dict(TEE, variant="gid://shopify/ProductVariant/4402", quantity=1)
+    by_gid = {"id": "gid://shopify/ProductVariant/4403", "name": "Cap", "price": 9.0, "variant": "42"}
     run(settings, shopper_history() + [
         # the line just added first, then the cart before it: the Mug was already there once
         returning("cart", "AddToCart", 0, {"value": 77.0, "items": [by_link, by_number, by_gid, dict(by_link,
@@ -391,13 +399,16 @@ def test_without_a_checkout_the_cart_is_rebuilt_from_its_variant_ids_and_quantit
 
 
 def test_a_cart_whose_lines_do_not_all_name_a_variant_links_to_the_shops_cart_page(settings):
+    variant = "gid://shopify/ProductVariant/4401"
     run(settings, shopper_history() + [
         returning("titles", "AddToCart", 0, {"value": 24.0, "items": [MUG]}),  # variant "Blue": a title, not an id
-        returning("half", "AddToCart", 1, {"value": 44.0, "items": [dict(MUG, variant="4401"), TEE]}),
-        returning("fraction", "AddToCart", 2, {"value": 6.0, "items": [dict(MUG, variant="4401", quantity=0.5)]}),
-        returning("no-shop", "AddToCart", 3, {"value": 24.0, "items": [MUG]}, shop="Acme Store"),
+        returning("size", "AddToCart", 1, {"value": 24.0, "items": [dict(MUG, variant="42")]}),  # a title too
+        returning("half", "AddToCart", 2, {"value": 44.0, "items": [dict(MUG, variant=variant), TEE]}),
+        returning("fraction", "AddToCart", 3, {"value": 6.0, "items": [dict(MUG, variant=variant, quantity=0.5)]}),
+        returning("hoard", "AddToCart", 4, {"value": 6.0, "items": [dict(MUG, variant=variant, quantity=1e19)]}),
+        returning("no-shop", "AddToCart", 5, {"value": 24.0, "items": [MUG]}, shop="Acme Store"),
     ])
-    for event_id in ("titles", "half", "fraction"):
+    for event_id in ("titles", "size", "half", "fraction", "hoard"):
         assert cart_link(settings, event_id) == ("https://acme.myshopify.com/cart", "cart_page"), event_id
     # `shop` is not a domain: the page the shopper was on names it
     assert cart_link(settings, "no-shop") == ("https://acme.myshopify.com/cart", "cart_page")
@@ -508,3 +519,15 @@ def test_a_profile_string_too_long_is_dropped_with_a_note_and_the_event_still_go
     notes = dict(query(settings, "select unique_id, notes from klaviyo_outbox"))
     assert notes["cart"] == ("dropped profile first_name (150,000 bytes): Klaviyo takes strings of at most 102,400 "
                              "bytes and 102,400 bytes of strings per profile")
+
+
+def test_an_identifier_of_whitespace_alone_is_no_identifier_and_the_event_is_not_sent(settings):
+    tab = make_event("tab-kx", event_name="ViewContent", anonymous_id="phone", session_id="phone-1",
+                     event_time=at(0), event_source_url="https://acme.myshopify.com/?_kx=%09",
+                     user_data={"klaviyo_identified": False}, custom_data={"items": [MUG]})
+    run(settings, [tab])
+
+    # identity takes the tab as a _kx (left for identity's token rules); the mapping's check of Klaviyo's limits
+    # is what keeps the profile without an identifier from being sent
+    assert "tab-kx" not in outbox(settings)
+    assert invalid_details(settings)["tab-kx"].startswith("Viewed Product from Upstack: profile has no identifier")

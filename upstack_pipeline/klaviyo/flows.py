@@ -21,7 +21,7 @@ from datetime import timedelta
 
 from upstack_pipeline.settings import PIXEL_TO_KLAVIYO_METRIC, DestinationSettings
 
-# UTM convention of the backup flows' links. Recovered revenue is counted from the pixel's landing URLs
+# UTM convention of the backup flows' links. Recovered revenue is to be counted from the pixel's landing URLs
 # (`event_source_url`): a session that lands with utm_campaign starting with BACKUP_UTM_CAMPAIGN_PREFIX came from a
 # backup email. Source and medium are the values Klaviyo's own defaults give email, lower-cased, so the store's
 # analytics still file these visits under email; the campaign is what tells a backup email from a native one.
@@ -106,11 +106,12 @@ def render_backup_flows_guide(destination: DestinationSettings) -> str:
     def code(name: str) -> str:
         return f"`{name}`"
 
+    shopify_order = code(NATIVE_METRIC["Placed Order"])
     blocks = [
         "Klaviyo's native abandonment flows reach only the shoppers Klaviyo identifies itself. upstack sends the "
         "others' actions to Klaviyo through its API, and a backup flow beside each native flow emails them. Events "
         "sent through the API make metrics of their own, apart from Shopify's even where the words match: "
-        f"{code(ours['Placed Order'])} is not Shopify's {code('Placed Order')}. Start backup flows on ours; stop "
+        f"{code(ours['Placed Order'])} is not Shopify's {shopify_order}. Start backup flows on ours; stop "
         "them on Shopify's (the metrics with the Shopify icon). Each of ours shows up in Klaviyo once upstack has "
         "sent its first event.",
     ]
@@ -151,7 +152,7 @@ def render_backup_flows_guide(destination: DestinationSettings) -> str:
         "every email), joined by AND. Each exit condition goes in twice: zero times since starting this flow, and "
         f"zero times in the last {days}. Our event reaches Klaviyo up to {_duration(slowest)} after the shopper "
         "acted, so what they did in between happened before they started this flow.\n"
-        f"- **Bought**: Shopify's {code('Placed Order')}, zero times since starting this flow and zero times in "
+        f"- **Bought**: Shopify's {shopify_order}, zero times since starting this flow and zero times in "
         f"the last {days}.\n"
         "- **Moved on**: each next step above, the same two ways (the later flow takes over).\n"
         f"- **Waterfall**: {code('Received Email')} zero times in the last {WATERFALL_DAYS} days where Flow equals "
@@ -176,15 +177,15 @@ def render_backup_flows_guide(destination: DestinationSettings) -> str:
         f"Events older than {_duration(destination.max_event_age)} are sent as backfill and start no flow.")
 
     blocks.append(
-        "**UTM tags**: recovered revenue is counted from the landing URLs the pixel records, so every link of a "
-        "backup flow must name it. In each email of a backup flow, turn UTM tracking on and set for that message: "
+        "**UTM tags**: recovered revenue can be counted from the landing URLs the pixel records only if every link "
+        "of a backup flow names it. In each email of a backup flow, turn UTM tracking on and set for that message: "
         f"utm_source {code(UTM_SOURCE)}, utm_medium {code(UTM_MEDIUM)}, utm_campaign as above "
         f"({code(BACKUP_UTM_CAMPAIGN_PREFIX)} and the native flow's name). Klaviyo's account default puts the flow "
         "message's name in utm_campaign, which cannot tell a backup email from a native one.")
 
     blocks.append(
         f"**Orders**: build no flow on {code(ours['Placed Order'])} or {code(ours['Ordered Product'])}, and filter "
-        f"none on them: post-purchase flows on Shopify's {code('Placed Order')} already reach every buyer. Ours are "
+        f"none on them: post-purchase flows on Shopify's {shopify_order} already reach every buyer. Ours are "
         "for reporting: what the shoppers Klaviyo could not identify bought.")
     blocks.append(
         "**Check the clone's content**: its dynamic blocks, trigger filters and splits read the native event's "

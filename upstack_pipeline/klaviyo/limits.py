@@ -51,9 +51,9 @@ Bulk Import Profiles (`POST /api/profile-bulk-import-jobs`), schema `ProfileImpo
 
 Where the limits come from: the operation `bulk_create_events` says "Accepts up to 1,000 events per request. The
 maximum allowed payload size is 5MB. A single string cannot exceed 100KB."; event `properties` say "must not
-exceed 400 properties"; the metric `name` "must be less than 128
-characters"; `time` "must be after the year 1990 and can only be up to 1 year in the future" (we keep the
-stricter year 2000 that our issue sets); the operations ask for "at least one profile identifier"; Create Profile says "The maximum allowed sum of profile
+exceed 400 properties"; the metric `name` "must be less than 128 characters"; `time` "must be after the year 1990
+and can only be up to 1 year in the future" (we keep the stricter year 2000 that ingestion holds times to); the
+operations ask for "at least one profile identifier"; Create Profile says "The maximum allowed sum of profile
 strings is 100KB" and Bulk Import Profiles "The maximum allowed payload size per-profile is 100KB"; the bulk
 `unique_id` says "If a unique_id is repeated for the same profile and metric, the request will fail and no events
 will be processed."
@@ -296,7 +296,8 @@ def fit_profile(profile_attributes: dict) -> tuple[dict, list[str]]:
 
 
 def _drop(attributes: dict, where: str) -> None:
-    """Removes the object key at dotted path `where`, then any object it leaves empty (an empty `location`)."""
+    """Removes the key at dotted path `where`, and any object it leaves empty: an empty `location` would tell
+    Klaviyo nothing and still cost a key."""
     keys = where.split(".")
     parents = [attributes]
     for key in keys[:-1]:

@@ -121,8 +121,8 @@ def _limit_violations(row: OutboxRow, now: datetime) -> list[str]:
     violations = limits.event_violations(row.event, row.profile, now=now)
     try:
         size = len(limits.encode_body(bulk_create_body([row])))
-    except ValueError:
-        return violations  # NaN or Infinity, already named by event_violations
+    except (TypeError, ValueError) as error:  # NaN or Infinity, named above; or text that is not UTF-8
+        return violations or [f"the event cannot be sent as JSON: {error}"]
     if size > limits.MAX_BULK_REQUEST_BYTES:
         violations.append(f"the event alone makes a request of {size:,} bytes "
                           f"(max {limits.MAX_BULK_REQUEST_BYTES:,} = 5 MB)")
