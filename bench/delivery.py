@@ -60,7 +60,7 @@ def main() -> None:
         fill_outbox(Warehouse(settings.warehouse_path), args.events, now)
         # The emulator in a process of its own, as Klaviyo is: in this one it would compete for the GIL.
         emulator = subprocess.Popen(
-            [sys.executable, "-m", "upstack_pipeline.klaviyo.emulator", "--port", "0", "--api-key", KEY],
+            [sys.executable, "-m", "upstack_pipeline.sandbox.klaviyo_emulator", "--port", "0", "--api-key", KEY],
             stdout=subprocess.PIPE, text=True)
         try:
             base_url = emulator.stdout.readline().strip()

@@ -20,7 +20,7 @@ from pathlib import Path
 from upstack_pipeline.events import ingest_events
 from upstack_pipeline.identity import resolve_identities
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.simulate import simulate
+from upstack_pipeline.sandbox.simulate import simulate
 from upstack_pipeline.warehouse import Warehouse
 
 HOURS = 6

@@ -24,7 +24,7 @@ from upstack_pipeline.identity import resolve_identities
 from upstack_pipeline.klaviyo import limits
 from upstack_pipeline.klaviyo.mapping import map_events
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.simulate import simulate
+from upstack_pipeline.sandbox.simulate import simulate
 from upstack_pipeline.warehouse import Warehouse
 
 

@@ -10,12 +10,12 @@ import time
 from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
 from dagster_project.definitions import run_sync, sync_instance
 from dagster_project.metadata import plural
-from upstack_pipeline.evaluation import evaluate, format_evaluation
 from upstack_pipeline.klaviyo.client import (
     KlaviyoAddressError,
     KlaviyoAuthError,
@@ -28,10 +28,11 @@ from upstack_pipeline.klaviyo.client import (
 )
 from upstack_pipeline.klaviyo.flows import render_backup_flows_guide
 from upstack_pipeline.landing import check_landing_folder
-from upstack_pipeline.replay import ReplayStep, replay
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.simulate import WorldRates, simulate
 from upstack_pipeline.warehouse import Warehouse, WarehouseError
+
+if TYPE_CHECKING:
+    from upstack_pipeline.sandbox.replay import ReplayStep
 
 # The demo's key for its own local emulator; it opens nothing anywhere else.
 DEMO_KEY = "pk_demo_local_emulator_only"
@@ -110,7 +111,42 @@ def sync_status(result: dg.ExecuteInProcessResult) -> int:
     return 1 if failures(result) else 0
 
 
-def command_simulate(args: argparse.Namespace) -> int:
+def simulate_parser() -> argparse.ArgumentParser:
+    """`upstack simulate`'s own options: built only when the command runs, since its flags come from the
+    simulator (the sandbox), which the other commands never import."""
+    from upstack_pipeline.sandbox.simulate import WorldRates
+
+    simulate = argparse.ArgumentParser(prog="upstack simulate",
+                                       description="write realistic storefront traffic to a landing folder")
+    simulate.add_argument("out_dir", help="landing folder to create (events/, customers/, truth/)")
+    simulate.add_argument("--visitors", type=int, default=3000)
+    simulate.add_argument("--days", type=int, default=60)
+    simulate.add_argument("--seed", type=int, default=7)
+    simulate.add_argument("--end", type=datetime.fromisoformat, default=None,
+                          help="when the traffic ends, ISO 8601 with offset (default: this hour)")
+    world = simulate.add_argument_group("the world's rates (README: the simulated world)")
+    for rate in fields(WorldRates):
+        world.add_argument(f"--{rate.name.replace('_', '-')}", dest=rate.name, type=float, default=rate.default,
+                           help=f"{rate.metadata['help']}; default {rate.default}".replace("%", "%%"))
+    return simulate
+
+
+def klaviyo_emulator():
+    """The sandbox's local Klaviyo emulator, once it is known to have what it validates with: Klaviyo's SDK
+    models, from the `emulator` extra. Without it, one line saying what to install, before anything starts."""
+    from upstack_pipeline.sandbox import klaviyo_emulator as emulator
+
+    try:
+        emulator.sdk_models()
+    except RuntimeError as error:
+        raise ValueError(str(error)) from None
+    return emulator
+
+
+def command_simulate(arguments: list[str]) -> int:
+    from upstack_pipeline.sandbox.simulate import WorldRates, simulate
+
+    args = simulate_parser().parse_args(arguments)
     rates = WorldRates(**{rate.name: getattr(args, rate.name) for rate in fields(WorldRates)})
     summary = simulate(Path(args.out_dir), visitors=args.visitors, days=args.days, seed=args.seed, end=args.end,
                        rates=rates)
@@ -129,6 +165,10 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     The replay lands in UPSTACK_LANDING_DIR and UPSTACK_WAREHOUSE and records its runs in DAGSTER_HOME, where the
     Dagster UI (`make dev`) looks, so the UI opens on what the demo did."""
+    from upstack_pipeline.sandbox.replay import replay
+    from upstack_pipeline.sandbox.simulate import simulate
+
+    emulator_module = klaviyo_emulator()
     instance = sync_instance(settings)
     refuse_beside_a_running_daemon(instance)
     start_demo_over(Path(args.dir), settings.landing_dir, settings.warehouse_path)
@@ -141,9 +181,7 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
         f"bad lines mixed in.\nReplaying them as they would have landed: everything before the last "
         f"{args.live_days} days in one sync, then one sync per day, each at the hour after its day ends.\n"
     )
-    from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator  # the `emulator` extra: Klaviyo's SDK models
-
-    with KlaviyoEmulator(api_key=DEMO_KEY) as emulator:
+    with emulator_module.KlaviyoEmulator(api_key=DEMO_KEY) as emulator:
         # The assets read Klaviyo's address and key from the environment at run time, as in production.
         os.environ.update(KLAVIYO_BASE_URL=emulator.base_url, KLAVIYO_API_KEY=DEMO_KEY)
 
@@ -261,13 +299,15 @@ def command_check_key(settings: Settings) -> int:
 
 
 def command_evaluate(settings: Settings, truth_dir: Path) -> int:
+    from upstack_pipeline.sandbox.evaluation import evaluate, format_evaluation
+
     print(format_evaluation(evaluate(settings.warehouse_path, truth_dir)))
     return 0
 
 
 def command_sweep(args: argparse.Namespace, settings: Settings) -> int:
     """The default world, then each rate of SWEEP lower and higher, each replayed and scored (README's table)."""
-    from upstack_pipeline.sweep import SWEEP, format_sweep, sweep
+    from upstack_pipeline.sandbox.sweep import SWEEP, format_sweep, sweep
 
     worlds = 1 + sum(len(values) for values in SWEEP.values())
     print(f"Simulating {worlds} worlds of {args.visitors:,} shoppers over {args.days} days under {args.dir}, each "
@@ -286,17 +326,9 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="upstack", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
 
-    simulate_parser = commands.add_parser("simulate", help="write realistic storefront traffic to a landing folder")
-    simulate_parser.add_argument("out_dir", help="landing folder to create (events/, customers/, truth/)")
-    simulate_parser.add_argument("--visitors", type=int, default=3000)
-    simulate_parser.add_argument("--days", type=int, default=60)
-    simulate_parser.add_argument("--seed", type=int, default=7)
-    simulate_parser.add_argument("--end", type=datetime.fromisoformat, default=None,
-                                 help="when the traffic ends, ISO 8601 with offset (default: this hour)")
-    world = simulate_parser.add_argument_group("the world's rates (README: the simulated world)")
-    for rate in fields(WorldRates):
-        world.add_argument(f"--{rate.name.replace('_', '-')}", dest=rate.name, type=float, default=rate.default,
-                           help=f"{rate.metadata['help']}; default {rate.default}".replace("%", "%%"))
+    # Listed here; its options are the simulator's own (simulate_parser), read by `main` when the command runs.
+    commands.add_parser("simulate", help="write realistic storefront traffic to a landing folder (options: "
+                                         "upstack simulate -h)", add_help=False)
 
     commands.add_parser("sync", help="run the whole pipeline once on UPSTACK_LANDING_DIR / UPSTACK_WAREHOUSE")
 
@@ -339,14 +371,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # `simulate` parses its own options: they come from the simulator, which no other command imports.
+    args = parser().parse_args(argv[:1] if argv[:1] == ["simulate"] else argv)
     try:
         if args.command == "simulate":
-            return command_simulate(args)
+            return command_simulate(argv[1:])
         if args.command == "klaviyo-emulator":
-            from upstack_pipeline.klaviyo.emulator import main as emulator_main  # the `emulator` extra
-
-            return emulator_main(["--port", str(args.port)])
+            return klaviyo_emulator().main(["--port", str(args.port)])
         settings = Settings.from_env()
         if args.command == "sync":
             return command_sync(settings)

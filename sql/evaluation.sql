@@ -1,4 +1,4 @@
--- Identity resolution measured against the simulator's ground truth (upstack_pipeline/evaluation.py explains the
+-- Identity resolution measured against the simulator's ground truth (upstack_pipeline/sandbox/evaluation.py explains the
 -- definitions and why they are what they are; this file implements them).
 --
 -- Inputs: raw_events, resolved_events, klaviyo_outbox, and the truth CSVs whose paths are in the variables

@@ -22,21 +22,11 @@ from typing import Any
 
 import pydantic
 
+from upstack_pipeline.sandbox.klaviyo_emulator import sdk_models
+
 SPEC_PATH = Path(__file__).resolve().parent / "contract" / "klaviyo-openapi-2026-07-15.json"
 # Any absolute URI will do: the spec is registered under it, nothing is fetched.
 SPEC_URI = "urn:klaviyo:openapi-stable"
-
-
-def _sdk_models() -> dict[str, type]:
-    from openapi_client.models.event_create_query_v2 import EventCreateQueryV2
-    from openapi_client.models.events_bulk_create_job import EventsBulkCreateJob
-    from openapi_client.models.profile_import_job_create_query import ProfileImportJobCreateQuery
-
-    return {
-        "EventsBulkCreateJob": EventsBulkCreateJob,
-        "EventCreateQueryV2": EventCreateQueryV2,
-        "ProfileImportJobCreateQuery": ProfileImportJobCreateQuery,
-    }
 
 
 def validate_with_sdk(model_name: str, body: dict, *, allow_unknown_keys: bool = False) -> Any:
@@ -46,7 +36,7 @@ def validate_with_sdk(model_name: str, body: dict, *, allow_unknown_keys: bool =
     does not know (a typo such as `unique-id` would vanish, and so would `anonymous_id` on a profile import), so
     unless `allow_unknown_keys`, a key of `body` that is missing from the model's `to_dict()` fails too.
     """
-    models = _sdk_models()
+    models = sdk_models()
     if model_name not in models:
         raise ValueError(f"unknown SDK model {model_name!r}; known: {', '.join(models)}")
     try:

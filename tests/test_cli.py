@@ -165,7 +165,7 @@ KEY = "pk_cli_test_emulator_only_000"
 
 
 def test_sync_delivers_to_klaviyo_and_never_shows_the_key(settings, tmp_path):
-    from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator
+    from upstack_pipeline.sandbox.klaviyo_emulator import KlaviyoEmulator
 
     write_events(settings.events_dir / "a.ndjson", [klaviyo_click()])
     home = tmp_path / "dagster_home"
@@ -189,7 +189,7 @@ def test_sync_delivers_to_klaviyo_and_never_shows_the_key(settings, tmp_path):
 
 
 def test_a_rejected_key_fails_the_sync_with_what_to_do(settings):
-    from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator
+    from upstack_pipeline.sandbox.klaviyo_emulator import KlaviyoEmulator
 
     write_events(settings.events_dir / "a.ndjson", [klaviyo_click()])
     with KlaviyoEmulator(api_key="pk_some_other_key_0000000") as emulator:
@@ -201,7 +201,7 @@ def test_a_rejected_key_fails_the_sync_with_what_to_do(settings):
 
 
 def test_check_key_says_yes_or_no_per_scope_without_printing_the_key(settings):
-    from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator
+    from upstack_pipeline.sandbox.klaviyo_emulator import KlaviyoEmulator
 
     with KlaviyoEmulator(api_key=KEY, scopes=frozenset({"events:write", "profiles:write"})) as emulator:
         env = environment(settings, KLAVIYO_API_KEY=KEY, KLAVIYO_BASE_URL=emulator.base_url)
@@ -213,3 +213,38 @@ def test_check_key_says_yes_or_no_per_scope_without_printing_the_key(settings):
                                                                                without_list.stdout)
     assert with_list.returncode == 1 and re.search(r"lists:write +NO", with_list.stdout)
     assert KEY not in without_list.stdout + with_list.stdout + without_list.stderr + with_list.stderr
+
+
+def test_the_product_leaves_the_sandbox_alone():
+    """The pipeline and the `upstack` command start without the simulator, evaluation or the emulator; only the
+    sandbox imports the sandbox."""
+    import ast
+
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, dagster_project.cli, dagster_project.definitions; "
+                               "print(sorted(name for name in sys.modules if 'sandbox' in name))"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, check=True).stdout
+    assert loaded.strip() == "[]"
+
+    package = PROJECT_ROOT / "upstack_pipeline"
+    for path in package.rglob("*.py"):
+        if "sandbox" in path.relative_to(package).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any("sandbox" in name for name in names), f"{path} imports the sandbox"
+
+
+def test_without_the_emulator_extra_the_commands_that_need_it_say_what_to_install(settings, tmp_path):
+    """Klaviyo's SDK models are blocked from import, as on an install without the `emulator` extra."""
+    blocked = ("import sys; sys.modules['openapi_client'] = None; from dagster_project.cli import main; "
+               "sys.exit(main(sys.argv[1:]))")
+    for command in (["klaviyo-emulator"], ["demo", "--dir", str(tmp_path / "demo")]):
+        completed = subprocess.run([sys.executable, "-c", blocked, *command], env=environment(settings),
+                                   capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+        assert completed.returncode == 2, completed.stderr
+        assert re.fullmatch(rf"upstack {command[0]}: the local Klaviyo emulator validates with Klaviyo's SDK "
+                            r"\(klaviyo-api\): install the project's `emulator` extra, e.g\. pip install -e "
+                            r"'\.\[emulator\]'\n", completed.stderr), completed.stderr
+    assert not (tmp_path / "demo").exists()  # refused before it wrote anything

@@ -32,7 +32,7 @@ import pytest
 
 from conftest import make_event, write_events
 from postgres import PostgresDatabase, free_port, postgres_database, postgres_server  # noqa: F401  (fixtures)
-from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator
+from upstack_pipeline.sandbox.klaviyo_emulator import KlaviyoEmulator
 from upstack_pipeline.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

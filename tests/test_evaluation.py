@@ -12,10 +12,10 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from upstack_pipeline.evaluation import Evaluation, ResolutionScore, evaluate, format_evaluation
+from upstack_pipeline.sandbox.evaluation import Evaluation, ResolutionScore, evaluate, format_evaluation
 from upstack_pipeline.events import ingest_events
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.simulate import simulate
+from upstack_pipeline.sandbox.simulate import simulate
 from upstack_pipeline.warehouse import Warehouse
 
 COMMERCE = ("ViewContent", "AddToCart", "InitiateCheckout", "Purchase")

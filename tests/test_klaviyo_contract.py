@@ -13,6 +13,7 @@ import pytest
 import klaviyo_contract
 from klaviyo_contract import validate_with_openapi, validate_with_sdk
 from upstack_pipeline.klaviyo import limits
+from upstack_pipeline.sandbox.klaviyo_emulator import sdk_models
 from upstack_pipeline.klaviyo.limits import bulk_violations, encode_body, event_violations
 
 NOW = datetime(2026, 3, 15, 12, 0, 0, tzinfo=timezone.utc)
@@ -405,7 +406,7 @@ def test_openapi_honours_nullable_and_formats():
 def test_sdk_helper_rejects_keys_the_sdk_would_drop():
     body = valid_bulk_body()
     only_event(body)[0]["unique-id"] = "typo"
-    klaviyo_contract._sdk_models()["EventsBulkCreateJob"].from_dict(copy.deepcopy(body))  # the SDK alone accepts it
+    sdk_models()["EventsBulkCreateJob"].from_dict(copy.deepcopy(body))  # the SDK alone accepts it
     with pytest.raises(AssertionError, match=r"ignores these keys .*events\.data\[0\]\.attributes\.unique-id"):
         validate_with_sdk("EventsBulkCreateJob", body)
     validate_with_sdk("EventsBulkCreateJob", body, allow_unknown_keys=True)
@@ -426,7 +427,7 @@ def spec_operations() -> dict[tuple[str, str], dict]:
 
 
 def test_the_spec_excerpt_has_every_endpoint_the_emulator_serves_and_no_other():
-    from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator
+    from upstack_pipeline.sandbox.klaviyo_emulator import KlaviyoEmulator
 
     operations = spec_operations()
     served = set()

@@ -20,9 +20,9 @@ from upstack_pipeline.events import ingest_events
 from upstack_pipeline.identity import resolve_identities
 from upstack_pipeline.klaviyo.client import KlaviyoClient
 from upstack_pipeline.klaviyo.delivery import deliver
-from upstack_pipeline.klaviyo.emulator import Faults, KlaviyoEmulator
+from upstack_pipeline.sandbox.klaviyo_emulator import Faults, KlaviyoEmulator
 from upstack_pipeline.klaviyo.mapping import map_events
-from upstack_pipeline.simulate import simulate
+from upstack_pipeline.sandbox.simulate import simulate
 
 KEY = "pk_test_emulator_only_0123456789"
 END = datetime(2026, 11, 28, tzinfo=timezone.utc)

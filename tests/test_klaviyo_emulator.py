@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 import klaviyo_contract
-from upstack_pipeline.klaviyo.emulator import Faults, KlaviyoEmulator, RateLimits
+from upstack_pipeline.sandbox.klaviyo_emulator import Faults, KlaviyoEmulator, RateLimits
 from upstack_pipeline.klaviyo.mapping import OutboxRow, bulk_create_body, event_create_body, profile_import_body
 
 KEY = "pk_emulator_test_key_0123456789abcdef"
@@ -362,7 +362,7 @@ def test_unknown_paths_and_methods_are_404_and_405(emulator):
 
 def test_the_command_serves_until_sigterm_and_reads_the_key_from_the_environment():
     env = {**os.environ, "KLAVIYO_API_KEY": KEY}
-    process = subprocess.Popen([sys.executable, "-m", "upstack_pipeline.klaviyo.emulator", "--port", "0"],
+    process = subprocess.Popen([sys.executable, "-m", "upstack_pipeline.sandbox.klaviyo_emulator", "--port", "0"],
                                cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         base_url = process.stdout.readline().strip()
@@ -379,7 +379,7 @@ def test_the_command_serves_until_sigterm_and_reads_the_key_from_the_environment
 
 
 def test_the_command_needs_a_key(monkeypatch, capsys):
-    from upstack_pipeline.klaviyo.emulator import main
+    from upstack_pipeline.sandbox.klaviyo_emulator import main
 
     monkeypatch.delenv("KLAVIYO_API_KEY", raising=False)
     assert main(["--port", "0"]) == 2

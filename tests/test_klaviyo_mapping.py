@@ -283,7 +283,7 @@ def test_every_payload_of_a_simulated_week_is_valid_against_klaviyos_contract(se
     from upstack_pipeline.klaviyo.mapping import (
         OutboxRow, bulk_create_body, event_create_body, profile_import_body,
     )
-    from upstack_pipeline.simulate import simulate
+    from upstack_pipeline.sandbox.simulate import simulate
 
     end = datetime(2026, 11, 28, tzinfo=timezone.utc)
     simulate(tmp_path / "sim", visitors=600, days=7, seed=3, end=end)

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import klaviyo_click, make_event, query, write_events
 from test_cli import PROJECT_ROOT, environment, upstack
-from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator
+from upstack_pipeline.sandbox.klaviyo_emulator import KlaviyoEmulator
 from upstack_pipeline.settings import Settings
 from upstack_pipeline.warehouse import SCHEMA_VERSION, Warehouse
 

@@ -14,7 +14,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 
 from conftest import make_event
 from upstack_pipeline import events
-from upstack_pipeline.simulate import simulate
+from upstack_pipeline.sandbox.simulate import simulate
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "raw-event.schema.json"
 # JSON Schema type -> the JSON types (as DuckDB's json_type names them) that upstack_pipeline.events accepts.

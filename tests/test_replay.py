@@ -1,5 +1,5 @@
 """Identity resolution on simulated traffic replayed as it would arrive: the history in one sync, then one sync a
-day, as the schedule runs (upstack_pipeline.replay). Real files, a real DuckDB warehouse, the pipeline's own stages.
+day, as the schedule runs (upstack_pipeline.sandbox.replay). Real files, a real DuckDB warehouse, the pipeline's own stages.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from conftest import query
-from upstack_pipeline.evaluation import evaluate
-from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator
-from upstack_pipeline.replay import pipeline, replay
+from upstack_pipeline.sandbox.evaluation import evaluate
+from upstack_pipeline.sandbox.klaviyo_emulator import KlaviyoEmulator
+from upstack_pipeline.sandbox.replay import pipeline, replay
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.simulate import simulate
+from upstack_pipeline.sandbox.simulate import simulate
 
 END = datetime(2026, 11, 28, tzinfo=timezone.utc)
 KEY = "pk_replay_local_emulator_only"
@@ -102,7 +102,7 @@ def test_on_a_world_with_the_problem_wrong_person_sends_stay_at_the_floor_and_re
 
 
 def test_the_sweep_scores_the_default_world_and_each_rate_lower_and_higher(tmp_path: Path):
-    from upstack_pipeline.sweep import format_sweep, sweep
+    from upstack_pipeline.sandbox.sweep import format_sweep, sweep
 
     rows = list(sweep(tmp_path, visitors=300, days=14, seed=3, live_days=3, end=END,
                       grid={"placeholder_share": (0.0, 0.25)}))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from upstack_pipeline.settings import DEFAULT_BLOCKED_EMAILS
-from upstack_pipeline.simulate import SCENARIOS, SimulationSummary, WorldRates, simulate
+from upstack_pipeline.sandbox.simulate import SCENARIOS, SimulationSummary, WorldRates, simulate
 
 END = datetime(2026, 11, 28, 12, tzinfo=timezone.utc)
 DAYS = 30

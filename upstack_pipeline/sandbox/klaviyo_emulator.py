@@ -37,7 +37,7 @@ a client that paces by its own send times at exactly the limit can still meet a 
 The API key is kept only to compare with: it is never logged, never put in `requests()`, never echoed.
 Needs Klaviyo's SDK (`klaviyo-api`, importable as `openapi_client`) for its request models.
 
-    python -m upstack_pipeline.klaviyo.emulator --port 8787 [--api-key K] [--no-rate-limits]
+    python -m upstack_pipeline.sandbox.klaviyo_emulator --port 8787 [--api-key K] [--no-rate-limits]
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ class KlaviyoEmulator:
 
     def start(self) -> "KlaviyoEmulator":
         """Binds, then serves in a daemon thread. Loads the SDK's models first, so a missing SDK fails here."""
-        _sdk_models()
+        sdk_models()
         handler = type("KlaviyoEmulatorHandler", (_Handler,), {"emulator": self})
         self._server = _Server((self.host, self.port), handler)
         host, port = self._server.server_address[:2]
@@ -761,15 +761,15 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @lru_cache(maxsize=1)
-def _sdk_models() -> dict[str, type]:
+def sdk_models() -> dict[str, type]:
     """Klaviyo's own request models (pydantic v2), from its Python SDK `klaviyo-api`."""
     try:
         from openapi_client.models.event_create_query_v2 import EventCreateQueryV2
         from openapi_client.models.events_bulk_create_job import EventsBulkCreateJob
         from openapi_client.models.profile_import_job_create_query import ProfileImportJobCreateQuery
     except ImportError as exc:
-        raise RuntimeError("the Klaviyo emulator validates with Klaviyo's SDK: install klaviyo-api==25.0.0 "
-                           "(the project's dev extra)") from exc
+        raise RuntimeError("the local Klaviyo emulator validates with Klaviyo's SDK (klaviyo-api): install the "
+                           "project's `emulator` extra, e.g. pip install -e '.[emulator]'") from exc
     return {"EventsBulkCreateJob": EventsBulkCreateJob, "EventCreateQueryV2": EventCreateQueryV2,
             "ProfileImportJobCreateQuery": ProfileImportJobCreateQuery}
 
@@ -783,7 +783,7 @@ def _validate_with_sdk(model_name: str, body: Any) -> None:
     """
     import pydantic
 
-    model = _sdk_models()[model_name]
+    model = sdk_models()[model_name]
     if not isinstance(body, dict):
         raise _invalid([(f"the body must be a JSON object ({model_name})", "/")])
     try:
@@ -936,7 +936,7 @@ def _timestamp() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Serves until SIGINT or SIGTERM; prints the base URL on stdout (the only line there)."""
-    parser = argparse.ArgumentParser(prog="python -m upstack_pipeline.klaviyo.emulator",
+    parser = argparse.ArgumentParser(prog="python -m upstack_pipeline.sandbox.klaviyo_emulator",
                                      description="Serve a local Klaviyo API emulator on 127.0.0.1.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8787, help="0 picks a free port")

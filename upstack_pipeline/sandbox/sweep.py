@@ -3,7 +3,7 @@
 A store's traffic is not the simulator's default world: more or fewer iPhones, shoppers who return sooner or later,
 more or fewer clicks from Klaviyo emails, more shared tablets, more made-up addresses. The sweep simulates the
 default world and, one rate at a time, a lower and a higher value of each (`SWEEP`), replays each world one day
-per sync as the schedule would (`upstack_pipeline.replay`), delivering into a local Klaviyo emulator (so what
+per sync as the schedule would (`upstack_pipeline.sandbox.replay`), delivering into a local Klaviyo emulator (so what
 was delivered before a later file changed the answer stays delivered), and scores it against the truth, ours
 beside the baseline. The README's table is its output; it tells a store which way its numbers move and which settings to
 revisit when its traffic differs.
@@ -17,11 +17,11 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-from upstack_pipeline.evaluation import Evaluation, evaluate
-from upstack_pipeline.klaviyo.emulator import KlaviyoEmulator
-from upstack_pipeline.replay import pipeline, replay
+from upstack_pipeline.sandbox.evaluation import Evaluation, evaluate
+from upstack_pipeline.sandbox.klaviyo_emulator import KlaviyoEmulator
+from upstack_pipeline.sandbox.replay import pipeline, replay
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.simulate import WorldRates, simulate
+from upstack_pipeline.sandbox.simulate import WorldRates, simulate
 
 # The key of the local Klaviyo emulator each world delivers into; it opens nothing anywhere else.
 SWEEP_KEY = "pk_sweep_local_emulator_only"
