@@ -16,7 +16,8 @@
 -- Person identifiers only translate into an email; they never join two browsers (sql/browser_clusters.sql), and a
 -- value quarantined as a supernode is never used (usable_identity_observations, sql/identity_rejected_values.sql).
 --
--- Variables: after_load_id, after_customers_load_id, cookie_lifetime, max_emails_per_browser, now.
+-- Variables: after_load_id, after_customers_load_id, commerce_events (the event names resolved), cookie_lifetime,
+-- max_emails_per_browser, now.
 -- Inputs: temp tables new_observations, supernode_cookies, reclustered_cookies.
 
 create or replace temp table cookie_cluster as
@@ -67,7 +68,7 @@ with new_commerce as (
            coalesce(user_data.klaviyo_identified, false) as klaviyo_identified, consent.marketing as consent_marketing
     from raw_events
     where load_id > getvariable('after_load_id')
-        and event_name in ('ViewContent', 'AddToCart', 'InitiateCheckout', 'Purchase')
+        and list_contains(getvariable('commerce_events'), event_name)
 ),
 earlier_affected as (
     select event_id, event_name, event_time, shop, anonymous_id, session_id,

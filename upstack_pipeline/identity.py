@@ -25,11 +25,12 @@ from datetime import datetime
 import duckdb
 import polars as pl
 
-from upstack_pipeline.settings import IdentitySettings, Settings
+from upstack_pipeline.settings import PIXEL_TO_KLAVIYO_METRIC, IdentitySettings, Settings
 from upstack_pipeline.warehouse import Warehouse, read_sql, set_variables
 
 STAGE = "identity"
-COMMERCE_EVENTS = ("ViewContent", "AddToCart", "InitiateCheckout", "Purchase")
+# The events resolved and sent: the pixel events Klaviyo has a metric for (sql/resolved_events.sql reads the list).
+COMMERCE_EVENTS = tuple(PIXEL_TO_KLAVIYO_METRIC)
 MAX_LABEL_STEPS = 1000
 
 
@@ -78,6 +79,7 @@ def _set_variables(
 ) -> None:
     variables = {
         "after_load_id": after_load_id,
+        "commerce_events": list(COMMERCE_EVENTS),
         # Customers exports share the load_id sequence with events, so one watermark covers both.
         "after_customers_load_id": after_load_id,
         "now": now,
