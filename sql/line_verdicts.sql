@@ -3,8 +3,9 @@
 -- are built once, straight into raw_events (sql/raw_events.sql), for accepted first sightings only.
 --
 -- Input: temp table staged_lines(source_file, line_number, raw_line, invalid_utf8).
--- Parameters (from upstack_pipeline.events): $required_fields, in the order extracted below, and $max_lengths,
--- their longest allowed length;
+-- Parameters (from upstack_pipeline.events, made from schemas/raw-event.schema.json): $required_fields and
+-- $max_lengths, their longest allowed length; $extracted_paths, the JSON paths of custom_data.items,
+-- custom_data.discount_codes and then of each of $required_fields, in that order;
 -- $field_names / $field_paths / $field_types, the JSON types each object field may have ('MISSING' = absent
 -- key), where $field_paths has one more entry, '$', first, for the document itself; $item_names / $item_paths /
 -- $item_types, the same for each custom_data.items[] element; $now, the ingestion clock; $max_skew, how far
@@ -23,9 +24,7 @@ parsed as (                                     -- JSON functions only ever see 
         line_number,
         invalid_utf8,
         json_type(raw_line, $field_paths) as path_types,
-        json_extract_string(raw_line, ['$.custom_data.items', '$.custom_data.discount_codes',
-                                       '$.event_id', '$.event_name', '$.event_time', '$.shop', '$.anonymous_id',
-                                       '$.session_id']) as extracted   -- items, codes, then $required_fields
+        json_extract_string(raw_line, $extracted_paths) as extracted   -- items, codes, then $required_fields
     from lines
     where is_json
 ),
@@ -36,8 +35,8 @@ checked as (
         line_number,
         invalid_utf8,
         path_types,
-        extracted[3] as event_id,
-        extracted[5] as event_time_text,
+        extracted[list_position($required_fields, 'event_id') + 2] as event_id,
+        extracted[list_position($required_fields, 'event_time') + 2] as event_time_text,
         [$field_names[i] for i in range(1, len($field_names) + 1)
             if not list_contains($field_types[i], coalesce(path_types[i + 1], 'MISSING'))] as bad_fields,
         [$required_fields[i] for i in range(1, len($required_fields) + 1)

@@ -1,49 +1,26 @@
 -- Writes one judged batch: accepted first sightings to raw_events (typed once, here), every quarantined line to
 -- quarantined_events with a detail a person can act on, and the per-file outcome counts to temp table
 -- batch_file_counts for the ingested_files ledger.
--- Input: temp tables staged_lines and line_verdicts (sql/line_verdicts.sql). Variables: ingested_at, load_id.
+-- Input: temp tables staged_lines and line_verdicts (sql/line_verdicts.sql). Variables: ingested_at, load_id, and
+-- event_structure, the schema's fields as json_transform reads them (upstack_pipeline.events.READ_STRUCTURE, made
+-- from schemas/raw-event.schema.json): one raw_events column each, matched by name.
 
-insert into raw_events
+insert into raw_events by name
 select
-    event.event_id,
-    event.event_name,
-    verdict.event_time,
-    event.shop,
-    event.anonymous_id,
-    event.session_id,
-    event.event_source_url,
-    event.referrer,
-    event.user_data,
-    event.custom_data,
-    event.consent,
-    raw_line,
+    event.* exclude (event_time),
+    verdict.event_time,                         -- as sql/line_verdicts.sql parsed it
+    raw_line as raw_json,
     source_file,
     line_number,
-    getvariable('ingested_at'),
-    getvariable('load_id')
+    getvariable('ingested_at') as ingested_at,
+    getvariable('load_id') as load_id
 from (
     select
         staged.source_file,
         staged.line_number,
         staged.raw_line,
         verdict,
-        json_transform(staged.raw_line, '{
-            "event_id": "VARCHAR", "event_name": "VARCHAR", "shop": "VARCHAR",
-            "anonymous_id": "VARCHAR", "session_id": "VARCHAR", "event_source_url": "VARCHAR", "referrer": "VARCHAR",
-            "user_data": {
-                "email": "VARCHAR", "phone": "VARCHAR", "em": "VARCHAR", "ph": "VARCHAR", "external_id": "VARCHAR",
-                "first_name": "VARCHAR", "last_name": "VARCHAR", "city": "VARCHAR", "region": "VARCHAR",
-                "zip": "VARCHAR", "country": "VARCHAR", "kx": "VARCHAR", "klaviyo_identified": "BOOLEAN",
-                "fbp": "VARCHAR", "fbc": "VARCHAR", "gclid": "VARCHAR", "ttclid": "VARCHAR", "msclkid": "VARCHAR",
-                "client_ip_address": "VARCHAR", "client_user_agent": "VARCHAR"},
-            "custom_data": {
-                "value": "DOUBLE", "currency": "VARCHAR", "order_id": "VARCHAR", "checkout_url": "VARCHAR",
-                "discount_codes": ["VARCHAR"], "search_term": "VARCHAR",
-                "items": [{"id": "VARCHAR", "name": "VARCHAR", "price": "DOUBLE", "quantity": "DOUBLE",
-                           "sku": "VARCHAR", "variant": "VARCHAR", "brand": "VARCHAR", "category": "VARCHAR",
-                           "url": "VARCHAR", "image_url": "VARCHAR"}]},
-            "consent": {"analytics": "BOOLEAN", "marketing": "BOOLEAN", "sale_of_data": "BOOLEAN"}
-        }') as event
+        json_transform(staged.raw_line, getvariable('event_structure')) as event
     from staged_lines as staged
     join line_verdicts as verdict using (source_file, line_number)
     where verdict.is_first_sighting

@@ -1,5 +1,6 @@
 """schemas/raw-event.schema.json, the landing folder's event contract given to whoever writes the pixel's files, is
-the contract the pipeline enforces (`upstack_pipeline.events`), the simulator and the tests write."""
+valid and is the contract the simulator and the tests write. The pipeline derives its checks from it, and
+tests/test_event_contract.py holds the pipeline, the raw_events table and the README to it."""
 
 from __future__ import annotations
 
@@ -13,13 +14,9 @@ import pytest
 from jsonschema import Draft202012Validator, FormatChecker
 
 from conftest import make_event
-from upstack_pipeline import events
 from upstack_pipeline.sandbox.simulate import simulate
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "raw-event.schema.json"
-# JSON Schema type -> the JSON types (as DuckDB's json_type names them) that upstack_pipeline.events accepts.
-DUCKDB_TYPES = {"string": events.STRING, "number": events.NUMBER, "boolean": ("BOOLEAN",), "object": ("OBJECT",),
-                "array": ("ARRAY",)}
 
 
 @pytest.fixture(scope="module")
@@ -27,30 +24,8 @@ def schema() -> dict:
     return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
-def contract_of(properties: dict, prefix: str = "") -> dict[str, tuple[str, ...]]:
-    """Field -> accepted types, as `events.EVENT_CONTRACT` writes them, from the schema's properties."""
-    contract = {}
-    for name, spec in properties.items():
-        kinds = spec["type"] if isinstance(spec["type"], list) else [spec["type"]]
-        accepted = tuple(kind for kind_name in kinds if kind_name != "null" for kind in DUCKDB_TYPES[kind_name])
-        contract[prefix + name] = accepted + (events.OPTIONAL if "null" in kinds else ())
-    return contract
-
-
 def test_the_schema_is_valid_json_schema(schema):
     Draft202012Validator.check_schema(schema)
-
-
-def test_the_pipeline_checks_what_the_schema_says(schema):
-    properties = schema["properties"]
-    expected = contract_of(properties)
-    for nested in ("user_data", "custom_data", "consent"):
-        expected.update(contract_of(properties[nested]["properties"], f"{nested}."))
-    assert events.EVENT_CONTRACT == expected
-    assert events.ITEM_CONTRACT == contract_of(properties["custom_data"]["properties"]["items"]["items"]["properties"])
-    assert list(events.REQUIRED_FIELDS) == schema["required"]
-    limited = {name: spec["maxLength"] for name, spec in properties.items() if "maxLength" in spec}
-    assert limited and {name: events.MAX_LENGTHS[name] for name in limited} == limited
 
 
 def test_the_schema_refuses_exactly_the_simulators_broken_lines(schema, tmp_path):

@@ -1,14 +1,19 @@
 """Raw storefront events: the input contract (SPEC 3.1) and how a landing file becomes `raw_events` rows.
 
-The contract mirrors `raw-event.schema.json`. A line that breaks it is quarantined with a reason; it never stops
-a run. The checks themselves run in DuckDB (`sql/line_verdicts.sql`) over a whole batch of lines at once.
+The contract is `schemas/raw-event.schema.json`: what this module checks a line against and the structure a line
+is read into are derived from it here, at import, so the schema is the one place a field is added. A line that
+breaks the contract is quarantined with a reason; it never stops a run. The checks themselves run in DuckDB
+(`sql/line_verdicts.sql`) over a whole batch of lines at once; `tests/test_event_contract.py` holds the schema,
+these checks, the `raw_events` table and the README's field list together.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import json
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Callable
 
 import duckdb
@@ -17,44 +22,71 @@ import polars as pl
 from upstack_pipeline.ingestion import IngestReport, UnreadableFileError, ingest_new_files
 from upstack_pipeline.landing import LandingFile, check_landing_folder, ignored_files
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.warehouse import Warehouse, read_sql
+from upstack_pipeline.warehouse import Warehouse, read_sql, set_variables
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "raw-event.schema.json"
+SCHEMA: dict = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 STRING = ("VARCHAR",)
 NUMBER = ("BIGINT", "UBIGINT", "DOUBLE")
-OPTIONAL = ("NULL", "MISSING")
+# JSON Schema type -> the JSON types DuckDB's json_type reports for a value of it (the contract adds MISSING, key
+# absent, for a field that is not required); READ_TYPES: the DuckDB type a scalar of it is read into.
+JSON_TYPES = {"string": STRING, "number": NUMBER, "boolean": ("BOOLEAN",), "object": ("OBJECT",), "array": ("ARRAY",),
+              "null": ("NULL",)}
+READ_TYPES = {"string": "VARCHAR", "number": "DOUBLE", "boolean": "BOOLEAN"}
 
-REQUIRED_FIELDS = ("event_id", "event_name", "event_time", "shop", "anonymous_id", "session_id")
-# maxLength in raw-event.schema.json where it sets one; generous elsewhere (a cookie id is not a novel).
-MAX_LENGTHS = {"event_id": 200, "event_name": 100, "event_time": 64, "shop": 255, "anonymous_id": 200,
-               "session_id": 200}
 
-# Field -> JSON types it may have (as DuckDB's json_type names them; MISSING = key absent). Required fields come
-# first: the first broken field of a line is its reason, and a missing required field is the most telling one.
-EVENT_CONTRACT: dict[str, tuple[str, ...]] = {
-    **{name: STRING for name in REQUIRED_FIELDS},
-    "event_source_url": STRING + OPTIONAL,
-    "referrer": STRING + OPTIONAL,
-    "user_data": ("OBJECT",) + OPTIONAL,
-    **{f"user_data.{name}": STRING + OPTIONAL for name in (
-        "email", "phone", "em", "ph", "external_id", "first_name", "last_name", "city", "region", "zip",
-        "country", "kx", "fbp", "fbc", "gclid", "ttclid", "msclkid", "client_ip_address", "client_user_agent")},
-    "user_data.klaviyo_identified": ("BOOLEAN",) + OPTIONAL,
-    "custom_data": ("OBJECT",) + OPTIONAL,
-    "custom_data.value": NUMBER + OPTIONAL,
-    **{f"custom_data.{name}": STRING + OPTIONAL for name in ("currency", "order_id", "checkout_url", "search_term")},
-    "custom_data.discount_codes": ("ARRAY",) + OPTIONAL,
-    "custom_data.items": ("ARRAY",) + OPTIONAL,
-    "consent": ("OBJECT",) + OPTIONAL,
-    **{f"consent.{name}": ("BOOLEAN",) + OPTIONAL for name in ("analytics", "marketing", "sale_of_data")},
-}
+def _kinds(spec: dict) -> list[str]:
+    kinds = spec["type"] if isinstance(spec["type"], list) else [spec["type"]]
+    if unknown := set(kinds) - set(JSON_TYPES):
+        raise ValueError(f"{SCHEMA_PATH.name}: type {sorted(unknown)} has no counterpart in upstack_pipeline.events")
+    return kinds
 
+
+def field_contract(spec: dict, prefix: str = "") -> dict[str, tuple[str, ...]]:
+    """Field path -> the JSON types it may have, for the object `spec` and the objects nested in it (not the
+    elements of its arrays): depth first, the required fields first, the others in the schema's order. The order
+    matters: the first broken field of a line is the one its quarantine names, and a missing required field is the
+    most telling one."""
+    properties, required = spec["properties"], spec.get("required", [])
+    if prefix and required:  # a nested field is absent whenever its parent is: line_verdicts.sql has no rule for it
+        raise ValueError(f"{SCHEMA_PATH.name}: {prefix}: only top-level fields can be required")
+    contract = {}
+    for name in [*required, *(name for name in properties if name not in required)]:
+        child = properties[name]
+        accepted = tuple(json_type for kind in _kinds(child) for json_type in JSON_TYPES[kind])
+        contract[prefix + name] = accepted + (() if name in required else ("MISSING",))
+        if "properties" in child:
+            contract.update(field_contract(child, f"{prefix}{name}."))
+    return contract
+
+
+def read_structure(spec: dict) -> str | list | dict:
+    """The DuckDB type a value of `spec` is read into, in json_transform's notation ({"field": type}, [type])."""
+    kinds = [kind for kind in _kinds(spec) if kind != "null"]
+    if len(kinds) != 1:
+        raise ValueError(f"{SCHEMA_PATH.name}: a value of types {kinds} has no one DuckDB type to be read into")
+    if kinds[0] == "object":
+        return {name: read_structure(child) for name, child in spec["properties"].items()}
+    if kinds[0] == "array":
+        return [read_structure(spec["items"])]
+    return READ_TYPES[kinds[0]]
+
+
+# The contract as sql/line_verdicts.sql checks it. Required fields: present, not null, not blank, and within their
+# maxLength (which the schema sets for each); sql/line_verdicts.sql reads event_id and event_time among them.
+REQUIRED_FIELDS: tuple[str, ...] = tuple(SCHEMA["required"])
+MAX_LENGTHS: dict[str, int] = {name: SCHEMA["properties"][name]["maxLength"] for name in REQUIRED_FIELDS}
+if not {"event_id", "event_time"} <= set(REQUIRED_FIELDS):
+    raise ValueError(f"{SCHEMA_PATH.name}: event_id and event_time must be required")
+# Field -> JSON types it may have (as DuckDB's json_type names them; MISSING = key absent).
+EVENT_CONTRACT: dict[str, tuple[str, ...]] = field_contract(SCHEMA)
 # Each element of custom_data.items must be an object with these fields.
-ITEM_CONTRACT: dict[str, tuple[str, ...]] = {
-    **{name: STRING + OPTIONAL for name in (
-        "id", "name", "sku", "variant", "brand", "category", "url", "image_url")},
-    "price": NUMBER + OPTIONAL,
-    "quantity": NUMBER + OPTIONAL,
-}
+ITEM_CONTRACT: dict[str, tuple[str, ...]] = field_contract(
+    SCHEMA["properties"]["custom_data"]["properties"]["items"]["items"])
+# What sql/raw_events.sql reads an accepted line into: a struct of the schema's fields (event_time is typed by
+# sql/line_verdicts.sql instead), inserted into raw_events by name.
+READ_STRUCTURE: dict = read_structure(SCHEMA)
 
 
 def _json_path(dotted: str) -> str:
@@ -77,6 +109,8 @@ class EventFiles:
     def write_batch(self, connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
         connection.execute(read_sql("line_verdicts"), {
             "required_fields": list(REQUIRED_FIELDS),
+            "extracted_paths": ["$.custom_data.items", "$.custom_data.discount_codes"]
+            + [_json_path(name) for name in REQUIRED_FIELDS],
             "max_lengths": [MAX_LENGTHS[name] for name in REQUIRED_FIELDS],
             "field_names": list(EVENT_CONTRACT),
             "field_paths": ["$"] + [_json_path(name) for name in EVENT_CONTRACT],
@@ -87,6 +121,7 @@ class EventFiles:
             "now": now,
             "max_skew": self.max_clock_skew,
         })
+        set_variables(connection, {"event_structure": json.dumps(READ_STRUCTURE)})
         connection.execute(read_sql("raw_events"))
 
 
@@ -135,7 +170,9 @@ def read_parquet_rows(data: bytes) -> pl.DataFrame:
     })
 
 
-def ingest_events(settings: Settings, *, now: datetime, log: Callable[[str], None] = lambda message: None) -> IngestReport:
+def ingest_events(
+    settings: Settings, *, now: datetime, log: Callable[[str], None] = lambda message: None
+) -> IngestReport:
     """Ingests every event file not read yet into raw_events / quarantined_events; the report also names the
     landing folder's files that no reader takes. A missing landing folder raises LandingFolderError."""
     check_landing_folder(settings.landing_dir)
