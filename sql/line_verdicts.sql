@@ -58,7 +58,7 @@ violations as (
         *,
         bad_fields
         || coalesce(flatten(list_transform(range(1, len(item_path_types) + 1), lambda k:
-            case when item_path_types[k][1] <> 'OBJECT' then ['custom_data.items[' || (k - 1) || ']']
+            case when coalesce(item_path_types[k][1], 'NULL') <> 'OBJECT' then ['custom_data.items[' || (k - 1) || ']']
             else ['custom_data.items[' || (k - 1) || '].' || $item_names[f] for f in range(1, len($item_names) + 1)
                   if not list_contains($item_types[f], coalesce(item_path_types[k][f + 1], 'MISSING'))]
             end)), [])
