@@ -3,6 +3,9 @@
 -- the migration that makes it in place; a new column goes last in its table, where `alter table` puts it. Names are
 -- stable: analysts and dashboards depend on them (SPEC 7). The version table, warehouse_schema_version, is created
 -- by upstack_pipeline/warehouse.py.
+--
+-- The comments just above each table and on its columns are what the Dagster UI's catalog shows for it (table_docs
+-- in upstack_pipeline/warehouse.py): write them for the analyst who queries the table.
 
 -- How far each incremental stage has got: the last raw_events/customers load_id it processed.
 create table if not exists pipeline_state (
@@ -42,6 +45,8 @@ create table if not exists changed_files (
     primary key (path, current_sha256)
 );
 
+-- One row per storefront event, the first sighting of each event_id: the contract's fields typed, user_data,
+-- custom_data and consent as structs, the line as received, and where and when it was read.
 create table if not exists raw_events (
     event_id         varchar not null,
     event_name       varchar not null,
@@ -76,6 +81,7 @@ create table if not exists raw_events (
     load_id          bigint not null
 );
 
+-- One row per landing line that is not a usable event, with what is wrong with it: never dropped silently.
 create table if not exists quarantined_events (
     source_file    varchar not null,
     line_number    bigint not null,
@@ -105,6 +111,7 @@ create table if not exists customers (
     load_id           bigint not null
 );
 
+-- One row per customers export row that cannot be kept (no customer_id).
 create table if not exists quarantined_customers (
     source_file    varchar not null,
     line_number    bigint not null,
@@ -196,7 +203,8 @@ create table if not exists browser_clusters (
     linked_by          varchar not null     -- how the cluster's cookies were joined, e.g. 'click_id_handoff'
 );
 
--- What the guards refused, for a person to review: shared devices, shared click ids, oversize clusters.
+-- What the guards refused, for a person to review: shared devices, shared click ids, oversize clusters,
+-- conflicting emails.
 create table if not exists identity_flags (
     flag        varchar not null,           -- shared_device | shared_click_id | oversize_cluster
                                             -- | conflicting_emails
@@ -237,7 +245,7 @@ create table if not exists resolved_events (
     upstack_id              varchar,
     email                   varchar,
     kx                      varchar,
-    phone                   varchar,
+    phone                   varchar,        -- the person's first phone, from identities (sql/identities.sql)
     match_method            varchar,        -- typed_in_event | same_session | login | customer_file | cookie_history
                                             -- | click_id_handoff | klaviyo_click | probabilistic_ip_ua
     evidence_event_id       varchar,        -- the event whose identifier decided it

@@ -51,6 +51,7 @@ BASELINE_VERSION = 1  # the first release's schema, which has no migration file:
 PRE_VERSIONING_MARKER = "raw_events"
 
 _VERSION_TABLE_DDL = f"""
+-- One row per step that brought the file to its schema version, and when.
 create table if not exists {VERSION_TABLE} (
     version     integer primary key,
     applied_at  timestamptz not null,
@@ -223,6 +224,66 @@ class Warehouse:
                     raise
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 2.0)
+
+
+@dataclass(frozen=True)
+class ColumnDoc:
+    name: str
+    type: str  # as DuckDB names it, e.g. VARCHAR, TIMESTAMP WITH TIME ZONE, STRUCT(...)
+    nullable: bool
+    description: str | None
+
+
+@dataclass(frozen=True)
+class TableDoc:
+    name: str
+    description: str
+    columns: tuple[ColumnDoc, ...]
+
+
+def table_docs() -> dict[str, TableDoc]:
+    """The tables of a new warehouse, with their columns as DuckDB creates them from the DDL (`sql/warehouse.sql`
+    and the version table's), described by that DDL's comments: the comment lines just above `create table` describe
+    the table; a comment after a column (continued on the lines below it, in the same place) or the comment lines
+    just above it describe the column. Views are left out: they are the pipeline's own."""
+    ddl = _VERSION_TABLE_DDL + ";\n" + read_sql("warehouse")
+    with duckdb.connect() as connection:
+        connection.execute(ddl)
+        columns = connection.execute("""
+            select table_name, column_name, data_type, is_nullable
+            from duckdb_columns() join duckdb_tables() using (database_name, schema_name, table_name)
+            where schema_name = 'main' order by table_name, column_index""").fetchall()
+    described: dict[str, tuple[str, dict[str, str]]] = {}
+    above: list[str] = []  # the comment lines since the last line of code
+    table, depth, continued, column_comment_at = None, 0, None, -1
+    for line in ddl.splitlines():
+        code, _, comment = line.partition("--")
+        code, comment = code.strip(), comment.strip()
+        if not code:
+            if comment and table and continued and line.index("--") == column_comment_at:
+                described[table][1][continued] += " " + comment
+            else:
+                above, continued = ([*above, comment] if comment else []), None
+            continue
+        if table is None:
+            if match := re.match(r"create table if not exists (\w+)", code):
+                table, depth = match.group(1), code.count("(") - code.count(")")
+                described[table] = (" ".join(above), {})
+            above = []
+            continue
+        if depth == 1 and (match := re.match(r"(\w+)\s", code)) and match.group(1) not in ("primary", "unique"):
+            described[table][1][match.group(1)] = " ".join([*above, comment]).strip()
+            continued, column_comment_at = (match.group(1), line.index("--")) if comment else (None, -1)
+        above = []
+        depth += code.count("(") - code.count(")")
+        if depth <= 0:
+            table = None
+    docs: dict[str, TableDoc] = {}
+    for name, column, data_type, nullable in columns:
+        description, column_comments = described[name]
+        column_doc = ColumnDoc(column, data_type, nullable, column_comments.get(column) or None)
+        docs[name] = TableDoc(name, description, (*(docs[name].columns if name in docs else ()), column_doc))
+    return docs
 
 
 def set_variables(connection: duckdb.DuckDBPyConnection, variables: dict) -> None:
