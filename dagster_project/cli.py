@@ -41,17 +41,19 @@ SWEEP_END = datetime(2026, 12, 1, tzinfo=timezone.utc)
 
 
 def summarize(result: dg.ExecuteInProcessResult, seconds: float, instance_label: str) -> str:
-    """What the run did, asset by asset (each asset's `summary` metadata), then its checks. The first line says
-    whether it worked and, if not, what failed first."""
+    """What the run did, by the tables whose materialization carries a `summary` (one or two per step), then its
+    checks. The first line says whether it worked and, if not, what failed first."""
     problems = failures(result)
     outcome = "succeeded" if not problems else f"FAILED ({problems[0]})"
     lines = [f"upstack sync: run {result.run_id[:8]} {outcome} in {seconds:.1f} s (Dagster instance: {instance_label})"]
-    for event in result.get_asset_materialization_events():
-        summary = event.materialization.metadata.get("summary")
-        lines.append(f"  {event.asset_key.to_user_string():<16} {summary.value if summary else 'materialized'}")
+    summaries = [(event.asset_key.to_user_string(), event.materialization.metadata["summary"].value)
+                 for event in result.get_asset_materialization_events()
+                 if "summary" in event.materialization.metadata]
+    width = max(len(table) for table, _ in [*summaries, ("checks", "")])
+    lines += [f"  {table:<{width}} {summary}" for table, summary in summaries]
     checks = result.get_asset_check_evaluations()
     failed = [check for check in checks if not check.passed]
-    lines.append(f"  {'checks':<16} {len(checks) - len(failed)} of {len(checks)} passed")
+    lines.append(f"  {'checks':<{width}} {len(checks) - len(failed)} of {len(checks)} passed")
     for check in failed:
         lines.append(f"    {check.severity.value} {check.asset_key.to_user_string()}:{check.check_name}: "
                      f"{check.description or 'failed'}")
@@ -265,7 +267,7 @@ def replay_line(step: ReplayStep, result: dg.ExecuteInProcessResult) -> str:
     return (f"  {step.label:<24} sync {outcome}: {values.get(('raw_events', 'rows_ingested'), 0):>7,} events "
             f"({values.get(('raw_events', 'rows_quarantined'), 0):,} quarantined) "
             f"from {plural(step.event_files, 'file')}, "
-            f"{values.get(('klaviyo_delivery', 'delivered'), 0):>5,} delivered to Klaviyo")
+            f"{values.get(('klaviyo_deliveries', 'delivered'), 0):>5,} delivered to Klaviyo")
 
 
 # What stopped the check, as `upstack klaviyo check-key` names it.

@@ -1,12 +1,73 @@
-"""Turning library reports into asset metadata an operator can read in the Dagster UI."""
+"""Turning library reports into asset metadata an operator can read in the Dagster UI, and the warehouse's tables
+into assets an analyst finds in its catalog."""
 
 from __future__ import annotations
+
+from functools import cache
+from typing import Iterable, Sequence
 
 import dagster as dg
 import polars as pl
 
 from upstack_pipeline.ingestion import IngestReport, TableOverview
 from upstack_pipeline.landing import accepted_names
+from upstack_pipeline.warehouse import ColumnDoc, TableDoc, Warehouse, table_docs
+
+# Schema-qualified, as an analyst writes it in any DuckDB session on the warehouse file, whatever the file's name.
+SCHEMA = "main"
+
+
+@cache
+def warehouse_tables() -> dict[str, TableDoc]:
+    """Every table of the warehouse, described by the comments of its DDL (sql/warehouse.sql): the one home of
+    what a table and its columns mean."""
+    return table_docs()
+
+
+def table_spec(table: str, *, group: str, deps: Iterable[str] = ()) -> dg.AssetSpec:
+    """The asset of a warehouse table: named after it, described and with its columns as its DDL has them, so the
+    UI's catalog finds it by name and shows its columns before it is ever materialized."""
+    doc = warehouse_tables()[table]
+    return dg.AssetSpec(table, deps=list(deps), group_name=group, kinds={"duckdb", "table"},
+                        description=doc.description, metadata=table_identity(table, doc.columns))
+
+
+def table_specs(tables: dict[str, Sequence[str]], *, group: str) -> list[dg.AssetSpec]:
+    """The assets of a step's tables, from {table: the tables it depends on}. (Kept as names at module level: the
+    defs loader would take a module's own list of specs for assets of their own.)"""
+    return [table_spec(table, group=group, deps=deps) for table, deps in tables.items()]
+
+
+def table_identity(table: str, columns: Sequence[ColumnDoc]) -> dict[str, dg.MetadataValue]:
+    return {
+        "dagster/table_name": dg.MetadataValue.text(f"{SCHEMA}.{table}"),
+        "dagster/column_schema": dg.MetadataValue.table_schema(dg.TableSchema(columns=[
+            dg.TableColumn(column.name, column.type, description=column.description,
+                           constraints=dg.TableColumnConstraints(nullable=column.nullable))
+            for column in columns
+        ])),
+    }
+
+
+def table_metadata(warehouse: Warehouse, tables: Iterable[str]) -> dict[str, dict[str, dg.MetadataValue]]:
+    """Each table's row count and columns as they are in the warehouse file now (a file upgraded by migrations
+    included), with the descriptions of the DDL: what every materialization of a table records."""
+    tables = list(tables)
+    with warehouse.connect() as connection:
+        found = connection.execute("""
+            select table_name, column_name, data_type, is_nullable
+            from duckdb_columns() join duckdb_tables() using (database_name, schema_name, table_name)
+            where database_name = current_database() and schema_name = ? and table_name in ?
+            order by table_name, column_index""", [SCHEMA, tables]).fetchall()
+        counts = {table: connection.execute(f"select count(*) from {SCHEMA}.{table}").fetchone()[0]
+                  for table in tables}
+    metadata = {}
+    for table in tables:
+        described = {column.name: column.description for column in warehouse_tables()[table].columns}
+        columns = [ColumnDoc(name, data_type, nullable, described.get(name))
+                   for found_table, name, data_type, nullable in found if found_table == table]
+        metadata[table] = {**table_identity(table, columns), "dagster/row_count": dg.MetadataValue.int(counts[table])}
+    return metadata
 
 
 def percent(share: float) -> dg.FloatMetadataValue:

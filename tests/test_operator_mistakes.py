@@ -100,15 +100,15 @@ def demo_beside_a_running_daemon(settings, tmp_path, stack):
 MISTAKES = {
     "klaviyo_base_url_where_nothing_listens": Mistake(
         sync_against(nothing_listens), 1,
-        first_line=r"^upstack sync: run \w+ FAILED \(klaviyo_delivery:destination_healthy: Could not reach Klaviyo at "
-                   r"http://127\.0\.0\.1:\d+ \(3 attempts, last: ConnectError",
-        stdout=r"ERROR klaviyo_delivery:destination_healthy: .*Check KLAVIYO_BASE_URL"),
+        first_line=r"^upstack sync: run \w+ FAILED \(klaviyo_deliveries:destination_healthy: Could not reach Klaviyo "
+                   r"at http://127\.0\.0\.1:\d+ \(3 attempts, last: ConnectError",
+        stdout=r"ERROR klaviyo_deliveries:destination_healthy: .*Check KLAVIYO_BASE_URL"),
     "check_key_where_nothing_listens": Mistake(
         check_key_against(nothing_listens), 1,
         stdout=r"unreachable: Could not reach Klaviyo at http://127\.0\.0\.1:\d+ .*Check KLAVIYO_BASE_URL"),
     "a_rejected_key": Mistake(
         sync_against(lambda stack: emulator(stack, api_key="pk_another_accounts_key_000")), 1,
-        first_line=r"FAILED \(klaviyo_delivery:destination_healthy: Klaviyo rejected the API key",
+        first_line=r"FAILED \(klaviyo_deliveries:destination_healthy: Klaviyo rejected the API key",
         stdout=r"Set KLAVIYO_API_KEY to a valid private key"),
     "check_key_with_a_rejected_key": Mistake(
         check_key_against(lambda stack: emulator(stack, api_key="pk_another_accounts_key_000")), 1,
@@ -228,7 +228,7 @@ def test_after_the_demo_the_dagster_ui_opens_on_its_runs_landing_folder_and_ware
     with dg.DagsterInstance.from_config(str(home)) as instance:
         runs = instance.get_runs()
         assert len(runs) == 2 and {run.status for run in runs} == {dg.DagsterRunStatus.SUCCESS}
-        assert instance.get_latest_materialization_event(dg.AssetKey("klaviyo_delivery")) is not None
+        assert instance.get_latest_materialization_event(dg.AssetKey("klaviyo_deliveries")) is not None
         latest = instance.get_latest_materialization_event(dg.AssetKey("raw_events")).asset_materialization
         assert latest.metadata["dagster/row_count"].value == query(settings, "select count(*) from raw_events")[0][0]
     # What the UI's code location resolves its resource to, under the environment `make dev` gives it.

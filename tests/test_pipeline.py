@@ -62,7 +62,7 @@ def test_sync_materializes_both_tables_with_operator_metadata_and_passing_checks
                                        "every_commerce_event_decided", "payloads_complete", "no_stale_pending_rows",
                                        "dead_letter_share"}, True),
                       "destination_healthy": False}  # no KLAVIYO_API_KEY here: a warning, not an error
-    assert "KLAVIYO_API_KEY is not set" in materialization(result, "klaviyo_delivery")["summary"]
+    assert "KLAVIYO_API_KEY is not set" in materialization(result, "klaviyo_deliveries")["summary"]
     # Shares are percentages with two decimals (readable, and still numbers the Plots tab draws); counts are ints.
     resolved = materialization(result, "resolved_events")
     assert {key for key in resolved if key.endswith(("share", "lift"))} == set()
@@ -157,7 +157,8 @@ def test_sensor_and_schedule_start_running_and_target_the_sync_job():
 def test_every_asset_writing_the_warehouse_shares_one_pool_limited_to_one_slot(tmp_path):
     job = load_definitions().resolve_job_def(SYNC_JOB_NAME)
     pools = {node.name: node.definition.pool for node in job.graph.nodes}
-    assert {"raw_events", "customers"} <= set(pools) and set(pools.values()) == {WAREHOUSE_POOL}
+    assert set(pools) == {"ingestion", "identity_resolution", "klaviyo_mapping", "klaviyo_delivery"}
+    assert set(pools.values()) == {WAREHOUSE_POOL}
 
     home = tmp_path / "dagster_home"
     home.mkdir()

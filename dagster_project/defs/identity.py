@@ -1,8 +1,10 @@
-"""Identity resolution: who is behind each commerce event (identity_links -> identities -> resolved_events)."""
+"""Identity resolution: who is behind each commerce event. One step, one transaction, writes every identity table,
+in the order of upstack_pipeline/identity.py: observations (and rejected values), links, browser links and clusters,
+resolved_events, then identities (which fills resolved_events.phone from the people it built)."""
 
 import dagster as dg
 
-from dagster_project.metadata import markdown_table, percent, plural
+from dagster_project.metadata import markdown_table, percent, plural, table_metadata, table_specs
 from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
 from upstack_pipeline.identity import IdentityOverview, overview, resolve_identities
 
@@ -14,44 +16,63 @@ identity_checks = [
                       description="No upstack_id carries two emails: a person never absorbs another's email."),
 ]
 
+# Each table's deps are the tables its SQL reads, in the order the step runs it (usable_identity_* are views over
+# identity_observations, identity_links and identity_rejected_values). identities is built after resolved_events,
+# from it, and its last statement copies each person's phone back onto resolved_events. Lineage has no cycles, so
+# that write against the arrow is not drawn, nor are the looks back at the previous run's tables
+# (identity_rejected_values.sql finds in resolved_events and identities what a newly quarantined value named).
+IDENTITY_TABLES = {
+    "identity_observations": ["raw_events"],
+    "identity_rejected_values": ["identity_observations"],
+    "identity_links": ["identity_observations", "raw_events", "customers"],
+    "browser_links": ["identity_observations", "identity_links", "raw_events"],
+    "browser_clusters": ["browser_links", "identity_links", "identity_observations", "identity_rejected_values"],
+    "resolved_events": ["raw_events", "customers", "identity_observations", "identity_rejected_values",
+                        "identity_links", "browser_clusters"],
+    "identities": ["resolved_events", "identity_observations", "identity_rejected_values", "identity_links",
+                   "browser_links", "customers"],
+    "identity_flags": ["browser_links", "browser_clusters", "resolved_events"],
+    "pipeline_state": ["ingested_files"],  # the identity stage's watermark: the last load_id it has read
+}
+
 
 @dg.multi_asset(
-    specs=[
-        dg.AssetSpec("identity_links", deps=["raw_events", "customers"], group_name="identity", kinds={"duckdb"},
-                     description="Edges between identifiers seen together (cookie, session, email, phone, "
-                                 "customer id, _kx, ad click ids), with first/last seen and counts."),
-        dg.AssetSpec("identities", deps=["identity_links"], group_name="identity", kinds={"duckdb"},
-                     description="People, one per email (or per Klaviyo _kx never tied to one), with a stable "
-                                 "upstack_id."),
-        dg.AssetSpec("resolved_events", deps=["identities"], group_name="identity", kinds={"duckdb"},
-                     description="Every commerce event with the person behind it, how we know (match_method) and "
-                                 "whether Klaviyo knew natively."),
-    ],
+    specs=table_specs(IDENTITY_TABLES, group="identity"),
     check_specs=identity_checks,
     pool=WAREHOUSE_POOL,
+    description="Resolves the new events' identifiers into people, in one transaction, so the identity tables never "
+                "disagree with each other.",
 )
 def identity_resolution(upstack: UpstackResource):
-    """One transaction builds all three tables, so they never disagree with each other."""
     settings = upstack.settings()
     run = resolve_identities(settings, now=upstack.now())
     state = overview(settings)
-    yield dg.MaterializeResult(asset_key="identity_links", metadata={
-        "summary": dg.MetadataValue.text(
-            f"{plural(run.new_observations, 'identifier')} observed this run; "
-            f"{plural(run.rejected_values, 'value')} rejected "
-            "(placeholders, blocked or malformed)"),
-        "new_observations": run.new_observations,
-        "rejected_values_this_run": run.rejected_values,
-        "most_rejected_values": dg.MetadataValue.md(markdown_table(state.rejected_values)),
-    })
-    flags = ", ".join(f"{flag} {count:,}" for flag, count in state.flags_by_kind.items()) or "none"
-    yield dg.MaterializeResult(asset_key="identities", metadata={
-        "summary": dg.MetadataValue.text(f"{plural(state.identities, 'person', 'people')}; guard flags: {flags}"),
-        "dagster/row_count": state.identities,
-        "flags": dg.MetadataValue.json(state.flags_by_kind),
-        "largest_shared_browsers": dg.MetadataValue.md(markdown_table(state.largest_shared_browsers)),
-    })
-    yield dg.MaterializeResult(asset_key="resolved_events", metadata=resolved_events_metadata(run.events_resolved, state))
+    tables = table_metadata(upstack.warehouse(), IDENTITY_TABLES)
+    specific = {
+        "identity_observations": {
+            "summary": dg.MetadataValue.text(
+                f"{plural(run.new_observations, 'identifier')} observed this run; "
+                f"{plural(run.rejected_values, 'value')} rejected "
+                "(placeholders, blocked or malformed)"),
+            "new_observations": run.new_observations,
+        },
+        "identity_rejected_values": {
+            "rejected_values_this_run": run.rejected_values,
+            "most_rejected_values": dg.MetadataValue.md(markdown_table(state.rejected_values)),
+        },
+        "identities": {
+            "summary": dg.MetadataValue.text(
+                f"{plural(state.identities, 'person', 'people')}; guard flags: {flags_text(state)}"),
+            "dagster/row_count": state.identities,
+        },
+        "identity_flags": {
+            "flags": dg.MetadataValue.json(state.flags_by_kind),
+            "largest_shared_browsers": dg.MetadataValue.md(markdown_table(state.largest_shared_browsers)),
+        },
+        "resolved_events": resolved_events_metadata(run.events_resolved, state),
+    }
+    for table, metadata in tables.items():
+        yield dg.MaterializeResult(asset_key=table, metadata={**metadata, **specific.get(table, {})})
     yield dg.AssetCheckResult(
         asset_key="resolved_events", check_name="shared_device_guard_respected",
         passed=state.history_attributions_over_guard == 0,
@@ -81,3 +102,7 @@ def resolved_events_metadata(events_resolved_this_run: int, state: IdentityOverv
         "extra_cart_sessions": state.extra_cart_sessions,
         "lift_pct": percent(state.lift),
     }
+
+
+def flags_text(state: IdentityOverview) -> str:
+    return ", ".join(f"{flag} {count:,}" for flag, count in state.flags_by_kind.items()) or "none"

@@ -1,12 +1,14 @@
-"""Landing files into the warehouse: `raw_events` and `customers`, with checks on the landing folder's health."""
+"""Landing files into the warehouse: one step writes the events' and the customers' tables and the file ledger they
+share, with checks on the landing folder's health."""
 
 import dagster as dg
 
-from dagster_project.metadata import ingestion_metadata
+from dagster_project.metadata import ingestion_metadata, table_metadata, table_specs
 from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
 from upstack_pipeline.customers import ingest_customers
 from upstack_pipeline.events import ingest_events
 from upstack_pipeline.ingestion import landing_health, overview
+from upstack_pipeline.warehouse import VERSION_TABLE
 
 landing_checks = [
     dg.AssetCheckSpec("landing_files_unchanged", asset="raw_events",
@@ -17,20 +19,51 @@ landing_checks = [
                       description="Each event_id is kept once, whatever the pixel retried."),
 ]
 
+INGESTION_TABLES = {
+    # The step opens the warehouse first in every run, so this is where a new file gets its schema and an older
+    # one its migrations (any step that opens the file first would do the same).
+    VERSION_TABLE: [],
+    # Events and customers files share one ledger: whichever kind a file is, its row is written by this step.
+    "ingested_files": [],
+    "changed_files": ["ingested_files"],
+    "raw_events": [],
+    "quarantined_events": [],
+    "customers": [],
+    "quarantined_customers": [],
+}
 
-@dg.asset(
-    pool=WAREHOUSE_POOL,
-    group_name="ingestion",
-    kinds={"duckdb"},
+
+@dg.multi_asset(
+    specs=table_specs(INGESTION_TABLES, group="ingestion"),
     check_specs=landing_checks,
-    description="Storefront events from the landing folder's new files; bad lines go to quarantined_events.",
+    pool=WAREHOUSE_POOL,
+    description="The landing folder's new files into the warehouse: the Shopify customers exports (optional; a newer "
+                "export wins), then the storefront events; bad lines are quarantined, every file is in the ledger.",
 )
-def raw_events(context: dg.AssetExecutionContext, upstack: UpstackResource):
+def ingestion(context: dg.AssetExecutionContext, upstack: UpstackResource):
     now = upstack.now()
-    report = ingest_events(upstack.settings(), now=now, log=context.log.warning)
-    table = overview(upstack.warehouse(), table="raw_events", quarantine_table="quarantined_events",
-                     recent_columns="event_id, event_name, event_time, anonymous_id, source_file", now=now)
-    yield dg.MaterializeResult(metadata=ingestion_metadata(report, table))
+    settings = upstack.settings()
+    warehouse = upstack.warehouse()
+    customers = ingest_customers(settings, now=now, log=context.log.warning)
+    events = ingest_events(settings, now=now, log=context.log.warning)
+    tables = table_metadata(warehouse, INGESTION_TABLES)
+    customers_table = overview(warehouse, table="customers", quarantine_table="quarantined_customers",
+                               recent_columns="customer_id, first_name, city, country, source_file", now=now)
+    events_table = overview(warehouse, table="raw_events", quarantine_table="quarantined_events",
+                            recent_columns="event_id, event_name, event_time, anonymous_id, source_file", now=now)
+    yield dg.MaterializeResult(asset_key="raw_events",
+                               metadata={**tables["raw_events"], **ingestion_metadata(events, events_table)})
+    yield dg.MaterializeResult(asset_key="customers",
+                               metadata={**tables["customers"], **ingestion_metadata(customers, customers_table)})
+    yield dg.MaterializeResult(asset_key="quarantined_events", metadata={
+        **tables["quarantined_events"], "quarantined_this_run": events.quarantined_rows})
+    yield dg.MaterializeResult(asset_key="quarantined_customers", metadata={
+        **tables["quarantined_customers"], "quarantined_this_run": customers.quarantined_rows})
+    yield dg.MaterializeResult(asset_key="ingested_files", metadata={
+        **tables["ingested_files"], "files_read_this_run": events.files_read + customers.files_read})
+    yield dg.MaterializeResult(asset_key="changed_files", metadata={
+        **tables["changed_files"], "found_this_run": len(events.changed_files) + len(customers.changed_files)})
+    yield dg.MaterializeResult(asset_key=VERSION_TABLE, metadata=tables[VERSION_TABLE])
     yield from landing_check_results(upstack)
 
 
@@ -47,27 +80,13 @@ def landing_check_results(upstack: UpstackResource):
         "Re-export them under a new name.",
     )
     yield dg.AssetCheckResult(
-        check_name="event_ids_unique", passed=health.repeated_event_ids == 0,
+        asset_key="raw_events", check_name="event_ids_unique", passed=health.repeated_event_ids == 0,
         metadata={"repeated_event_ids": health.repeated_event_ids},
     )
 
 
 def warn_unless_zero(check_name: str, count: int, label: str, what_to_do: str) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
-        check_name=check_name, passed=count == 0, severity=dg.AssetCheckSeverity.WARN, metadata={label: count},
-        description=None if count == 0 else f"{count} {what_to_do}",
+        asset_key="raw_events", check_name=check_name, passed=count == 0, severity=dg.AssetCheckSeverity.WARN,
+        metadata={label: count}, description=None if count == 0 else f"{count} {what_to_do}",
     )
-
-
-@dg.asset(
-    pool=WAREHOUSE_POOL,
-    group_name="ingestion",
-    kinds={"duckdb"},
-    description="Shopify customers export (optional): links customer ids to emails; newest export wins.",
-)
-def customers(context: dg.AssetExecutionContext, upstack: UpstackResource) -> dg.MaterializeResult:
-    now = upstack.now()
-    report = ingest_customers(upstack.settings(), now=now, log=context.log.warning)
-    table = overview(upstack.warehouse(), table="customers", quarantine_table="quarantined_customers",
-                     recent_columns="customer_id, first_name, city, country, source_file", now=now)
-    return dg.MaterializeResult(metadata=ingestion_metadata(report, table))
