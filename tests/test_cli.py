@@ -91,7 +91,7 @@ def test_sync_that_cannot_write_the_warehouse_fails_with_a_message_and_exit_stat
     completed = upstack("sync", env=environment(settings))
 
     assert completed.returncode == 1
-    assert "FAILED" in completed.stdout and "raw_events failed" in completed.stdout
+    assert "FAILED" in completed.stdout and "step ingestion failed" in completed.stdout
 
 
 def test_concurrent_syncs_both_succeed_without_losing_or_doubling_rows(settings):
