@@ -1,6 +1,6 @@
 """What checking Klaviyo's limits costs the mapping, against checking every payload in Python.
 
-The mapping (`klaviyo_payloads`) must never queue a payload Klaviyo would refuse. `sql/klaviyo_outbox.sql` marks
+The mapping (the `klaviyo_mapping` step) must never queue a payload Klaviyo would refuse. `sql/klaviyo_outbox.sql` marks
 the rows past a cheap bound of the limits and only those are judged in Python (`limits.event_violations`). This
 simulates traffic (default 3,000 visitors over 60 days), maps it in send mode `all` (the most rows), and reports,
 measured in the same process: the mapping's time, the rows the bound sent to Python, and the time the exact check
