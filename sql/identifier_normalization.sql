@@ -38,3 +38,7 @@ end;
 create or replace temp macro token_rejection(value) as case
     when lower(value) in ('', 'undefined', 'null', 'none', '0', '-1', 'nan', 'false', 'true') then 'placeholder'
 end;
+
+-- A person's upstack_id, from the identifier that anchors them ('email', else Klaviyo's 'kx'): the same person gets
+-- the same id in every run and rebuild, and two anchors never share one. resolved_events and identities both use it.
+create or replace temp macro upstack_id(anchor_type, anchor) as 'up_' || left(sha256(anchor_type || ':' || anchor), 20);

@@ -40,7 +40,7 @@ seen as (
     group by anchor_type, anchor
 )
 select
-    'up_' || left(sha256(anchor.anchor_type || ':' || anchor.anchor), 20) as upstack_id,
+    upstack_id(anchor.anchor_type, anchor.anchor) as upstack_id,
     anchor.anchor_type,
     if(anchor.anchor_type = 'email', anchor.anchor, null) as email,
     if(anchor.anchor_type = 'kx', anchor.anchor, kx.id_values[1]) as kx,

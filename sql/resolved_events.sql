@@ -271,10 +271,10 @@ select
     session_id,
     cluster_id,
     case when decision in ('session_email', 'history_email')
-             then 'up_' || left(sha256('email:' || coalesce(email_evidence.email, history_email.email)), 20)
+             then upstack_id('email', coalesce(email_evidence.email, history_email.email))
          when decision in ('session_kx', 'history_kx')
-             then 'up_' || left(sha256('kx:' || coalesce(kx_evidence.kx, history_kx.kx)), 20)
-    end as upstack_id,                          -- derived from the anchor exactly as sql/identities.sql does
+             then upstack_id('kx', coalesce(kx_evidence.kx, history_kx.kx))
+    end as upstack_id,
     case decision
         when 'session_email' then email_evidence.email
         when 'history_email' then history_email.email

@@ -124,7 +124,6 @@ class IdentityOverview:
     flags_by_kind: dict[str, int]
     largest_shared_browsers: pl.DataFrame
     history_attributions_over_guard: int  # must be 0: history used on a browser past max_emails_per_browser
-    identities_with_several_emails: int  # must be 0: a person never absorbs another person's email
 
     @property
     def lift(self) -> float:
@@ -177,7 +176,4 @@ def overview(settings: Settings, *, limit: int = 5) -> IdentityOverview:
                 group by left_value having count(distinct right_value) > 1
                 order by emails desc, anonymous_id limit $limit""", params={"limit": limit}).pl(),
             history_attributions_over_guard=over_guard,
-            identities_with_several_emails=connection.execute(
-                "select count(*) from (select upstack_id from resolved_events where email is not null "
-                "group by upstack_id having count(distinct email) > 1)").fetchone()[0],
         )

@@ -12,8 +12,6 @@ identity_checks = [
     dg.AssetCheckSpec("shared_device_guard_respected", asset="resolved_events", blocking=True,
                       description="No event is named from the history of a browser that has shown more emails "
                                   "than max_emails_per_browser."),
-    dg.AssetCheckSpec("one_email_per_identity", asset="resolved_events", blocking=True,
-                      description="No upstack_id carries two emails: a person never absorbs another's email."),
 ]
 
 # Each table's deps are the tables its SQL reads, in the order the step runs it (usable_identity_* are views over
@@ -77,11 +75,6 @@ def identity_resolution(upstack: UpstackResource):
         asset_key="resolved_events", check_name="shared_device_guard_respected",
         passed=state.history_attributions_over_guard == 0,
         metadata={"events_over_guard": state.history_attributions_over_guard},
-    )
-    yield dg.AssetCheckResult(
-        asset_key="resolved_events", check_name="one_email_per_identity",
-        passed=state.identities_with_several_emails == 0,
-        metadata={"identities_with_several_emails": state.identities_with_several_emails},
     )
 
 
