@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -112,50 +111,45 @@ def test_concurrent_syncs_both_succeed_without_losing_or_doubling_rows(settings)
     assert query(settings, "select count(*) from ingested_files") == [(20,)]
 
 
-def kill_a_sync_while_it_writes(settings: Settings, env: dict[str, str], delay_after_first_write: float) -> None:
-    """Lands 72,000 events in 24 files, starts `upstack sync`, and SIGKILLs it once it is writing the warehouse."""
-    for hour in range(24):
+def kill_a_sync_after_batches(settings: Settings, env: dict[str, str], batches: int) -> None:
+    """Lands 12,000 events in 12 files and runs `upstack sync`, one file per transaction, which SIGKILLs itself
+    right after committing its `batches`-th batch (the test hook in upstack_pipeline/faults.py)."""
+    for hour in range(12):
         write_events(settings.events_dir / f"h{hour:02d}.ndjson.gz",
-                     [make_event(f"e{hour}-{n}") for n in range(3_000)])
-    wal = Path(f"{settings.warehouse_path}.wal")
-    process = subprocess.Popen([sys.executable, "-m", "dagster_project.cli", "sync"], env=env, cwd=PROJECT_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not wal.exists() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    time.sleep(delay_after_first_write)
-    assert process.poll() is None, "the sync finished before it could be killed; make the landing bigger"
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
+                     [make_event(f"e{hour}-{n}") for n in range(1_000)])
+    killed = upstack("sync", env={**env, "UPSTACK_INGEST_BATCH_BYTES": "1",
+                                  "UPSTACK_TEST_STOP_AFTER": f"events-batch:{batches}"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    # Exactly the committed batches, the first files in path order, and nothing of the batch after them.
+    assert query(settings, "select list(path order by path), sum(ingested_rows) from ingested_files") == [
+        ([f"events/h{hour:02d}.ndjson.gz" for hour in range(batches)], 1_000 * batches)]
+    assert query(settings, "select count(*) from raw_events") == [(1_000 * batches,)]
 
 
-@pytest.mark.parametrize("delay_after_first_write", [0.0, 0.4, 1.2])
-def test_a_sync_killed_while_writing_then_rerun_loses_nothing_and_doubles_nothing(settings, delay_after_first_write):
-    env = environment(settings, UPSTACK_INGEST_BATCH_BYTES="1")  # one file per transaction: many commit points
-    kill_a_sync_while_it_writes(settings, env, delay_after_first_write)
-    # Killed early enough, not even the tables were committed.
-    [(tables_committed,)] = query(settings, "select count(*) from duckdb_tables() where table_name = 'ingested_files'")
-    [(files_before_rerun,)] = query(settings, "select count(*) from ingested_files") if tables_committed else [(0,)]
+@pytest.mark.parametrize("batches", [1, 2, 11])
+def test_a_sync_killed_while_writing_then_rerun_loses_nothing_and_doubles_nothing(settings, batches):
+    env = environment(settings)
+    kill_a_sync_after_batches(settings, env, batches)
 
     rerun = upstack("sync", env=env)
 
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert count(r"raw_events .* from ([\d,]+) files?", rerun.stdout) == 24 - files_before_rerun > 0
-    assert query(settings, "select count(*), count(distinct event_id) from raw_events") == [(72_000, 72_000)]
-    assert query(settings, "select count(*), sum(ingested_rows) from ingested_files") == [(24, 72_000)]
+    assert count(r"raw_events .* from ([\d,]+) files?", rerun.stdout) == 12 - batches
+    assert query(settings, "select count(*), count(distinct event_id) from raw_events") == [(12_000, 12_000)]
+    assert query(settings, "select count(*), sum(ingested_rows) from ingested_files") == [(12, 12_000)]
 
 
 def test_a_sync_killed_with_dagster_home_set_does_not_block_the_next_one(settings, tmp_path):
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", home)
-    env = environment(settings, DAGSTER_HOME=str(home), UPSTACK_INGEST_BATCH_BYTES="1")
-    kill_a_sync_while_it_writes(settings, env, delay_after_first_write=0.0)
+    env = environment(settings, DAGSTER_HOME=str(home))
+    kill_a_sync_after_batches(settings, env, batches=1)
 
     rerun = upstack("sync", env=env, timeout=120)
 
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert query(settings, "select count(*) from raw_events") == [(72_000,)]
+    assert query(settings, "select count(*) from raw_events") == [(12_000,)]
     with dg.DagsterInstance.from_config(str(home)) as instance:
         statuses = sorted(run.status.value for run in instance.get_runs())
         assert statuses == ["FAILURE", "SUCCESS"]

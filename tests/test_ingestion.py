@@ -6,6 +6,9 @@ import gzip
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 from datetime import timedelta
 
@@ -239,6 +242,29 @@ def test_batching_does_not_change_the_outcome(settings, batch_bytes):
     transactions = 5 if batch_bytes == 1 else 1
     assert query(settings, "select list(distinct load_id order by load_id) from ingested_files") == [
         (list(range(1, transactions + 1)),)]
+
+
+def test_an_ingestion_killed_after_its_second_batch_keeps_exactly_two_files_and_the_rerun_reads_the_rest(settings):
+    for hour in range(5):
+        write_events(settings.events_dir / f"h{hour}.ndjson", [make_event(f"e{hour}-{n}") for n in range(3)])
+    script = ("import sys; from datetime import datetime; from upstack_pipeline.settings import Settings;"
+              "from upstack_pipeline.events import ingest_events;"
+              "ingest_events(Settings.from_env(), now=datetime.fromisoformat(sys.argv[1]))")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("UPSTACK_")}
+    # One file per transaction, and the test hook (upstack_pipeline/faults.py): SIGKILL after the second commit.
+    env.update(UPSTACK_LANDING_DIR=str(settings.landing_dir), UPSTACK_WAREHOUSE=str(settings.warehouse_path),
+               UPSTACK_INGEST_BATCH_BYTES="1", UPSTACK_TEST_STOP_AFTER="events-batch:2")
+
+    killed = subprocess.run([sys.executable, "-c", script, NOW.isoformat()], env=env, capture_output=True,
+                            text=True, timeout=120)
+
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert query(settings, "select list(path order by path), sum(ingested_rows) from ingested_files") == [
+        (["events/h0.ndjson", "events/h1.ndjson"], 6)]
+    assert query(settings, "select count(*) from raw_events") == [(6,)]
+    report = ingest(settings)
+    assert (report.files_read, report.ingested_rows, report.duplicate_rows) == (3, 9, 0)
+    assert query(settings, "select count(*), count(distinct event_id) from raw_events") == [(15, 15)]
 
 
 def test_contract_edge_cases_are_quarantined_without_stopping_the_file(settings):

@@ -17,6 +17,7 @@ from typing import Callable, Protocol
 import duckdb
 import polars as pl
 
+from upstack_pipeline import faults
 from upstack_pipeline.landing import (
     ChangedFile,
     KnownFile,
@@ -124,6 +125,7 @@ def _ingest_batch(
         report.add(file_counts)
     connection.unregister("staged_lines")
     connection.commit()
+    faults.reached(f"{file_kind.kind}-batch")  # test hook: UPSTACK_TEST_STOP_AFTER=events-batch:N
     report.files_read += len(batch) - len(unreadable)
     report.unreadable_files.update(unreadable)
 

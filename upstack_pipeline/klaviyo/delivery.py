@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 
 import duckdb
 
+from upstack_pipeline import faults
 from upstack_pipeline.klaviyo.client import Attempt, KlaviyoClient, KlaviyoDestinationError, probe
 from upstack_pipeline.klaviyo.limits import MAX_BULK_REQUEST_BYTES, MAX_EVENTS_PER_BULK_REQUEST, encode_body
 from upstack_pipeline.klaviyo.mapping import OutboxRow, bulk_create_body, profile_import_body
@@ -119,6 +120,7 @@ def _send_all(connection, client: KlaviyoClient, batches: list[list[OutboxRow]],
             delivered, dead, unsent = future.result()
             attempts, recorded = run.attempts[recorded:], len(run.attempts)
             _settle(connection, delivered, dead, unsent, now, attempts)
+            faults.reached("delivery-request")  # test hook: UPSTACK_TEST_STOP_AFTER=delivery-request:N
             run.delivered += len(delivered)
             run.delivered_backfill += sum(1 for row in delivered if row.event.get("backfill"))
             run.dead_lettered += len(dead)
