@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,23 +24,33 @@ from upstack_pipeline.klaviyo.delivery import deliver
 from upstack_pipeline.sandbox.klaviyo_emulator import Faults, KlaviyoEmulator
 from upstack_pipeline.klaviyo.mapping import map_events
 from upstack_pipeline.sandbox.simulate import simulate
+from upstack_pipeline.settings import Settings
 
 KEY = "pk_test_emulator_only_0123456789"
 END = datetime(2026, 11, 28, tzinfo=timezone.utc)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def outbox_settings(settings, tmp_path):
+@pytest.fixture(scope="module")
+def mapped_once(tmp_path_factory) -> Settings:
     """Two weeks of simulated traffic mapped in send mode 'all', so the outbox holds a thousand events or so."""
-    simulate(tmp_path / "sim", visitors=700, days=14, seed=5, end=END)
-    mapped = replace(settings, landing_dir=tmp_path / "sim", klaviyo_api_key=KEY,
-                     destination=replace(settings.destination, send_mode="all"))
+    root = tmp_path_factory.mktemp("outbox")
+    simulate(root / "sim", visitors=700, days=14, seed=5, end=END)
+    plain = Settings(landing_dir=root / "sim", warehouse_path=root / "warehouse.duckdb")
+    mapped = replace(plain, klaviyo_api_key=KEY, destination=replace(plain.destination, send_mode="all"))
     ingest_customers(mapped, now=END)
     ingest_events(mapped, now=END)
     resolve_identities(mapped, now=END)
     map_events(mapped, now=END)
     return mapped
+
+
+@pytest.fixture
+def outbox_settings(mapped_once, tmp_path):
+    """The mapped warehouse, built once for the module; each test delivers from its own copy of it."""
+    assert not Path(f"{mapped_once.warehouse_path}.wal").exists()  # closed and checkpointed: the file is all of it
+    warehouse = shutil.copy(mapped_once.warehouse_path, tmp_path / "warehouse.duckdb")
+    return replace(mapped_once, warehouse_path=Path(warehouse))
 
 
 def outbox_size(settings) -> int:
