@@ -7,7 +7,7 @@ PYTHON := $(shell for candidate in python3.13 python3.12 python3.11 python3; do 
 	$$candidate -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && { echo $$candidate; break; }; \
 	done)
 
-.PHONY: demo test dev bench
+.PHONY: demo test test-fast dev bench
 
 $(INSTALLED): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "upstack-flows needs Python 3.11 or newer on PATH (python3.11, python3.12, ...)."; exit 1; }
@@ -22,6 +22,10 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/pytest
+
+# The unit and journey tests in about a minute: every test but those marked slow (pyproject.toml). `make test` runs all.
+test-fast: $(INSTALLED)
+	$(BIN)/pytest -m "not slow"
 
 dev: $(INSTALLED)
 	DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000

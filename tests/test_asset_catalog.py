@@ -74,6 +74,7 @@ def test_columns_and_descriptions_come_from_the_ddl_and_its_comments(assets):
     assert first_event_id in columns_of(assets["identity_links"].metadata)
 
 
+@pytest.mark.slow  # a whole Dagster sync
 def test_a_sync_materializes_every_table_with_the_columns_and_rows_the_warehouse_has(settings, sync, assets):
     write_events(settings.events_dir / "a.ndjson", [make_event("e1"), klaviyo_click()])
     (settings.customers_dir / "customers.csv").write_text("customer_id,email\n1,jane@gmail.com\n")

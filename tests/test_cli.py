@@ -17,6 +17,8 @@ import pytest
 from conftest import klaviyo_click, make_event, query, write_events
 from upstack_pipeline.settings import Settings
 
+pytestmark = pytest.mark.slow  # every test runs the whole `upstack` command in a process
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -35,6 +35,8 @@ from postgres import PostgresDatabase, free_port, postgres_database, postgres_se
 from upstack_pipeline.sandbox.klaviyo_emulator import KlaviyoEmulator
 from upstack_pipeline.settings import Settings
 
+pytestmark = pytest.mark.slow  # real dagster-daemon and dagster-webserver processes on PostgreSQL
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 KEY = "pk_daemon_e2e_emulator_only_000"

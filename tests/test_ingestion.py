@@ -190,6 +190,7 @@ def test_files_still_being_written_and_other_formats_are_left_alone(settings):
     assert query(settings, "select event_id from raw_events") == [("nested",)]
 
 
+@pytest.mark.slow  # 150,000 lines
 def test_line_numbers_stay_exact_deep_into_a_large_file(settings):
     lines = [json.dumps(make_event(f"e{i}")) for i in range(150_000)]
     lines[123_456] = "oops"

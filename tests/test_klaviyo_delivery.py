@@ -76,6 +76,7 @@ def test_every_outbox_row_arrives_once_and_each_request_is_recorded_without_the_
     assert KEY not in dump and KEY not in json.dumps(emulator.requests(), default=str)
 
 
+@pytest.mark.slow  # hundreds of requests through faults and retries
 def test_through_5xx_dropped_connections_and_429s_every_row_arrives_exactly_once(outbox_settings):
     faults = Faults(server_error_rate=0.05, drop_after_processing_rate=0.05, force_429_every=9, seed=1)
     with KlaviyoEmulator(api_key=KEY, rate_limits=None, faults=faults) as emulator:
@@ -113,6 +114,7 @@ def test_a_bad_key_stops_delivery_with_what_to_do_and_leaves_the_outbox_pending(
     assert query(outbox_settings, "select distinct status from klaviyo_deliveries") == [(401,)]
 
 
+@pytest.mark.slow  # waits through the connection retries
 def test_an_unreachable_klaviyo_stops_delivery_soon_says_where_it_looked_and_loses_nothing(outbox_settings):
     with KlaviyoEmulator(api_key=KEY) as emulator:
         closed_port_url = emulator.base_url  # nothing listens there once the emulator has stopped
@@ -140,6 +142,7 @@ def test_an_address_that_is_not_klaviyos_api_stops_delivery_instead_of_dead_lett
     assert query(outbox_settings, "select count(*) from klaviyo_dead_letters") == [(0,)]
 
 
+@pytest.mark.slow  # waits through the connection retries
 def test_with_nothing_to_send_one_harmless_request_still_tells_whether_klaviyo_can_be_reached(outbox_settings):
     with KlaviyoEmulator(api_key=KEY) as emulator:
         deliver(outbox_settings, now=END, client=client_for(emulator))
@@ -152,6 +155,7 @@ def test_with_nothing_to_send_one_harmless_request_still_tells_whether_klaviyo_c
     assert query(outbox_settings, "select count(*) from klaviyo_outbox where status <> 'delivered'") == [(0,)]
 
 
+@pytest.mark.slow  # waits through the retries of every request in flight
 @pytest.mark.parametrize("emulator_options, says", [
     ({"faults": Faults(server_error_rate=1.0)}, "answered HTTP 503"),
     ({"newest_revision": "2026-07-15"}, "Klaviyo refused API revision 2026-10-15"),
@@ -167,6 +171,7 @@ def test_a_klaviyo_that_refuses_every_request_stops_delivery_with_the_cause(outb
     assert query(outbox_settings, "select count(*) from klaviyo_dead_letters") == [(0,)]
 
 
+@pytest.mark.slow  # delivers in a process of its own
 def test_a_delivery_killed_mid_flight_then_rerun_loses_nothing_and_duplicates_nothing(outbox_settings):
     expected = outbox_size(outbox_settings)
     script = (

@@ -197,6 +197,7 @@ def test_a_request_over_klaviyos_prose_limits_is_400(emulator):
     assert emulator.accepted_events() == []
 
 
+@pytest.mark.slow  # waits for the rate limit's window to reopen
 def test_the_third_request_in_a_second_is_429_with_retry_after_then_the_window_reopens():
     with KlaviyoEmulator(api_key=KEY, rate_limits=RateLimits(per_second=2, per_minute=1000)) as emulator:
         with http(emulator) as client:

@@ -68,6 +68,7 @@ def test_the_section_sits_right_before_delivery():
     assert headings[headings.index(SECTION) + 1] == "## Delivery"
 
 
+@pytest.mark.slow  # runs the whole `upstack` command in a process
 def test_the_command_prints_the_configured_names_and_exits_on_shopifys_placed_order():
     completed = upstack("klaviyo", "flows", UPSTACK_METRIC_TEMPLATE="{metric} (Upstack backup)")
 
@@ -89,6 +90,7 @@ def test_the_command_prints_the_configured_names_and_exits_on_shopifys_placed_or
     assert ours and all(re.search(r"\b(not|no)\b", line) for line in ours), ours
 
 
+@pytest.mark.slow  # runs the whole `upstack` command in a process
 def test_the_command_refuses_a_template_without_metric_in_one_line():
     completed = upstack("klaviyo", "flows", UPSTACK_METRIC_TEMPLATE="Upstack")
 

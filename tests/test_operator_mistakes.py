@@ -20,6 +20,8 @@ from upstack_pipeline.sandbox.klaviyo_emulator import KlaviyoEmulator
 from upstack_pipeline.settings import Settings
 from upstack_pipeline.warehouse import SCHEMA_VERSION, Warehouse
 
+pytestmark = pytest.mark.slow  # every mistake is made through the whole `upstack` command in a process
+
 KEY = "pk_mistakes_emulator_only_0000"
 
 

@@ -16,6 +16,8 @@ from conftest import make_event, write_events
 from postgres import PostgresDatabase, postgres_database, postgres_server  # noqa: F401  (pytest fixtures)
 from upstack_pipeline.settings import Settings
 
+pytestmark = pytest.mark.slow  # a real PostgreSQL server and `upstack sync` processes
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -28,6 +28,7 @@ def test_the_schema_is_valid_json_schema(schema):
     Draft202012Validator.check_schema(schema)
 
 
+@pytest.mark.slow  # simulates a world and validates every line
 def test_the_schema_refuses_exactly_the_simulators_broken_lines(schema, tmp_path):
     """The simulator breaks about 0.2% of lines on purpose, seven ways; the schema refuses all of them but the
     events 30 days ahead (a time the pipeline's sanity rule refuses, which the schema cannot express), and accepts

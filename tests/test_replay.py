@@ -17,6 +17,8 @@ from upstack_pipeline.sandbox.replay import pipeline, replay
 from upstack_pipeline.settings import Settings
 from upstack_pipeline.sandbox.simulate import simulate
 
+pytestmark = pytest.mark.slow  # simulated worlds replayed sync by sync
+
 END = datetime(2026, 11, 28, tzinfo=timezone.utc)
 KEY = "pk_replay_local_emulator_only"
 

@@ -185,6 +185,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # simulates the world a second time
 def test_same_arguments_give_identical_bytes(run: Run, tmp_path: Path) -> None:
     again = simulate(tmp_path / "again", visitors=VISITORS, days=DAYS, seed=SEED, end=END, shop=SHOP)
     first, second = all_files(run.root), all_files(again.out_dir)
@@ -194,6 +195,7 @@ def test_same_arguments_give_identical_bytes(run: Run, tmp_path: Path) -> None:
     assert again == SimulationSummary(**{**run.summary.__dict__, "out_dir": again.out_dir})
 
 
+@pytest.mark.slow  # simulates a second world
 def test_different_seed_gives_different_traffic(run: Run, tmp_path: Path) -> None:
     other = simulate(tmp_path / "other", visitors=VISITORS, days=DAYS, seed=SEED + 1, end=END, shop=SHOP)
     first, second = all_files(run.root), all_files(other.out_dir)
@@ -473,6 +475,7 @@ def long_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     return Run(simulate(out, visitors=400, days=180, seed=SEED, end=END, shop=SHOP))
 
 
+@pytest.mark.slow  # simulates half a year
 def test_most_people_come_once_and_returning_ones_after_weeks_to_months(long_run: Run) -> None:
     per_person: dict[str, list[datetime]] = defaultdict(list)
     for visit in visits(long_run):
@@ -486,6 +489,7 @@ def test_most_people_come_once_and_returning_ones_after_weeks_to_months(long_run
     assert sum(gap > 90 for gap in gaps) >= 3
 
 
+@pytest.mark.slow  # simulates two worlds
 def test_the_worlds_rates_are_settings(tmp_path: Path) -> None:
     def world(name: str, **rates: float) -> Run:
         return Run(simulate(tmp_path / name, visitors=600, days=30, seed=SEED, end=END, shop=SHOP,

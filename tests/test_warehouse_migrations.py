@@ -251,6 +251,7 @@ def history(connection: duckdb.DuckDBPyConnection) -> list[tuple]:
     return connection.execute(f"select version, description from {VERSION_TABLE} order by version").fetchall()
 
 
+@pytest.mark.slow  # an upgrade followed by a whole sync
 def test_a_first_release_warehouse_is_upgraded_in_place_keeps_every_row_and_syncs(settings, sync, tmp_path):
     create_release_1_warehouse(settings.warehouse_path)
     with duckdb.connect(str(settings.warehouse_path), read_only=True) as connection:
