@@ -1,4 +1,6 @@
 -- One step of min-label propagation over usable_browser_links; returns the number of labels it lowered.
+-- Reads: usable_browser_links (temp), cluster_labels (temp)
+-- Writes: cluster_labels (temp)
 update cluster_labels set label = lowest.label
 from (
     select edge.node, min(neighbour.label) as label

@@ -2,9 +2,12 @@
 -- Guards: a link between two cookies that each carry a different email is ignored (two people, whatever a
 -- weak identifier says), and a cluster larger than max_browsers_per_cluster is flagged and not merged.
 -- Connected components by min-label propagation: upstack_pipeline.identity repeats
--- sql/browser_cluster_labels_step.sql until no label changes. Leaves temp table reclustered_cookies: cookies
--- whose cluster changed, whose events must be resolved again.
--- Variables: max_browsers_per_cluster, probabilistic_matching, now. Input: temp table linked_cookie_emails.
+-- sql/browser_cluster_labels_step.sql until no label changes, then sql/browser_clusters_finish.sql writes the
+-- clusters.
+-- Reads: browser_links, linked_cookie_emails (temp)
+-- Variables: probabilistic_matching, now
+-- Writes: identity_flags
+-- Leaves: usable_browser_links (temp), cluster_labels (temp)
 
 create or replace temp table usable_browser_links as
 with cookie_emails as (

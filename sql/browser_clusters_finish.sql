@@ -1,5 +1,10 @@
 -- Turns converged cluster_labels into browser_clusters, leaving oversize clusters unmerged (and flagged), and
--- records in temp table reclustered_cookies every cookie whose cluster changed.
+-- records in temp table reclustered_cookies every cookie whose cluster changed: their events must be resolved
+-- again.
+-- Reads: browser_clusters, cluster_labels (temp), linked_cookie_emails (temp), usable_browser_links (temp)
+-- Variables: max_browsers_per_cluster, now
+-- Writes: browser_clusters, identity_flags
+-- Leaves: cluster_emails (temp), new_browser_clusters (temp), reclustered_cookies (temp)
 
 -- A cookie with no email can bridge two that carry different ones (Alice ~ family Mac ~ Bob): the pairwise guard
 -- in sql/browser_clusters.sql cannot see that, so a cluster holding two emails is not merged either.

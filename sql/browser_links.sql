@@ -1,8 +1,11 @@
 -- Same-browser evidence between cookies, from what this run touched: sessions seen on two cookies, ad clicks
 -- opened on exactly two cookies within the handoff window, and (only when probabilistic matching is on) a new
 -- cookie that starts on the same IP and user agent minutes after another one stopped: a cookie reset.
+-- Reads: raw_events, identity_links, new_observations (temp)
 -- Variables: after_load_id, max_browsers_per_cluster, click_handoff_window, probabilistic_matching,
--- probabilistic_window, now. Input: temp table new_observations.
+--   probabilistic_window, now
+-- Writes: browser_links, identity_flags
+-- Leaves: touched_sessions (temp), touched_click_ids (temp), click_cookies (temp)
 
 create or replace temp table touched_sessions as
 select distinct session_id from raw_events where load_id > getvariable('after_load_id');

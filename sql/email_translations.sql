@@ -1,6 +1,8 @@
 -- Identifiers that translate into exactly one email (customer id, phone, email or phone hash, _kx), and the
 -- emails each linked cookie carries, typed or translated. Built before browser clusters, so the guard that keeps
 -- two people's browsers apart sees an email that came from a login exactly as one that was typed.
+-- Reads: usable_identity_links, usable_identity_observations, browser_links
+-- Leaves: email_translations (temp), linked_cookie_emails (temp)
 
 -- only_from_customer_file: a customer id the pixel never saw on one event with its email (a login whose email
 -- only the customers export gives). Taken from the observations, not from which source came first, so it does not

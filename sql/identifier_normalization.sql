@@ -1,6 +1,9 @@
 -- How raw identifier values become identifiers, or are rejected. Temp macros, defined per connection before the
--- identity SQL runs, so events and the customers export are judged by exactly the same rules.
--- Variable: blocked_emails (list of 'exact@address', '@domain', 'local@' entries).
+-- identity SQL runs, so events and the customers export are judged by exactly the same rules. blocked_emails lists
+-- 'exact@address', '@domain' and 'local@' entries.
+-- Variables: blocked_emails
+-- Leaves: normalized_email (macro), email_rejection (macro), e164_phone (macro), phone_rejection (macro),
+--   hash_rejection (macro), token_rejection (macro), upstack_id (macro)
 
 create or replace temp macro normalized_email(raw) as lower(trim(raw));
 

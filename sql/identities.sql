@@ -2,7 +2,11 @@
 -- An identity is anchored on an email or, when nothing ties it to one, a Klaviyo _kx; its upstack_id is derived
 -- from the anchor, so it is the same in every run and never renumbered. Phones, customer ids and a _kx join an
 -- email's identity only when they translate to that one email (temp table email_translations).
--- Variable: now. Inputs: temp tables targets, evidence, email_translations.
+-- Reads: resolved_events, usable_identity_links, usable_identity_observations, customers, identities,
+--   evidence (temp), targets (temp), email_translations (temp), upstack_id (macro)
+-- Variables: now
+-- Writes: identities, resolved_events
+-- Leaves: touched_anchors (temp), anchor_links (temp)
 
 create or replace temp table touched_anchors as
 select distinct 'email' as anchor_type, email as anchor from evidence where email is not null

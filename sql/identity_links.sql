@@ -2,7 +2,11 @@
 -- new observations (cookie <-> identifier, and person identifiers seen on one event), every new event
 -- (session <-> cookie), and new customers export rows (customer id <-> email). Hashes (em, ph) link to the plain
 -- value only when the hash matches it.
--- Variables: after_load_id, after_customers_load_id. Input: temp table new_observations.
+-- Reads: raw_events, customers, new_observations (temp), normalized_email (macro), email_rejection (macro),
+--   e164_phone (macro), phone_rejection (macro)
+-- Variables: after_load_id, after_customers_load_id
+-- Writes: identity_links
+-- Leaves: new_links (temp)
 
 create or replace temp table new_links as
 select 'anonymous_id' as left_type, anonymous_id as left_value, id_type as right_type, id_value as right_value,

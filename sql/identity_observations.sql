@@ -2,6 +2,11 @@
 -- (sql/identifier_normalization.sql). Well-formed ones go to identity_observations and stay in temp table
 -- new_observations for the rest of the run (a supernode's too: sql/identity_rejected_values.sql counts them);
 -- rejected ones are counted in identity_rejected_values.
+-- Reads: raw_events, normalized_email (macro), e164_phone (macro), email_rejection (macro), hash_rejection (macro),
+--   phone_rejection (macro), token_rejection (macro)
+-- Variables: after_load_id
+-- Writes: identity_observations, identity_rejected_values
+-- Leaves: new_identifier_candidates (temp), new_observations (temp)
 
 create or replace temp table new_identifier_candidates as
 with events as (

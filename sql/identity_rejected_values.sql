@@ -11,7 +11,11 @@
 --
 -- Cookies, not browser clusters, are counted: clusters are rebuilt later in the run, and a verdict that does not
 -- depend on them is the same however the history was cut into runs.
--- Variables: max_browsers_per_identifier, supernode_window. Input: temp table new_observations.
+-- Reads: identity_observations, identity_rejected_values, resolved_events, new_observations (temp)
+-- Variables: max_browsers_per_identifier, supernode_window
+-- Writes: identity_rejected_values, identities
+-- Leaves: supernode_verdicts (temp), supernode_changes (temp), supernode_cookies (temp), newly_quarantined (temp),
+--   quarantined_kx (variable), quarantined_phones (variable), quarantined_customer_ids (variable)
 
 create or replace temp table supernode_verdicts as
 with candidates as (

@@ -16,9 +16,12 @@
 -- Person identifiers only translate into an email; they never join two browsers (sql/browser_clusters.sql), and a
 -- value quarantined as a supernode is never used (usable_identity_observations, sql/identity_rejected_values.sql).
 --
--- Variables: after_load_id, after_customers_load_id, commerce_events (the event names resolved), cookie_lifetime,
--- max_emails_per_browser, now.
--- Inputs: temp tables new_observations, supernode_cookies, reclustered_cookies.
+-- Reads: browser_clusters, identity_links, customers, raw_events, resolved_events, usable_identity_observations,
+--   identity_observations, identity_rejected_values, new_observations (temp), reclustered_cookies (temp),
+--   supernode_cookies (temp), email_translations (temp), upstack_id (macro)
+-- Variables: after_load_id, after_customers_load_id, commerce_events, cookie_lifetime, max_emails_per_browser, now
+-- Writes: identity_flags, resolved_events
+-- Leaves: cookie_cluster (temp), affected_cookies (temp), targets (temp), evidence (temp), resolutions (temp)
 
 create or replace temp table cookie_cluster as
 select anonymous_id, browser_cluster_id, linked_by from browser_clusters;

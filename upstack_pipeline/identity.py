@@ -1,6 +1,7 @@
 """Identity resolution (SPEC 4): which person is behind each commerce event, and how we know.
 
-The work is set-based DuckDB SQL in `sql/`, run in order inside one transaction per run:
+The work is set-based DuckDB SQL in `sql/`, the files of `STEPS` run in that order inside one transaction per
+run:
 
 1. `identifier_normalization` + `identity_observations`: identifiers of the new events, normalised, with
    placeholders and blocked addresses rejected (and counted); `identity_rejected_values`: values now seen on
@@ -15,10 +16,27 @@ The work is set-based DuckDB SQL in `sql/`, run in order inside one transaction 
 Only what is new since the last run (raw_events.load_id above the stage's watermark) is read, plus the browser
 clusters it touches, so an hourly run costs in proportion to the hour, not the history. A run that dies leaves
 the transaction uncommitted: the next run does the same work again.
+
+The files hand their results on in temp tables, which no schema names, so each file says at its top, after the
+comment on why it exists, what it takes and what it leaves, in lines that tests/test_identity_steps.py checks
+against the SQL and against a real run, step by step:
+
+    -- Reads: raw_events, identity_links, new_observations (temp), upstack_id (macro)
+    -- Variables: after_load_id, now
+    -- Writes: browser_links, identity_flags
+    -- Leaves: touched_sessions (temp), quarantined_kx (variable)
+
+Reads: what it selects from (after `from` or `join`): warehouse tables and views by name, and what an earlier step
+left, marked (temp) or (macro). Variables: the session variables it reads and does not set itself (set by
+`_set_variables`, or left by an earlier step). Writes: the tables it inserts into, updates or deletes from, an
+earlier step's temp table marked (temp). Leaves: the temp tables, temp macros and session variables it creates,
+which last until the connection closes. A line with nothing to list is left out; a long one goes on in lines
+indented under it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -32,6 +50,15 @@ STAGE = "identity"
 # The events resolved and sent: the pixel events Klaviyo has a metric for (sql/resolved_events.sql reads the list).
 COMMERCE_EVENTS = tuple(PIXEL_TO_KLAVIYO_METRIC)
 MAX_LABEL_STEPS = 1000
+# Repeated until no label moves: connected components by min-label propagation take as many steps as the widest
+# cluster, and SQL has no loop.
+LABEL_STEP = "browser_cluster_labels_step"
+# The identity SQL files in the order a run executes them: each reads only what the ones before it leave.
+STEPS = (
+    "identifier_normalization", "identity_observations", "identity_rejected_values", "identity_links",
+    "browser_links", "email_translations", "browser_clusters", LABEL_STEP, "browser_clusters_finish",
+    "resolved_events", "identities",
+)
 
 
 @dataclass(frozen=True)
@@ -44,18 +71,26 @@ class IdentityRun:
     label_steps: int
 
 
-def resolve_identities(settings: Settings, *, now: datetime) -> IdentityRun:
+def resolve_identities(
+    settings: Settings, *, now: datetime,
+    after_step: Callable[[duckdb.DuckDBPyConnection, str], None] | None = None,
+) -> IdentityRun:
+    """`after_step` sees the run's connection after each step (after the last repeat of LABEL_STEP), inside its
+    transaction: the temp tables a step leaves vanish with the connection, so this is the only place to look at
+    them (tests/test_identity_steps.py does)."""
     with Warehouse(settings.warehouse_path).connect() as connection:
         connection.begin()
         watermark = _watermark(connection)
         latest_load = connection.execute("select coalesce(max(load_id), 0) from ingested_files").fetchone()[0]
         _set_variables(connection, settings.identity, after_load_id=watermark, now=now)
-        for step in ("identifier_normalization", "identity_observations", "identity_rejected_values",
-                     "identity_links", "browser_links", "email_translations", "browser_clusters"):
-            connection.execute(read_sql(step))
-        label_steps = _propagate_cluster_labels(connection)
-        for step in ("browser_clusters_finish", "resolved_events", "identities"):
-            connection.execute(read_sql(step))
+        label_steps = 0
+        for step in STEPS:
+            if step == LABEL_STEP:
+                label_steps = _propagate_cluster_labels(connection)
+            else:
+                connection.execute(read_sql(step))
+            if after_step is not None:
+                after_step(connection, step)
         run = IdentityRun(
             new_observations=_count(connection, "new_observations"),
             rejected_values=_count(connection, "new_identifier_candidates where rejection is not null"),
@@ -98,7 +133,7 @@ def _set_variables(
 
 def _propagate_cluster_labels(connection: duckdb.DuckDBPyConnection) -> int:
     """Repeats one min-label step until no label moves: as many steps as the widest cluster, not one per event."""
-    step_sql = read_sql("browser_cluster_labels_step")
+    step_sql = read_sql(LABEL_STEP)
     for step in range(1, MAX_LABEL_STEPS + 1):
         if connection.execute(step_sql).fetchone()[0] == 0:
             return step
