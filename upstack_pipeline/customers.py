@@ -12,7 +12,7 @@ import polars as pl
 from upstack_pipeline.ingestion import IngestReport, UnreadableFileError, ingest_new_files
 from upstack_pipeline.landing import LandingFile
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.warehouse import Warehouse, read_sql
+from upstack_pipeline.warehouse import read_sql
 
 CUSTOMER_COLUMNS = (
     "customer_id", "email", "phone", "first_name", "last_name", "city", "region", "country", "accepts_marketing",
@@ -59,6 +59,6 @@ def ingest_customers(
 ) -> IngestReport:
     """Ingests every customers export not read yet into customers / quarantined_customers."""
     return ingest_new_files(
-        Warehouse(settings.warehouse_path), settings.landing_dir, CustomerFiles(),
+        settings.warehouse(), settings.landing_dir, CustomerFiles(),
         now=now, batch_bytes=settings.ingest_batch_bytes, log=log,
     )

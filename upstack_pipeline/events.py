@@ -22,7 +22,7 @@ import polars as pl
 from upstack_pipeline.ingestion import IngestReport, UnreadableFileError, ingest_new_files
 from upstack_pipeline.landing import LandingFile, check_landing_folder, ignored_files
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.warehouse import Warehouse, read_sql, set_variables
+from upstack_pipeline.warehouse import read_sql, set_variables
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "raw-event.schema.json"
 SCHEMA: dict = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
@@ -177,7 +177,7 @@ def ingest_events(
     landing folder's files that no reader takes. A missing landing folder raises LandingFolderError."""
     check_landing_folder(settings.landing_dir)
     report = ingest_new_files(
-        Warehouse(settings.warehouse_path), settings.landing_dir, EventFiles(settings.max_clock_skew),
+        settings.warehouse(), settings.landing_dir, EventFiles(settings.max_clock_skew),
         now=now, batch_bytes=settings.ingest_batch_bytes, log=log,
     )
     report.ignored_files = ignored_files(settings.landing_dir)

@@ -44,7 +44,7 @@ import duckdb
 import polars as pl
 
 from upstack_pipeline.settings import PIXEL_TO_KLAVIYO_METRIC, IdentitySettings, Settings
-from upstack_pipeline.warehouse import Warehouse, read_sql, set_variables
+from upstack_pipeline.warehouse import read_sql, set_variables
 
 STAGE = "identity"
 # The events resolved and sent: the pixel events Klaviyo has a metric for (sql/resolved_events.sql reads the list).
@@ -78,7 +78,7 @@ def resolve_identities(
     """`after_step` sees the run's connection after each step (after the last repeat of LABEL_STEP), inside its
     transaction: the temp tables a step leaves vanish with the connection, so this is the only place to look at
     them (tests/test_identity_steps.py does)."""
-    with Warehouse(settings.warehouse_path).connect() as connection:
+    with settings.warehouse().connect() as connection:
         connection.begin()
         watermark = _watermark(connection)
         latest_load = connection.execute("select coalesce(max(load_id), 0) from ingested_files").fetchone()[0]
@@ -167,7 +167,7 @@ class IdentityOverview:
 
 def overview(settings: Settings, *, limit: int = 5) -> IdentityOverview:
     guard = settings.identity
-    with Warehouse(settings.warehouse_path).connect() as connection:
+    with settings.warehouse().connect() as connection:
         def pairs(query: str) -> dict:
             return dict(connection.execute(query).fetchall())
 

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
 
+from upstack_pipeline.klaviyo.client import REQUESTS_PER_MINUTE, REQUESTS_PER_SECOND, REVISION, KlaviyoClient
 from upstack_pipeline.klaviyo.limits import MAX_METRIC_NAME_CHARS
+from upstack_pipeline.warehouse import Warehouse
 
 KLAVIYO_PRODUCTION_URL = "https://a.klaviyo.com"
 
@@ -114,7 +116,14 @@ class DestinationSettings:
 class Settings:
     landing_dir: Path = Path("data/landing")
     warehouse_path: Path = Path("data/warehouse.duckdb")
+    # How long opening the warehouse waits for another process (a notebook, a second sync) to let go of the file.
+    warehouse_lock_wait: timedelta = timedelta(minutes=10)
     klaviyo_base_url: str = KLAVIYO_PRODUCTION_URL
+    # The API revision the payloads are written for, and Klaviyo's rate limits per account: settings so that an
+    # emulator or a test can narrow them, not knobs to turn against Klaviyo's own API.
+    klaviyo_revision: str = REVISION
+    klaviyo_requests_per_second: int = REQUESTS_PER_SECOND
+    klaviyo_requests_per_minute: int = REQUESTS_PER_MINUTE
     # Where Dagster keeps run history; None = `upstack sync` runs against a throwaway in-memory instance.
     dagster_home: Path | None = None
     # repr=False: a Settings object may end up in a log line or a traceback; the key must not.
@@ -134,7 +143,7 @@ class Settings:
         return cls(
             landing_dir=Path(env.get("UPSTACK_LANDING_DIR") or defaults.landing_dir),
             warehouse_path=Path(env.get("UPSTACK_WAREHOUSE") or defaults.warehouse_path),
-            klaviyo_base_url=_base_url(env.get("KLAVIYO_BASE_URL") or defaults.klaviyo_base_url),
+            klaviyo_base_url=checked_base_url(env.get("KLAVIYO_BASE_URL") or defaults.klaviyo_base_url),
             klaviyo_api_key=env.get("KLAVIYO_API_KEY") or None,
             dagster_home=Path(env["DAGSTER_HOME"]) if env.get("DAGSTER_HOME") else None,
             ingest_batch_bytes=_positive_int(env, "UPSTACK_INGEST_BATCH_BYTES", defaults.ingest_batch_bytes,
@@ -174,6 +183,15 @@ class Settings:
     def customers_dir(self) -> Path:
         return self.landing_dir / "customers"
 
+    def warehouse(self) -> Warehouse:
+        return Warehouse(self.warehouse_path, lock_timeout_seconds=self.warehouse_lock_wait.total_seconds())
+
+    def klaviyo_client(self, **options) -> KlaviyoClient:
+        """A client for the configured account; `options` are KlaviyoClient's (attempts, timeouts)."""
+        return KlaviyoClient(self.klaviyo_base_url, self.klaviyo_api_key, revision=self.klaviyo_revision,
+                             per_second=self.klaviyo_requests_per_second,
+                             per_minute=self.klaviyo_requests_per_minute, **options)
+
     def with_paths(self, *, landing_dir: Path | None = None, warehouse_path: Path | None = None) -> "Settings":
         return replace(
             self,
@@ -205,7 +223,7 @@ def _check_metric_template(template: str, names: Mapping[str, str]) -> None:
                      "record: flow filters could not tell ours from theirs; add words around {metric}")
 
 
-def _base_url(raw: str) -> str:
+def checked_base_url(raw: str) -> str:
     """A mistyped address is named at start-up, not met later as a connection error that blames the network."""
     try:
         parts = urlsplit(raw.strip())

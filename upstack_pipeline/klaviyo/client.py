@@ -22,6 +22,9 @@ import httpx
 from upstack_pipeline.klaviyo.limits import encode_body
 
 REVISION = "2026-10-15"
+# Klaviyo's limits for the bulk endpoints, per account (see the module docstring).
+REQUESTS_PER_SECOND = 10
+REQUESTS_PER_MINUTE = 150
 RETRIABLE_STATUSES = {429, 500, 502, 503, 504}
 
 
@@ -116,8 +119,9 @@ class KlaviyoClient:
         base_url: str,
         api_key: str,
         *,
-        per_second: int = 10,
-        per_minute: int = 150,
+        revision: str = REVISION,
+        per_second: int = REQUESTS_PER_SECOND,
+        per_minute: int = REQUESTS_PER_MINUTE,
         max_attempts: int = 8,
         connect_attempts: int = 3,
         timeout_seconds: float = 30.0,
@@ -129,7 +133,7 @@ class KlaviyoClient:
             timeout=timeout_seconds,
             headers={
                 "Authorization": f"Klaviyo-API-Key {api_key}",
-                "revision": REVISION,
+                "revision": revision,
                 "Accept": "application/vnd.api+json",
                 "Content-Type": "application/vnd.api+json",
             },
@@ -140,6 +144,7 @@ class KlaviyoClient:
         # not a blip that a minute of backoff cures: give up sooner than on a timeout or a 5xx.
         self.connect_attempts = min(connect_attempts, max_attempts)
         self.base_url = base_url
+        self.revision = revision
         self.backoff_seconds = backoff_seconds
         self.on_attempt = on_attempt
         self.random = random.Random()
@@ -200,9 +205,10 @@ class KlaviyoClient:
                 raise KlaviyoAuthError(_auth_advice(status, body), status)
             if status == 400 and _names_parameter(body, "revision"):
                 raise KlaviyoRevisionError(
-                    f"Klaviyo refused API revision {REVISION} ({_error_summary(status, body)}). This release of "
-                    "upstack-flows speaks that revision: if KLAVIYO_BASE_URL is Klaviyo's own address, upgrade "
-                    "upstack-flows; else check what serves KLAVIYO_BASE_URL.")
+                    f"Klaviyo refused API revision {self.revision} ({_error_summary(status, body)}). This release of "
+                    f"upstack-flows writes its payloads for revision {REVISION}: if KLAVIYO_BASE_URL is Klaviyo's "
+                    "own address, use that revision (the klaviyo resource's `revision`) or upgrade upstack-flows; "
+                    "else check what serves KLAVIYO_BASE_URL.")
             if status in (404, 405) or (not_json and status is not None and 400 <= status < 429):
                 raise KlaviyoAddressError(
                     f"{self.base_url} does not answer as Klaviyo's API does: {method} {path} got HTTP {status}"

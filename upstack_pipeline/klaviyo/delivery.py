@@ -23,7 +23,6 @@ from upstack_pipeline.klaviyo.client import Attempt, KlaviyoClient, KlaviyoDesti
 from upstack_pipeline.klaviyo.limits import MAX_BULK_REQUEST_BYTES, MAX_EVENTS_PER_BULK_REQUEST, encode_body
 from upstack_pipeline.klaviyo.mapping import OutboxRow, bulk_create_body, profile_import_body
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.warehouse import Warehouse
 
 BULK_EVENTS_PATH = "/api/event-bulk-create-jobs"
 PROFILES_PER_IMPORT_JOB = 10_000
@@ -75,10 +74,10 @@ def deliver(
     run = DeliveryRun(configured=True)
     started = time.monotonic()
     own_client = client is None
-    client = client or KlaviyoClient(settings.klaviyo_base_url, settings.klaviyo_api_key)
+    client = client or settings.klaviyo_client()
     client.on_attempt = run.attempts.append
     try:
-        with Warehouse(settings.warehouse_path).connect() as connection:
+        with settings.warehouse().connect() as connection:
             # Rows a dead run had claimed may or may not have arrived: send them again.
             connection.execute("update klaviyo_outbox set status = 'pending', claimed_at = null "
                                "where status = 'claimed'")
@@ -267,7 +266,7 @@ def _record_attempts(connection, attempts: list[Attempt]) -> None:
 
 def stale_pending_rows(settings: Settings, *, now: datetime) -> int:
     """Outbox rows waiting longer than max_pending_age: delivery is stuck (or not configured)."""
-    with Warehouse(settings.warehouse_path).connect() as connection:
+    with settings.warehouse().connect() as connection:
         return connection.execute(
             "select count(*) from klaviyo_outbox where status in ('pending', 'claimed') and created_at < ?",
             [now - settings.destination.max_pending_age]).fetchone()[0]

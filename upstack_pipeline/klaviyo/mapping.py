@@ -16,7 +16,7 @@ import duckdb
 
 from upstack_pipeline.klaviyo import limits
 from upstack_pipeline.settings import ORDER_LINE_METRIC, PIXEL_TO_KLAVIYO_METRIC, DestinationSettings, Settings
-from upstack_pipeline.warehouse import Warehouse, read_sql, set_variables
+from upstack_pipeline.warehouse import read_sql, set_variables
 
 SKIP_REASONS = ("disabled_event", "no_consent", "unresolved", "native_identified", "profile_creation_disabled",
                 "invalid")
@@ -40,7 +40,7 @@ class MappingRun:
 
 
 def map_events(settings: Settings, *, now: datetime) -> MappingRun:
-    with Warehouse(settings.warehouse_path).connect() as connection:
+    with settings.warehouse().connect() as connection:
         connection.begin()
         _set_variables(connection, settings.destination, now)
         before = _counts(connection)
@@ -204,7 +204,7 @@ def overview(settings: Settings, *, now: datetime) -> MappingOverview:
     required = {"metric_name": [names[metric] for metric in KEY_PROPERTIES],
                 "keys": [list(keys) for keys in KEY_PROPERTIES.values()]}
     money_metrics = [names[metric] for metric in MONEY_METRICS]
-    with Warehouse(settings.warehouse_path).connect() as connection:
+    with settings.warehouse().connect() as connection:
         def pairs(query: str) -> dict:
             return dict(connection.execute(query).fetchall())
 
