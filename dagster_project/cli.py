@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +18,6 @@ from dagster_project.metadata import plural
 from upstack_pipeline.klaviyo.client import (
     KlaviyoAddressError,
     KlaviyoAuthError,
-    KlaviyoClient,
     KlaviyoDestinationError,
     KlaviyoRateLimitedError,
     KlaviyoRevisionError,
@@ -29,7 +27,7 @@ from upstack_pipeline.klaviyo.client import (
 from upstack_pipeline.klaviyo.flows import render_backup_flows_guide
 from upstack_pipeline.landing import check_landing_folder
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.warehouse import Warehouse, WarehouseError
+from upstack_pipeline.warehouse import WarehouseError
 
 if TYPE_CHECKING:
     from upstack_pipeline.sandbox.replay import ReplayStep
@@ -100,7 +98,7 @@ def check_before_a_run(settings: Settings) -> None:
     """The setup mistakes a run would only find inside a step (and report with a stack trace), found first."""
     check_landing_folder(settings.landing_dir)
     if settings.warehouse_path.is_file():
-        with Warehouse(settings.warehouse_path).connect(read_only=True):
+        with settings.warehouse().connect(read_only=True):
             pass  # opening refuses a warehouse written by a newer release
 
 
@@ -184,12 +182,13 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
         f"{args.live_days} days in one sync, then one sync per day, each at the hour after its day ends.\n"
     )
     with emulator_module.KlaviyoEmulator(api_key=DEMO_KEY) as emulator:
-        # The assets read Klaviyo's address and key from the environment at run time, as in production.
-        os.environ.update(KLAVIYO_BASE_URL=emulator.base_url, KLAVIYO_API_KEY=DEMO_KEY)
+        # The emulator is the Klaviyo resource's configuration, as a real account would be: its address in each
+        # run's config, its key bound to the resource.
+        demo_settings = replace(settings, klaviyo_base_url=emulator.base_url, klaviyo_api_key=DEMO_KEY)
 
         def timed_sync(now: datetime) -> tuple[dg.ExecuteInProcessResult, float]:
             started = time.monotonic()
-            return run_sync(settings, instance, as_of=now), time.monotonic() - started
+            return run_sync(demo_settings, instance, as_of=now), time.monotonic() - started
 
         with instance:
             for step, (result, seconds) in replay(simulation, settings.landing_dir, timed_sync,
@@ -288,7 +287,7 @@ def command_check_key(settings: Settings) -> int:
               "Profiles: Write" + (" and Lists: Write" if settings.destination.list_id else "") + ", then export it.")
         return 1
     print(f"Checking KLAVIYO_API_KEY against {settings.klaviyo_base_url} (KLAVIYO_BASE_URL)")
-    with KlaviyoClient(settings.klaviyo_base_url, settings.klaviyo_api_key, max_attempts=3) as client:
+    with settings.klaviyo_client(max_attempts=3) as client:
         try:
             verdicts = check_key(client, needs_list=settings.destination.list_id is not None)
         except KlaviyoDestinationError as error:

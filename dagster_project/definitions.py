@@ -4,18 +4,27 @@ import os
 import socket
 from datetime import datetime
 from pathlib import Path
+from typing import Any, Mapping
 
 import dagster as dg
 
-from dagster_project.resources import UpstackResource
+from dagster_project.resources import API_KEY_VARIABLE, pipeline_resources, run_config_for
 from upstack_pipeline.settings import Settings
 
 SYNC_JOB_NAME = "upstack_sync"
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
-def load_definitions() -> dg.Definitions:
-    return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
+def load_definitions(resources: Mapping[str, Any] | None = None) -> dg.Definitions:
+    """The assets, checks, job, schedule and sensor of `defs/`, with `resources`: by default configured from the
+    environment, as the UI, the schedule and the sensor run them."""
+    return dg.load_from_defs_folder(path_within_project=Path(__file__).parent).with_resources(
+        resources or environment_resources())
+
+
+def environment_resources() -> dict[str, Any]:
+    settings = Settings.from_env()
+    return pipeline_resources(settings, api_key=dg.EnvVar(API_KEY_VARIABLE) if settings.klaviyo_api_key else None)
 
 
 @dg.definitions
@@ -25,18 +34,16 @@ def defs() -> dg.Definitions:
 
 def run_sync(settings: Settings, instance: dg.DagsterInstance, *,
              as_of: datetime | None = None) -> dg.ExecuteInProcessResult:
-    """One run of the whole asset graph in this process, as the schedule runs it, recorded in `instance`.
-
-    Paths (and, for a replay of past traffic, the clock `as_of`) come from the arguments; everything else the
-    assets read from the environment at run time.
-    """
+    """One run of the whole asset graph in this process, as the schedule runs it, recorded in `instance`, with
+    `settings` (and, for a replay of past traffic, the clock `as_of`) as its run config; the Klaviyo key is bound
+    to the resource, never put in the run config."""
     release_abandoned_cli_runs(instance)
-    job = load_definitions().resolve_job_def(SYNC_JOB_NAME)
-    return job.execute_in_process(
+    definitions = load_definitions(pipeline_resources(settings, api_key=settings.klaviyo_api_key))
+    return definitions.resolve_job_def(SYNC_JOB_NAME).execute_in_process(
         instance=instance,
-        # As run config, not a resource override: the job carries default run config (its log level), and the
-        # UI shows each run's paths and clock.
-        run_config={**QUIET_LOGS, "resources": {"upstack": {"config": UpstackResource.config_for(settings, as_of)}}},
+        # As run config, not bound resources alone: the job carries default run config (its log level), and the
+        # UI shows each run's settings.
+        run_config={**QUIET_LOGS, **run_config_for(settings, as_of)},
         raise_on_error=False,
         tags={"upstack/trigger": "cli", "upstack/host": socket.gethostname(), "upstack/pid": str(os.getpid())},
     )

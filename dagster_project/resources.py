@@ -1,51 +1,178 @@
-"""Dagster's view of the project settings.
+"""The resources: the run's whole configuration, shown in the UI, with the Klaviyo key kept out of it.
 
-Assets receive paths through this resource (shown in the UI, overridable per run or in tests); anything secret,
-such as the Klaviyo key, stays in the environment and is read through `Settings` at run time, so it never lands
-in run configuration or metadata.
+Five resources, as an operator thinks of them: `warehouse` (the DuckDB file), `klaviyo` (the account the events go
+to), `identity` and `mapping` (the settings of those stages), and `upstack` (the landing folder and the clock),
+which holds the other four and is what the assets receive. Every run
+carries their configuration as run config (`run_config_for`), so a run's page in the UI says what it ran with;
+the Klaviyo key is bound to the resource at load time (`EnvVar("KLAVIYO_API_KEY")`, or the emulator's key in the
+demo) and never appears in run config, tags or metadata.
+
+The settings themselves are `upstack_pipeline.settings.Settings`: the library knows nothing of Dagster, and the
+config classes here mirror its dataclasses field by field (a duration is a number with its unit in the name, e.g.
+`hold_back_minutes`), which `tests/test_resources.py` holds them to.
+
+No `from __future__ import annotations` here: Dagster finds a resource's dependencies (`UpstackResource.warehouse`)
+from its annotations at run time.
 """
 
-from __future__ import annotations
-
-from datetime import datetime, timezone
+import dataclasses
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any, Optional
 
 import dagster as dg
+from pydantic import Field
 
-from upstack_pipeline.settings import Settings
-from upstack_pipeline.warehouse import Warehouse
+from upstack_pipeline.settings import DestinationSettings, IdentitySettings, Settings, checked_base_url
 
 # DuckDB takes one writer at a time: every asset that writes the warehouse runs in this pool, limited to one
 # slot in the shipped instance configuration (dagster_home/dagster.yaml).
 WAREHOUSE_POOL = "duckdb_warehouse"
+API_KEY_VARIABLE = "KLAVIYO_API_KEY"
+DURATION_UNITS = {"days": timedelta(days=1), "hours": timedelta(hours=1), "minutes": timedelta(minutes=1),
+                  "seconds": timedelta(seconds=1)}
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """The DuckDB warehouse file every stage reads and writes."""
+
+    path: str = Field(description="The DuckDB file (UPSTACK_WAREHOUSE).")
+    lock_wait_seconds: float = Field(description="How long opening the file waits for another process (a notebook, "
+                                                 "a second sync) to release DuckDB's write lock.")
+
+
+class KlaviyoResource(dg.ConfigurableResource):
+    """The Klaviyo account the events go to. The key is bound from the environment, never set in run config."""
+
+    api_key: Optional[str] = Field(default=None, description=f"Bound to the {API_KEY_VARIABLE} environment "
+                                   "variable; empty: nothing is sent and the outbox keeps every event.")
+    base_url: str = Field(description="Klaviyo's API (https://a.klaviyo.com) or a local emulator (KLAVIYO_BASE_URL).")
+    revision: str = Field(description="The API revision the payloads are written for.")
+    requests_per_second: int = Field(description="Klaviyo's rate limit per account for the bulk endpoints.")
+    requests_per_minute: int = Field(description="Klaviyo's rate limit per account for the bulk endpoints.")
+
+
+class IdentityResource(dg.ConfigurableResource):
+    """`IdentitySettings`: the guards of identity resolution (the README's "Identity resolution")."""
+
+    max_emails_per_browser: int
+    max_browsers_per_cluster: int
+    click_handoff_window_minutes: float
+    cookie_lifetime_days: float
+    max_browsers_per_identifier: int
+    supernode_window_days: float
+    blocked_emails: list[str]
+    probabilistic_matching: bool
+    probabilistic_window_minutes: float
+
+
+class MappingResource(dg.ConfigurableResource):
+    """`DestinationSettings`: which events become which Klaviyo events, and delivery's health limits."""
+
+    send_mode: str
+    metric_name_template: str
+    enabled_events: list[str]
+    create_profiles: bool
+    update_profiles: bool
+    list_id: Optional[str] = None
+    respect_consent: bool
+    max_event_age_hours: float
+    hold_back_minutes: float
+    max_pending_age_minutes: float
+    max_dead_letter_share: float
 
 
 class UpstackResource(dg.ConfigurableResource):
-    """Where the landing folder and the DuckDB warehouse are, and the run's clock."""
+    """What the assets receive: the settings of every stage, and the resources they reach."""
 
-    landing_dir: str
-    warehouse_path: str
+    warehouse: WarehouseResource
+    klaviyo: KlaviyoResource
+    identity: IdentityResource
+    mapping: MappingResource
+    landing_dir: str = Field(description="The landing folder: events/ and customers/ (UPSTACK_LANDING_DIR).")
     # A replay of past traffic (the demo) runs as if it were this moment, ISO 8601 with an offset, so sessions go
     # idle and events age as they did then. Empty: the wall clock.
-    as_of: str = ""
-
-    @classmethod
-    def from_settings(cls, settings: Settings, *, as_of: datetime | None = None) -> "UpstackResource":
-        return cls(**cls.config_for(settings, as_of))
-
-    @staticmethod
-    def config_for(settings: Settings, as_of: datetime | None = None) -> dict[str, str]:
-        """The resource's configuration for `settings`, as a run's run config carries it."""
-        return {"landing_dir": str(settings.landing_dir), "warehouse_path": str(settings.warehouse_path),
-                "as_of": as_of.isoformat() if as_of else ""}
+    as_of: str = Field(default="", description="Run as if it were this moment (ISO 8601); empty: now.")
+    ingest_batch_bytes: int = Field(description="Landing files are ingested in transactions of about this size.")
+    max_clock_skew_hours: float = Field(description="Events stamped further ahead than this are quarantined.")
 
     def now(self) -> datetime:
         return datetime.fromisoformat(self.as_of) if self.as_of else datetime.now(timezone.utc)
 
     def settings(self) -> Settings:
-        return Settings.from_env().with_paths(
-            landing_dir=Path(self.landing_dir), warehouse_path=Path(self.warehouse_path)
+        return Settings(
+            landing_dir=Path(self.landing_dir),
+            warehouse_path=Path(self.warehouse.path),
+            warehouse_lock_wait=timedelta(seconds=self.warehouse.lock_wait_seconds),
+            klaviyo_base_url=checked_base_url(self.klaviyo.base_url),
+            klaviyo_api_key=self.klaviyo.api_key or None,
+            klaviyo_revision=self.klaviyo.revision,
+            klaviyo_requests_per_second=self.klaviyo.requests_per_second,
+            klaviyo_requests_per_minute=self.klaviyo.requests_per_minute,
+            max_clock_skew=timedelta(hours=self.max_clock_skew_hours),
+            ingest_batch_bytes=self.ingest_batch_bytes,
+            identity=from_config(self.identity, IdentitySettings),
+            destination=from_config(self.mapping, DestinationSettings),
         )
 
-    def warehouse(self) -> Warehouse:
-        return Warehouse(Path(self.warehouse_path))
+
+def resource_config(settings: Settings, as_of: datetime | None = None) -> dict[str, dict[str, Any]]:
+    """Each resource's configuration for `settings`, without the key."""
+    return {
+        "warehouse": {"path": str(settings.warehouse_path),
+                      "lock_wait_seconds": settings.warehouse_lock_wait.total_seconds()},
+        "klaviyo": {"base_url": settings.klaviyo_base_url, "revision": settings.klaviyo_revision,
+                    "requests_per_second": settings.klaviyo_requests_per_second,
+                    "requests_per_minute": settings.klaviyo_requests_per_minute},
+        "identity": to_config(settings.identity, IdentityResource),
+        "mapping": to_config(settings.destination, MappingResource),
+        "upstack": {"landing_dir": str(settings.landing_dir), "as_of": as_of.isoformat() if as_of else "",
+                    "ingest_batch_bytes": settings.ingest_batch_bytes,
+                    "max_clock_skew_hours": settings.max_clock_skew / DURATION_UNITS["hours"]},
+    }
+
+
+def run_config_for(settings: Settings, as_of: datetime | None = None) -> dict[str, Any]:
+    """The run config that makes a run use `settings`: what the UI shows on the run's page."""
+    return {"resources": {name: {"config": config} for name, config in resource_config(settings, as_of).items()}}
+
+
+def pipeline_resources(settings: Settings, *, api_key: str | dg.EnvVar | None) -> dict[str, Any]:
+    """The resources, configured from `settings` with each value overridable per run, and the key bound here:
+    `EnvVar` in a deployment (the UI shows the variable's name), the emulator's key in the demo and tests."""
+    config = resource_config(settings)
+    dependencies = {
+        "warehouse": WarehouseResource.configure_at_launch(**config["warehouse"]),
+        "klaviyo": KlaviyoResource.configure_at_launch(api_key=api_key, **config["klaviyo"]),
+        "identity": IdentityResource.configure_at_launch(**config["identity"]),
+        "mapping": MappingResource.configure_at_launch(**config["mapping"]),
+    }
+    return {"upstack": UpstackResource.configure_at_launch(**dependencies, **config["upstack"]), **dependencies}
+
+
+def to_config(settings: Any, config_class: type[dg.ConfigurableResource]) -> dict[str, Any]:
+    """A settings dataclass as `config_class` spells it: durations as numbers of the unit in the field's name,
+    tuples as lists."""
+    values = {}
+    for name in config_class.model_fields:
+        if hasattr(settings, name):
+            value = getattr(settings, name)
+            values[name] = list(value) if isinstance(value, tuple) else value
+        else:
+            base, unit = name.rsplit("_", 1)
+            values[name] = getattr(settings, base) / DURATION_UNITS[unit]
+    return values
+
+
+def from_config(config: dg.ConfigurableResource, settings_class: type) -> Any:
+    """The inverse of `to_config`."""
+    fields = {field.name for field in dataclasses.fields(settings_class)}
+    values = {}
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        if name in fields:
+            values[name] = tuple(value) if isinstance(value, list) else value
+        else:
+            base, unit = name.rsplit("_", 1)
+            values[base] = value * DURATION_UNITS[unit]
+    return settings_class(**values)

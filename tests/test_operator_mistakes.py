@@ -3,6 +3,7 @@ exit status. No mistake may end in a traceback, a "succeeded" beside a failure, 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import klaviyo_click, make_event, query, write_events
+from dagster_project.cli import DEMO_KEY
 from test_cli import PROJECT_ROOT, environment, upstack
 from upstack_pipeline.sandbox.klaviyo_emulator import KlaviyoEmulator
 from upstack_pipeline.settings import Settings
@@ -230,6 +232,11 @@ def test_after_the_demo_the_dagster_ui_opens_on_its_runs_landing_folder_and_ware
     with dg.DagsterInstance.from_config(str(home)) as instance:
         runs = instance.get_runs()
         assert len(runs) == 2 and {run.status for run in runs} == {dg.DagsterRunStatus.SUCCESS}
+        # The demo reached its emulator through the klaviyo resource's configuration, shown on each run, key aside.
+        for run in runs:
+            klaviyo = run.run_config["resources"]["klaviyo"]["config"]
+            assert klaviyo["base_url"].startswith("http://127.0.0.1:") and "api_key" not in klaviyo
+            assert DEMO_KEY not in json.dumps(run.run_config) + json.dumps(run.tags)
         assert instance.get_latest_materialization_event(dg.AssetKey("klaviyo_deliveries")) is not None
         latest = instance.get_latest_materialization_event(dg.AssetKey("raw_events")).asset_materialization
         assert latest.metadata["dagster/row_count"].value == query(settings, "select count(*) from raw_events")[0][0]
@@ -237,9 +244,9 @@ def test_after_the_demo_the_dagster_ui_opens_on_its_runs_landing_folder_and_ware
     with pytest.MonkeyPatch.context() as patch:
         for name in ("UPSTACK_LANDING_DIR", "UPSTACK_WAREHOUSE"):
             patch.setenv(name, env[name])
-        resource = load_definitions().resources["upstack"]
-    assert (Path(resource.landing_dir), Path(resource.warehouse_path)) == (settings.landing_dir,
-                                                                           settings.warehouse_path)
+        resources = load_definitions().resources
+    assert (Path(resources["upstack"].data["landing_dir"]), Path(resources["warehouse"].data["path"])) == (
+        settings.landing_dir, settings.warehouse_path)
     homes = {target: re.findall(r"DAGSTER_HOME=(\S+) ", subprocess.run(
         ["make", "-n", target], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout)
         for target in ("demo", "dev")}

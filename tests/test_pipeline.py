@@ -16,7 +16,7 @@ import pytest
 from conftest import klaviyo_click, make_event, materialization, query, write_events, write_lines
 from dagster_project.definitions import SYNC_JOB_NAME, load_definitions, run_sync
 from dagster_project.defs.sync import hourly_sync, landing_files_sensor
-from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
+from dagster_project.resources import WAREHOUSE_POOL, pipeline_resources
 from upstack_pipeline.landing import ArrivalCursor, arrivals
 from upstack_pipeline.settings import Settings
 
@@ -94,11 +94,11 @@ def test_landing_checks_warn_about_changed_and_unreadable_files(settings, sync):
 
 
 def test_landing_sensor_requests_one_run_per_batch_of_new_files_and_none_for_old_ones(settings):
-    resources = {"upstack": UpstackResource.from_settings(settings)}
+    resources = pipeline_resources(settings, api_key=None)
     with dg.instance_for_test() as instance:
         def tick(cursor):
-            context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
-            return landing_files_sensor(context)
+            with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+                return landing_files_sensor(context)
 
         assert tick(None).skip_reason is not None
 
@@ -141,9 +141,9 @@ def test_the_sensor_cursor_is_a_high_water_mark_with_recent_arrivals_not_every_f
 def test_a_missing_landing_folder_is_the_sensors_skip_reason_with_the_variable_to_fix(tmp_path):
     settings = Settings(landing_dir=tmp_path / "nowhere", warehouse_path=tmp_path / "warehouse.duckdb")
     with dg.instance_for_test() as instance:
-        context = dg.build_sensor_context(instance=instance, resources={
-            "upstack": UpstackResource.from_settings(settings)})
-        skipped = landing_files_sensor(context)
+        with dg.build_sensor_context(instance=instance,
+                                     resources=pipeline_resources(settings, api_key=None)) as context:
+            skipped = landing_files_sensor(context)
     assert isinstance(skipped, dg.SkipReason)
     assert "the landing folder does not exist" in skipped.skip_message and "UPSTACK_LANDING_DIR" in skipped.skip_message
 

@@ -45,7 +45,7 @@ def identity_resolution(upstack: UpstackResource):
     settings = upstack.settings()
     run = resolve_identities(settings, now=upstack.now())
     state = overview(settings)
-    tables = table_metadata(upstack.warehouse(), IDENTITY_TABLES)
+    tables = table_metadata(settings.warehouse(), IDENTITY_TABLES)
     specific = {
         "identity_observations": {
             "summary": dg.MetadataValue.text(

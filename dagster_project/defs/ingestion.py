@@ -8,7 +8,7 @@ from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
 from upstack_pipeline.customers import ingest_customers
 from upstack_pipeline.events import ingest_events
 from upstack_pipeline.ingestion import landing_health, overview
-from upstack_pipeline.warehouse import VERSION_TABLE
+from upstack_pipeline.warehouse import VERSION_TABLE, Warehouse
 
 landing_checks = [
     dg.AssetCheckSpec("landing_files_unchanged", asset="raw_events",
@@ -43,7 +43,7 @@ INGESTION_TABLES = {
 def ingestion(context: dg.AssetExecutionContext, upstack: UpstackResource):
     now = upstack.now()
     settings = upstack.settings()
-    warehouse = upstack.warehouse()
+    warehouse = settings.warehouse()
     customers = ingest_customers(settings, now=now, log=context.log.warning)
     events = ingest_events(settings, now=now, log=context.log.warning)
     tables = table_metadata(warehouse, INGESTION_TABLES)
@@ -64,11 +64,11 @@ def ingestion(context: dg.AssetExecutionContext, upstack: UpstackResource):
     yield dg.MaterializeResult(asset_key="changed_files", metadata={
         **tables["changed_files"], "found_this_run": len(events.changed_files) + len(customers.changed_files)})
     yield dg.MaterializeResult(asset_key=VERSION_TABLE, metadata=tables[VERSION_TABLE])
-    yield from landing_check_results(upstack)
+    yield from landing_check_results(warehouse)
 
 
-def landing_check_results(upstack: UpstackResource):
-    health = landing_health(upstack.warehouse())
+def landing_check_results(warehouse: Warehouse):
+    health = landing_health(warehouse)
     yield warn_unless_zero(
         "landing_files_unchanged", health.changed_files, "changed_files",
         "landing files changed after ingestion and were not re-read (see table changed_files). "

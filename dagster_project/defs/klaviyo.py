@@ -35,7 +35,7 @@ def klaviyo_mapping(upstack: UpstackResource):
     now = upstack.now()
     run = map_events(settings, now=now)
     state = overview(settings, now=now)
-    tables = table_metadata(upstack.warehouse(), MAPPING_TABLES)
+    tables = table_metadata(settings.warehouse(), MAPPING_TABLES)
     yield dg.MaterializeResult(asset_key="klaviyo_outbox",
                                metadata={**tables["klaviyo_outbox"], **payload_metadata(run, state)})
     yield dg.MaterializeResult(asset_key="klaviyo_skipped", metadata={
@@ -102,7 +102,7 @@ def klaviyo_delivery(context: dg.AssetExecutionContext, upstack: UpstackResource
         context.log.error(run.stopped)
     stale = stale_pending_rows(settings, now=now)
     limits = settings.destination
-    tables = table_metadata(upstack.warehouse(), DELIVERY_TABLES)
+    tables = table_metadata(settings.warehouse(), DELIVERY_TABLES)
     yield dg.MaterializeResult(asset_key="klaviyo_deliveries",
                                metadata={**tables["klaviyo_deliveries"], **delivery_metadata(run)})
     yield dg.MaterializeResult(asset_key="klaviyo_dead_letters", metadata={

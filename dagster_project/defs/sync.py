@@ -1,7 +1,8 @@
 """What runs the pipeline: one job over the whole asset graph, started hourly and whenever new files land.
 
 Both triggers run the same job, and the job itself decides what is new (the ingested_files ledger), so a run
-started by either one does the same, complete work.
+started by either one does the same, complete work. Each run carries the resources' configuration as its run config,
+so its page in the UI says what it ran with.
 """
 
 
@@ -11,7 +12,7 @@ import json
 import dagster as dg
 
 from dagster_project.definitions import SYNC_JOB_NAME
-from dagster_project.resources import UpstackResource
+from dagster_project.resources import UpstackResource, run_config_for
 from upstack_pipeline.landing import ArrivalCursor, LandingFolderError, arrivals, check_landing_folder
 
 upstack_sync = dg.define_asset_job(
@@ -26,14 +27,16 @@ upstack_sync = dg.define_asset_job(
     description="The whole pipeline: ingest new landing files, then every stage downstream of them.",
 )
 
-hourly_sync = dg.ScheduleDefinition(
-    name="hourly_sync",
+
+@dg.schedule(
     job=upstack_sync,
     cron_schedule="0 * * * *",
     execution_timezone="UTC",
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Catches anything the landing sensor missed and keeps downstream stages current.",
 )
+def hourly_sync(upstack: UpstackResource):
+    return dg.RunRequest(run_config=run_config_for(upstack.settings()))
 
 
 @dg.sensor(
@@ -43,7 +46,8 @@ hourly_sync = dg.ScheduleDefinition(
     description="Requests a sync when files appear (or change) in the landing folder.",
 )
 def landing_files_sensor(context: dg.SensorEvaluationContext, upstack: UpstackResource):
-    landing_dir = upstack.settings().landing_dir
+    settings = upstack.settings()
+    landing_dir = settings.landing_dir
     try:
         check_landing_folder(landing_dir)
     except LandingFolderError as error:
@@ -54,6 +58,7 @@ def landing_files_sensor(context: dg.SensorEvaluationContext, upstack: UpstackRe
         return dg.SensorResult(skip_reason=f"No new files in {landing_dir}.", cursor=cursor.dumps())
     batch_key = hashlib.sha256(json.dumps(sorted(arrived.items())).encode()).hexdigest()[:16]
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=f"landing-{batch_key}", tags={"upstack/new_files": str(len(arrived))})],
+        run_requests=[dg.RunRequest(run_key=f"landing-{batch_key}", run_config=run_config_for(settings),
+                                    tags={"upstack/new_files": str(len(arrived))})],
         cursor=cursor.dumps(),
     )

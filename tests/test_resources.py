@@ -1,0 +1,141 @@
+"""The resources carry the whole configuration of a run, shown in the UI as run config, and never the key."""
+
+import dataclasses
+import json
+from datetime import timedelta
+
+import dagster as dg
+import pytest
+
+from dagster_project.definitions import load_definitions
+from dagster_project.resources import (
+    IdentityResource,
+    KlaviyoResource,
+    MappingResource,
+    UpstackResource,
+    WarehouseResource,
+    pipeline_resources,
+    resource_config,
+    run_config_for,
+)
+from upstack_pipeline.settings import DestinationSettings, IdentitySettings, Settings
+
+KEY = "pk_resource_test_key_00000000"
+
+
+def unusual_settings(tmp_path) -> Settings:
+    """Every setting off its default, so a field the resources drop or mistranslate shows."""
+    return Settings(
+        landing_dir=tmp_path / "landing", warehouse_path=tmp_path / "w.duckdb",
+        warehouse_lock_wait=timedelta(seconds=42), klaviyo_base_url="http://127.0.0.1:9", klaviyo_api_key=KEY,
+        klaviyo_revision="2026-07-15", klaviyo_requests_per_second=3, klaviyo_requests_per_minute=40,
+        max_clock_skew=timedelta(hours=5), ingest_batch_bytes=1234,
+        identity=IdentitySettings(
+            max_emails_per_browser=5, max_browsers_per_cluster=6, click_handoff_window=timedelta(minutes=7),
+            cookie_lifetime=timedelta(days=8), max_browsers_per_identifier=9, supernode_window=timedelta(days=10),
+            blocked_emails=("x@y.com",), probabilistic_matching=True, probabilistic_window=timedelta(minutes=11)),
+        destination=DestinationSettings(
+            send_mode="all", metric_name_template="{metric} via Bob's", enabled_events=("AddToCart",),
+            create_profiles=False, update_profiles=False, list_id="L1", respect_consent=False,
+            max_event_age=timedelta(hours=12), hold_back=timedelta(minutes=13), max_pending_age=timedelta(minutes=14),
+            max_dead_letter_share=0.5),
+    )
+
+
+def changed_fields(settings) -> set[str]:
+    defaults = type(settings)()
+    return {field.name for field in dataclasses.fields(settings)
+            if getattr(settings, field.name) != getattr(defaults, field.name)}
+
+
+def test_every_setting_has_a_config_field_and_survives_the_round_trip(tmp_path):
+    settings = unusual_settings(tmp_path)
+    # The fixture really moves every field of the stages' settings, so the round trip below checks each one.
+    assert changed_fields(settings.identity) == {field.name for field in dataclasses.fields(IdentitySettings)}
+    assert changed_fields(settings.destination) == {field.name for field in dataclasses.fields(DestinationSettings)}
+
+    config = resource_config(settings)
+    upstack = UpstackResource(
+        warehouse=WarehouseResource(**config["warehouse"]),
+        klaviyo=KlaviyoResource(api_key=KEY, **config["klaviyo"]),
+        identity=IdentityResource(**config["identity"]),
+        mapping=MappingResource(**config["mapping"]),
+        **config["upstack"],
+    )
+
+    assert upstack.settings() == settings
+    assert KEY not in json.dumps(config)
+
+
+def test_a_run_uses_and_shows_its_settings_and_never_the_key(tmp_path):
+    settings = dataclasses.replace(unusual_settings(tmp_path), klaviyo_api_key=KEY)
+    seen = {}
+
+    @dg.asset
+    def probe(upstack: UpstackResource):
+        seen["settings"] = upstack.settings()
+
+    definitions = dg.Definitions(assets=[probe], resources=pipeline_resources(settings, api_key=KEY))
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([probe], instance=instance, resources=definitions.resources,
+                                run_config=run_config_for(settings))
+        run = instance.get_run_by_id(result.run_id)
+        records = instance.all_logs(result.run_id)
+
+    assert seen["settings"] == settings
+    shown = run.run_config["resources"]
+    assert shown["klaviyo"]["config"]["base_url"] == "http://127.0.0.1:9"
+    assert shown["mapping"]["config"]["send_mode"] == "all"
+    assert "api_key" not in shown["klaviyo"]["config"]
+    assert KEY not in json.dumps(run.run_config) + json.dumps(run.tags) + "".join(str(r) for r in records)
+
+
+def test_schedule_and_sensor_runs_carry_the_settings_as_run_config(settings):
+    settings = dataclasses.replace(settings, klaviyo_api_key=KEY,
+                                   destination=DestinationSettings(send_mode="all"))
+    (settings.events_dir / "a.ndjson").write_text("{}\n")
+    definitions = load_definitions(pipeline_resources(settings, api_key=KEY))
+    with dg.instance_for_test() as instance:
+        with dg.build_schedule_context(instance=instance, resources=definitions.resources) as context:
+            scheduled = definitions.resolve_schedule_def("hourly_sync").evaluate_tick(context).run_requests
+        with dg.build_sensor_context(instance=instance, resources=definitions.resources) as context:
+            sensed = definitions.resolve_sensor_def("landing_files_sensor")(context).run_requests
+
+    for request in (*scheduled, *sensed):
+        assert request.run_config == run_config_for(settings)
+        assert KEY not in json.dumps(request.run_config)
+
+
+def test_the_ui_shows_the_keys_variable_not_its_value(monkeypatch, tmp_path):
+    monkeypatch.setenv("KLAVIYO_API_KEY", KEY)
+    monkeypatch.setenv("UPSTACK_SEND_MODE", "all")
+    resources = load_definitions().resources
+
+    bound = resources["klaviyo"].data["api_key"]
+    assert isinstance(bound, dg.EnvVar) and bound.env_var_name == "KLAVIYO_API_KEY"
+    assert resources["mapping"].data["send_mode"] == "all"
+
+
+def test_without_a_key_the_klaviyo_resource_holds_none_and_delivery_waits(monkeypatch):
+    monkeypatch.delenv("KLAVIYO_API_KEY", raising=False)
+    assert load_definitions().resources["klaviyo"].data["api_key"] is None
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("send_mode", "sometimes", "must be 'backup' or 'all'"),
+    ("metric_name_template", "Added", "must contain {metric}"),
+])
+def test_a_bad_setting_given_at_launch_fails_the_run_saying_what_is_wrong(settings, field, value, message):
+    run_config = run_config_for(settings)
+    run_config["resources"]["mapping"]["config"][field] = value
+
+    @dg.asset
+    def probe(upstack: UpstackResource):
+        upstack.settings()
+
+    result = dg.materialize([probe], resources=pipeline_resources(settings, api_key=None), run_config=run_config,
+                            raise_on_error=False)
+
+    assert not result.success
+    failure = result.get_step_failure_events()[0].step_failure_data.error
+    assert message in str(failure.cause or failure)
