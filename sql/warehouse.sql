@@ -276,7 +276,17 @@ create table if not exists klaviyo_outbox (
     -- in flight when a run died, and is sent again (its unique_id makes that harmless on Klaviyo's side).
     claimed_at    timestamptz,
     delivered_at  timestamptz,
-    notes         varchar                   -- what was changed to fit Klaviyo's limits (a profile string dropped)
+    notes         varchar,                  -- what was changed to fit Klaviyo's limits (a profile string dropped)
+    request_id    varchar                   -- the request that settled it (klaviyo_deliveries.request_id)
+);
+
+-- The Klaviyo metric of each commerce event the pixel sends, and our name for it under the current
+-- UPSTACK_METRIC_TEMPLATE: kept by the mapping stage, so analysts' views and queries name metrics as Klaviyo does.
+create table if not exists commerce_metrics (
+    event_name     varchar primary key,     -- the pixel's: ViewContent | AddToCart | InitiateCheckout | Purchase
+    klaviyo_metric varchar not null,        -- Klaviyo's standard name, e.g. 'Added to Cart'
+    metric_name    varchar not null,        -- ours, e.g. 'Added to Cart from Upstack'
+    enabled        boolean not null         -- in UPSTACK_ENABLED_EVENTS
 );
 
 -- Commerce events that are not sent, and why; with the outbox it accounts for every decided commerce event.
@@ -297,7 +307,8 @@ create table if not exists klaviyo_deliveries (
     events      integer not null,
     bytes       bigint not null,
     latency_ms  double not null,
-    error       varchar
+    error       varchar,
+    request_id  varchar                     -- one per request, shared by its retries (klaviyo_outbox.request_id)
 );
 
 -- Outbox rows Klaviyo refused, with its reason; they are not sent again.

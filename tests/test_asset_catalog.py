@@ -115,6 +115,6 @@ def test_lineage_follows_the_order_the_sql_runs_in():
         "identity_resolution": {"identity_observations", "identity_rejected_values", "identity_links",
                                 "browser_links", "browser_clusters", "resolved_events", "identities",
                                 "identity_flags", "pipeline_state"},
-        "klaviyo_mapping": {"klaviyo_outbox", "klaviyo_skipped"},
+        "klaviyo_mapping": {"klaviyo_outbox", "klaviyo_skipped", "commerce_metrics"},
         "klaviyo_delivery": {"klaviyo_deliveries", "klaviyo_dead_letters"},
     }

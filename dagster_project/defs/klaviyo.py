@@ -19,8 +19,11 @@ mapping_checks = [
 
 # One decision per commerce event, into one table or the other, from the same inputs (identity_links tells when a
 # session went idle). Each reads the other only to leave decided events alone.
-MAPPING_TABLES = dict.fromkeys(("klaviyo_outbox", "klaviyo_skipped"),
-                               ["resolved_events", "identities", "raw_events", "identity_links"])
+MAPPING_TABLES = {
+    **dict.fromkeys(("klaviyo_outbox", "klaviyo_skipped"), ["resolved_events", "identities", "raw_events",
+                                                              "identity_links"]),
+    "commerce_metrics": [],  # from the settings alone
+}
 
 
 @dg.multi_asset(
@@ -28,7 +31,7 @@ MAPPING_TABLES = dict.fromkeys(("klaviyo_outbox", "klaviyo_skipped"),
     check_specs=mapping_checks,
     pool=WAREHOUSE_POOL,
     description="Decides each commerce event once its session is idle: Klaviyo events to send (klaviyo_outbox) or "
-                "the reason it is not sent (klaviyo_skipped).",
+                "the reason it is not sent (klaviyo_skipped); commerce_metrics names the metrics.",
 )
 def klaviyo_mapping(upstack: UpstackResource):
     settings = upstack.settings()
@@ -42,6 +45,7 @@ def klaviyo_mapping(upstack: UpstackResource):
         **tables["klaviyo_skipped"], "skipped_this_run": run.skipped,
         "skipped_by_reason": dg.MetadataValue.json(state.skipped_by_reason),
     })
+    yield dg.MaterializeResult(asset_key="commerce_metrics", metadata=tables["commerce_metrics"])
     yield dg.AssetCheckResult(
         asset_key="klaviyo_outbox", check_name="every_commerce_event_decided",
         passed=state.undecided_idle_events == 0 and state.decided_twice == 0,

@@ -44,6 +44,7 @@ def map_events(settings: Settings, *, now: datetime) -> MappingRun:
         connection.begin()
         _set_variables(connection, settings.destination, now)
         before = _counts(connection)
+        connection.execute(read_sql("commerce_metrics"))
         connection.execute(read_sql("klaviyo_outbox"))
         reviewed = _review_rows_near_the_limits(connection, now)
         decided = connection.execute("select count(*) from decisions").fetchone()[0]
@@ -58,6 +59,7 @@ def _set_variables(connection: duckdb.DuckDBPyConnection, destination: Destinati
     variables = {
         "now": now,
         "send_mode": destination.send_mode,
+        "klaviyo_metrics": PIXEL_TO_KLAVIYO_METRIC,
         "metric_names": {event: names[metric] for event, metric in PIXEL_TO_KLAVIYO_METRIC.items()},
         "order_line_metric_name": names[ORDER_LINE_METRIC],
         "enabled_events": list(destination.enabled_events),
