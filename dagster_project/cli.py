@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import dagster as dg
+import duckdb
 
 from dagster_project.definitions import run_sync, sync_instance
 from dagster_project.metadata import plural
+from upstack_pipeline.analytics import analytics_path
 from upstack_pipeline.klaviyo.client import (
     KlaviyoAddressError,
     KlaviyoAuthError,
@@ -210,9 +212,10 @@ def command_demo(args: argparse.Namespace, settings: Settings) -> int:
         print()
         command_evaluate(settings, simulation / "truth")
     print(
-        f"\nThe warehouse is {settings.warehouse_path}; its tables are described in the README. Try:\n"
-        f"  .venv/bin/python -c \"import duckdb; duckdb.connect('{settings.warehouse_path}', read_only=True)"
-        f".sql('select reason, count(*) from quarantined_events group by all').show()\""
+        f"\nThe warehouse is {settings.warehouse_path}, its analysts' copy {analytics_path(settings.warehouse_path)}; "
+        "the views and tables are described in the README. Try:\n"
+        "  .venv/bin/upstack sql \"select * from daily_lift order by day desc, metric limit 9\"\n"
+        "  .venv/bin/upstack trace <an email from the simulation>"
     )
     if settings.dagster_home:
         print(f"The runs are recorded in {settings.dagster_home}: `make dev` opens the Dagster UI on them "
@@ -306,6 +309,39 @@ def command_evaluate(settings: Settings, truth_dir: Path) -> int:
     return 0
 
 
+def command_sql(args: argparse.Namespace, settings: Settings) -> int:
+    """The README's queries with what the project installs. The analysts' copy by default: a sync never waits on
+    it, and a query never waits on a sync."""
+    if args.warehouse:
+        opened = settings.warehouse().connect(read_only=True)
+    else:
+        path = analytics_path(settings.warehouse_path)
+        if not path.is_file():
+            raise ValueError(f"no analysts' copy at {path} yet: `upstack sync` publishes it after every run "
+                             "(or pass --warehouse to query the warehouse itself)")
+        opened = duckdb.connect(str(path), read_only=True)
+    with opened as connection:
+        connection.execute("set TimeZone = 'UTC'")
+        try:
+            result = connection.sql(args.query)
+        except duckdb.Error as error:
+            raise ValueError(f"{error} (the views and tables are described in the README)") from None
+        if result is None:
+            return 0
+        result.show(max_rows=args.max_rows, max_width=shutil.get_terminal_size((160, 40)).columns)
+    return 0
+
+
+def command_trace(needle: str, settings: Settings) -> int:
+    from upstack_pipeline.trace import format_trace, trace
+
+    if not settings.warehouse_path.is_file():
+        raise ValueError(f"no warehouse at {settings.warehouse_path} (UPSTACK_WAREHOUSE): run `upstack sync` first")
+    found = trace(settings, needle)
+    print(format_trace(found))
+    return 0 if found.found else 1
+
+
 def command_sweep(args: argparse.Namespace, settings: Settings) -> int:
     """The default world, then each rate of SWEEP lower and higher, each replayed and scored (README's table)."""
     from upstack_pipeline.sandbox.sweep import SWEEP, format_sweep, sweep
@@ -346,6 +382,19 @@ def parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--live-days", type=int, default=14,
                                  help="--sweep: the last days, synced one at a time")
     evaluate_parser.add_argument("--seed", type=int, default=7, help="--sweep: the worlds' seed")
+
+    sql_parser = commands.add_parser(
+        "sql", help="run a SQL query on the analysts' copy of the warehouse (the views and their rows; it never "
+                    "blocks a sync) and print the result")
+    sql_parser.add_argument("query", help="e.g. \"select * from daily_lift order by day desc limit 7\"")
+    sql_parser.add_argument("--warehouse", action="store_true",
+                            help="query the warehouse itself, read-only (every table, waits while a sync writes)")
+    sql_parser.add_argument("--max-rows", type=int, default=40, help="rows to print (default 40)")
+
+    trace_parser = commands.add_parser(
+        "trace", help="the story of a shopper or an event: landing file and line, identity ties, the Klaviyo "
+                      "payload, the request and Klaviyo's answer, or why it was not sent")
+    trace_parser.add_argument("needle", help="an email, anonymous_id, event_id or upstack_id")
 
     klaviyo_parser = commands.add_parser("klaviyo", help="Klaviyo account tools")
     klaviyo_commands = klaviyo_parser.add_subparsers(dest="klaviyo_command", required=True)
@@ -388,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(render_backup_flows_guide(settings.destination))
                 return 0
             return command_check_key(settings)
+        if args.command == "sql":
+            return command_sql(args, settings)
+        if args.command == "trace":
+            return command_trace(args.needle, settings)
         if args.command == "evaluate":
             if args.sweep:
                 return command_sweep(args, settings)

@@ -9,6 +9,7 @@ from typing import Iterable, Sequence
 import dagster as dg
 import polars as pl
 
+from upstack_pipeline.analytics import view_docs
 from upstack_pipeline.ingestion import IngestReport, TableOverview
 from upstack_pipeline.landing import accepted_names
 from upstack_pipeline.warehouse import ColumnDoc, TableDoc, Warehouse, table_docs
@@ -24,11 +25,18 @@ def warehouse_tables() -> dict[str, TableDoc]:
     return table_docs()
 
 
-def table_spec(table: str, *, group: str, deps: Iterable[str] = ()) -> dg.AssetSpec:
-    """The asset of a warehouse table: named after it, described and with its columns as its DDL has them, so the
-    UI's catalog finds it by name and shows its columns before it is ever materialized."""
-    doc = warehouse_tables()[table]
-    return dg.AssetSpec(table, deps=list(deps), group_name=group, kinds={"duckdb", "table"},
+@cache
+def analytics_views() -> dict[str, TableDoc]:
+    """The analysts' views, described by their files' headers (sql/<view>.sql)."""
+    return view_docs()
+
+
+def table_spec(table: str, *, group: str, deps: Iterable[str] = (), doc: TableDoc | None = None,
+               kind: str = "table") -> dg.AssetSpec:
+    """The asset of a warehouse table (or view): named after it, described and with its columns as its DDL has
+    them, so the UI's catalog finds it by name and shows its columns before it is ever materialized."""
+    doc = doc or warehouse_tables()[table]
+    return dg.AssetSpec(table, deps=list(deps), group_name=group, kinds={"duckdb", kind},
                         description=doc.description, metadata=table_identity(table, doc.columns))
 
 
@@ -36,6 +44,11 @@ def table_specs(tables: dict[str, Sequence[str]], *, group: str) -> list[dg.Asse
     """The assets of a step's tables, from {table: the tables it depends on}. (Kept as names at module level: the
     defs loader would take a module's own list of specs for assets of their own.)"""
     return [table_spec(table, group=group, deps=deps) for table, deps in tables.items()]
+
+
+def view_specs(views: dict[str, Sequence[str]], *, group: str) -> list[dg.AssetSpec]:
+    return [table_spec(view, group=group, deps=deps, doc=analytics_views()[view], kind="view")
+            for view, deps in views.items()]
 
 
 def table_identity(table: str, columns: Sequence[ColumnDoc]) -> dict[str, dg.MetadataValue]:
@@ -49,25 +62,30 @@ def table_identity(table: str, columns: Sequence[ColumnDoc]) -> dict[str, dg.Met
     }
 
 
-def table_metadata(warehouse: Warehouse, tables: Iterable[str]) -> dict[str, dict[str, dg.MetadataValue]]:
-    """Each table's row count and columns as they are in the warehouse file now (a file upgraded by migrations
-    included), with the descriptions of the DDL: what every materialization of a table records."""
+def table_metadata(warehouse: Warehouse, tables: Iterable[str],
+                   docs: dict[str, TableDoc] | None = None) -> dict[str, dict[str, dg.MetadataValue]]:
+    """Each table's (or view's) row count and columns as they are in the warehouse file now (a file upgraded by
+    migrations included), with the descriptions of the DDL: what every materialization of a table records."""
     tables = list(tables)
+    docs = docs or warehouse_tables()
     with warehouse.connect() as connection:
         found = connection.execute("""
-            select table_name, column_name, data_type, is_nullable
-            from duckdb_columns() join duckdb_tables() using (database_name, schema_name, table_name)
+            select table_name, column_name, data_type, is_nullable from duckdb_columns()
             where database_name = current_database() and schema_name = ? and table_name in ?
             order by table_name, column_index""", [SCHEMA, tables]).fetchall()
         counts = {table: connection.execute(f"select count(*) from {SCHEMA}.{table}").fetchone()[0]
                   for table in tables}
     metadata = {}
     for table in tables:
-        described = {column.name: column.description for column in warehouse_tables()[table].columns}
+        described = {column.name: column.description for column in docs[table].columns}
         columns = [ColumnDoc(name, data_type, nullable, described.get(name))
                    for found_table, name, data_type, nullable in found if found_table == table]
         metadata[table] = {**table_identity(table, columns), "dagster/row_count": dg.MetadataValue.int(counts[table])}
     return metadata
+
+
+def view_metadata(warehouse: Warehouse, views: Iterable[str]) -> dict[str, dict[str, dg.MetadataValue]]:
+    return table_metadata(warehouse, views, analytics_views())
 
 
 def percent(share: float) -> dg.FloatMetadataValue:

@@ -1,10 +1,9 @@
 """The resources: the run's whole configuration, shown in the UI, with the Klaviyo key kept out of it.
 
-Five resources, as an operator thinks of them: `warehouse` (the DuckDB file), `klaviyo` (the account the events go
-to), `identity` and `mapping` (the settings of those stages), and `upstack` (the landing folder and the clock),
-which holds the other four and is what the assets receive. Every run
-carries their configuration as run config (`run_config_for`), so a run's page in the UI says what it ran with;
-the Klaviyo key is bound to the resource at load time (`EnvVar("KLAVIYO_API_KEY")`, or the emulator's key in the
+Six resources, as an operator thinks of them: `warehouse` (the DuckDB file), `klaviyo` (the account the events go
+to), `identity`, `mapping` and `alerts` (the settings of those stages), and `upstack` (the landing folder and the
+clock), which holds the other five and is what the assets receive. Every run carries their configuration as run
+config (`run_config_for`), so a run's page in the UI says what it ran with; the Klaviyo key is bound to the resource at load time (`EnvVar("KLAVIYO_API_KEY")`, or the emulator's key in the
 demo) and never appears in run config, tags or metadata.
 
 The settings themselves are `upstack_pipeline.settings.Settings`: the library knows nothing of Dagster, and the
@@ -23,7 +22,7 @@ from typing import Any, Optional
 import dagster as dg
 from pydantic import Field
 
-from upstack_pipeline.settings import DestinationSettings, IdentitySettings, Settings, checked_base_url
+from upstack_pipeline.settings import AlertSettings, DestinationSettings, IdentitySettings, Settings, checked_base_url
 
 # DuckDB takes one writer at a time: every asset that writes the warehouse runs in this pool, limited to one
 # slot in the shipped instance configuration (dagster_home/dagster.yaml).
@@ -82,6 +81,15 @@ class MappingResource(dg.ConfigurableResource):
     max_dead_letter_share: float
 
 
+class AlertsResource(dg.ConfigurableResource):
+    """`AlertSettings`: when the analytics checks warn (the README's "Alerts")."""
+
+    min_delivery_success: float
+    max_quiet_time_hours: float
+    max_lift_drop: float
+    min_native_sessions_to_judge_lift: int
+
+
 class UpstackResource(dg.ConfigurableResource):
     """What the assets receive: the settings of every stage, and the resources they reach."""
 
@@ -89,6 +97,7 @@ class UpstackResource(dg.ConfigurableResource):
     klaviyo: KlaviyoResource
     identity: IdentityResource
     mapping: MappingResource
+    alerts: AlertsResource
     landing_dir: str = Field(description="The landing folder: events/ and customers/ (UPSTACK_LANDING_DIR).")
     # A replay of past traffic (the demo) runs as if it were this moment, ISO 8601 with an offset, so sessions go
     # idle and events age as they did then. Empty: the wall clock.
@@ -113,6 +122,7 @@ class UpstackResource(dg.ConfigurableResource):
             ingest_batch_bytes=self.ingest_batch_bytes,
             identity=from_config(self.identity, IdentitySettings),
             destination=from_config(self.mapping, DestinationSettings),
+            alerts=from_config(self.alerts, AlertSettings),
         )
 
 
@@ -126,6 +136,7 @@ def resource_config(settings: Settings, as_of: datetime | None = None) -> dict[s
                     "requests_per_minute": settings.klaviyo_requests_per_minute},
         "identity": to_config(settings.identity, IdentityResource),
         "mapping": to_config(settings.destination, MappingResource),
+        "alerts": to_config(settings.alerts, AlertsResource),
         "upstack": {"landing_dir": str(settings.landing_dir), "as_of": as_of.isoformat() if as_of else "",
                     "ingest_batch_bytes": settings.ingest_batch_bytes,
                     "max_clock_skew_hours": settings.max_clock_skew / DURATION_UNITS["hours"]},
@@ -146,6 +157,7 @@ def pipeline_resources(settings: Settings, *, api_key: str | dg.EnvVar | None) -
         "klaviyo": KlaviyoResource.configure_at_launch(api_key=api_key, **config["klaviyo"]),
         "identity": IdentityResource.configure_at_launch(**config["identity"]),
         "mapping": MappingResource.configure_at_launch(**config["mapping"]),
+        "alerts": AlertsResource.configure_at_launch(**config["alerts"]),
     }
     return {"upstack": UpstackResource.configure_at_launch(**dependencies, **config["upstack"]), **dependencies}
 

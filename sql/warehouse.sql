@@ -286,7 +286,9 @@ create table if not exists commerce_metrics (
     event_name     varchar primary key,     -- the pixel's: ViewContent | AddToCart | InitiateCheckout | Purchase
     klaviyo_metric varchar not null,        -- Klaviyo's standard name, e.g. 'Added to Cart'
     metric_name    varchar not null,        -- ours, e.g. 'Added to Cart from Upstack'
-    enabled        boolean not null         -- in UPSTACK_ENABLED_EVENTS
+    enabled        boolean not null,        -- in UPSTACK_ENABLED_EVENTS
+    backup_utm_campaign varchar             -- utm_campaign of the links of the backup flow it triggers (README
+                                            -- "Backup flows in Klaviyo"); null when no backup flow starts from it
 );
 
 -- Commerce events that are not sent, and why; with the outbox it accounts for every decided commerce event.

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import klaviyo_click, make_event, query, write_events
 from dagster_project.definitions import load_definitions
+from upstack_pipeline.analytics import VIEWS, readme_views, view_docs
 from upstack_pipeline.warehouse import Warehouse, table_docs
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -56,7 +57,8 @@ def test_the_assets_are_the_tables_of_a_warehouse_and_nothing_else(assets, tmp_p
         ).fetchall()}
         views = {name for (name,) in connection.execute(
             "select view_name from duckdb_views() where not internal and schema_name = 'main'").fetchall()}
-    assert set(assets) == tables
+    # The analysts' views are the pipeline's: a sync creates them (sql/<view>.sql), each an asset too.
+    assert set(assets) == tables | set(VIEWS)
     assert views == {"usable_identity_observations", "usable_identity_links"}  # internal to identity resolution
     # Every user table is in the README, so a new table cannot reach the warehouse undocumented.
     assert tables == set(readme_tables())
@@ -117,4 +119,14 @@ def test_lineage_follows_the_order_the_sql_runs_in():
                                 "identity_flags", "pipeline_state"},
         "klaviyo_mapping": {"klaviyo_outbox", "klaviyo_skipped", "commerce_metrics"},
         "klaviyo_delivery": {"klaviyo_deliveries", "klaviyo_dead_letters"},
+        "analytics": set(VIEWS),
     }
+
+
+def test_each_view_is_an_asset_with_its_documented_columns_and_the_readme_lists_them(assets):
+    assert readme_views() in README.read_text()
+    for view, doc in view_docs().items():
+        node = assets[view]
+        assert "view" in node.kinds and node.description == doc.description
+        undocumented = [column for column in columns_of(node.metadata) if not column[3]]
+        assert not undocumented, f"{view}: columns without a line in the header of sql/{view}.sql: {undocumented}"

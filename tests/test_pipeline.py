@@ -62,15 +62,17 @@ def test_sync_materializes_both_tables_with_operator_metadata_and_passing_checks
     assert checks == {**dict.fromkeys({"landing_files_unchanged", "landing_files_readable", "event_ids_unique",
                                        "shared_device_guard_respected",
                                        "every_commerce_event_decided", "payloads_complete", "no_stale_pending_rows",
-                                       "dead_letter_share"}, True),
+                                       "dead_letter_share", "delivery_success_rate", "pixel_events_arriving",
+                                       "lift_steady"}, True),
                       "destination_healthy": False}  # no KLAVIYO_API_KEY here: a warning, not an error
     assert "KLAVIYO_API_KEY is not set" in materialization(result, "klaviyo_deliveries")["summary"]
     # Shares are percentages with two decimals (readable, and still numbers the Plots tab draws); counts are ints.
-    resolved = materialization(result, "resolved_events")
-    assert {key for key in resolved if key.endswith(("share", "lift"))} == set()
-    for key in ("lift_pct", "resolved_pct"):
-        assert isinstance(resolved[key], float) and resolved[key] == round(resolved[key], 2) and resolved[key] <= 100
+    resolved, lift = materialization(result, "resolved_events"), materialization(result, "daily_lift")
+    assert {key for metadata in (resolved, lift) for key in metadata if key.endswith(("share", "lift"))} == set()
+    for value in (lift["lift_pct"], lift["lift_pct_7d"], resolved["resolved_pct"]):
+        assert isinstance(value, float) and value == round(value, 2) and value <= 100
     assert resolved["resolved_pct"] == 100.0  # both events name jane@gmail.com
+    assert "lift_pct" not in resolved  # one lift, daily_lift's
     assert all(isinstance(events[key], int) for key in ("files_read", "rows_ingested", "rows_quarantined"))
 
     rerun = materialization(sync(), "raw_events")
@@ -160,7 +162,7 @@ def test_sensor_and_schedule_start_running_and_target_the_sync_job():
 def test_every_asset_writing_the_warehouse_shares_one_pool_limited_to_one_slot(tmp_path):
     job = load_definitions().resolve_job_def(SYNC_JOB_NAME)
     pools = {node.name: node.definition.pool for node in job.graph.nodes}
-    assert set(pools) == {"ingestion", "identity_resolution", "klaviyo_mapping", "klaviyo_delivery"}
+    assert set(pools) == {"ingestion", "identity_resolution", "klaviyo_mapping", "klaviyo_delivery", "analytics"}
     assert set(pools.values()) == {WAREHOUSE_POOL}
 
     home = tmp_path / "dagster_home"
@@ -194,6 +196,7 @@ def test_summaries_say_one_of_a_thing_in_the_singular():
     from dagster_project.defs.identity import resolved_events_metadata
     from dagster_project.defs.klaviyo import delivery_metadata, payload_metadata
     from dagster_project.metadata import ingestion_summary
+    from upstack_pipeline.analytics import LiftTotals
     from upstack_pipeline.identity import IdentityOverview
     from upstack_pipeline.ingestion import IngestReport, TableOverview
     from upstack_pipeline.klaviyo.delivery import DeliveryRun
@@ -206,11 +209,13 @@ def test_summaries_say_one_of_a_thing_in_the_singular():
         delivery_metadata(DeliveryRun(configured=True, delivered=1, requests=1, delivered_backfill=1))["summary"],
         payload_metadata(MappingRun(1, 1, 1, 0), MappingOverview({"Viewed Product from Upstack": 1}, {"unresolved": 1},
                                                                  1, {}, 0, 0, 0, 0, {}))["summary"],
-        resolved_events_metadata(1, IdentityOverview(1, 1, {}, {}, 1, 1, 1, pl.DataFrame(), {}, pl.DataFrame(),
+        resolved_events_metadata(1, IdentityOverview(1, 1, {}, {}, 1, pl.DataFrame(), {}, pl.DataFrame(),
                                                      0))["summary"],
+        LiftTotals("Added to Cart", 1, 1, 1, 1, 0, 1.0, 1, 1.0).sentence(),
     ]
     text = " | ".join(str(getattr(summary, "value", summary)) for summary in one_each)
     assert "1 new row from 1 file " in text and "1 pixel retry skipped" in text
     assert "1 event delivered in 1 request" in text
     assert "1 Klaviyo event queued, 1 commerce event skipped" in text and "1 of 1 commerce event resolved" in text
-    assert not re.search(r"\b1 (\w+ )?(rows|files|retries|events|requests)\b", text), text
+    assert "1 abandoned Added to Cart session only" in text
+    assert not re.search(r"\b1 (\w+ )?(rows|files|retries|events|requests|sessions)\b", text), text

@@ -96,7 +96,7 @@ def test_on_a_world_with_the_problem_wrong_person_sends_stay_at_the_floor_and_re
     assert query(daily, "select count(*) from klaviyo_outbox where status <> 'delivered'") == [(0,)]
     assert ours.sent_avoidable_wrong_person == 0
     assert ours.reachable_sessions > 100 and ours.recall >= 0.95
-    assert ours.lift > baseline.lift
+    assert ours.right_person_lift > baseline.right_person_lift
     assert ours.sent_precision > baseline.sent_precision
     # The placeholders were found: the typed ones no block list names are quarantined.
     assert query(daily, "select count(*) from identity_rejected_values where reason = 'many_browsers' "

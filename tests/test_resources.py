@@ -9,6 +9,7 @@ import pytest
 
 from dagster_project.definitions import load_definitions
 from dagster_project.resources import (
+    AlertsResource,
     IdentityResource,
     KlaviyoResource,
     MappingResource,
@@ -18,7 +19,7 @@ from dagster_project.resources import (
     resource_config,
     run_config_for,
 )
-from upstack_pipeline.settings import DestinationSettings, IdentitySettings, Settings
+from upstack_pipeline.settings import AlertSettings, DestinationSettings, IdentitySettings, Settings
 
 KEY = "pk_resource_test_key_00000000"
 
@@ -39,6 +40,8 @@ def unusual_settings(tmp_path) -> Settings:
             create_profiles=False, update_profiles=False, list_id="L1", respect_consent=False,
             max_event_age=timedelta(hours=12), hold_back=timedelta(minutes=13), max_pending_age=timedelta(minutes=14),
             max_dead_letter_share=0.5),
+        alerts=AlertSettings(min_delivery_success=0.25, max_quiet_time=timedelta(hours=3), max_lift_drop=0.75,
+                             min_native_sessions_to_judge_lift=9),
     )
 
 
@@ -53,6 +56,7 @@ def test_every_setting_has_a_config_field_and_survives_the_round_trip(tmp_path):
     # The fixture really moves every field of the stages' settings, so the round trip below checks each one.
     assert changed_fields(settings.identity) == {field.name for field in dataclasses.fields(IdentitySettings)}
     assert changed_fields(settings.destination) == {field.name for field in dataclasses.fields(DestinationSettings)}
+    assert changed_fields(settings.alerts) == {field.name for field in dataclasses.fields(AlertSettings)}
 
     config = resource_config(settings)
     upstack = UpstackResource(
@@ -60,6 +64,7 @@ def test_every_setting_has_a_config_field_and_survives_the_round_trip(tmp_path):
         klaviyo=KlaviyoResource(api_key=KEY, **config["klaviyo"]),
         identity=IdentityResource(**config["identity"]),
         mapping=MappingResource(**config["mapping"]),
+        alerts=AlertsResource(**config["alerts"]),
         **config["upstack"],
     )
 

@@ -152,17 +152,11 @@ class IdentityOverview:
     resolved_events: int
     by_match_method: dict[str, int]
     unresolved_by_reason: dict[str, int]
-    native_cart_sessions: int
-    extra_cart_sessions: int  # cart sessions Klaviyo could not identify natively, that we resolved
     identities: int
     rejected_values: pl.DataFrame  # the most frequent, with their reason
     flags_by_kind: dict[str, int]
     largest_shared_browsers: pl.DataFrame
     history_attributions_over_guard: int  # must be 0: history used on a browser past max_emails_per_browser
-
-    @property
-    def lift(self) -> float:
-        return self.extra_cart_sessions / self.native_cart_sessions if self.native_cart_sessions else 0.0
 
 
 def overview(settings: Settings, *, limit: int = 5) -> IdentityOverview:
@@ -176,18 +170,6 @@ def overview(settings: Settings, *, limit: int = 5) -> IdentityOverview:
                    (select count(*) from resolved_events where match_method is not null),
                    (select count(*) from identities)
         """).fetchone()
-        native_sessions, extra_sessions = connection.execute("""
-            with cart_sessions as (
-                select session_id,
-                       bool_or(klaviyo_native) as native,
-                       bool_or(event_name = 'AddToCart' and match_method is not null) as resolved_cart
-                from resolved_events
-                group by session_id
-                having bool_or(event_name = 'AddToCart')
-            )
-            select count(*) filter (where native), count(*) filter (where not native and resolved_cart)
-            from cart_sessions
-        """).fetchone()
         over_guard = connection.execute(read_sql("shared_device_guard_check"), {
             "cookie_lifetime": guard.cookie_lifetime, "max_emails": guard.max_emails_per_browser,
         }).fetchone()[0]
@@ -198,8 +180,6 @@ def overview(settings: Settings, *, limit: int = 5) -> IdentityOverview:
                                   "where match_method is not null group by 1 order by 2 desc"),
             unresolved_by_reason=pairs("select unresolved_reason, count(*) from resolved_events "
                                        "where unresolved_reason is not null group by 1 order by 2 desc"),
-            native_cart_sessions=native_sessions,
-            extra_cart_sessions=extra_sessions,
             identities=identities,
             rejected_values=connection.sql(
                 "select id_type, value, reason, times_seen from identity_rejected_values "

@@ -113,6 +113,21 @@ class DestinationSettings:
 
 
 @dataclass(frozen=True)
+class AlertSettings:
+    """When the analytics checks warn (README "Alerts"): each says what to look at."""
+
+    # Of the events Klaviyo answered for in the last day, at least this share accepted.
+    min_delivery_success: float = 0.95
+    # A storefront that sent no commerce event for this long has lost its pixel (or its landing folder).
+    max_quiet_time: timedelta = timedelta(hours=6)
+    # Yesterday's lift below the trailing week's by more than this share of it...
+    max_lift_drop: float = 0.5
+    # ...judged only when the trailing week had this many abandoned carts Klaviyo identified natively: fewer, and
+    # a day's lift is noise.
+    min_native_sessions_to_judge_lift: int = 50
+
+
+@dataclass(frozen=True)
 class Settings:
     landing_dir: Path = Path("data/landing")
     warehouse_path: Path = Path("data/warehouse.duckdb")
@@ -133,6 +148,7 @@ class Settings:
     max_clock_skew: timedelta = timedelta(days=1)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     destination: DestinationSettings = field(default_factory=DestinationSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
     # Landing files are ingested in transactions of about this many bytes on disk, bounding memory on backfills.
     ingest_batch_bytes: int = 64 * 1024 * 1024
 
@@ -172,6 +188,14 @@ class Settings:
                 update_profiles=_flag(env, "UPSTACK_UPDATE_PROFILES", defaults.destination.update_profiles),
                 list_id=env.get("KLAVIYO_LIST_ID") or None,
                 respect_consent=_flag(env, "UPSTACK_RESPECT_CONSENT", defaults.destination.respect_consent),
+            ),
+            alerts=AlertSettings(
+                min_delivery_success=_share(env, "UPSTACK_ALERT_MIN_DELIVERY_SUCCESS",
+                                            defaults.alerts.min_delivery_success),
+                max_quiet_time=timedelta(hours=_positive_int(env, "UPSTACK_ALERT_QUIET_HOURS",
+                                                             int(defaults.alerts.max_quiet_time / timedelta(hours=1)),
+                                                             unit="hours")),
+                max_lift_drop=_share(env, "UPSTACK_ALERT_MAX_LIFT_DROP", defaults.alerts.max_lift_drop),
             ),
         )
 
@@ -244,6 +268,19 @@ def _positive_int(env: Mapping[str, str], name: str, default: int, *, unit: str)
     if not raw.strip().isdigit() or int(raw) < 1:
         raise ValueError(f"{name} must be a whole number of {unit}, e.g. {default} (got {raw!r})")
     return int(raw)
+
+
+def _share(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        share = float(raw)
+    except ValueError:
+        share = -1.0
+    if not 0 <= share <= 1:
+        raise ValueError(f"{name} must be a share between 0 and 1, e.g. {default} (got {raw!r})")
+    return share
 
 
 def _days(env: Mapping[str, str], name: str, default: timedelta) -> timedelta:

@@ -241,12 +241,17 @@ class TableDoc:
     columns: tuple[ColumnDoc, ...]
 
 
+def new_schema_ddl() -> str:
+    """What a new warehouse file is created with: the version table and `sql/warehouse.sql`."""
+    return _VERSION_TABLE_DDL + ";\n" + read_sql("warehouse")
+
+
 def table_docs() -> dict[str, TableDoc]:
     """The tables of a new warehouse, with their columns as DuckDB creates them from the DDL (`sql/warehouse.sql`
     and the version table's), described by that DDL's comments: the comment lines just above `create table` describe
     the table; a comment after a column (continued on the lines below it, in the same place) or the comment lines
     just above it describe the column. Views are left out: they are the pipeline's own."""
-    ddl = _VERSION_TABLE_DDL + ";\n" + read_sql("warehouse")
+    ddl = new_schema_ddl()
     with duckdb.connect() as connection:
         connection.execute(ddl)
         columns = connection.execute("""

@@ -82,18 +82,13 @@ def resolved_events_metadata(events_resolved_this_run: int, state: IdentityOverv
     share = state.resolved_events / state.commerce_events if state.commerce_events else 0.0
     return {
         "summary": dg.MetadataValue.text(
-            f"{state.resolved_events:,} of {plural(state.commerce_events, 'commerce event')} resolved ({share:.1%}); "
-            f"{state.extra_cart_sessions:,} cart sessions Klaviyo could not identify natively, "
-            f"{state.native_cart_sessions:,} it could (lift {state.lift:.1%})"
+            f"{state.resolved_events:,} of {plural(state.commerce_events, 'commerce event')} resolved ({share:.1%})"
         ),
         "dagster/row_count": state.commerce_events,
         "events_resolved_this_run": events_resolved_this_run,
         "resolved_pct": percent(share),
         "resolved_by_match_method": dg.MetadataValue.json(state.by_match_method),
         "unresolved_by_reason": dg.MetadataValue.json(state.unresolved_by_reason),
-        "native_cart_sessions": state.native_cart_sessions,
-        "extra_cart_sessions": state.extra_cart_sessions,
-        "lift_pct": percent(state.lift),
     }
 
 

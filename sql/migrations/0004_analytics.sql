@@ -9,5 +9,6 @@ create table commerce_metrics (
     event_name     varchar primary key,
     klaviyo_metric varchar not null,
     metric_name    varchar not null,
-    enabled        boolean not null
+    enabled        boolean not null,
+    backup_utm_campaign varchar
 );

@@ -15,6 +15,7 @@ from typing import Iterable, Mapping
 import duckdb
 
 from upstack_pipeline.klaviyo import limits
+from upstack_pipeline.klaviyo.flows import BACKUP_FLOWS
 from upstack_pipeline.settings import ORDER_LINE_METRIC, PIXEL_TO_KLAVIYO_METRIC, DestinationSettings, Settings
 from upstack_pipeline.warehouse import read_sql, set_variables
 
@@ -60,6 +61,7 @@ def _set_variables(connection: duckdb.DuckDBPyConnection, destination: Destinati
         "now": now,
         "send_mode": destination.send_mode,
         "klaviyo_metrics": PIXEL_TO_KLAVIYO_METRIC,
+        "backup_utm_campaigns": {flow.metric: flow.utm_campaign for flow in BACKUP_FLOWS},
         "metric_names": {event: names[metric] for event, metric in PIXEL_TO_KLAVIYO_METRIC.items()},
         "order_line_metric_name": names[ORDER_LINE_METRIC],
         "enabled_events": list(destination.enabled_events),

@@ -34,10 +34,11 @@ Purchase) a method resolves, then for the ones it *sends*: what a backup flow re
   order), the shopper's email, Shopify customer id (`external_id`) or `kx`. It is *reached* when Klaviyo
   identifies the session natively or the method sends one of its carts to the right person. Recall = reached /
   reachable.
-* **Lift**: what the backup flows add on top of Klaviyo's own tracking. *Native* abandoned sessions are those
+* **Right-person lift**: the product's lift (view `daily_lift`, printed first) counted against the truth, so
+  that a method that sends carts to the wrong people gains nothing by it. *Native* abandoned sessions are those
   where Klaviyo could already identify some event (`klaviyo_native` in resolved_events); *extra* sessions are not
-  native and had a cart sent to the right person. Lift = extra / native. The native set always comes from
-  resolved_events, so ours and the baseline share one denominator and their lifts compare.
+  native and had a cart sent to the right person. Right-person lift = extra / native. The native set always comes
+  from resolved_events, so ours and the baseline share one denominator and compare.
 
 The baseline is scored with exactly the same rules: for every commerce event, the email is lower(trim()) of the
 latest non-blank `user_data.email` on the same anonymous_id at or before the event (its own row included; rows at
@@ -54,6 +55,7 @@ from pathlib import Path
 
 import duckdb
 
+from upstack_pipeline.analytics import LiftTotals, lift_totals
 from upstack_pipeline.warehouse import Warehouse, read_sql
 
 __all__ = ["Evaluation", "ResolutionScore", "evaluate", "format_evaluation"]
@@ -94,7 +96,7 @@ class ResolutionScore:
         return _ratio(self.reached_sessions, self.reachable_sessions)
 
     @property
-    def lift(self) -> float:
+    def right_person_lift(self) -> float:
         return _ratio(self.extra_sessions, self.native_sessions)
 
 
@@ -106,6 +108,7 @@ class Evaluation:
     sent_floor: int          # ... among the sendable events
     commerce_events: int     # commerce events in raw_events that the truth describes
     abandoned_sessions: int  # truth sessions with an AddToCart and no Purchase
+    lift: LiftTotals | None  # the product's lift, from the warehouse alone (view daily_lift; None before a sync)
 
 
 def evaluate(warehouse_path: Path, truth_dir: Path) -> Evaluation:
@@ -134,11 +137,17 @@ def evaluate(warehouse_path: Path, truth_dir: Path) -> Evaluation:
         cursor = connection.execute(read_sql("evaluation"))
         columns = [description[0] for description in cursor.description]
         rows = {row[0]: dict(zip(columns, row)) for row in cursor.fetchall()}
+        lift = lift_totals(connection) if _has_relation(connection, "daily_lift") else None
     totals = rows["ours"]
     return Evaluation(
-        ours=_score(rows["ours"]), baseline=_score(rows["baseline"]),
+        ours=_score(rows["ours"]), baseline=_score(rows["baseline"]), lift=lift,
         **{name: int(totals[name]) for name in ("floor", "sent_floor", "commerce_events", "abandoned_sessions")},
     )
+
+
+def _has_relation(connection: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return connection.execute("select count(*) from information_schema.tables where table_name = ?",
+                              [name]).fetchall()[0][0] > 0
 
 
 def _check_tables(connection: duckdb.DuckDBPyConnection, warehouse_path: Path) -> None:
@@ -187,12 +196,15 @@ def _score(row: dict) -> ResolutionScore:
 
 def format_evaluation(evaluation: Evaluation) -> str:
     """A short table for a person: per method, what it resolved and what it sent (precision, wrong-person events and
-    how many were avoidable), the reachable abandoned sessions it reached, and its lift; then the floor."""
+    how many were avoidable), the reachable abandoned sessions it reached, and its right-person lift; then the
+    floor. The product's own lift comes first."""
     lines = [
+        f"The warehouse's {evaluation.lift.sentence()} (view daily_lift)" if evaluation.lift else
+        "The warehouse has no view daily_lift yet: `upstack sync` creates it.",
         f"Identity resolution vs ground truth: {evaluation.commerce_events:,} commerce events, "
         f"{evaluation.abandoned_sessions:,} abandoned-cart sessions",
         f"{'':<9}{'resolved: precision':>23} {'wrong (avoidable)':>18}  {'sent: precision':>19} "
-        f"{'wrong (avoidable)':>18}  {'reachable reached':>19}  {'lift':>15}",
+        f"{'wrong (avoidable)':>18}  {'reachable reached':>19}  {'right-person lift':>17}",
     ]
     for name, score in (("ours", evaluation.ours), ("baseline", evaluation.baseline)):
         lines.append(
@@ -202,14 +214,15 @@ def format_evaluation(evaluation: Evaluation) -> str:
             f"{_percent(score.sent_precision):>7} {f'of {score.sent:,}':>11} "
             f"{f'{score.sent_wrong_person:,} ({score.sent_avoidable_wrong_person:,})':>18}  "
             f"{_percent(score.recall):>7} {f'{score.reached_sessions:,}/{score.reachable_sessions:,}':>11}  "
-            f"{_percent(score.lift):>6} {f'{score.extra_sessions:,}/{score.native_sessions:,}':>8}"
+            f"{_percent(score.right_person_lift):>8} {f'{score.extra_sessions:,}/{score.native_sessions:,}':>8}"
         )
     lines += [
         f"floor: {evaluation.floor:,} wrong-person events ({evaluation.sent_floor:,} of them sendable) no "
         "deterministic method can avoid (another person's identity on the cookie, none of the shopper's own in the "
         "session)",
         "sent: to a backup flow (not Klaviyo-native, marketing allowed); reachable: abandoned carts tied to the "
-        "shopper before, reached natively or sent to the right person; lift: extra sessions / Klaviyo-native sessions",
+        "shopper before, reached natively or sent to the right person; right-person lift: the lift counting only "
+        "sessions sent to the right person (extra sessions / Klaviyo-native sessions)",
     ]
     return "\n".join(lines)
 

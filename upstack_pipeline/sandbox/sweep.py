@@ -73,7 +73,7 @@ def format_sweep(rows: list[SweepRow]) -> str:
     """A Markdown table, ours beside the baseline in each cell."""
     lines = [
         "| world | wrong-person sent, ours (avoidable) / floor | baseline (avoidable) | sent precision, ours / "
-        "baseline | reachable carts reached, ours / baseline | lift, ours / baseline |",
+        "baseline | reachable carts reached, ours / baseline | right-person lift, ours / baseline |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -85,7 +85,8 @@ def format_sweep(rows: list[SweepRow]) -> str:
             f"| {_share(ours.sent_precision, ours.sent)} / {_share(baseline.sent_precision, baseline.sent)} "
             f"| {_share(ours.recall, ours.reachable_sessions)} of {ours.reachable_sessions:,} "
             f"/ {_share(baseline.recall, baseline.reachable_sessions)} "
-            f"| {_share(ours.lift, ours.native_sessions)} / {_share(baseline.lift, baseline.native_sessions)} |"
+            f"| {_share(ours.right_person_lift, ours.native_sessions)} / "
+            f"{_share(baseline.right_person_lift, baseline.native_sessions)} |"
         )
     return "\n".join(lines)
 
