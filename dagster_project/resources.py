@@ -87,7 +87,7 @@ class AlertsResource(dg.ConfigurableResource):
     min_delivery_success: float
     max_quiet_time_hours: float
     max_lift_drop: float
-    min_native_sessions_to_judge_lift: int
+    min_expected_sessions_to_judge_lift: int
 
 
 class UpstackResource(dg.ConfigurableResource):

@@ -11,10 +11,12 @@ import pytest
 from conftest import make_event, materialization, query, write_events
 from dagster_project.cli import summarize
 from dagster_project.definitions import run_sync
+from dagster_project.defs.analytics import alert_results
+from upstack_pipeline.analytics import AnalyticsOverview, LiftTotals
 from upstack_pipeline.sandbox.evaluation import evaluate, format_evaluation
 from upstack_pipeline.sandbox.klaviyo_emulator import KlaviyoEmulator
+from upstack_pipeline.settings import AlertSettings
 
-pytestmark = pytest.mark.slow  # a whole Dagster sync
 KEY = "pk_lift_test_emulator_only_00"
 DAY = datetime(2026, 11, 20, tzinfo=timezone.utc)
 SHOP = "https://acme.myshopify.com"
@@ -51,6 +53,7 @@ WORLD = [
 ]
 
 
+@pytest.mark.slow  # a whole Dagster sync
 def test_the_lift_by_hand_is_the_lift_of_every_surface(settings, tmp_path):
     write_events(settings.events_dir / "day.ndjson", WORLD)
     with KlaviyoEmulator(api_key=KEY, rate_limits=None) as emulator, dg.instance_for_test() as instance:
@@ -86,6 +89,7 @@ def test_the_lift_by_hand_is_the_lift_of_every_surface(settings, tmp_path):
         f"The warehouse's {sentence} (view daily_lift)")
 
 
+@pytest.mark.slow
 def test_the_funnel_accounts_for_every_commerce_event_once(settings):
     write_events(settings.events_dir / "day.ndjson", WORLD)
     with dg.instance_for_test() as instance:  # no key: the Upstack-only cart waits in the outbox
@@ -102,3 +106,40 @@ def test_the_funnel_accounts_for_every_commerce_event_once(settings):
                                                           "unresolved", "delivered")] == [5, 5, 2, 1, 1, 2, 0]
     rates = dict(query(settings, "select identified_by, visitors from match_rates where day = '2026-11-20'"))
     assert rates == {"klaviyo_native": 4, "cookie_history": 1, "unidentified": 1}  # ann, dan, eve, fay; bob; cat
+
+
+def overview(**changes) -> AnalyticsOverview:
+    """A healthy week: 100 native sessions a day, 10 only Upstack reached (lift 10%), everything accepted."""
+    day = LiftTotals("Added to Cart", 300, 100, 12, 10, 0, 500.0, 0, 0.0)
+    week = LiftTotals("Added to Cart", 2100, 700, 84, 70, 0, 3500.0, 0, 0.0)
+    healthy = AnalyticsOverview(lift=week, lift_last_7_days=week, lift_yesterday=day, lift_trailing_week=week,
+                                visitors_last_7_days=1000, klaviyo_identified_visitors_last_7_days=300,
+                                identified_visitors_last_7_days=330, delivered_last_day=100, refused_last_day=0,
+                                oldest_pending_minutes=0.0, pixel_events_in_quiet_window=500)
+    return replace(healthy, **changes)
+
+
+def failed_alerts(state: AnalyticsOverview) -> dict[str, str]:
+    return {result.check_name: result.description for result in alert_results(state, AlertSettings())
+            if not result.passed}
+
+
+def test_each_alert_fails_when_its_numbers_go_wrong_and_says_what_to_look_at():
+    assert failed_alerts(overview()) == {}
+    assert "klaviyo_dead_letters" in failed_alerts(overview(delivered_last_day=90, refused_last_day=10))[
+        "delivery_success_rate"]
+    assert "landing folder" in failed_alerts(overview(pixel_events_in_quiet_window=0))["pixel_events_arriving"]
+    dropped = replace(overview().lift_yesterday, upstack_delivered_sessions=4)  # 4% against the week's 10%
+    assert "match_rates" in failed_alerts(overview(lift_yesterday=dropped))["lift_steady"]
+    # A small shop's day: 10% of 20 native sessions expects 2, and 0 is chance, not an alert.
+    quiet_day = replace(overview().lift_yesterday, klaviyo_native_sessions=20, upstack_delivered_sessions=0)
+    assert failed_alerts(overview(lift_yesterday=quiet_day)) == {}
+
+
+@pytest.mark.slow
+def test_a_silent_storefront_fails_the_pixel_check_of_a_real_sync(settings):
+    write_events(settings.events_dir / "day.ndjson", WORLD)
+    with dg.instance_for_test() as instance:
+        result = run_sync(settings, instance, as_of=DAY + timedelta(days=2))
+    failed = {check.check_name: check.severity for check in result.get_asset_check_evaluations() if not check.passed}
+    assert failed["pixel_events_arriving"] == dg.AssetCheckSeverity.WARN

@@ -41,7 +41,7 @@ def unusual_settings(tmp_path) -> Settings:
             max_event_age=timedelta(hours=12), hold_back=timedelta(minutes=13), max_pending_age=timedelta(minutes=14),
             max_dead_letter_share=0.5),
         alerts=AlertSettings(min_delivery_success=0.25, max_quiet_time=timedelta(hours=3), max_lift_drop=0.75,
-                             min_native_sessions_to_judge_lift=9),
+                             min_expected_sessions_to_judge_lift=9),
     )
 
 

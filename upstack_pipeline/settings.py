@@ -122,9 +122,10 @@ class AlertSettings:
     max_quiet_time: timedelta = timedelta(hours=6)
     # Yesterday's lift below the trailing week's by more than this share of it...
     max_lift_drop: float = 0.5
-    # ...judged only when the trailing week had this many abandoned carts Klaviyo identified natively: fewer, and
-    # a day's lift is noise.
-    min_native_sessions_to_judge_lift: int = 50
+    # ...judged only when the trailing week's lift, applied to yesterday's natively identified abandoned carts,
+    # expects at least this many sessions only Upstack reached: a count is Poisson-like, so fewer expected and
+    # yesterday's count falls by half by chance (10 expected: about 3 days in 100).
+    min_expected_sessions_to_judge_lift: int = 10
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import dagster as dg
 from dagster_project.metadata import percent, view_metadata, view_specs
 from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
 from upstack_pipeline.analytics import AnalyticsOverview, refresh
+from upstack_pipeline.settings import AlertSettings
 
 # The tables each view reads (recovered_orders also feeds daily_lift).
 ANALYTICS_VIEWS = {
@@ -56,7 +57,7 @@ def analytics(upstack: UpstackResource):
     }
     for view, metadata in views.items():
         yield dg.MaterializeResult(asset_key=view, metadata={**metadata, **specific.get(view, {})})
-    yield from alert_results(state, upstack)
+    yield from alert_results(state, settings.alerts)
 
 
 def lift_metadata(state: AnalyticsOverview) -> dict:
@@ -74,8 +75,7 @@ def lift_metadata(state: AnalyticsOverview) -> dict:
     }
 
 
-def alert_results(state: AnalyticsOverview, upstack: UpstackResource):
-    alerts = upstack.settings().alerts
+def alert_results(state: AnalyticsOverview, alerts: AlertSettings):
     success = state.delivery_success
     low = success is not None and success < alerts.min_delivery_success
     yield dg.AssetCheckResult(
@@ -96,12 +96,13 @@ def alert_results(state: AnalyticsOverview, upstack: UpstackResource):
         "folder (UPSTACK_LANDING_DIR), the table ingested_files for the latest file, and quarantined_events.",
     )
     before, after = state.lift_trailing_week, state.lift_yesterday
-    judged = before.klaviyo_native_sessions >= alerts.min_native_sessions_to_judge_lift
+    expected = before.lift * after.klaviyo_native_sessions
+    judged = expected >= alerts.min_expected_sessions_to_judge_lift
     dropped = judged and after.lift < (1 - alerts.max_lift_drop) * before.lift
     yield dg.AssetCheckResult(
         asset_key="daily_lift", check_name="lift_steady", passed=not dropped, severity=dg.AssetCheckSeverity.WARN,
         metadata={"lift_pct_yesterday": percent(after.lift), "lift_pct_trailing_week": percent(before.lift),
-                  "judged": judged},
+                  "expected_sessions_yesterday": dg.MetadataValue.float(round(expected, 1)), "judged": judged},
         description=f"Yesterday's lift {after.lift:.1%} is down from {before.lift:.1%} over the week before: see "
                     "view match_rates (did a match method stop?) and delivery_funnel (skipped, refused)."
         if dropped else None,
