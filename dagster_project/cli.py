@@ -317,8 +317,8 @@ def command_sql(args: argparse.Namespace, settings: Settings) -> int:
     else:
         path = analytics_path(settings.warehouse_path)
         if not path.is_file():
-            raise ValueError(f"no analysts' copy at {path} yet: `upstack sync` publishes it after every run "
-                             "(or pass --warehouse to query the warehouse itself)")
+            raise ValueError(f"no analysts' copy at {path} yet: run `upstack sync`, which publishes it after every "
+                             "run (or pass --warehouse to query the warehouse itself)")
         opened = duckdb.connect(str(path), read_only=True)
     with opened as connection:
         connection.execute("set TimeZone = 'UTC'")

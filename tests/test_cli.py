@@ -244,3 +244,23 @@ def test_without_the_emulator_extra_the_commands_that_need_it_say_what_to_instal
                             r"\(klaviyo-api\): install the project's `emulator` extra, e.g\. pip install -e "
                             r"'\.\[emulator\]'\n", completed.stderr), completed.stderr
     assert not (tmp_path / "demo").exists()  # refused before it wrote anything
+
+
+def test_sql_answers_from_the_analysts_copy_while_the_warehouse_is_held_and_says_what_to_do(settings):
+    env = environment(settings)
+    missing = upstack("sql", "select 1", env=env)
+    assert missing.returncode == 2 and "run `upstack sync`" in missing.stderr
+
+    write_events(settings.events_dir / "a.ndjson", [make_event("e1")])
+    assert upstack("sync", env=env).returncode == 0
+    import duckdb
+
+    with duckdb.connect(str(settings.warehouse_path)):  # a notebook holding the warehouse for writing
+        answered = upstack("sql", "select metric, abandoned_sessions from daily_lift", env=env, timeout=60)
+    assert answered.returncode == 0, answered.stderr
+    assert "Added to Cart" in answered.stdout and "abandoned_sessions" in answered.stdout
+
+    wrong = upstack("sql", "select nothing from nowhere", env=env)
+    assert wrong.returncode == 2 and "nowhere" in wrong.stderr and "README" in wrong.stderr
+    whole = upstack("sql", "--warehouse", "select count(*) as events from raw_events", env=env)
+    assert whole.returncode == 0 and "events" in whole.stdout
