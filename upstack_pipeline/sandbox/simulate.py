@@ -40,6 +40,14 @@ The model, in the order it is built:
   and then posted to a group), placeholder addresses typed into pop-ups by many unrelated shoppers (a few on any
   block list, most not), an ad click handed over from an in-app browser to Safari, an ad link shared between two
   people, staff test orders with the store's support address, private windows and cleared cookies.
+* **Backup flows** email what Klaviyo's own flows cannot: a cart or a started checkout left in a session Klaviyo
+  did not identify, by a shopper who allows marketing and had identified on that cookie before. The flow is the one
+  `BACKUP_FLOWS` names for the furthest step (Abandoned Cart, Abandoned Checkout); a share of the emails
+  (`backup_email_click_rate`) bring the shopper back hours to two days later through the email's link, with their
+  `_kx` and the flow's utm_campaign (`backup_utm_campaign`), and a share of those visits
+  (`backup_return_purchase_rate`) buy the cart. Klaviyo's own emails (`_kx` landings above) never carry that
+  campaign. `truth/backup_emails.csv` lists every email sent, the visit it brought and that visit's order, so
+  recovered-revenue reporting can be checked against exactly those orders.
 * **Transport noise**: about 1% of events are re-sent by the pixel as identical lines (sometimes an hour later, in
   the next file) and about 0.2% of lines are broken in one of seven ways (see `BAD_LINE_KINDS`).
 
@@ -48,9 +56,11 @@ is the cart before it, `value` is the cart value after the add. The `fbc` cookie
 written in that browser, so in an in-app handoff the two browsers share the `fbclid` (and the landing URL) but not
 the exact `fbc` string.
 
-Everything is drawn from one `random.Random(seed)` in a fixed order and all times are integer milliseconds, so the
-same arguments give byte-identical files. Sessions are generated in start-time order and each hour's file is written
-as soon as no later session can add to it, so memory stays bounded by a few hours of traffic.
+Everything is drawn from `random.Random(seed)` in a fixed order (what the backup flows decide from a second
+generator derived from the seed, so they add visits without reshuffling the world before the first of them) and all
+times are integer milliseconds, so the same arguments give byte-identical files. Sessions, planned ones and those
+the emails bring, are generated in start-time order and each hour's file is written as soon as no later session can
+add to it, so memory stays bounded by a few hours of traffic.
 """
 
 from __future__ import annotations
@@ -58,6 +68,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import heapq
 import itertools
 import json
 import math
@@ -69,6 +80,8 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from upstack_pipeline.klaviyo.flows import BACKUP_FLOWS, SYNC_INTERVAL, UTM_MEDIUM, UTM_SOURCE, BackupFlow
 
 __all__ = ["SimulationSummary", "WorldRates", "simulate"]
 
@@ -124,6 +137,14 @@ class WorldRates:
                                            "(A)")
     handoff_share: float = _rate(0.15, "in-app ad visits (Instagram, TikTok) continued in the phone's own browser "
                                        "(A)")
+    backup_email_click_rate: float = _rate(
+        0.09, "shoppers emailed by a backup abandoned-cart or abandoned-checkout flow who click its email and land on "
+              "the store: Klaviyo measured a 9.5% click rate over 9.3 million abandoned-cart deliveries and gives "
+              "7-12% for its flows, Omnisend 5.7% (A)")
+    backup_return_purchase_rate: float = _rate(
+        0.25, "of those clicks, the visits that buy the cart there and then: Omnisend's 2.4% orders per "
+              "abandoned-cart email over its 5.7% clicks, about 40%, credits also orders by openers and on later "
+              "visits, so the click's own visit is fewer, 20-30% (A)")
 
     def __post_init__(self) -> None:
         for rate in fields(self):
@@ -161,6 +182,26 @@ PLACEHOLDERS_PER_WORLD = 5
 KEEPS_RETURNING = 0.8
 SAME_DAY_RETURN = 0.25
 RETURN_GAP_SPREAD = 1.0
+
+# Backup flows (the README's "Backup flows in Klaviyo"): an abandoned cart Klaviyo could not tie to a shopper, but
+# the pixel's cookie could, is emailed by the backup flow named for its metric. The shopper's furthest step names
+# the flow: a started checkout exits the cart flow ("moved on"), so it gets the checkout flow's email instead.
+BACKUP_FLOW_OF = {flow.metric: flow for flow in BACKUP_FLOWS}
+BACKUP_TRIGGERS = (("InitiateCheckout", BACKUP_FLOW_OF["Started Checkout"]),
+                   ("AddToCart", BACKUP_FLOW_OF["Added to Cart"]))
+# The first email goes when the native flow's would (Klaviyo's standard abandonment flows wait about 4 hours, the
+# guide's first example), up to one sync later; the series' next email a day after (A). Most clicks come within
+# hours of an email's arrival, and the link is followed no later than two days after the cart (A).
+BACKUP_FIRST_WAIT = 4 * HOUR
+BACKUP_SECOND_EMAIL = DAY
+BACKUP_CLICKS_ON_FIRST = 0.7
+BACKUP_CLICK_DELAY_MEDIAN = HOUR
+BACKUP_RETURN_WITHIN = 2 * DAY
+# Klaviyo's Smart Sending default: a profile emailed within this window is skipped, and the skipped email not resent.
+SMART_SENDING = 16 * HOUR
+# Emails are read where the inbox is: some clicks open on another of the shopper's devices (A).
+BACKUP_OTHER_DEVICE = 0.2
+BACKUP_LANDS_ON_CART = 0.5  # the email's "return to cart" button, else a product block's link (A)
 
 REQUIRED_FIELDS = ("event_id", "event_name", "event_time", "shop", "anonymous_id", "session_id")
 
@@ -399,6 +440,7 @@ class SessionPlan:
     checkout_email: str | None = None  # typed at checkout instead of the person's email (staff tests)
     landing_url: str | None = None  # fixed up front when two sessions must open the very same link
     landing_product: Product | None = None
+    backup: _BackupClick | None = None  # the shopper follows a backup flow's email back to their cart
 
 
 @dataclass
@@ -1025,6 +1067,9 @@ class _SessionRunner:
         session.emit("PageView", t, page, came_from)
         if plan.kx:
             session.klaviyo_learns(t)
+        if plan.backup is not None:
+            self._backup_return(session, plan, t, landing_product, page, came_from)
+            return session.hits
         if person.customer_id and not plan.short and browser.kind not in ("instagram_inapp", "tiktok_inapp") \
                 and plan.scenario != "staff_test" and rng.random() < 0.15:
             t += rng.randint(10 * SECOND, 60 * SECOND)
@@ -1101,6 +1146,25 @@ class _SessionRunner:
         purchase = {"value": value, "currency": "USD", "items": cart, "order_id": str(self.order_number),
                     "discount_codes": codes, "checkout_url": checkout_url}
         session.emit("Purchase", t, f"{checkout_url}/thank-you", checkout_url, custom=purchase, checkout=True)
+
+    def _backup_return(self, session: _Session, plan: SessionPlan, t: int, landing_product: Product, page: str,
+                       came_from: str | None) -> None:
+        """The email brings the shopper back to the cart they left: whether they buy it was decided with the
+        click (`backup_return_purchase_rate`), so a visit that does not buy only looks around."""
+        rng = self.rng
+        if page.startswith(landing_product.url):
+            t += rng.randint(3 * SECOND, 40 * SECOND)
+            session.emit("ViewContent", t, page, came_from,
+                         custom=self._money(landing_product.price, [landing_product.item]))
+        if plan.checkout == "purchase":
+            t += rng.randint(10 * SECOND, 90 * SECOND)
+            self._checkout(session, plan, t, list(plan.backup.cart), page)
+            return
+        for _ in range(rng.choices((0, 1, 2), (40, 40, 20))[0]):
+            product = self._product()
+            t += rng.randint(5 * SECOND, 120 * SECOND)
+            page, came_from = product.url, page
+            session.emit("ViewContent", t, page, came_from, custom=self._money(product.price, [product.item]))
 
     def _discount(self, plan: SessionPlan, subtotal: float) -> tuple[list[str], float]:
         if plan.scenario == "staff_test":
@@ -1337,6 +1401,163 @@ def _typed_phone(rng: random.Random, e164: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Backup flows
+# ---------------------------------------------------------------------------------------------------------------
+
+BACKUP_TRUTH_HEADER = ("abandoned_session_id", "person_id", "flow", "utm_campaign", "sent_at", "return_session_id",
+                       "order_id", "order_value")
+
+
+@dataclass(slots=True, eq=False)
+class _BackupEmail:
+    """A backup flow's email on its way: sent only if nothing calls it off before it is due."""
+
+    person: Person
+    browser: Browser  # where the cart was left
+    flow: BackupFlow
+    cart: list[dict]
+    abandoned_session_id: str
+    abandoned_at: int
+
+
+@dataclass(slots=True, eq=False)
+class _BackupClick:
+    flow: BackupFlow
+    cart: list[dict]
+    abandoned_at: int
+    truth: list  # the email's truth row, told the return session and its order once they happen
+
+
+class _BackupFlows:
+    """What recovered-revenue reporting measures: shoppers who come back, and sometimes buy, through a backup
+    flow's email.
+
+    The world emails exactly those the product exists for: a cart (or a started checkout) left in a session Klaviyo
+    could not identify itself (no page of it known to Klaviyo's cookie, no email typed in it), by a shopper who
+    allows marketing and had revealed themselves on that very cookie in an earlier session (their email, customer
+    login or own `_kx` in a line the pixel delivered), which is what a deterministic resolver can use. Klaviyo's own
+    flows answer the rest, and their links never carry the backup campaign. A flow's filters call an email off when
+    the shopper has bought since (Shopify's Placed Order) and Smart Sending skips it when they had a backup email
+    within its window. Decisions are drawn from a generator of their own, so a world whose click rate is 0 is the
+    world without backup flows, line for line.
+    """
+
+    def __init__(self, seed: int, rates: WorldRates, shop: str, end: int) -> None:
+        self.rng = random.Random(f"backup-flows/{seed}")
+        self.rates = rates
+        self.shop = shop
+        self.end = end
+        self.revealed: dict[str, set[str]] = {}  # anonymous_id -> people whose own identity the pixel saw on it
+        self.last_purchase: dict[str, int] = {}
+        self.last_email: dict[str, int] = {}
+        self.truth: list[list] = []
+
+    def after_session(self, plan: SessionPlan, hits: list[_Hit], delivered: list[_Hit]) -> _BackupEmail | None:
+        """Learns what the session revealed and returns the backup email its abandoned cart earns, if any."""
+        if not hits:
+            return None
+        person = plan.person
+        anonymous_id = hits[0].event["anonymous_id"]
+        email = None
+        purchases = [hit.t for hit in hits if hit.event["event_name"] == "Purchase"]
+        if purchases:
+            self.last_purchase[person.person_id] = purchases[-1]
+        elif (not person.staff and person.consent["marketing"]
+              and person.person_id in self.revealed.get(anonymous_id, ())
+              and not any(hit.event["user_data"].get("klaviyo_identified") or hit.event["user_data"].get("email")
+                          for hit in hits)):
+            email = self._email_for(person, plan.browser, delivered)
+        for hit in delivered:
+            if self._reveals(person, hit.event["user_data"]):
+                self.revealed.setdefault(anonymous_id, set()).add(person.person_id)
+                break
+        return email
+
+    @staticmethod
+    def _reveals(person: Person, user: dict) -> bool:
+        typed = user.get("email")
+        return (user.get("kx") == person.kx
+                or (person.customer_id is not None and user.get("external_id") == person.customer_id)
+                or (typed is not None and typed.strip().lower() == person.email))
+
+    def _email_for(self, person: Person, browser: Browser, delivered: list[_Hit]) -> _BackupEmail | None:
+        """Only what reached the landing folder can reach Klaviyo as our metric, so only that starts a flow."""
+        for name, flow in BACKUP_TRIGGERS:
+            trigger = next((hit for hit in reversed(delivered) if hit.event["event_name"] == name), None)
+            if trigger is not None:
+                return _BackupEmail(person, browser, flow, list(trigger.event["custom_data"]["items"]),
+                                    trigger.event["session_id"], delivered[-1].t)
+        return None
+
+    def due(self, email: _BackupEmail) -> int:
+        return email.abandoned_at + BACKUP_FIRST_WAIT + self.rng.randrange(SYNC_INTERVAL // timedelta(milliseconds=1))
+
+    def send(self, email: _BackupEmail, at: int, seq: int, catalogue: dict[str, Product]) -> SessionPlan | None:
+        """The email goes out at `at`; returns the visit its click brings, if the shopper clicks."""
+        person_id = email.person.person_id
+        if self.last_purchase.get(person_id, -1) > email.abandoned_at:
+            return None  # Bought: the flow's filter exits them
+        if at - self.last_email.get(person_id, -SMART_SENDING) < SMART_SENDING:
+            return None  # Smart Sending skips it, and Klaviyo does not send it later
+        self.last_email[person_id] = at
+        row = [email.abandoned_session_id, person_id, email.flow.native_flow, email.flow.utm_campaign,
+               _format_time(at, 0, 0), "", "", ""]
+        self.truth.append(row)
+        rng = self.rng
+        if rng.random() >= self.rates.backup_email_click_rate:
+            return None
+        base = at if rng.random() < BACKUP_CLICKS_ON_FIRST else at + BACKUP_SECOND_EMAIL
+        click = self._awake(email.person, base + int(rng.lognormvariate(math.log(BACKUP_CLICK_DELAY_MEDIAN), 1.0)))
+        # an hour's margin: a visit may wait for the browser's previous one to end (_make_room)
+        click = min(click, email.abandoned_at + BACKUP_RETURN_WITHIN - HOUR - rng.randrange(HOUR))
+        buys = rng.random() < self.rates.backup_return_purchase_rate
+        browser = self._browser(email.person, email.browser)
+        product = catalogue[email.cart[0]["sku"]]
+        page = f"https://{self.shop}/cart" if rng.random() < BACKUP_LANDS_ON_CART else product.url
+        if click >= self.end:
+            return None
+        sep = "&" if "?" in page else "?"
+        url = (f"{page}{sep}utm_source={UTM_SOURCE}&utm_medium={UTM_MEDIUM}&utm_campaign={email.flow.utm_campaign}"
+               f"&_kx={email.person.kx}")
+        return SessionPlan(click, seq, email.person, browser, channel="klaviyo", kx=email.person.kx,
+                           return_visit=True, checkout="purchase" if buys else "random", landing_url=url,
+                           landing_product=product, backup=_BackupClick(email.flow, email.cart, email.abandoned_at,
+                                                                        row))
+
+    def _awake(self, person: Person, moment: int) -> int:
+        """An email that arrives at night is read in the morning."""
+        offset = person.city.utc_offset_minutes * MINUTE
+        local_hour = (moment + offset) % DAY // HOUR
+        if local_hour >= 6:
+            return moment
+        midnight = (moment + offset) // DAY * DAY - offset
+        return midnight + self.rng.randint(6 * HOUR, 9 * HOUR)
+
+    def _browser(self, person: Person, left_on: Browser) -> Browser:
+        """The cart's browser, or for some another device's; a link always opens in a real browser, never in a
+        social app's."""
+        others = [browser for browser in person.session_browsers
+                  if browser.device is not left_on.device and not browser.kind.endswith("_inapp")]
+        if others and self.rng.random() < BACKUP_OTHER_DEVICE:
+            return self.rng.choice(others)
+        return left_on.device.browsers[0] if left_on.kind.endswith("_inapp") else left_on
+
+    def still_wanted(self, plan: SessionPlan) -> bool:
+        """Someone who bought since leaving the cart does not come back for it."""
+        return self.last_purchase.get(plan.person.person_id, -1) <= plan.backup.abandoned_at
+
+    def returned(self, plan: SessionPlan, delivered: list[_Hit]) -> None:
+        """The truth names the visit once the pixel delivered a line of it, and its order once its Purchase."""
+        if not delivered:
+            return
+        row = plan.backup.truth
+        row[5] = delivered[0].event["session_id"]
+        for hit in delivered:
+            if hit.event["event_name"] == "Purchase":
+                row[6], row[7] = hit.event["custom_data"]["order_id"], f"{hit.event['custom_data']['value']:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Writing files
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -1402,13 +1623,14 @@ class _Transport:
         self.duplicates = 0
         self.bad = 0
 
-    def send(self, hit: _Hit) -> None:
+    def send(self, hit: _Hit) -> bool:
+        """Whether the event reached the landing folder as a valid line."""
         if hit.t >= self.end:
-            return  # the window closes; this part of the session happens after the export
+            return False  # the window closes; this part of the session happens after the export
         if self.rng.random() < BAD_LINE_RATE:
             self.files.add(hit.t, self._broken(hit))
             self.bad += 1
-            return
+            return False
         line = _JSON.encode(hit.event)
         self.files.add(hit.t, line)
         self.write_truth(hit.truth)
@@ -1416,6 +1638,7 @@ class _Transport:
         if self.rng.random() < RETRY_RATE:
             self.files.add(self._retry_arrival(hit.t), line)
             self.duplicates += 1
+        return True
 
     def _retry_arrival(self, t: int) -> int:
         """Most retries follow within seconds; some wait for the network and land in the next hour's file."""
@@ -1505,7 +1728,8 @@ def simulate(out_dir: Path, *, visitors: int, days: int, seed: int, end: datetim
     """Write `days` of storefront traffic from `visitors` people ending at `end`, with the ground truth.
 
     Layout under out_dir: events/dt=YYYY-MM-DD/hour=HH/part-0000.ndjson.gz, customers/customers.csv,
-    truth/events.csv and truth/people.csv. The same arguments always produce byte-identical files.
+    truth/events.csv, truth/people.csv and truth/backup_emails.csv. The same arguments always produce
+    byte-identical files.
     """
     if visitors < 1:
         raise ValueError("visitors must be at least 1")
@@ -1531,18 +1755,46 @@ def simulate(out_dir: Path, *, visitors: int, days: int, seed: int, end: datetim
     truth_temporary = truth_path.with_name(f".{truth_path.name}.tmp")
     files = _HourlyFiles(events_dir)
     runner = _SessionRunner(rng, ids, world, rates)
+    backup = _BackupFlows(seed, rates, shop, end_ms)
+    by_sku = {product.sku: product for product in world.catalogue}
+    # Emails and the visits they bring are due after the session that caused them, so they join the planned
+    # sessions in one time order and every hour's file is still complete when written.
+    due: list[tuple[int, int, _BackupEmail | SessionPlan]] = []
+    seq = itertools.count(len(plans))
+    planned = iter(plans)
+    plan = next(planned, None)
     with open(truth_temporary, "w", newline="", encoding="utf-8") as handle:
         truth = csv.writer(handle, lineterminator="\n")
         truth.writerow(["event_id", "person_id", "email", "browser_id", "session_id", "scenario"])
         transport = _Transport(rng, files, truth.writerow, end_ms)
-        for plan in plans:
-            files.complete_hours_before(plan.start // HOUR)
-            if not _make_room(rng, plan, end_ms):
+        while plan is not None or due:
+            if due and (plan is None or due[0][:2] < (plan.start, plan.seq)):
+                at, _, item = heapq.heappop(due)
+                if isinstance(item, _BackupEmail):
+                    click = backup.send(item, at, next(seq), by_sku)
+                    if click is not None:
+                        heapq.heappush(due, (click.start, click.seq, click))
+                    continue
+                current = item
+                if not backup.still_wanted(current):
+                    continue
+            else:
+                current, plan = plan, next(planned, None)
+            files.complete_hours_before(current.start // HOUR)
+            if not _make_room(rng, current, end_ms):
                 continue
-            for hit in runner.run(plan):
-                transport.send(hit)
+            hits = runner.run(current)
+            delivered = [hit for hit in hits if transport.send(hit)]
+            if current.backup is not None:
+                backup.returned(current, delivered)
+            email = backup.after_session(current, hits, delivered)
+            if email is not None:
+                at = backup.due(email)
+                if at < end_ms:
+                    heapq.heappush(due, (at, next(seq), email))
         files.close()
     os.replace(truth_temporary, truth_path)
+    _write_csv_atomically(out_dir / "truth" / "backup_emails.csv", BACKUP_TRUTH_HEADER, backup.truth)
 
     customers = _write_csv_atomically(
         out_dir / "customers" / "customers.csv",
