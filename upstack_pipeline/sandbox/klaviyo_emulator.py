@@ -35,7 +35,9 @@ returned when you actually hit a HTTP 429"). A window starts at the first reques
 a client that paces by its own send times at exactly the limit can still meet a 429 when arrival times jitter.
 
 The API key is kept only to compare with: it is never logged, never put in `requests()`, never echoed.
-Needs Klaviyo's SDK (`klaviyo-api`, importable as `openapi_client`) for its request models.
+Needs Klaviyo's SDK (`klaviyo-api`, importable as `openapi_client`) for its request models. The HTTP is Starlette's
+and uvicorn's (both already installed with dagster-webserver), so clients meet a real server's keep-alive and
+chunked bodies, not a hand-written parser's idea of them.
 
     python -m upstack_pipeline.sandbox.klaviyo_emulator --port 8787 [--api-key K] [--no-rate-limits]
 """
@@ -43,6 +45,7 @@ Needs Klaviyo's SDK (`klaviyo-api`, importable as `openapi_client`) for its requ
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gzip
 import hashlib
 import hmac
@@ -62,9 +65,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
-from urllib.parse import urlsplit
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from upstack_pipeline.klaviyo import limits
 
@@ -79,6 +88,10 @@ _BULK_EVENTS = "/data/attributes/events-bulk-create/data"
 # Identifiers by which the emulator recognises "the same profile", in the order the project's brief gives.
 _EVENT_PROFILE_KEYS = ("email", "_kx", "phone_number", "external_id", "anonymous_id")
 _IMPORT_PROFILE_KEYS = ("email", "_kx", "phone_number", "external_id")
+# Every method reaches the emulator's own routing (see KlaviyoEmulator._serve).
+_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# How long stop() lets answers in flight finish before uvicorn cancels them.
+_STOP_GRACE_SECONDS = 2
 
 
 @dataclass
@@ -158,7 +171,7 @@ class _Reply:
 
 @dataclass
 class _Outcome:
-    """What the HTTP handler does: write `reply` after `delay` seconds, or close the connection (`drop`)."""
+    """What the HTTP layer does: answer `reply` after `delay` seconds, or close the connection (`drop`)."""
 
     reply: _Reply
     drop: bool = False
@@ -220,7 +233,8 @@ class KlaviyoEmulator:
 
     Use as a context manager (or `start()` / `stop()`); read back what it accepted with `accepted_events()`,
     `accepted_by_metric()`, `duplicate_events`, `accepted_profiles()` and `requests()`. All shared state is
-    guarded by one lock, and nothing slow (validation, sleeping, socket I/O) happens while holding it.
+    guarded by one lock, and nothing slow (validation, sleeping, socket I/O) happens while holding it: uvicorn
+    serves on an event loop in a daemon thread, and the checks run in Starlette's thread pool.
     """
 
     def __init__(
@@ -269,41 +283,50 @@ class KlaviyoEmulator:
                    self._get_import_errors, "profiles:read"),
             _Route("GET", re.compile(r"/api/accounts/?"), self._get_accounts, "accounts:read"),
         ]
-        self._server: ThreadingHTTPServer | None = None
+        self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
-        self._connections: set[socket.socket] = set()
         self.base_url = ""
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
     def start(self) -> "KlaviyoEmulator":
-        """Binds, then serves in a daemon thread. Loads the SDK's models first, so a missing SDK fails here."""
+        """Binds here, so a port in use fails in the caller (and port 0 is resolved before `base_url` is set), then
+        serves in a daemon thread and returns once uvicorn accepts. Loads the SDK's models first, so a missing SDK
+        fails here too."""
         sdk_models()
-        handler = type("KlaviyoEmulatorHandler", (_Handler,), {"emulator": self})
-        self._server = _Server((self.host, self.port), handler)
-        host, port = self._server.server_address[:2]
-        self.port = port
-        self.base_url = f"http://{host}:{port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name=f"klaviyo-emulator-{port}", daemon=True)
+        listener = socket.create_server((self.host, self.port))
+        host, self.port = listener.getsockname()[:2]
+        self.base_url = f"http://{host}:{self.port}"
+        app = Starlette(routes=[Route("/{path:path}", self._serve, methods=_METHODS)])
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            log_config=None,  # leave the process's logging as it is; errors still reach stderr
+            log_level="warning",  # no line per start and stop: they would flood the tests' and demo's output
+            access_log=False,
+            proxy_headers=False,  # a request's client is its connection, which a drop closes
+            timeout_keep_alive=120,  # clients pool connections; closing one under a client races its next request
+            timeout_graceful_shutdown=_STOP_GRACE_SECONDS,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [listener]},
+                                        name=f"klaviyo-emulator-{self.port}", daemon=True)
         self._thread.start()
+        while not self._server.started:
+            if not self._thread.is_alive():
+                listener.close()
+                self._server = self._thread = None
+                raise RuntimeError("the Klaviyo emulator's server did not start; see the error above")
+            time.sleep(0.005)
         return self
 
     def stop(self) -> None:
-        """Stops accepting and closes open keep-alive connections, so no request is served after stop()."""
+        """Closes the listener and the idle keep-alive connections, and lets answers in flight finish (for at most
+        `_STOP_GRACE_SECONDS`), so no request is served after stop()."""
         if self._server is None:
             return
-        self._server.shutdown()
-        self._server.server_close()
-        with self._lock:
-            connections = list(self._connections)
-        for connection in connections:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._server.should_exit = True
+        self._thread.join(timeout=_STOP_GRACE_SECONDS + 3)  # a check still running in the pool outlasts the grace
         self._server = self._thread = None
 
     def __enter__(self) -> "KlaviyoEmulator":
@@ -350,12 +373,29 @@ class KlaviyoEmulator:
         with self._lock:
             self._rejected_unique_ids |= set(ids)
 
+    # ---- HTTP -------------------------------------------------------------------------------------------------
+
+    async def _serve(self, request: Request) -> Response:
+        """The app's one endpoint: the routing is `_dispatch`'s, so 404 and 405 are JSON:API errors counted in
+        `requests()`, and a trailing slash is optional, as at Klaviyo (Starlette would redirect). The checks run in
+        the thread pool so that validating a large body holds up neither other connections nor a slow answer."""
+        try:
+            raw = await _read_body(request)
+        except ApiError as error:
+            return _response(_Reply(error.status, {"errors": error.errors}))
+        outcome = await run_in_threadpool(self._dispatch, request.method, request.scope["path"],
+                                          dict(request.headers), raw)
+        if outcome.drop:
+            return _NoAnswer(self._server)
+        if outcome.delay > 0:
+            await asyncio.sleep(outcome.delay)
+        return _response(outcome.reply)
+
     # ---- dispatch ---------------------------------------------------------------------------------------------
 
-    def _dispatch(self, method: str, target: str, headers: dict[str, str], raw: bytes) -> _Outcome:
+    def _dispatch(self, method: str, path: str, headers: dict[str, str], raw: bytes) -> _Outcome:
         """Takes one request through the steps of the module docstring and records it."""
         received_at = time.time()
-        path = urlsplit(target).path
         drop, delay, fault = False, 0.0, None
         try:
             route, params = self._route(method, path)
@@ -652,109 +692,48 @@ class _SeededRandom:
             return [self._random.random() for _ in range(count)]
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128  # a delivery run opens several connections at once
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """HTTP/1.1 with keep-alive, as Klaviyo's API (clients pool connections); hands every request to the emulator."""
-
-    emulator: KlaviyoEmulator
-    protocol_version = "HTTP/1.1"
-    server_version = "KlaviyoEmulator"
-    sys_version = ""
-    timeout = 120  # an idle keep-alive connection is closed after this
-    # Headers and body go out in two writes; with Nagle's algorithm on, the client's delayed ACK holds the
-    # second one back ~40 ms on every keep-alive request.
-    disable_nagle_algorithm = True
-
-    def setup(self) -> None:
-        super().setup()
-        with self.emulator._lock:
-            self.emulator._connections.add(self.connection)
-
-    def finish(self) -> None:
+async def _read_body(request: Request) -> bytes:
+    """The whole body, refused past `MAX_RAW_BODY_BYTES` before it is all read; gzip-encoded bodies decoded."""
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > MAX_RAW_BODY_BYTES:
+            raise ApiError(413, [api_error(413, "request_too_large", "Request entity too large.",
+                                           "The body is larger than Klaviyo takes (5 MB).")])
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if request.headers.get("content-encoding", "").lower() == "gzip":
         try:
-            super().finish()
-        finally:
-            with self.emulator._lock:
-                self.emulator._connections.discard(self.connection)
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError):
+            raise ApiError(400, [api_error(400, "invalid", "Invalid input.", "The body is not valid gzip.")])
+    return raw
 
-    def do_GET(self) -> None:
-        self._serve()
 
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+def _response(reply: _Reply) -> Response:
+    payload = json.dumps(reply.body).encode() if reply.body is not None else b""
+    return Response(payload, reply.status, reply.headers, JSON_API if payload else None)
 
-    def _serve(self) -> None:
-        try:
-            raw = self._read_body()
-        except ApiError as error:
-            self.close_connection = True  # the body was not read: the connection cannot carry another request
-            self._write(_Reply(error.status, {"errors": error.errors}))
-            return
-        headers = {name.lower(): value for name, value in self.headers.items()}
-        outcome = self.emulator._dispatch(self.command, self.path, headers, raw)
-        if outcome.drop:
-            # Processed and stored, then lost: the client sees the connection close without an answer.
-            self.close_connection = True
-            return
-        if outcome.delay > 0:
-            time.sleep(outcome.delay)
-        self._write(outcome.reply)
 
-    def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raw = self._read_chunked()
-        else:
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                raise ApiError(400, [api_error(400, "invalid", "Invalid input.", "Invalid Content-Length.")])
-            if length > MAX_RAW_BODY_BYTES:
-                raise ApiError(413, [api_error(413, "request_too_large", "Request entity too large.",
-                                               f"The body is {length:,} bytes; Klaviyo takes at most 5 MB.")])
-            raw = self.rfile.read(length) if length > 0 else b""
-        if self.headers.get("Content-Encoding", "").lower() == "gzip":
-            try:
-                raw = gzip.decompress(raw)
-            except (OSError, EOFError):
-                raise ApiError(400, [api_error(400, "invalid", "Invalid input.", "The body is not valid gzip.")])
-        return raw
+class _NoAnswer(Response):
+    """The request was processed, and its answer is lost: the client sees its connection close with no answer.
 
-    def _read_chunked(self) -> bytes:
-        chunks, total = [], 0
-        while True:
-            size_line = self.rfile.readline(1024)
-            try:
-                size = int(size_line.split(b";")[0].strip(), 16)
-            except ValueError:
-                raise ApiError(400, [api_error(400, "invalid", "Invalid input.", "Invalid chunked encoding.")])
-            if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                return b"".join(chunks)
-            total += size
-            if total > MAX_RAW_BODY_BYTES:
-                raise ApiError(413, [api_error(413, "request_too_large", "Request entity too large.",
-                                               "The body is larger than Klaviyo takes (5 MB).")])
-            chunks.append(self.rfile.read(size))
-            self.rfile.readline(1024)
+    ASGI has no message for that. uvicorn answers 500 for an app that raises or returns before answering, unless the
+    connection is already gone, and once an answer has started its status line is on the wire. So this closes the
+    request's own connection (uvicorn's, found by its client address) and waits until uvicorn has seen it close; the
+    app then returns and nothing is written.
+    """
 
-    def _write(self, reply: _Reply) -> None:
-        payload = json.dumps(reply.body).encode() if reply.body is not None else b""
-        self.send_response(reply.status)
-        if payload:
-            self.send_header("Content-Type", JSON_API)
-        self.send_header("Content-Length", str(len(payload)))
-        for name, value in reply.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        if payload and self.command != "HEAD":
-            self.wfile.write(payload)
+    def __init__(self, server: uvicorn.Server):
+        super().__init__()
+        self.server = server
 
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silent: a log line per request would flood the demo and benchmark output."""
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        for connection in list(self.server.server_state.connections):
+            if connection.client == scope["client"]:
+                connection.transport.close()
+        while (await receive())["type"] != "http.disconnect":
+            pass
 
 
 # ---- body checks ------------------------------------------------------------------------------------------------
