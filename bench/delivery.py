@@ -31,7 +31,8 @@ KEY = "pk_bench_local_emulator_only"
 def fill_outbox(warehouse: Warehouse, events: int, now: datetime) -> None:
     with warehouse.connect() as connection:
         connection.execute("""
-            insert into klaviyo_outbox
+            insert into klaviyo_outbox (unique_id, event_id, event_name, metric_name, profile_key, profile, event,
+                                        backfill, status, created_at)
             select
                 'bench-' || i as unique_id, 'bench-' || i, 'AddToCart', 'Added to Cart from Upstack',
                 'email:shopper' || (i % 20000) || '@gmail.com',
@@ -44,7 +45,7 @@ def fill_outbox(warehouse: Warehouse, events: int, now: datetime) -> None:
                             'value_currency', 'USD', 'unique_id', 'bench-' || i,
                             'metric', json_object('data', json_object('type', 'metric', 'attributes',
                                                                       json_object('name', 'Added to Cart from Upstack')))),
-                false, 'pending', ?, null, null
+                false, 'pending', ?
             from range(?) as numbers(i)
         """, [now, now, events])
 
