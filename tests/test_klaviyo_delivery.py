@@ -72,6 +72,11 @@ def test_every_outbox_row_arrives_once_and_each_request_is_recorded_without_the_
     assert query(outbox_settings, "select distinct status from klaviyo_outbox") == [("delivered",)]
     statuses = query(outbox_settings, "select status, count(*), sum(events) from klaviyo_deliveries group by 1")
     assert statuses == [(202, run.requests, expected)]
+    # Every request has its own id, and every row names the one that delivered it.
+    assert query(outbox_settings, "select count(distinct request_id), count(request_id) from klaviyo_deliveries") == [
+        (run.requests, run.requests)]
+    assert query(outbox_settings, "select count(*) from klaviyo_outbox where request_id in "
+                                  "(select request_id from klaviyo_deliveries where status = 202)") == [(expected,)]
     dump = json.dumps(query(outbox_settings, "select * from klaviyo_deliveries"), default=str)
     assert KEY not in dump and KEY not in json.dumps(emulator.requests(), default=str)
 
@@ -89,6 +94,14 @@ def test_through_5xx_dropped_connections_and_429s_every_row_arrives_exactly_once
     assert {"server_error", "dropped", "forced_429"} <= injected  # each kind of fault really happened
     statuses = {status for (status,) in query(outbox_settings, "select distinct status from klaviyo_deliveries")}
     assert {202, 429, 503, None} <= statuses  # None: the connection dropped before an answer
+    # A request's retries share its id: each request is its faults, then one 202 that settled its rows.
+    requests = query(outbox_settings, "select list(status order by sent_at) from klaviyo_deliveries "
+                                      "group by request_id")
+    assert len(requests) < run.requests and any(len(statuses) > 1 for (statuses,) in requests)
+    assert all(statuses[-1] == 202 and all(status in (None, 429, 503) for status in statuses[:-1])
+               for (statuses,) in requests)
+    assert query(outbox_settings, "select count(*) from klaviyo_outbox where request_id in "
+                                  "(select request_id from klaviyo_deliveries where status = 202)") == [(expected,)]
 
 
 def test_a_400_names_one_event_and_only_that_event_is_dead_lettered(outbox_settings):
@@ -102,6 +115,11 @@ def test_a_400_names_one_event_and_only_that_event_is_dead_lettered(outbox_setti
     assert query(outbox_settings, "select unique_id, status from klaviyo_dead_letters") == [(victim, 400)]
     assert query(outbox_settings, "select status from klaviyo_outbox where unique_id = ?", [victim]) == [
         ("dead_letter",)]
+    # The victim names the request Klaviyo refused it in, with its answer; the others the ones that delivered them.
+    assert query(outbox_settings, "select outbox.status, deliveries.status, deliveries.error like '%' || unique_id "
+                                  "|| '%', count(*) from klaviyo_outbox as outbox join klaviyo_deliveries as "
+                                  "deliveries using (request_id) group by all order by all") == [
+        ("dead_letter", 400, True, 1), ("delivered", 202, None, expected - 1)]
 
 
 def test_a_bad_key_stops_delivery_with_what_to_do_and_leaves_the_outbox_pending(outbox_settings):
@@ -210,3 +228,7 @@ def test_with_a_list_the_delivered_people_are_imported_into_it(outbox_settings):
     people = query(outbox_settings, "select count(distinct profile_key) from klaviyo_outbox")[0][0]
     assert len(imported) == people and run.profile_import_errors == []
     assert all(profile["lists"] == ["LsT42"] for profile in imported)
+    # The import job's requests (create, poll, errors) are recorded too, each with an id of its own.
+    imports = query(with_list, "select count(*), count(distinct request_id) from klaviyo_deliveries "
+                               "where endpoint like '/api/profile-bulk-import-jobs%'")
+    assert imports[0][0] >= 3 and imports[0][0] == imports[0][1]

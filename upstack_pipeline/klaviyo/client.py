@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -69,6 +70,9 @@ class Attempt:
     bytes: int
     latency_ms: float
     error: str | None
+    # The request this attempt belongs to, shared by its retries: what an outbox row names as the request that
+    # settled it, so its story reads from the event to every try and Klaviyo's last answer.
+    request_id: str
     sent_at: float = field(default_factory=time.time)
 
 
@@ -79,6 +83,7 @@ class Outcome:
     status: int | None
     body: dict | None
     attempts: int
+    request_id: str
 
 
 class RatePacer:
@@ -182,6 +187,7 @@ class KlaviyoClient:
         return list((errors.body or {}).get("data") or [])
 
     def _send(self, method: str, path: str, payload: bytes | None, events: int) -> Outcome:
+        request_id = uuid.uuid4().hex
         attempt = 0
         while True:
             attempt += 1
@@ -199,8 +205,8 @@ class KlaviyoClient:
                 never_sent = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol))
             except ValueError:
                 body, not_json = None, True  # Klaviyo answers errors in JSON:API; something else answered
-            self.on_attempt(Attempt(path, status, events, len(payload or b""),
-                                    (time.monotonic() - started) * 1000, error or _error_summary(status, body)))
+            self.on_attempt(Attempt(path, status, events, len(payload or b""), (time.monotonic() - started) * 1000,
+                                    error or _error_summary(status, body), request_id))
             if status in (401, 403):
                 raise KlaviyoAuthError(_auth_advice(status, body), status)
             if status == 400 and _names_parameter(body, "revision"):
@@ -215,11 +221,11 @@ class KlaviyoClient:
                     f"{' and a body that is not JSON' if not_json else ''}. Check KLAVIYO_BASE_URL (Klaviyo's "
                     "is https://a.klaviyo.com, with no path). Nothing was lost: the outbox keeps every event.")
             if status is not None and status not in RETRIABLE_STATUSES:
-                return Outcome(status, body, attempt)
+                return Outcome(status, body, attempt, request_id)
             if attempt >= (self.connect_attempts if never_sent else self.max_attempts):
                 if status is None or status >= 500:
                     raise KlaviyoUnavailableError(self._unavailable_advice(attempt, error, status, body))
-                return Outcome(status, body, attempt)  # still rate limited: the rows wait for the next run
+                return Outcome(status, body, attempt, request_id)  # still rate limited: the rows wait for the next run
             self._back_off(attempt, retry_after)
 
     def _unavailable_advice(self, attempts: int, error: str | None, status: int | None, body: dict | None) -> str:

@@ -5,6 +5,11 @@ after the answer, so a run killed at any point leaves it pending, claimed or set
 and claimed rows; a claimed row may already have arrived, which Klaviyo's dedupe on unique_id makes harmless.
 A 400 on a bulk request is narrowed down to the events it names (or by halving) and only those are
 dead-lettered; the rest still go.
+
+Each request has an id, shared by its retries (klaviyo_deliveries.request_id), and a settled row names the request
+that settled it (klaviyo_outbox.request_id): narrowing a 400 down sends the rest again as a new request, so the
+rows of one batch may name different requests. The view shopper_journey (upstack_pipeline/trace.py) joins them,
+and every delivery run creates it, so any synced warehouse has it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 import duckdb
 
@@ -23,12 +29,29 @@ from upstack_pipeline.klaviyo.client import Attempt, KlaviyoClient, KlaviyoDesti
 from upstack_pipeline.klaviyo.limits import MAX_BULK_REQUEST_BYTES, MAX_EVENTS_PER_BULK_REQUEST, encode_body
 from upstack_pipeline.klaviyo.mapping import OutboxRow, bulk_create_body, profile_import_body
 from upstack_pipeline.settings import Settings
+from upstack_pipeline.trace import create_journey_view
 
 BULK_EVENTS_PATH = "/api/event-bulk-create-jobs"
 PROFILES_PER_IMPORT_JOB = 10_000
 _POINTER = re.compile(r"/data/attributes/events-bulk-create/data/(\d+)/attributes/events/data/(\d+)")
 # Room for the JSON:API envelope around the events when packing a request under Klaviyo's 5 MB.
 _ENVELOPE_BYTES = 64 * 1024
+
+
+class Settled(NamedTuple):
+    """An outbox row and the request whose answer settled it."""
+
+    row: OutboxRow
+    request_id: str
+
+
+class Refused(NamedTuple):
+    """An outbox row Klaviyo refused: its answer's status and what it said about this event."""
+
+    row: OutboxRow
+    status: int
+    detail: str
+    request_id: str
 
 
 @dataclass
@@ -70,6 +93,9 @@ def deliver(
     """Sends every pending row. Up to `concurrency` requests are in flight (Klaviyo's answer takes longer than
     its rate limit's spacing); the warehouse is written from this thread only, as answers come back."""
     if not settings.klaviyo_api_key and client is None:
+        # Nothing is sent without a key, but the events' stories (why they wait) are still worth tracing.
+        with settings.warehouse().connect() as connection:
+            create_journey_view(connection)
         return DeliveryRun(configured=False)
     run = DeliveryRun(configured=True)
     started = time.monotonic()
@@ -93,11 +119,17 @@ def deliver(
                     finally:
                         _record_attempts(connection, run.attempts)
                 if settings.destination.list_id:
-                    run.profile_import_errors = _add_to_list(connection, client, rows, settings.destination.list_id)
+                    before = len(run.attempts)
+                    try:
+                        run.profile_import_errors = _add_to_list(connection, client, rows,
+                                                                 settings.destination.list_id)
+                    finally:
+                        _record_attempts(connection, run.attempts[before:])
             except KlaviyoDestinationError as error:
                 run.stopped = str(error)
                 run.left_pending = connection.execute(
                     "select count(*) from klaviyo_outbox where status = 'pending'").fetchone()[0]
+            create_journey_view(connection)
     finally:
         if own_client:
             client.close()
@@ -121,7 +153,7 @@ def _send_all(connection, client: KlaviyoClient, batches: list[list[OutboxRow]],
             _settle(connection, delivered, dead, unsent, now, attempts)
             faults.reached("delivery-request")  # test hook: UPSTACK_TEST_STOP_AFTER=delivery-request:N
             run.delivered += len(delivered)
-            run.delivered_backfill += sum(1 for row in delivered if row.event.get("backfill"))
+            run.delivered_backfill += sum(1 for settled in delivered if settled.row.event.get("backfill"))
             run.dead_lettered += len(dead)
             run.left_pending += len(unsent)
 
@@ -185,23 +217,25 @@ def pack_requests(rows: list[OutboxRow], max_events: int = MAX_EVENTS_PER_BULK_R
     return batches
 
 
-def _send(client: KlaviyoClient, rows: list[OutboxRow]):
-    """(delivered rows, [(row, status, detail)] Klaviyo refused, rows with no answer after every retry)."""
+def _send(client: KlaviyoClient, rows: list[OutboxRow]) -> tuple[list[Settled], list[Refused], list[OutboxRow]]:
+    """(rows delivered, rows Klaviyo refused, rows with no answer after every retry)."""
     outcome = client.post(BULK_EVENTS_PATH, bulk_create_body(rows), events=len(rows))
     if outcome.status is not None and 200 <= outcome.status < 300:
-        return rows, [], []
+        return [Settled(row, outcome.request_id) for row in rows], [], []
     if outcome.status is None or outcome.status >= 429:
         return [], [], rows
     named = _rows_named_by_errors(rows, outcome.body)
     if named:
-        dead = [(row, outcome.status, named[row.unique_id]) for row in rows if row.unique_id in named]
+        dead = [Refused(row, outcome.status, named[row.unique_id], outcome.request_id)
+                for row in rows if row.unique_id in named]
         rest = [row for row in rows if row.unique_id not in named]
         if not rest:
             return [], dead, []
         delivered, more_dead, unsent = _send(client, rest)
         return delivered, dead + more_dead, unsent
     if len(rows) == 1:
-        return [], [(rows[0], outcome.status, _details(outcome.body) or f"HTTP {outcome.status}")], []
+        detail = _details(outcome.body) or f"HTTP {outcome.status}"
+        return [], [Refused(rows[0], outcome.status, detail, outcome.request_id)], []
     half = len(rows) // 2
     first, second = _send(client, rows[:half]), _send(client, rows[half:])
     return first[0] + second[0], first[1] + second[1], first[2] + second[2]
@@ -227,15 +261,17 @@ def _details(body: dict | None) -> str:
     return "; ".join(str(error.get("detail") or error.get("title")) for error in (body or {}).get("errors") or [])
 
 
-def _set_status(connection, rows: list[OutboxRow], status: str, stamp_column: str, now: datetime) -> None:
+def _set_status(connection, settled: list[Settled] | list[Refused], status: str, stamp_column: str,
+                now: datetime) -> None:
     connection.execute(
-        f"update klaviyo_outbox set status = ?, {stamp_column} = ? "
-        "from (select unnest(?) as unique_id) as settled where klaviyo_outbox.unique_id = settled.unique_id",
-        [status, now, [row.unique_id for row in rows]],
+        f"update klaviyo_outbox set status = ?, {stamp_column} = ?, request_id = settled.request_id "
+        "from (select unnest(?) as unique_id, unnest(?) as request_id) as settled "
+        "where klaviyo_outbox.unique_id = settled.unique_id",
+        [status, now, [each.row.unique_id for each in settled], [each.request_id for each in settled]],
     )
 
 
-def _settle(connection, delivered: list[OutboxRow], dead: list, unsent: list[OutboxRow], now: datetime,
+def _settle(connection, delivered: list[Settled], dead: list[Refused], unsent: list[OutboxRow], now: datetime,
             attempts: list[Attempt]) -> None:
     """One transaction: the rows' new status, their dead letters and the requests that decided them."""
     connection.begin()
@@ -246,21 +282,23 @@ def _settle(connection, delivered: list[OutboxRow], dead: list, unsent: list[Out
         connection.execute("update klaviyo_outbox set status = 'pending', claimed_at = null "
                            "from (select unnest(?) as unique_id) as unsent "
                            "where klaviyo_outbox.unique_id = unsent.unique_id", [[row.unique_id for row in unsent]])
-    for row, status, detail in dead:
+    for refused in dead:
         connection.execute(
             "insert or replace into klaviyo_dead_letters select unique_id, event_id, metric_name, ?, ?, ? "
-            "from klaviyo_outbox where unique_id = ?", [status, detail, now, row.unique_id])
+            "from klaviyo_outbox where unique_id = ?", [refused.status, refused.detail, now, refused.row.unique_id])
     if dead:
-        _set_status(connection, [row for row, _, _ in dead], "dead_letter", "claimed_at", now)
+        _set_status(connection, dead, "dead_letter", "claimed_at", now)
     connection.commit()
 
 
 def _record_attempts(connection, attempts: list[Attempt]) -> None:
     if attempts:
         connection.executemany(
-            "insert into klaviyo_deliveries values (?, ?, ?, ?, ?, ?, ?)",
+            "insert into klaviyo_deliveries (sent_at, endpoint, status, events, bytes, latency_ms, error, request_id) "
+            "values (?, ?, ?, ?, ?, ?, ?, ?)",
             [[datetime.fromtimestamp(attempt.sent_at, tz=timezone.utc), attempt.endpoint, attempt.status,
-              attempt.events, attempt.bytes, attempt.latency_ms, attempt.error] for attempt in attempts],
+              attempt.events, attempt.bytes, attempt.latency_ms, attempt.error, attempt.request_id]
+             for attempt in attempts],
         )
 
 
