@@ -27,6 +27,17 @@ test: $(INSTALLED)
 test-fast: $(INSTALLED)
 	$(BIN)/pytest -m "not slow"
 
+# `upstack report`'s page in a real browser: Debian's Chromium (`apt-get install -y chromium`), driven by Playwright
+# from the `browser` extra. Kept out of `make test`, which needs only Python.
+.PHONY: test-browser
+BROWSER_INSTALLED := $(VENV)/.installed-browser
+$(BROWSER_INSTALLED): $(INSTALLED) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[dev,browser]"
+	touch $(BROWSER_INSTALLED)
+
+test-browser: $(BROWSER_INSTALLED)
+	$(BIN)/pytest tests/browser
+
 dev: $(INSTALLED)
 	DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
