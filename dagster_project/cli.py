@@ -339,7 +339,7 @@ def command_trace(needle: str, settings: Settings) -> int:
         raise ValueError(f"no warehouse at {settings.warehouse_path} (UPSTACK_WAREHOUSE): run `upstack sync` first")
     found = trace(settings, needle)
     print(format_trace(found))
-    return 0 if found.found else 1
+    return 0 if found.found_as else 1
 
 
 def command_sweep(args: argparse.Namespace, settings: Settings) -> int:

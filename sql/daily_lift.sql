@@ -1,7 +1,7 @@
--- The one definition of lift (README "Lift"), from the warehouse alone: per UTC day and abandonment metric, the
--- abandoned sessions, who could identify them, what reached Klaviyo, and the orders the backup flow brought back. A
--- session is abandoned for a metric when it has an event of that metric (a product viewed, a cart, a checkout) and
--- no Placed Order. Klaviyo identified it natively when it could name any event of the session itself. lift_pct is
+-- The one definition of lift (README "Lift and the analysts' views"), from the warehouse alone: per UTC day and
+-- abandonment metric, the abandoned sessions, who could identify them, what reached Klaviyo, and the orders the
+-- backup flow brought back. A session is abandoned for a metric when it has an event of that metric (a product
+-- viewed, a cart, a checkout) and no Placed Order. Klaviyo identified it natively when it could name any event of the session itself. lift_pct is
 -- upstack_delivered_sessions per 100 klaviyo_native_sessions: the abandoned sessions only the backup flow can
 -- reach, for every hundred the native flow reaches.
 --

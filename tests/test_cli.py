@@ -67,6 +67,23 @@ def test_demo_simulates_replays_day_by_day_and_prints_a_summary_that_adds_up(tmp
     assert backfill > 0 and f"{backfill:,} of the " in out and "without firing flows" in out
     assert not re.search(r"\b1 (events|requests|files)\b", out)
 
+    # `upstack trace` on a demo shopper whose cart only Upstack could name: every link from landing line to answer.
+    [(email, event_id, source_file, line, method, evidence, request_id)] = query(demo, """
+        select email, event_id, source_file, line_number, match_method, evidence_event_id, request_id
+        from shopper_journey where event_name = 'AddToCart' and outbox_status = 'delivered' and not klaviyo_native
+        order by event_time limit 1""")
+    story = upstack("trace", email, env=environment(demo))
+    assert story.returncode == 0, story.stderr
+    told = story.stdout
+    assert f"Trace of {email}: found as an email" in told and f"email {email}" in told
+    assert re.search(rf"<-> email {re.escape(email)}\n +first seen .* via event \S+ \(\S+ line \d+\)", told)
+    block = told.split(f"AddToCart {event_id}", 1)[1].split("\n  20", 1)[0]  # that event, up to the next one
+    assert f"landed:    {source_file} line {line}" in block
+    assert f"resolved:  {email} by {method}, evidence {evidence}" in block
+    assert "decision:  outbox, delivered: Klaviyo accepted it" in block and "payload:   Added to Cart" in block
+    assert f"request:   {request_id}: HTTP 202" in block
+    assert upstack("trace", "nobody@nowhere.org", env=environment(demo)).returncode == 1
+
 
 def test_sync_records_its_run_in_the_dagster_instance_at_dagster_home(settings, tmp_path):
     write_events(settings.events_dir / "a.ndjson", [make_event("e1")])

@@ -1,8 +1,8 @@
 """What analysts and marketers read: views over the warehouse, and the one lift every surface reports.
 
 The views (`sql/<view>.sql`) are the pipeline's, recreated at the end of every sync so they always match this
-release's tables: `daily_lift` (the one definition of lift), `delivery_funnel`, `match_rates` and
-`recovered_orders`. Each file's header says what a row is and what each column means; the UI's catalog, the
+release's tables: `daily_lift` (the one definition of lift), `delivery_funnel`, `match_rates`,
+`recovered_orders` and `shopper_journey` (one row per commerce event, the story `upstack trace` tells). Each file's header says what a row is and what each column means; the UI's catalog, the
 README and `view_docs()` read it there.
 
 `lift_totals` is the lift of `daily_lift` summed over days: the sync summary, the asset metadata and
@@ -27,14 +27,22 @@ from upstack_pipeline.settings import Settings
 from upstack_pipeline.warehouse import ColumnDoc, TableDoc, new_schema_ddl, read_sql
 
 # In the order they are created: daily_lift reads recovered_orders.
-VIEWS = ("recovered_orders", "daily_lift", "delivery_funnel", "match_rates")
+VIEWS = ("recovered_orders", "daily_lift", "delivery_funnel", "match_rates", "shopper_journey")
+# What the analysts' copy holds. shopper_journey stays in the warehouse: a row per event with its raw line and the
+# payloads sent (emails, names) is too big and too personal to copy after every sync; `upstack trace` and
+# `upstack sql --warehouse` read it there.
+PUBLISHED_VIEWS = VIEWS[:4]
 # The metric whose lift is the headline: abandoned carts, what backup flows exist for first.
 HEADLINE_METRIC = "Added to Cart"
 
 
 def create_views(connection: duckdb.DuckDBPyConnection) -> None:
+    """Each view, with its description as its DuckDB comment, so analysts see it in duckdb_views() too."""
     for view in VIEWS:
-        connection.execute(read_sql(view))
+        sql = read_sql(view)
+        connection.execute(sql)
+        description = _header(sql)[0].replace("'", "''")  # a COMMENT takes a literal, not a parameter
+        connection.execute(f"comment on view {view} is '{description}'")
 
 
 def view_docs() -> dict[str, TableDoc]:
@@ -120,7 +128,7 @@ def publish_for_analysts(connection: duckdb.DuckDBPyConnection, warehouse_path: 
     building.unlink(missing_ok=True)
     connection.execute("attach ? as analytics", [str(building)])
     try:
-        for table in (*VIEWS, "commerce_metrics"):
+        for table in (*PUBLISHED_VIEWS, "commerce_metrics"):
             connection.execute(f"create table analytics.{table} as select * from {table}")
         connection.execute("create table analytics.published (published_at timestamptz, warehouse varchar)")
         connection.execute("insert into analytics.published values (?, ?)", [now, str(warehouse_path)])

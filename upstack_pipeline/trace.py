@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 from datetime import datetime
-from itertools import takewhile
 from typing import Any
 
 import duckdb
 
 from upstack_pipeline.klaviyo.mapping import KEY_PROPERTIES
 from upstack_pipeline.settings import PIXEL_TO_KLAVIYO_METRIC, Settings
-from upstack_pipeline.warehouse import read_sql
 
 JOURNEY_VIEW = "shopper_journey"
 WHAT_TO_PASS = ("Pass an event_id (the pixel's), an upstack_id (up_ and 20 hex digits, from identities or "
@@ -135,17 +133,6 @@ class Trace:
     notes: list[str]
 
 
-def create_journey_view(connection: duckdb.DuckDBPyConnection) -> None:
-    """Replaces the view, with its description (the prose atop its SQL, before the column lines) as its comment so
-    analysts see it in duckdb_views(): cheap, so every delivery run does it and a synced warehouse always has the
-    current one."""
-    sql = read_sql(JOURNEY_VIEW)
-    connection.execute(sql)
-    prose = takewhile(lambda line: line.startswith("--") and line.strip() != "--", sql.splitlines())
-    description = " ".join(line.removeprefix("--").strip() for line in prose)
-    connection.execute(f"comment on view {JOURNEY_VIEW} is '{description.replace(chr(39), chr(39) * 2)}'")
-
-
 def trace(settings: Settings, needle: str) -> Trace:
     """The story behind `needle`: an event_id, an upstack_id, an anonymous_id or an email, tried in that order.
     Reads the warehouse read-only, so it can run beside a notebook; it waits while a sync writes."""
@@ -157,7 +144,7 @@ def trace(settings: Settings, needle: str) -> Trace:
         if not connection.execute("select count(*) from duckdb_views() where view_name = ?",
                                   [JOURNEY_VIEW]).fetchone()[0]:
             return _no_story(needle, [
-                f"The warehouse has no {JOURNEY_VIEW} view yet: run `upstack sync` (every delivery creates it)."])
+                f"The warehouse has no {JOURNEY_VIEW} view yet: run `upstack sync` (every sync creates it)."])
         return _trace(connection, needle)
 
 

@@ -15,6 +15,8 @@ ANALYTICS_VIEWS = {
     "delivery_funnel": ["raw_events", "quarantined_events", "klaviyo_skipped", "klaviyo_outbox", "commerce_metrics",
                         "klaviyo_deliveries", "klaviyo_dead_letters"],
     "match_rates": ["resolved_events"],
+    "shopper_journey": ["raw_events", "resolved_events", "klaviyo_outbox", "klaviyo_skipped",
+                        "klaviyo_deliveries", "klaviyo_dead_letters"],
 }
 
 alert_checks = [

@@ -29,7 +29,6 @@ from upstack_pipeline.klaviyo.client import Attempt, KlaviyoClient, KlaviyoDesti
 from upstack_pipeline.klaviyo.limits import MAX_BULK_REQUEST_BYTES, MAX_EVENTS_PER_BULK_REQUEST, encode_body
 from upstack_pipeline.klaviyo.mapping import OutboxRow, bulk_create_body, profile_import_body
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.trace import create_journey_view
 
 BULK_EVENTS_PATH = "/api/event-bulk-create-jobs"
 PROFILES_PER_IMPORT_JOB = 10_000
@@ -93,9 +92,6 @@ def deliver(
     """Sends every pending row. Up to `concurrency` requests are in flight (Klaviyo's answer takes longer than
     its rate limit's spacing); the warehouse is written from this thread only, as answers come back."""
     if not settings.klaviyo_api_key and client is None:
-        # Nothing is sent without a key, but the events' stories (why they wait) are still worth tracing.
-        with settings.warehouse().connect() as connection:
-            create_journey_view(connection)
         return DeliveryRun(configured=False)
     run = DeliveryRun(configured=True)
     started = time.monotonic()
@@ -129,7 +125,6 @@ def deliver(
                 run.stopped = str(error)
                 run.left_pending = connection.execute(
                     "select count(*) from klaviyo_outbox where status = 'pending'").fetchone()[0]
-            create_journey_view(connection)
     finally:
         if own_client:
             client.close()
