@@ -332,6 +332,14 @@ def command_sql(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def command_report(args: argparse.Namespace, settings: Settings) -> int:
+    from upstack_pipeline.report import write_report  # draws with matplotlib: loaded only for this command
+
+    print(f"Wrote {write_report(settings.warehouse_path, Path(args.out), days=args.days)}: open it in any browser, "
+          "it needs no network.")
+    return 0
+
+
 def command_trace(needle: str, settings: Settings) -> int:
     from upstack_pipeline.trace import format_trace, trace
 
@@ -391,6 +399,12 @@ def parser() -> argparse.ArgumentParser:
                             help="query the warehouse itself, read-only (every table, waits while a sync writes)")
     sql_parser.add_argument("--max-rows", type=int, default=40, help="rows to print (default 40)")
 
+    report_parser = commands.add_parser(
+        "report", help="write a self-contained HTML page (no network needed) of the last days: lift, the funnel, "
+                       "match methods, recovered revenue and delivery health, for people who never open Dagster")
+    report_parser.add_argument("out", help="the page to write, e.g. report.html")
+    report_parser.add_argument("--days", type=int, default=28, help="UTC days up to today (default 28)")
+
     trace_parser = commands.add_parser(
         "trace", help="the story of a shopper or an event: landing file and line, identity ties, the Klaviyo "
                       "payload, the request and Klaviyo's answer, or why it was not sent")
@@ -439,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_check_key(settings)
         if args.command == "sql":
             return command_sql(args, settings)
+        if args.command == "report":
+            return command_report(args, settings)
         if args.command == "trace":
             return command_trace(args.needle, settings)
         if args.command == "evaluate":

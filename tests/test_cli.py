@@ -281,3 +281,8 @@ def test_sql_answers_from_the_analysts_copy_while_the_warehouse_is_held_and_says
     assert wrong.returncode == 2 and "nowhere" in wrong.stderr and "README" in wrong.stderr
     whole = upstack("sql", "--warehouse", "select count(*) as events from raw_events", env=env)
     assert whole.returncode == 0 and "events" in whole.stdout
+
+    page = settings.landing_dir.parent / "report" / "week.html"
+    written = upstack("report", "--days", "7", str(page), env=env)
+    assert written.returncode == 0 and str(page) in written.stdout
+    assert "<svg" in page.read_text() or "data:image/svg+xml" in page.read_text()
