@@ -45,3 +45,4 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/identity.py
 	$(BIN)/python bench/delivery.py
+	$(BIN)/python bench/scale.py
