@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from upstack_pipeline.settings import Settings
 pytestmark = pytest.mark.slow  # every test runs the whole `upstack` command in a process
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+README = PROJECT_ROOT / "README.md"
 
 
 def upstack(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -281,6 +283,13 @@ def test_sql_answers_from_the_analysts_copy_while_the_warehouse_is_held_and_says
     assert wrong.returncode == 2 and "nowhere" in wrong.stderr and "README" in wrong.stderr
     whole = upstack("sql", "--warehouse", "select count(*) as events from raw_events", env=env)
     assert whole.returncode == 0 and "events" in whole.stdout
+
+    # Every example query of the README runs with what the project installs.
+    examples = re.findall(r"^\.venv/bin/upstack (sql .+)$", README.read_text(), flags=re.MULTILINE)
+    assert len(examples) >= 5
+    for example in examples:
+        ran = upstack(*shlex.split(example), env=env)
+        assert ran.returncode == 0, (example, ran.stderr)
 
     page = settings.landing_dir.parent / "report" / "week.html"
     written = upstack("report", "--days", "7", str(page), env=env)
