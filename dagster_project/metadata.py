@@ -62,10 +62,11 @@ def table_identity(table: str, columns: Sequence[ColumnDoc]) -> dict[str, dg.Met
     }
 
 
-def table_metadata(warehouse: Warehouse, tables: Iterable[str],
-                   docs: dict[str, TableDoc] | None = None) -> dict[str, dict[str, dg.MetadataValue]]:
+def table_metadata(warehouse: Warehouse, tables: Iterable[str], docs: dict[str, TableDoc] | None = None,
+                   counts: dict[str, int] | None = None) -> dict[str, dict[str, dg.MetadataValue]]:
     """Each table's (or view's) row count and columns as they are in the warehouse file now (a file upgraded by
-    migrations included), with the descriptions of the DDL: what every materialization of a table records."""
+    migrations included), with the descriptions of the DDL: what every materialization of a table records.
+    `counts`, when the caller has them, saves recounting (a view computes its whole query to count)."""
     tables = list(tables)
     docs = docs or warehouse_tables()
     with warehouse.connect() as connection:
@@ -73,8 +74,8 @@ def table_metadata(warehouse: Warehouse, tables: Iterable[str],
             select table_name, column_name, data_type, is_nullable from duckdb_columns()
             where database_name = current_database() and schema_name = ? and table_name in ?
             order by table_name, column_index""", [SCHEMA, tables]).fetchall()
-        counts = {table: connection.execute(f"select count(*) from {SCHEMA}.{table}").fetchone()[0]
-                  for table in tables}
+        counts = counts or {table: connection.execute(f"select count(*) from {SCHEMA}.{table}").fetchone()[0]
+                            for table in tables}
     metadata = {}
     for table in tables:
         described = {column.name: column.description for column in docs[table].columns}
@@ -84,8 +85,9 @@ def table_metadata(warehouse: Warehouse, tables: Iterable[str],
     return metadata
 
 
-def view_metadata(warehouse: Warehouse, views: Iterable[str]) -> dict[str, dict[str, dg.MetadataValue]]:
-    return table_metadata(warehouse, views, analytics_views())
+def view_metadata(warehouse: Warehouse, views: Iterable[str],
+                  counts: dict[str, int]) -> dict[str, dict[str, dg.MetadataValue]]:
+    return table_metadata(warehouse, views, analytics_views(), counts)
 
 
 def percent(share: float) -> dg.FloatMetadataValue:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -157,6 +157,7 @@ class AnalyticsOverview:
     refused_last_day: int
     oldest_pending_minutes: float
     pixel_events_in_quiet_window: int
+    rows: dict[str, int] = field(default_factory=dict)  # each view's rows
     published: Path | None = None  # the analysts' copy written with it
 
     @property
@@ -169,40 +170,48 @@ class AnalyticsOverview:
         return identified / self.visitors_last_7_days if self.visitors_last_7_days else 0.0
 
 
-def overview(connection: duckdb.DuckDBPyConnection, *, now: datetime, quiet_time: timedelta) -> AnalyticsOverview:
+def overview(views: duckdb.DuckDBPyConnection, warehouse: duckdb.DuckDBPyConnection, *, now: datetime,
+             quiet_time: timedelta) -> AnalyticsOverview:
+    """The numbers, with the lift and match rates read from `views` (any connection holding daily_lift and
+    match_rates: the analysts' copy, where each view was computed once) and the rest from the warehouse's tables."""
     today = now.astimezone(timezone.utc).date()
     yesterday = today - timedelta(days=1)
-    visitors, klaviyo, identified = connection.execute("""
+    visitors, klaviyo, identified = views.execute("""
         select coalesce(sum(visitors), 0),
                coalesce(sum(visitors) filter (where identified_by = 'klaviyo_native'), 0),
                coalesce(sum(visitors) filter (where identified_by <> 'unidentified'), 0)
         from match_rates where day > $today - 7""", {"today": today}).fetchall()[0]
-    delivered, refused, oldest_pending, quiet_events = connection.execute("""
+    delivered, refused, oldest_pending, quiet_events = warehouse.execute("""
         select (select count(*) from klaviyo_outbox where status = 'delivered' and delivered_at > $since),
                (select count(*) from klaviyo_dead_letters where dead_at > $since),
                (select coalesce(epoch($now - min(created_at)) / 60, 0) from klaviyo_outbox
                 where status in ('pending', 'claimed')),
                (select count(*) from raw_events where event_time > $quiet_since)""",
-                                                                 {"since": now - timedelta(days=1), "now": now,
-                                                                  "quiet_since": now - quiet_time}).fetchall()[0]
+                                                                {"since": now - timedelta(days=1), "now": now,
+                                                                 "quiet_since": now - quiet_time}).fetchall()[0]
     return AnalyticsOverview(
-        lift=lift_totals(connection),
-        lift_last_7_days=lift_totals(connection, since=today - timedelta(days=6)),
-        lift_yesterday=lift_totals(connection, since=yesterday, until=yesterday),
-        lift_trailing_week=lift_totals(connection, since=yesterday - timedelta(days=7),
-                                       until=yesterday - timedelta(days=1)),
+        lift=lift_totals(views),
+        lift_last_7_days=lift_totals(views, since=today - timedelta(days=6)),
+        lift_yesterday=lift_totals(views, since=yesterday, until=yesterday),
+        lift_trailing_week=lift_totals(views, since=yesterday - timedelta(days=7), until=yesterday - timedelta(days=1)),
         visitors_last_7_days=int(visitors), klaviyo_identified_visitors_last_7_days=int(klaviyo),
         identified_visitors_last_7_days=int(identified), delivered_last_day=delivered, refused_last_day=refused,
         oldest_pending_minutes=float(oldest_pending), pixel_events_in_quiet_window=quiet_events,
+        rows={**{view: views.execute(f"select count(*) from {view}").fetchall()[0][0] for view in PUBLISHED_VIEWS},
+              # one row per commerce event, which resolved_events counts without computing the view
+              "shopper_journey": warehouse.execute("select count(*) from resolved_events").fetchall()[0][0]},
     )
 
 
 def refresh(settings: Settings, *, now: datetime) -> AnalyticsOverview:
-    """What a sync ends with: the views recreated, their rows published for analysts, the numbers measured."""
-    with settings.warehouse().connect() as connection:
-        create_views(connection)
-        published = publish_for_analysts(connection, settings.warehouse_path, now=now)
-        return replace(overview(connection, now=now, quiet_time=settings.alerts.max_quiet_time), published=published)
+    """What a sync ends with: the views recreated, their rows published for analysts, the numbers measured (from
+    the published rows: computing a view over the whole history once per sync is enough)."""
+    with settings.warehouse().connect() as warehouse:
+        create_views(warehouse)
+        published = publish_for_analysts(warehouse, settings.warehouse_path, now=now)
+        with duckdb.connect(str(published), read_only=True) as views:
+            state = overview(views, warehouse, now=now, quiet_time=settings.alerts.max_quiet_time)
+    return replace(state, published=published)
 
 
 def readme_views() -> str:

@@ -41,7 +41,7 @@ alert_checks = [
 def analytics(upstack: UpstackResource):
     settings = upstack.settings()
     state = refresh(settings, now=upstack.now())
-    views = view_metadata(settings.warehouse(), ANALYTICS_VIEWS)
+    views = view_metadata(settings.warehouse(), ANALYTICS_VIEWS, state.rows)
     specific = {
         "daily_lift": lift_metadata(state),
         "match_rates": {
