@@ -169,9 +169,11 @@ class Emulator:
 
 
 def sync_environment(landing: Path, warehouse: Path, base_url: str) -> dict[str, str]:
-    """The defaults but for where things are: no DAGSTER_HOME, no other UPSTACK_ or KLAVIYO_ setting."""
+    """The defaults but for where things are: no DAGSTER_HOME, no other UPSTACK_ or KLAVIYO_ setting but DuckDB's
+    memory bounds (UPSTACK_DUCKDB_MEMORY_LIMIT, UPSTACK_DUCKDB_TEMP_DIR), which a run may set to measure them."""
     env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("UPSTACK_", "KLAVIYO_")) and name != "DAGSTER_HOME"}
+           if (not name.startswith(("UPSTACK_", "KLAVIYO_")) or name.startswith("UPSTACK_DUCKDB_"))
+           and name != "DAGSTER_HOME"}
     return {**env, "UPSTACK_LANDING_DIR": str(landing), "UPSTACK_WAREHOUSE": str(warehouse),
             "KLAVIYO_BASE_URL": base_url, "KLAVIYO_API_KEY": KEY}
 

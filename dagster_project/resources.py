@@ -3,8 +3,9 @@
 Six resources, as an operator thinks of them: `warehouse` (the DuckDB file), `klaviyo` (the account the events go
 to), `identity`, `mapping` and `alerts` (the settings of those stages), and `upstack` (the landing folder and the
 clock), which holds the other five and is what the assets receive. Every run carries their configuration as run
-config (`run_config_for`), so a run's page in the UI says what it ran with; the Klaviyo key is bound to the resource at load time (`EnvVar("KLAVIYO_API_KEY")`, or the emulator's key in the
-demo) and never appears in run config, tags or metadata.
+config (`run_config_for`), so a run's page in the UI says what it ran with; the Klaviyo key is bound to the resource
+at load time (`EnvVar("KLAVIYO_API_KEY")`, or the emulator's key in the demo) and never appears in run config, tags
+or metadata.
 
 The settings themselves are `upstack_pipeline.settings.Settings`: the library knows nothing of Dagster, and the
 config classes here mirror its dataclasses field by field (a duration is a number with its unit in the name, e.g.
@@ -22,7 +23,14 @@ from typing import Any, Optional
 import dagster as dg
 from pydantic import Field
 
-from upstack_pipeline.settings import AlertSettings, DestinationSettings, IdentitySettings, Settings, checked_base_url
+from upstack_pipeline.settings import (
+    AlertSettings,
+    DestinationSettings,
+    IdentitySettings,
+    Settings,
+    checked_base_url,
+    checked_memory_limit,
+)
 
 # DuckDB takes one writer at a time: every asset that writes the warehouse runs in this pool, limited to one
 # slot in the shipped instance configuration (dagster_home/dagster.yaml).
@@ -38,6 +46,10 @@ class WarehouseResource(dg.ConfigurableResource):
     path: str = Field(description="The DuckDB file (UPSTACK_WAREHOUSE).")
     lock_wait_seconds: float = Field(description="How long opening the file waits for another process (a notebook, "
                                                  "a second sync) to release DuckDB's write lock.")
+    memory_limit: str = Field(default="", description="What DuckDB may hold in memory, e.g. 4GB "
+                                                      "(UPSTACK_DUCKDB_MEMORY_LIMIT); empty: 80% of RAM.")
+    temp_directory: str = Field(default="", description="Where DuckDB spills what does not fit "
+                                                        "(UPSTACK_DUCKDB_TEMP_DIR); empty: <warehouse>.tmp.")
 
 
 class KlaviyoResource(dg.ConfigurableResource):
@@ -113,6 +125,8 @@ class UpstackResource(dg.ConfigurableResource):
             landing_dir=Path(self.landing_dir),
             warehouse_path=Path(self.warehouse.path),
             warehouse_lock_wait=timedelta(seconds=self.warehouse.lock_wait_seconds),
+            duckdb_memory_limit=checked_memory_limit(self.warehouse.memory_limit or None),
+            duckdb_temp_directory=Path(self.warehouse.temp_directory) if self.warehouse.temp_directory else None,
             klaviyo_base_url=checked_base_url(self.klaviyo.base_url),
             klaviyo_api_key=self.klaviyo.api_key or None,
             klaviyo_revision=self.klaviyo.revision,
@@ -130,7 +144,9 @@ def resource_config(settings: Settings, as_of: datetime | None = None) -> dict[s
     """Each resource's configuration for `settings`, without the key."""
     return {
         "warehouse": {"path": str(settings.warehouse_path),
-                      "lock_wait_seconds": settings.warehouse_lock_wait.total_seconds()},
+                      "lock_wait_seconds": settings.warehouse_lock_wait.total_seconds(),
+                      "memory_limit": settings.duckdb_memory_limit or "",
+                      "temp_directory": str(settings.duckdb_temp_directory or "")},
         "klaviyo": {"base_url": settings.klaviyo_base_url, "revision": settings.klaviyo_revision,
                     "requests_per_second": settings.klaviyo_requests_per_second,
                     "requests_per_minute": settings.klaviyo_requests_per_minute},

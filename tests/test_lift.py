@@ -70,7 +70,8 @@ def test_the_lift_by_hand_is_the_lift_of_every_surface(settings, tmp_path):
 
     lift = materialization(result, "daily_lift")
     for view in ("daily_lift", "delivery_funnel", "match_rates", "recovered_orders", "shopper_journey"):
-        assert materialization(result, view)["dagster/row_count"] == query(settings, f"select count(*) from {view}")[0][0]
+        [(rows,)] = query(settings, f"select count(*) from {view}")
+        assert materialization(result, view)["dagster/row_count"] == rows
     assert (lift["lift_pct"], lift["upstack_delivered_sessions"], lift["klaviyo_native_sessions"]) == (50.0, 1, 2)
     assert lift["recovered_revenue"] == 80.0
     sentence = "lift 50.0% (1 abandoned Added to Cart session only Upstack reached / 2 Klaviyo reaches itself)"

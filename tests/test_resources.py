@@ -28,7 +28,8 @@ def unusual_settings(tmp_path) -> Settings:
     """Every setting off its default, so a field the resources drop or mistranslate shows."""
     return Settings(
         landing_dir=tmp_path / "landing", warehouse_path=tmp_path / "w.duckdb",
-        warehouse_lock_wait=timedelta(seconds=42), klaviyo_base_url="http://127.0.0.1:9", klaviyo_api_key=KEY,
+        warehouse_lock_wait=timedelta(seconds=42), duckdb_memory_limit="512MB",
+        duckdb_temp_directory=tmp_path / "spill", klaviyo_base_url="http://127.0.0.1:9", klaviyo_api_key=KEY,
         klaviyo_revision="2026-07-15", klaviyo_requests_per_second=3, klaviyo_requests_per_minute=40,
         max_clock_skew=timedelta(hours=5), ingest_batch_bytes=1234,
         identity=IdentitySettings(
@@ -144,3 +145,15 @@ def test_a_bad_setting_given_at_launch_fails_the_run_saying_what_is_wrong(settin
     assert not result.success
     failure = result.get_step_failure_events()[0].step_failure_data.error
     assert message in str(failure.cause or failure)
+
+
+def test_the_memory_limit_and_spill_folder_reach_duckdb_and_a_typo_is_refused_at_start_up(tmp_path):
+    settings = Settings.from_env({"UPSTACK_WAREHOUSE": str(tmp_path / "w.duckdb"),
+                                  "UPSTACK_DUCKDB_MEMORY_LIMIT": "256MB",
+                                  "UPSTACK_DUCKDB_TEMP_DIR": str(tmp_path / "spill")})
+    with settings.warehouse().connect() as connection:
+        limit, spill = connection.execute(
+            "select current_setting('memory_limit'), current_setting('temp_directory')").fetchall()[0]
+    assert limit == "244.1 MiB" and spill == str(tmp_path / "spill")
+    with pytest.raises(ValueError, match="UPSTACK_DUCKDB_MEMORY_LIMIT must be an amount of memory"):
+        Settings.from_env({"UPSTACK_DUCKDB_MEMORY_LIMIT": "lots"})

@@ -1,9 +1,9 @@
 """What analysts and marketers read: views over the warehouse, and the one lift every surface reports.
 
 The views (`sql/<view>.sql`) are the pipeline's, recreated at the end of every sync so they always match this
-release's tables: `daily_lift` (the one definition of lift), `delivery_funnel`, `match_rates`,
-`recovered_orders` and `shopper_journey` (one row per commerce event, the story `upstack trace` tells). Each file's header says what a row is and what each column means; the UI's catalog, the
-README and `view_docs()` read it there.
+release's tables: `daily_lift` (the one definition of lift), `delivery_funnel`, `match_rates`, `recovered_orders`
+and `shopper_journey` (one row per commerce event, the story `upstack trace` tells). Each file's header says what a
+row is and what each column means; the UI's catalog, the README and `view_docs()` read it there.
 
 `lift_totals` is the lift of `daily_lift` summed over days: the sync summary, the asset metadata and
 `upstack evaluate` print it, so no surface computes a lift of its own.

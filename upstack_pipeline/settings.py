@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
 
+import duckdb
+
 from upstack_pipeline.klaviyo.client import REQUESTS_PER_MINUTE, REQUESTS_PER_SECOND, REVISION, KlaviyoClient
 from upstack_pipeline.klaviyo.limits import MAX_METRIC_NAME_CHARS
 from upstack_pipeline.warehouse import Warehouse
@@ -134,6 +136,10 @@ class Settings:
     warehouse_path: Path = Path("data/warehouse.duckdb")
     # How long opening the warehouse waits for another process (a notebook, a second sync) to let go of the file.
     warehouse_lock_wait: timedelta = timedelta(minutes=10)
+    # What DuckDB may hold in memory ('4GB'), and where it spills the rest: a backfill's peak is then set by these
+    # and the batch size, not by the history. None: DuckDB's defaults (80% of RAM; `<warehouse>.tmp`).
+    duckdb_memory_limit: str | None = None
+    duckdb_temp_directory: Path | None = None
     klaviyo_base_url: str = KLAVIYO_PRODUCTION_URL
     # The API revision the payloads are written for, and Klaviyo's rate limits per account: settings so that an
     # emulator or a test can narrow them, not knobs to turn against Klaviyo's own API.
@@ -165,6 +171,8 @@ class Settings:
             dagster_home=Path(env["DAGSTER_HOME"]) if env.get("DAGSTER_HOME") else None,
             ingest_batch_bytes=_positive_int(env, "UPSTACK_INGEST_BATCH_BYTES", defaults.ingest_batch_bytes,
                                              unit="bytes"),
+            duckdb_memory_limit=checked_memory_limit(env.get("UPSTACK_DUCKDB_MEMORY_LIMIT") or None),
+            duckdb_temp_directory=Path(env["UPSTACK_DUCKDB_TEMP_DIR"]) if env.get("UPSTACK_DUCKDB_TEMP_DIR") else None,
             identity=replace(
                 defaults.identity,
                 blocked_emails=defaults.identity.blocked_emails + tuple(
@@ -209,7 +217,8 @@ class Settings:
         return self.landing_dir / "customers"
 
     def warehouse(self) -> Warehouse:
-        return Warehouse(self.warehouse_path, lock_timeout_seconds=self.warehouse_lock_wait.total_seconds())
+        return Warehouse(self.warehouse_path, lock_timeout_seconds=self.warehouse_lock_wait.total_seconds(),
+                         memory_limit=self.duckdb_memory_limit, temp_directory=self.duckdb_temp_directory)
 
     def klaviyo_client(self, **options) -> KlaviyoClient:
         """A client for the configured account; `options` are KlaviyoClient's (attempts, timeouts)."""
@@ -246,6 +255,18 @@ def _check_metric_template(template: str, names: Mapping[str, str]) -> None:
     if standard:
         raise refuse(f"gives {standard[0]!r}, the name of a metric Klaviyo's own tracking and Shopify integration "
                      "record: flow filters could not tell ours from theirs; add words around {metric}")
+
+
+def checked_memory_limit(raw: str | None) -> str | None:
+    """DuckDB's own reading of the value, tried at start-up: a typo is named here, not met by the first step."""
+    if raw is None:
+        return None
+    try:
+        duckdb.connect(config={"memory_limit": raw.strip()}).close()
+    except duckdb.Error as error:
+        raise ValueError(f"UPSTACK_DUCKDB_MEMORY_LIMIT must be an amount of memory such as 4GB or 512MB (got "
+                         f"{raw!r}: {error})") from None
+    return raw.strip()
 
 
 def checked_base_url(raw: str) -> str:

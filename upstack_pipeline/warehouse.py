@@ -127,11 +127,15 @@ def _is_lock_conflict(error: duckdb.Error) -> bool:
 
 
 class Warehouse:
-    def __init__(self, path: Path, *, lock_timeout_seconds: float = 600.0,
-                 migrations: Sequence[Migration] = MIGRATIONS):
-        """`migrations` are this release's; tests pass others to see a failing one roll back."""
+    def __init__(self, path: Path, *, lock_timeout_seconds: float = 600.0, memory_limit: str | None = None,
+                 temp_directory: Path | None = None, migrations: Sequence[Migration] = MIGRATIONS):
+        """`memory_limit` ('4GB') and `temp_directory` bound what DuckDB holds in memory and say where it spills
+        the rest (None: DuckDB's defaults, 80% of RAM and `<file>.tmp`). `migrations` are this release's; tests
+        pass others to see a failing one roll back."""
         self.path = Path(path)
         self.lock_timeout_seconds = lock_timeout_seconds
+        self.config = {key: str(value) for key, value in
+                       (("memory_limit", memory_limit), ("temp_directory", temp_directory)) if value}
         self.migrations = tuple(migrations)
         self.latest_version = self.migrations[-1].version if self.migrations else BASELINE_VERSION
 
@@ -212,7 +216,7 @@ class Warehouse:
         delay = 0.05
         while True:
             try:
-                return duckdb.connect(str(self.path), read_only=read_only)
+                return duckdb.connect(str(self.path), read_only=read_only, config=self.config)
             except (duckdb.IOException, duckdb.ConnectionException) as error:
                 if not _is_lock_conflict(error) or time.monotonic() >= deadline:
                     if _is_lock_conflict(error):

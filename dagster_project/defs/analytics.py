@@ -84,7 +84,8 @@ def alert_results(state: AnalyticsOverview, alerts: AlertSettings):
         asset_key="delivery_funnel", check_name="delivery_success_rate", passed=not low,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"delivery_success_pct": percent(success or 0.0), "refused_last_day": state.refused_last_day},
-        description=f"Klaviyo refused {state.refused_last_day:,} of {state.refused_last_day + state.delivered_last_day:,}"
+        description=f"Klaviyo refused {state.refused_last_day:,} of "
+                    f"{state.refused_last_day + state.delivered_last_day:,}"
                     " events in the last day: its reasons are in table klaviyo_dead_letters (detail), by metric in "
                     "view delivery_funnel." if low else None,
     )
