@@ -20,8 +20,9 @@ $(INSTALLED): pyproject.toml
 demo: $(INSTALLED)
 	DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/upstack demo
 
+# Two workers (pytest-xdist), one per core of the machines this runs on: the suite waits on processes and servers.
 test: $(INSTALLED)
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 # The unit and journey tests in about a minute: every test but those marked slow (pyproject.toml). `make test` runs all.
 test-fast: $(INSTALLED)
