@@ -99,19 +99,19 @@ class DestinationSettings:
     max_dead_letter_share: float = 0.01
 
     def __post_init__(self):
-        if self.send_mode not in ("backup", "all"):
-            raise ValueError(f"UPSTACK_SEND_MODE must be 'backup' or 'all' (got {self.send_mode!r})")
-        _check_metric_template(self.metric_name_template, self.metric_names)
-        unknown = set(self.enabled_events) - set(PIXEL_TO_KLAVIYO_METRIC)
-        if unknown:
-            raise ValueError(f"UPSTACK_ENABLED_EVENTS has events we do not map: {', '.join(sorted(unknown))} "
-                             f"(known: {', '.join(PIXEL_TO_KLAVIYO_METRIC)})")
+        checked_send_mode(self.send_mode)
+        checked_metric_template(self.metric_name_template)
+        checked_enabled_events(self.enabled_events)
 
     @property
     def metric_names(self) -> dict[str, str]:
         """Our Klaviyo metric per standard one, e.g. 'Added to Cart' -> 'Added to Cart from Upstack'."""
-        standard = [*PIXEL_TO_KLAVIYO_METRIC.values(), ORDER_LINE_METRIC]
-        return {name: self.metric_name_template.replace("{metric}", name) for name in standard}
+        return metric_names(self.metric_name_template)
+
+
+def metric_names(template: str) -> dict[str, str]:
+    standard = [*PIXEL_TO_KLAVIYO_METRIC.values(), ORDER_LINE_METRIC]
+    return {name: template.replace("{metric}", name) for name in standard}
 
 
 @dataclass(frozen=True)
@@ -234,27 +234,45 @@ class Settings:
         )
 
 
-def _check_metric_template(template: str, names: Mapping[str, str]) -> None:
+# The checks below take the value and the name to blame, so that the environment and the shops file
+# (upstack_pipeline.shops) refuse a value by the same rules, each naming where the value came from.
+
+def checked_send_mode(value: str, name: str = "UPSTACK_SEND_MODE") -> str:
+    if value not in ("backup", "all"):
+        raise ValueError(f"{name} must be 'backup' or 'all' (got {value!r})")
+    return value
+
+
+def checked_enabled_events(events: tuple[str, ...], name: str = "UPSTACK_ENABLED_EVENTS") -> tuple[str, ...]:
+    unknown = set(events) - set(PIXEL_TO_KLAVIYO_METRIC)
+    if unknown:
+        raise ValueError(f"{name} has events we do not map: {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(PIXEL_TO_KLAVIYO_METRIC)})")
+    return events
+
+
+def checked_metric_template(template: str, name: str = "UPSTACK_METRIC_TEMPLATE") -> str:
     """Refused at start-up, in one line, rather than met later as events Klaviyo refuses or flows that mix ours
     with Shopify's: the name goes to Klaviyo as data, so any character is fine, but not any name."""
     def refuse(problem: str) -> ValueError:
-        return ValueError(f"UPSTACK_METRIC_TEMPLATE {problem} (got {template!r}; the default is "
-                          f"'{{metric}} from Upstack')")
+        return ValueError(f"{name} {problem} (got {template!r}; the default is '{{metric}} from Upstack')")
 
     if "{metric}" not in template:
         raise refuse("must contain {metric}, the place of Klaviyo's standard name")
     if any(not character.isprintable() for character in template):
         raise refuse("must be one line of printable characters")
-    too_long = [name for name in names.values() if len(name) > MAX_METRIC_NAME_CHARS]
+    names = metric_names(template)
+    too_long = [metric for metric in names.values() if len(metric) > MAX_METRIC_NAME_CHARS]
     if too_long:
         raise refuse(f"gives a metric name of {len(max(too_long, key=len))} characters; Klaviyo takes fewer than "
                      f"{MAX_METRIC_NAME_CHARS + 1}")
     # Substituting into one template keeps five distinct standard names distinct; what is left to refuse is a
     # name that is one of Klaviyo's own.
-    standard = [name for name, ours in names.items() if ours.strip() == name]
+    standard = [metric for metric, ours in names.items() if ours.strip() == metric]
     if standard:
         raise refuse(f"gives {standard[0]!r}, the name of a metric Klaviyo's own tracking and Shopify integration "
                      "record: flow filters could not tell ours from theirs; add words around {metric}")
+    return template
 
 
 def checked_memory_limit(raw: str | None) -> str | None:
@@ -269,22 +287,22 @@ def checked_memory_limit(raw: str | None) -> str | None:
     return raw.strip()
 
 
-def checked_base_url(raw: str) -> str:
+def checked_base_url(raw: str, name: str = "KLAVIYO_BASE_URL") -> str:
     """A mistyped address is named at start-up, not met later as a connection error that blames the network."""
     try:
         parts = urlsplit(raw.strip())
         parts.port  # reading the port is what checks it
     except ValueError as error:
-        raise ValueError(f"KLAVIYO_BASE_URL is not a URL ({error}): got {raw!r}; Klaviyo's is "
+        raise ValueError(f"{name} is not a URL ({error}): got {raw!r}; Klaviyo's is "
                          f"{KLAVIYO_PRODUCTION_URL}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"KLAVIYO_BASE_URL must start with https:// (or http:// for a local emulator) and name a "
+        raise ValueError(f"{name} must start with https:// (or http:// for a local emulator) and name a "
                          f"host: got {raw!r}; Klaviyo's is {KLAVIYO_PRODUCTION_URL}")
     return raw.strip().rstrip("/")
 
 
-def _positive_int(env: Mapping[str, str], name: str, default: int, *, unit: str) -> int:
-    raw = env.get(name)
+def checked_positive_int(raw: str | None, name: str, default: int, *, unit: str) -> int:
+    """`raw` as the whole number it spells; `default` when it is empty."""
     if not raw:
         return default
     if not raw.strip().isdigit() or int(raw) < 1:
@@ -292,8 +310,7 @@ def _positive_int(env: Mapping[str, str], name: str, default: int, *, unit: str)
     return int(raw)
 
 
-def _share(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
+def checked_share(raw: str | None, name: str, default: float) -> float:
     if not raw:
         return default
     try:
@@ -305,14 +322,26 @@ def _share(env: Mapping[str, str], name: str, default: float) -> float:
     return share
 
 
-def _days(env: Mapping[str, str], name: str, default: timedelta) -> timedelta:
-    return timedelta(days=_positive_int(env, name, default.days, unit="days"))
-
-
-def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = (env.get(name) or "").strip().lower()
+def checked_flag(raw: str | None, name: str, default: bool) -> bool:
+    raw = (raw or "").strip().lower()
     if not raw:
         return default
     if raw not in ("1", "true", "yes", "0", "false", "no"):
         raise ValueError(f"{name} must be true or false (got {raw!r})")
     return raw in ("1", "true", "yes")
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int, *, unit: str) -> int:
+    return checked_positive_int(env.get(name), name, default, unit=unit)
+
+
+def _share(env: Mapping[str, str], name: str, default: float) -> float:
+    return checked_share(env.get(name), name, default)
+
+
+def _days(env: Mapping[str, str], name: str, default: timedelta) -> timedelta:
+    return timedelta(days=_positive_int(env, name, default.days, unit="days"))
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    return checked_flag(env.get(name), name, default)
