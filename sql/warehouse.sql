@@ -11,7 +11,9 @@
 create table if not exists pipeline_state (
     stage      varchar primary key,
     load_id    bigint not null,
-    updated_at timestamptz not null
+    updated_at timestamptz not null,
+    fingerprint varchar,    -- what else its last run read (settings, sources): unchanged and no new load, it skips
+    overview   json         -- the numbers its overview last computed; null once a run changes something
 );
 
 ------------------------------------------------------------------------------------------------ ingestion

@@ -10,11 +10,13 @@ row is and what each column means; the UI's catalog, the README and `view_docs()
 
 Analysts never hold the warehouse: `publish_for_analysts` copies the views' rows into a small separate file after
 each sync, swapped in whole, so a notebook left open on it never blocks the pipeline (DuckDB lets one process
-write a file, and a reader holds it too).
+write a file, and a reader holds it too). A sync that changed none of the tables the views read (`SOURCES`, by
+the digest the copy's `published` table keeps) leaves the copy as it is: its rows would come out the same.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -34,6 +36,11 @@ VIEWS = ("recovered_orders", "daily_lift", "delivery_funnel", "match_rates", "sh
 PUBLISHED_VIEWS = VIEWS[:4]
 # The metric whose lift is the headline: abandoned carts, what backup flows exist for first.
 HEADLINE_METRIC = "Added to Cart"
+# What the views read, digested whole; raw_events and quarantined_events only grow, in the loads ingested_files
+# lists, so their counts and that ledger stand for them.
+SOURCES = ("resolved_events", "klaviyo_outbox", "klaviyo_skipped", "klaviyo_deliveries", "klaviyo_dead_letters",
+           "commerce_metrics", "ingested_files")
+APPEND_ONLY_SOURCES = ("raw_events", "quarantined_events")
 
 
 def create_views(connection: duckdb.DuckDBPyConnection) -> None:
@@ -120,9 +127,11 @@ def lift_totals(connection: duckdb.DuckDBPyConnection, *, metric: str = HEADLINE
     return LiftTotals(metric, *(int(value) for value in row[:5]), float(row[5]), int(row[6]), float(row[7]))
 
 
-def publish_for_analysts(connection: duckdb.DuckDBPyConnection, warehouse_path: Path, *, now: datetime) -> Path:
+def publish_for_analysts(connection: duckdb.DuckDBPyConnection, warehouse_path: Path, *, now: datetime,
+                         sources: str) -> Path:
     """Writes the views' rows (and commerce_metrics) to `<warehouse>.analytics.duckdb`, built aside and renamed
-    over the previous one: a reader of the old file keeps reading it, and never sees half a file."""
+    over the previous one: a reader of the old file keeps reading it, and never sees half a file. `sources`, the
+    digest of the warehouse rows they were computed from, is recorded with them."""
     target = analytics_path(warehouse_path)
     building = target.with_name(target.name + ".building")
     building.unlink(missing_ok=True)
@@ -130,8 +139,9 @@ def publish_for_analysts(connection: duckdb.DuckDBPyConnection, warehouse_path: 
     try:
         for table in (*PUBLISHED_VIEWS, "commerce_metrics"):
             connection.execute(f"create table analytics.{table} as select * from {table}")
-        connection.execute("create table analytics.published (published_at timestamptz, warehouse varchar)")
-        connection.execute("insert into analytics.published values (?, ?)", [now, str(warehouse_path)])
+        connection.execute("create table analytics.published (published_at timestamptz, warehouse varchar, "
+                           "sources varchar)")
+        connection.execute("insert into analytics.published values (?, ?, ?)", [now, str(warehouse_path), sources])
     finally:
         connection.execute("detach analytics")
     os.replace(building, target)
@@ -208,10 +218,33 @@ def refresh(settings: Settings, *, now: datetime) -> AnalyticsOverview:
     the published rows: computing a view over the whole history once per sync is enough)."""
     with settings.warehouse().connect() as warehouse:
         create_views(warehouse)
-        published = publish_for_analysts(warehouse, settings.warehouse_path, now=now)
+        published = analytics_path(settings.warehouse_path)
+        sources = _sources_digest(warehouse)
+        if _published_sources(published) != sources:
+            publish_for_analysts(warehouse, settings.warehouse_path, now=now, sources=sources)
         with duckdb.connect(str(published), read_only=True) as views:
             state = overview(views, warehouse, now=now, quiet_time=settings.alerts.max_quiet_time)
     return replace(state, published=published)
+
+
+def _sources_digest(connection: duckdb.DuckDBPyConnection) -> str:
+    """Changes whenever a row the views read changes, or this release's views do; costs a scan of the sources'
+    rows, a fraction of computing the views."""
+    digests = [f"(select count(*) || ':' || coalesce(sum(hash(t)::hugeint), 0) from {table} as t)" for table in SOURCES]
+    counts = [f"(select count(*) from {table})" for table in APPEND_ONLY_SOURCES]
+    found = connection.execute(f"select concat_ws('|', {', '.join(digests + counts)})").fetchone()[0]
+    return hashlib.sha256((found + "".join(read_sql(view) for view in VIEWS)).encode()).hexdigest()
+
+
+def _published_sources(published: Path) -> str | None:
+    """The sources' digest the analysts' copy was computed from; None when there is no copy, or an older release's
+    (which did not record it)."""
+    if not published.exists():
+        return None
+    with duckdb.connect(str(published), read_only=True) as copy:
+        recorded = copy.execute("select 1 from duckdb_columns() where table_name = 'published' "
+                                "and column_name = 'sources'").fetchone()
+        return copy.execute("select max(sources) from published").fetchone()[0] if recorded else None
 
 
 def readme_views() -> str:

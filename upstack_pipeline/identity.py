@@ -15,7 +15,9 @@ run:
 
 Only what is new since the last run (raw_events.load_id above the stage's watermark) is read, plus the browser
 clusters it touches, so an hourly run costs in proportion to the hour, not the history. A run that dies leaves
-the transaction uncommitted: the next run does the same work again.
+the transaction uncommitted: the next run does the same work again. A run with no new load and the same guards
+and SQL as the last one (pipeline_state.fingerprint) would change nothing, so it records the time and stops; and
+the overview computed after a run is kept in pipeline_state.overview until a run changes something again.
 
 The files hand their results on in temp tables, which no schema names, so each file says at its top, after the
 comment on why it exists, what it takes and what it leaves, in lines that tests/test_identity_steps.py checks
@@ -36,6 +38,8 @@ indented under it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -78,10 +82,18 @@ def resolve_identities(
     """`after_step` sees the run's connection after each step (after the last repeat of LABEL_STEP), inside its
     transaction: the temp tables a step leaves vanish with the connection, so this is the only place to look at
     them (tests/test_identity_steps.py does)."""
+    fingerprint = _fingerprint(settings.identity)
     with settings.warehouse().connect() as connection:
         connection.begin()
-        watermark = _watermark(connection)
+        watermark, last_fingerprint = _last_run(connection)
         latest_load = connection.execute("select coalesce(max(load_id), 0) from ingested_files").fetchone()[0]
+        # Nothing new, under the same guards: every step would find nothing to change (the supernode verdicts, the
+        # clusters and the translations are functions of the tables and the settings alone). A watched run does
+        # every step, so that each can be looked at.
+        if latest_load == watermark and fingerprint == last_fingerprint and after_step is None:
+            connection.execute("update pipeline_state set updated_at = ? where stage = ?", [now, STAGE])
+            connection.commit()
+            return IdentityRun(new_observations=0, rejected_values=0, events_resolved=0, label_steps=0)
         _set_variables(connection, settings.identity, after_load_id=watermark, now=now)
         label_steps = 0
         for step in STEPS:
@@ -97,16 +109,21 @@ def resolve_identities(
             events_resolved=_count(connection, "targets"),
             label_steps=label_steps,
         )
-        connection.execute(
-            "insert or replace into pipeline_state values (?, ?, ?)", [STAGE, latest_load, now]
-        )
+        connection.execute("insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview) "
+                           "values (?, ?, ?, ?, null)", [STAGE, latest_load, now, fingerprint])
         connection.commit()
     return run
 
 
-def _watermark(connection: duckdb.DuckDBPyConnection) -> int:
-    row = connection.execute("select load_id from pipeline_state where stage = ?", [STAGE]).fetchone()
-    return row[0] if row else 0
+def _last_run(connection: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
+    row = connection.execute("select load_id, fingerprint from pipeline_state where stage = ?", [STAGE]).fetchone()
+    return (row[0], row[1]) if row else (0, None)
+
+
+def _fingerprint(identity: IdentitySettings) -> str:
+    """What a run depends on besides the tables: the guards, the commerce events and this release's SQL."""
+    text = repr((identity, COMMERCE_EVENTS, [read_sql(step) for step in STEPS], read_sql("shared_device_guard_check")))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _set_variables(
@@ -160,35 +177,64 @@ class IdentityOverview:
 
 
 def overview(settings: Settings, *, limit: int = 5) -> IdentityOverview:
-    guard = settings.identity
+    """Counted over the whole history once after each run that changed something, then kept in
+    pipeline_state.overview (with the settings and the limit it was counted under) for the runs that change
+    nothing: only resolve_identities writes these tables, and every run of it that does clears the copy."""
+    key = {"fingerprint": _fingerprint(settings.identity), "limit": limit}
     with settings.warehouse().connect() as connection:
-        def pairs(query: str) -> dict:
-            return dict(connection.execute(query).fetchall())
+        kept = connection.execute("select overview from pipeline_state where stage = ?", [STAGE]).fetchone()
+        if kept and kept[0] is not None and (memo := json.loads(kept[0]))["key"] == key:
+            return _from_memo(memo["overview"])
+        state = _count_overview(connection, settings.identity, limit)
+        if kept:
+            connection.execute("update pipeline_state set overview = ? where stage = ?",
+                                [json.dumps({"key": key, "overview": _to_memo(state)}), STAGE])
+    return state
 
-        commerce, resolved, identities = connection.execute("""
-            select (select count(*) from resolved_events),
-                   (select count(*) from resolved_events where match_method is not null),
-                   (select count(*) from identities)
-        """).fetchone()
-        over_guard = connection.execute(read_sql("shared_device_guard_check"), {
-            "cookie_lifetime": guard.cookie_lifetime, "max_emails": guard.max_emails_per_browser,
-        }).fetchone()[0]
-        return IdentityOverview(
-            commerce_events=commerce,
-            resolved_events=resolved,
-            by_match_method=pairs("select match_method, count(*) from resolved_events "
-                                  "where match_method is not null group by 1 order by 2 desc"),
-            unresolved_by_reason=pairs("select unresolved_reason, count(*) from resolved_events "
-                                       "where unresolved_reason is not null group by 1 order by 2 desc"),
-            identities=identities,
-            rejected_values=connection.sql(
-                "select id_type, value, reason, times_seen from identity_rejected_values "
-                "order by times_seen desc, value limit $limit", params={"limit": limit}).pl(),
-            flags_by_kind=pairs("select flag, count(*) from identity_flags group by 1 order by 2 desc"),
-            largest_shared_browsers=connection.sql("""
-                select left_value as anonymous_id, count(distinct right_value) as emails
-                from usable_identity_links where left_type = 'anonymous_id' and right_type = 'email'
-                group by left_value having count(distinct right_value) > 1
-                order by emails desc, anonymous_id limit $limit""", params={"limit": limit}).pl(),
-            history_attributions_over_guard=over_guard,
-        )
+
+def _count_overview(connection: duckdb.DuckDBPyConnection, guard: IdentitySettings, limit: int) -> IdentityOverview:
+    def pairs(query: str) -> dict:
+        return dict(connection.execute(query).fetchall())
+
+    commerce, resolved, identities = connection.execute("""
+        select (select count(*) from resolved_events),
+               (select count(*) from resolved_events where match_method is not null),
+               (select count(*) from identities)
+    """).fetchone()
+    over_guard = connection.execute(read_sql("shared_device_guard_check"), {
+        "cookie_lifetime": guard.cookie_lifetime, "max_emails": guard.max_emails_per_browser,
+    }).fetchone()[0]
+    return IdentityOverview(
+        commerce_events=commerce,
+        resolved_events=resolved,
+        by_match_method=pairs("select match_method, count(*) from resolved_events "
+                              "where match_method is not null group by 1 order by 2 desc"),
+        unresolved_by_reason=pairs("select unresolved_reason, count(*) from resolved_events "
+                                   "where unresolved_reason is not null group by 1 order by 2 desc"),
+        identities=identities,
+        rejected_values=connection.sql(
+            "select id_type, value, reason, times_seen from identity_rejected_values "
+            "order by times_seen desc, value limit $limit", params={"limit": limit}).pl(),
+        flags_by_kind=pairs("select flag, count(*) from identity_flags group by 1 order by 2 desc"),
+        largest_shared_browsers=connection.sql("""
+            select left_value as anonymous_id, count(distinct right_value) as emails
+            from usable_identity_links where left_type = 'anonymous_id' and right_type = 'email'
+            group by left_value having count(distinct right_value) > 1
+            order by emails desc, anonymous_id limit $limit""", params={"limit": limit}).pl(),
+        history_attributions_over_guard=over_guard,
+    )
+
+
+FRAMES = ("rejected_values", "largest_shared_browsers")
+
+
+def _to_memo(state: IdentityOverview) -> dict:
+    memo = dict(vars(state))
+    for name in FRAMES:
+        memo[name] = {"columns": memo[name].columns, "rows": memo[name].rows()}
+    return memo
+
+
+def _from_memo(memo: dict) -> IdentityOverview:
+    frames = {name: pl.DataFrame(memo[name]["rows"], schema=memo[name]["columns"], orient="row") for name in FRAMES}
+    return IdentityOverview(**{**memo, **frames})
