@@ -50,11 +50,13 @@ where outbox.status = 'pending'
 
 delete from klaviyo_outbox where event_id in (select event_id from withdrawn);
 
-delete from klaviyo_skipped
-where (reason = 'unresolved'
-       and event_id in (select event_id from resolved_events where match_method is not null))
-   or (reason = 'native_identified'
-       and event_id in (select event_id from resolved_events where not klaviyo_native));
+-- One join on (event_id, reason) reads resolved_events once; a subquery per reason read it twice.
+delete from klaviyo_skipped using (
+    select event_id, 'unresolved' as reason from resolved_events where match_method is not null
+    union all
+    select event_id, 'native_identified' from resolved_events where not klaviyo_native
+) as decided_again
+where klaviyo_skipped.event_id = decided_again.event_id and klaviyo_skipped.reason = decided_again.reason;
 
 create or replace temp table undecided as
 select resolved.*
