@@ -74,7 +74,7 @@ violations as (
     from checked
 ),
 
-judged as (
+judged as materialized (  -- read twice below: parse each line once
     select
         source_file,
         line_number,
@@ -96,12 +96,20 @@ judged as (
         coalesce(bad_paths[1], empty_field, too_long_field) as bad_path,
         event_time
     from violations
+),
+
+-- This batch's event_ids kept by an earlier batch. Probing raw_events with the batch's ids, not the other way
+-- round, keeps the hash table the size of the batch: a day's increment must not cost a table of the history.
+kept_before as (
+    select distinct event_id
+    from raw_events
+    where event_id in (select event_id from judged where reason is null)
 )
 
 select source_file, line_number, event_id, reason, bad_path, event_time_text, event_time,
        reason is null
            and row_number() over (partition by reason is null, event_id order by source_file, line_number) = 1
-           and event_id not in (select event_id from raw_events) as is_first_sighting
+           and event_id not in (select event_id from kept_before) as is_first_sighting
 from judged
 union all
 select source_file, line_number, null, if(invalid_utf8, 'invalid_utf8', 'not_json'), null, null, null, false

@@ -26,28 +26,48 @@ from (
     where verdict.is_first_sighting
 );
 
--- A second sighting of an event_id (in this batch or an earlier one: this batch's first sightings are in
--- raw_events by now) is a pixel retry when it is the same JSON value as the kept one, and a conflicting_duplicate
--- only when a value differs: another payload under an id already kept is a pixel bug that would otherwise lose an
--- event silently. Same value: object key order, whitespace and string escapes do not matter; numbers are equal by
--- value (1, 1.0 and 1e0 are one number, as JSON parsers read them); array order, strings, booleans and null vs
--- absent do; unknown fields count like contract fields.
+-- A second sighting of an event_id (in this batch or an earlier one) is a pixel retry when it is the same JSON
+-- value as the kept one, and a conflicting_duplicate only when a value differs: another payload under an id already
+-- kept is a pixel bug that would otherwise lose an event silently. Same value: object key order, whitespace and
+-- string escapes do not matter; numbers are equal by value (1, 1.0 and 1e0 are one number, as JSON parsers read
+-- them); array order, strings, booleans and null vs absent do; unknown fields count like contract fields.
 -- Cost: most retries are byte-identical, and most others differ only in spacing or escapes, which minifying both
 -- sides with json() settles. Only what is left (other key order, numbers spelled otherwise, real conflicts) is
 -- walked node by node with json_tree, both sides, matched by path. First sightings are never looked at.
+-- The kept line of a retry is taken from this batch's staged lines when it was first seen here (retries mostly
+-- follow within seconds), and only otherwise from raw_events: raw_json is zstd-compressed there, and fetching a row
+-- decompresses its whole row group, so the lookup is kept to the few retries of events from earlier batches.
 -- The quarantine names the first differing path in the kept event's order (then, for keys only the retry has, in
 -- the retry's order): the first differing value, or the container whose type changed.
 update line_verdicts set reason = 'conflicting_duplicate', bad_path = conflict.path
 from (
-    with pairs as materialized (
-        select verdict.source_file, verdict.line_number, staged.raw_line, kept.raw_json::varchar as kept_json
+    with retries as materialized (
+        select verdict.source_file, verdict.line_number, verdict.event_id, staged.raw_line
         from line_verdicts as verdict
         join staged_lines as staged using (source_file, line_number)
-        join raw_events as kept on kept.event_id = verdict.event_id
         where verdict.reason is null and not verdict.is_first_sighting
-            and case  -- cheapest first: the same bytes, then the same text once minified (spacing, escapes)
-                when kept.raw_json::varchar = staged.raw_line then false
-                else json(kept.raw_json) <> json(staged.raw_line)
+    ),
+
+    kept as materialized (
+        select verdict.event_id, staged.raw_line as kept_json
+        from line_verdicts as verdict
+        join staged_lines as staged using (source_file, line_number)
+        where verdict.is_first_sighting and verdict.event_id in (select event_id from retries)
+        union all
+        select event_id, raw_json::varchar
+        from raw_events
+        where load_id < getvariable('load_id')
+            and event_id in (select event_id from retries
+                             except select event_id from line_verdicts where is_first_sighting)
+    ),
+
+    pairs as materialized (
+        select retry.source_file, retry.line_number, retry.raw_line, kept.kept_json
+        from retries as retry
+        join kept using (event_id)
+        where case  -- cheapest first: the same bytes, then the same text once minified (spacing, escapes)
+                when kept.kept_json = retry.raw_line then false
+                else json(kept.kept_json) <> json(retry.raw_line)
             end
     ),
 

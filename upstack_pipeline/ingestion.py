@@ -9,6 +9,8 @@ therefore leaves each file either fully ingested and recorded, or untouched and 
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -131,25 +133,32 @@ def _ingest_batch(
 
 
 def _stage(batch: list[LandingFile], file_kind: FileKind) -> tuple[pl.DataFrame, dict, dict[str, str]]:
-    """Reads each file once: the ledger's size and hash describe exactly the bytes that were ingested."""
-    frames, fingerprints, unreadable = [], {}, {}
-    for landing_file in batch:
-        try:
-            data = landing_file.absolute.read_bytes()
-        except OSError as error:
-            data, unreadable[landing_file.path] = b"", f"could not be opened: {error}"
-        fingerprints[landing_file.path] = (len(data), hashlib.sha256(data).hexdigest())
-        if landing_file.path in unreadable:
-            continue
-        try:
-            lines = file_kind.read_lines(landing_file, data)
-        except UnreadableFileError as error:
-            unreadable[landing_file.path] = str(error)
-            continue
-        frames.append(lines.with_columns(source_file=pl.lit(landing_file.path)).select(
-            pl.col(name).cast(dtype) for name, dtype in STAGED_SCHEMA.items()))
+    """Reads each file once: the ledger's size and hash describe exactly the bytes that were ingested. Files are
+    read on every core: hashing, gunzip and splitting into lines release the GIL."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        staged_files = list(pool.map(lambda landing_file: _stage_file(landing_file, file_kind), batch))
+    frames = [lines for _, lines, _ in staged_files if lines is not None]
+    fingerprints = {landing_file.path: fingerprint for landing_file, (fingerprint, _, _) in zip(batch, staged_files)}
+    unreadable = {landing_file.path: error for landing_file, (_, _, error) in zip(batch, staged_files) if error}
     staged = pl.concat(frames) if frames else pl.DataFrame(schema=STAGED_SCHEMA)
     return staged, fingerprints, unreadable
+
+
+def _stage_file(
+    landing_file: LandingFile, file_kind: FileKind
+) -> tuple[tuple[int, str], pl.DataFrame | None, str | None]:
+    """(size and sha256 of the bytes read, their staged lines or None, why the file is unreadable or None)."""
+    try:
+        data = landing_file.absolute.read_bytes()
+    except OSError as error:
+        return (0, hashlib.sha256(b"").hexdigest()), None, f"could not be opened: {error}"
+    fingerprint = (len(data), hashlib.sha256(data).hexdigest())
+    try:
+        lines = file_kind.read_lines(landing_file, data)
+    except UnreadableFileError as error:
+        return fingerprint, None, str(error)
+    return fingerprint, lines.with_columns(source_file=pl.lit(landing_file.path)).select(
+        pl.col(name).cast(dtype) for name, dtype in STAGED_SCHEMA.items()), None
 
 
 def _known_files(connection: duckdb.DuckDBPyConnection, kind: str) -> dict[str, KnownFile]:
