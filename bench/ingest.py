@@ -8,7 +8,15 @@ and reports ours as a multiple of the baseline, since absolute seconds on a shar
 `--retries N` adds N pixel retries re-serialised (half with other spacing, half with keys sorted too), each in
 the file after its first sighting, to time the retry-versus-conflict comparison; all must count as duplicates.
 
+`--landing DIR` takes an existing landing folder instead (e.g. bench/scale.py's simulation, whose events are in
+day folders `events/dt=YYYY-MM-DD/...`) and times what a store's syncs do: the baseline over every day but the
+last, ours over the same days (full), then the last day's files added (one more day), then again with nothing
+new; the increment, net of nothing new, is set against its share of the events. Files are hard-linked (or copied)
+into a scratch landing folder, so DIR is never written. `--repeat N` runs it all N times, each with a fresh
+warehouse and its own baseline, since one run on a shared machine is noise.
+
     .venv/bin/python bench/ingest.py [--events 1000000] [--files 24] [--retries 0]
+    .venv/bin/python bench/ingest.py --landing DIR [--repeat 2]
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import random
+import shutil
 import tempfile
 import time
 from datetime import datetime, timedelta, timezone
@@ -66,12 +76,74 @@ def write_landing(root: Path, events: int, files: int, seed: int = 1, retries: i
     return paths
 
 
+def read_json_seconds(database: Path, paths: list[Path]) -> float:
+    """DuckDB on its own: every file parsed and typed into a table (bad lines skipped, as the simulator writes some)."""
+    database.unlink(missing_ok=True)
+    started = time.perf_counter()
+    with duckdb.connect(str(database)) as connection:
+        connection.execute("create table raw as select * from read_json(?, format = 'newline_delimited', "
+                           "ignore_errors = true)", [[str(path) for path in paths]])
+    seconds = time.perf_counter() - started
+    database.unlink(missing_ok=True)
+    return seconds
+
+
+def link_tree(files: list[Path], source: Path, target: Path) -> None:
+    for path in files:
+        destination = target / path.relative_to(source)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, destination)
+        except OSError:  # another file system
+            shutil.copy2(path, destination)
+
+
+def timed_ingest(settings: Settings) -> tuple[float, int]:
+    started = time.perf_counter()
+    report = ingest_events(settings, now=datetime.now(timezone.utc))
+    return time.perf_counter() - started, report.lines
+
+
+def existing_landing(landing: Path, repeat: int) -> None:
+    """Full sync, one more day, nothing new, each against read_json of the full sync's files in the same run."""
+    days = sorted(folder for folder in (landing / "events").iterdir() if folder.is_dir())
+    if len(days) < 2:
+        raise SystemExit(f"{landing}/events needs at least two day folders: the last one is the increment")
+    event_files = {day: sorted(path for path in day.rglob("*") if path.is_file() and not path.name.startswith((".", "_")))
+                   for day in days}
+    full_files = [path for day in days[:-1] for path in event_files[day]]
+    print(f"{landing}: {len(full_files)} files in {len(days) - 1} day folders, then {days[-1].name} "
+          f"({len(event_files[days[-1]])} files)")
+    for run in range(1, repeat + 1):
+        with tempfile.TemporaryDirectory(prefix="upstack-ingest-") as scratch:
+            root = Path(scratch)
+            baseline = read_json_seconds(root / "baseline.duckdb", full_files)
+            link_tree(full_files, landing, root / "landing")
+            settings = Settings(landing_dir=root / "landing", warehouse_path=root / "warehouse.duckdb")
+            full, full_lines = timed_ingest(settings)
+            link_tree(event_files[days[-1]], landing, root / "landing")
+            day, day_lines = timed_ingest(settings)
+            nothing, nothing_lines = timed_ingest(settings)
+            assert nothing_lines == 0, nothing_lines
+        share, cost = day_lines / full_lines, (day - nothing) / full
+        print(f"run {run}: read_json {baseline:5.2f} s | full {full:5.2f} s = {full / baseline:.2f}x "
+              f"({full_lines:,} lines) | one more day {day:5.2f} s = {day / baseline:.2f}x ({day_lines:,} lines) | "
+              f"nothing new {nothing:5.2f} s = {nothing / baseline:.2f}x | increment net of nothing new: "
+              f"{cost:.1%} of the full ingestion for {share:.1%} of its lines = {cost / share:.1f}x its share",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--files", type=int, default=24)
     parser.add_argument("--retries", type=int, default=0)
+    parser.add_argument("--landing", type=Path, help="time an existing landing folder (see above)")
+    parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
+    if args.landing:
+        existing_landing(args.landing, args.repeat)
+        return
 
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
