@@ -6,6 +6,11 @@ payloads), delivers it to the emulator with its rate limits on, and reports even
 (claiming, sending, settling) divided by that ceiling (target: at least 95%). Run it for several minutes' worth:
 the first window's burst flatters a short run.
 
+It also reports the run against the limits' floor: the requests, the seconds from the first request sent to the
+last answer, the least time 10 requests a second and 150 a minute take to admit that many (the first 150 at 10 a
+second, then 150 a minute), their ratio (issue 14: at most 1.2x), and how many answers were 429. A short run,
+e.g. `--events 83000` (a full sync's 83 requests), measures the burst.
+
     .venv/bin/python bench/delivery.py [--events 450000]
 """
 
@@ -19,7 +24,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from upstack_pipeline.klaviyo.client import KlaviyoClient
+from upstack_pipeline.klaviyo.client import KlaviyoClient, allowance_seconds
 from upstack_pipeline.klaviyo.delivery import deliver
 from upstack_pipeline.settings import Settings
 from upstack_pipeline.warehouse import Warehouse
@@ -82,6 +87,11 @@ def main() -> None:
     print(f"{run.events_per_minute:,.0f} events/min over the whole run = "
           f"{run.events_per_minute / CEILING_EVENTS_PER_MINUTE:.1%} of Klaviyo's ceiling "
           "(150 requests/min x 1,000 events)")
+    last_answer = max(attempt.sent_at + attempt.latency_ms / 1000 for attempt in run.attempts)
+    floor = allowance_seconds(run.requests)
+    throttled = sum(1 for attempt in run.attempts if attempt.status == 429)
+    print(f"{run.requests:,} requests in {last_answer - start:.1f} s; the floor is {floor:.1f} s: "
+          f"{(last_answer - start) / floor:.2f}x; {throttled:,} answered 429")
 
 if __name__ == "__main__":
     main()
