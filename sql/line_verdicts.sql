@@ -18,15 +18,16 @@ with lines as (
     where not regexp_full_match(raw_line, '\s*')  -- blank lines (a trailing newline) are not events
 ),
 
-parsed as (                                     -- JSON functions only ever see valid JSON
+-- One pass over the lines, valid JSON or not: the lines are not copied aside to judge the others separately.
+parsed as (                                     -- JSON functions only ever see valid JSON: else path_types is null
     select
         source_file,
         line_number,
         invalid_utf8,
-        json_type(raw_line, $field_paths) as path_types,
-        json_extract_string(raw_line, $extracted_paths) as extracted   -- items, codes, then $required_fields
+        case when is_json then json_type(raw_line, $field_paths) end as path_types,
+        case when is_json then json_extract_string(raw_line, $extracted_paths) end as extracted
+            -- items, codes, then $required_fields
     from lines
-    where is_json
 ),
 
 checked as (
@@ -82,6 +83,7 @@ judged as materialized (  -- read twice below: parse each line once
         event_time_text,
         case
             when invalid_utf8 then 'invalid_utf8'
+            when path_types is null then 'not_json'
             when path_types[1] <> 'OBJECT' then 'not_an_object'
             when list_contains($required_fields, bad_paths[1])
                 and coalesce(path_types[list_position($field_names, bad_paths[1]) + 1], 'NULL') = 'NULL'
@@ -93,7 +95,7 @@ judged as materialized (  -- read twice below: parse each line once
             when event_time > $now + $max_skew then 'future_time'
             when event_time < timestamptz '2000-01-01 00:00:00+00' then 'time_before_2000'
         end as reason,
-        coalesce(bad_paths[1], empty_field, too_long_field) as bad_path,
+        if(path_types is null, null, coalesce(bad_paths[1], empty_field, too_long_field)) as bad_path,
         event_time
     from violations
 ),
@@ -110,8 +112,4 @@ select source_file, line_number, event_id, reason, bad_path, event_time_text, ev
        reason is null
            and row_number() over (partition by reason is null, event_id order by source_file, line_number) = 1
            and event_id not in (select event_id from kept_before) as is_first_sighting
-from judged
-union all
-select source_file, line_number, null, if(invalid_utf8, 'invalid_utf8', 'not_json'), null, null, null, false
-from lines
-where not is_json;
+from judged;
