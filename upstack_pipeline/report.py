@@ -21,7 +21,8 @@ import io
 import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -73,7 +74,10 @@ def write_report(warehouse_path: Path, out: Path, *, days: int = DEFAULT_DAYS, n
     """Writes the report of the last `days` UTC days (today included) of the analysts' copy beside
     `warehouse_path` to `out`, whole or not at all (written aside, then renamed), and returns `out`."""
     page = build_report(analytics_path(Path(warehouse_path)), days=days, now=now or datetime.now(timezone.utc))
-    out = Path(out)
+    return _write(page, Path(out))
+
+
+def _write(page: str, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     writing = out.with_name(f".{out.name}.writing")
     writing.write_text(page, encoding="utf-8")
@@ -81,27 +85,43 @@ def write_report(warehouse_path: Path, out: Path, *, days: int = DEFAULT_DAYS, n
     return out
 
 
+def write_all_shops_report(warehouses: Mapping[str, Path], out: Path, *, days: int = DEFAULT_DAYS,
+                           now: datetime | None = None) -> Path:
+    """`write_report` for an agency: every shop of `warehouses` (name -> warehouse file) summed, and a section
+    comparing the shops (upstack_pipeline.all_shops)."""
+    from upstack_pipeline.all_shops import all_shops_connection
+
+    now = now or datetime.now(timezone.utc)
+    with all_shops_connection(warehouses) as connection:
+        page = _build(connection, days=days, now=now, source=f"{len(warehouses)} shops' analysts' copies",
+                      shops=len(warehouses))
+    return _write(page, Path(out))
+
+
 def build_report(analytics_copy: Path, *, days: int, now: datetime) -> str:
     """The whole HTML page for the last `days` UTC days up to `now`'s day (a naive `now` is taken as UTC).
 
     Raises ValueError when the copy does not exist (no sync has published it yet) or lacks a table (an older
     release wrote it): both are fixed by running `upstack sync`."""
-    if days < 1:
-        raise ValueError(f"days must be at least 1, not {days}")
     analytics_copy = Path(analytics_copy)
     if not analytics_copy.is_file():
         raise ValueError(f"no analysts' copy at {analytics_copy}: run `upstack sync` first (each sync publishes it)")
-    now = now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now.astimezone(timezone.utc)
-    until = now.date()
-    window = [until - timedelta(days=offset) for offset in range(days - 1, -1, -1)]
     with duckdb.connect(str(analytics_copy), read_only=True) as connection:
-        connection.execute("set TimeZone = 'UTC'")
         present = {name for (name,) in connection.execute("select table_name from duckdb_tables()").fetchall()}
         if missing := [table for table in TABLES if table not in present]:
             raise ValueError(f"the analysts' copy {analytics_copy} has no {', '.join(missing)}: it was written by an "
                              "older release; run `upstack sync` to publish it again")
-        data = _read(connection, window, source=analytics_copy.name)
-    return _page(data, now=now)
+        return _build(connection, days=days, now=now, source=analytics_copy.name)
+
+
+def _build(connection: duckdb.DuckDBPyConnection, *, days: int, now: datetime, source: str, shops: int = 0) -> str:
+    if days < 1:
+        raise ValueError(f"days must be at least 1, not {days}")
+    now = now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now.astimezone(timezone.utc)
+    until = now.date()
+    window = [until - timedelta(days=offset) for offset in range(days - 1, -1, -1)]
+    connection.execute("set TimeZone = 'UTC'")
+    return _page(_read(connection, window, source=source, shops=shops), now=now)
 
 
 @dataclass(frozen=True)
@@ -117,6 +137,8 @@ class _Data:
     match_rows: list[tuple]  # day, identified_by, visitors, share_pct
     recovered: list[tuple]  # day, metric, utm_campaign, currency, orders, revenue
     backup_flows: list[tuple[str, str]]  # metric, utm_campaign
+    # The all-shops page only: shop, abandoned carts, native, only Upstack delivered, lift_pct, orders, revenue.
+    shops: list[tuple] = field(default_factory=list)
 
     @property
     def since(self) -> date:
@@ -140,7 +162,7 @@ class _Data:
         return " + ".join(_money(value, currency) for currency, value in sorted(by_currency.items())) or _money(0, "")
 
 
-def _read(connection: duckdb.DuckDBPyConnection, window: list[date], *, source: str) -> _Data:
+def _read(connection: duckdb.DuckDBPyConnection, window: list[date], *, source: str, shops: int = 0) -> _Data:
     span = {"since": window[0], "until": window[-1]}
     in_span = "day between $since and $until"
     stages = ", ".join(f"coalesce(sum({column}), 0)::bigint" for column, _, _ in FUNNEL_STAGES)
@@ -181,6 +203,12 @@ def _read(connection: duckdb.DuckDBPyConnection, window: list[date], *, source: 
             select day, metric, utm_campaign, coalesce(currency, ''), count(*), coalesce(sum(value), 0)
             from recovered_orders where {in_span} group by all order by day, metric""", span).fetchall(),
         backup_flows=[(klaviyo_metric, campaign) for _, klaviyo_metric, campaign in metrics if campaign],
+        shops=connection.execute(f"""
+            select shop, sum(abandoned_sessions), sum(klaviyo_native_sessions), sum(upstack_delivered_sessions),
+                   round(100 * sum(upstack_delivered_sessions) / nullif(sum(klaviyo_native_sessions), 0), 2),
+                   sum(recovered_orders), sum(recovered_revenue)
+            from shops_daily_lift where metric = $metric and {in_span}
+            group by shop order by shop""", {**span, "metric": HEADLINE_METRIC}).fetchall() if shops else [],
     )
 
 
@@ -208,8 +236,9 @@ def _page(data: _Data, *, now: datetime) -> str:
                    f"still arrive.")
         body = f'<section class="empty"><h2>Nothing to report yet</h2><p>{why}</p></section>'
     else:
-        body = "\n".join((_headline(data), _lift_section(data), _sessions_section(data), _recovered_section(data),
-                          _match_section(data), _funnel_section(data), _health_section(data), _glossary()))
+        body = "\n".join((_headline(data), *([_shops_section(data)] if data.shops else []), _lift_section(data),
+                          _sessions_section(data), _recovered_section(data), _match_section(data),
+                          _funnel_section(data), _health_section(data), _glossary()))
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -285,6 +314,28 @@ def _lift_section(data: _Data) -> str:
         "abandoned-cart flow reaches. A day with no cart Klaviyo reaches by itself has no lift.",
         _svg(figure, "Bar chart of the lift per day, in percent"),
         ("day", "abandoned carts", "Klaviyo reaches itself", "only Upstack reached", "lift"), rows)
+
+
+def _shops_section(data: _Data) -> str:
+    figure, axes = _figure()
+    positions = range(len(data.shops))
+    axes.bar([p - 0.2 for p in positions], [row[2] for row in data.shops], width=0.4, color=KLAVIYO,
+             label="Klaviyo reaches itself")
+    axes.bar([p + 0.2 for p in positions], [row[3] for row in data.shops], width=0.4, color=UPSTACK,
+             label="only Upstack reached")
+    axes.set_xticks(list(positions), [row[0] for row in data.shops])
+    axes.set_ylabel("abandoned carts")
+    _integer_axis(axes)
+    _legend(axes)
+    rows = [(shop, _n(abandoned), _n(native), _n(delivered), _pct(pct), _n(orders), _money(revenue, ""))
+            for shop, abandoned, native, delivered, pct, orders, revenue in data.shops]
+    return _section(
+        "Shops", "shops",
+        "Each shop's abandoned carts over these days: those Klaviyo's own flow reaches, and those only Upstack's "
+        "backup flow reached. The rest of this page sums every shop.",
+        _svg(figure, "Bar chart of abandoned carts per shop, reached by Klaviyo and only by Upstack"),
+        ("shop", "abandoned carts", "Klaviyo reaches itself", "only Upstack reached", "lift", "recovered orders",
+         "recovered revenue"), rows, text_columns=1)
 
 
 def _sessions_section(data: _Data) -> str:
