@@ -29,6 +29,7 @@ from upstack_pipeline.klaviyo.client import (
 from upstack_pipeline.klaviyo.flows import render_backup_flows_guide
 from upstack_pipeline.landing import check_landing_folder
 from upstack_pipeline.settings import Settings
+from upstack_pipeline.shops import DEFAULT_SHOP, Shop, load_shops
 from upstack_pipeline.warehouse import WarehouseError
 
 if TYPE_CHECKING:
@@ -86,14 +87,27 @@ def first_sentence(text: str) -> str:
     return text.split(". ")[0].rstrip(".")
 
 
-def command_sync(settings: Settings) -> int:
-    check_before_a_run(settings)
-    instance = sync_instance(settings)
-    started = time.monotonic()
+def command_sync(shops: tuple[Shop, ...], only: str | None = None) -> int:
+    """Each shop in turn (the daemon runs them side by side), a summary each; 1 when any shop's run failed. A shop
+    whose folder or warehouse cannot be used is reported and skipped, so the others still sync."""
+    if only is not None:
+        shops = (named_shop(shops, only),)
+    statuses = []
+    instance = sync_instance(shops[0].settings)
     with instance:
-        result = run_sync(settings, instance)
-    print(summarize(result, time.monotonic() - started, instance_label(settings)))
-    return sync_status(result)
+        for shop in shops:
+            label = "" if shop.name == DEFAULT_SHOP and len(shops) == 1 else f"shop {shop.name}: "
+            try:
+                check_before_a_run(shop.settings)
+            except (ValueError, OSError, WarehouseError) as error:
+                print(f"{label}upstack sync: {error}", file=sys.stderr)
+                statuses.append(2)
+                continue
+            started = time.monotonic()
+            result = run_sync(shop, instance)
+            print(label + summarize(result, time.monotonic() - started, instance_label(shop.settings)))
+            statuses.append(sync_status(result))
+    return max(statuses)
 
 
 def check_before_a_run(settings: Settings) -> None:
@@ -312,7 +326,14 @@ def command_evaluate(settings: Settings, truth_dir: Path) -> int:
 def command_sql(args: argparse.Namespace, settings: Settings) -> int:
     """The README's queries with what the project installs. The analysts' copy by default: a sync never waits on
     it, and a query never waits on a sync."""
-    if args.warehouse:
+    if args.warehouse and args.all_shops:
+        raise ValueError("--warehouse and --all-shops do not go together: --all-shops reads every shop's analysts' "
+                         "copy")
+    if args.all_shops:
+        from upstack_pipeline.all_shops import all_shops_connection
+
+        opened = all_shops_connection(_warehouses())
+    elif args.warehouse:
         opened = settings.warehouse().connect(read_only=True)
     else:
         path = analytics_path(settings.warehouse_path)
@@ -333,11 +354,20 @@ def command_sql(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def command_report(args: argparse.Namespace, settings: Settings) -> int:
-    from upstack_pipeline.report import write_report  # draws with matplotlib: loaded only for this command
+    # Draws with matplotlib: loaded only for this command.
+    from upstack_pipeline.report import write_all_shops_report, write_report
 
-    print(f"Wrote {write_report(settings.warehouse_path, Path(args.out), days=args.days)}: open it in any browser, "
-          "it needs no network.")
+    if args.all_shops:
+        written = write_all_shops_report(_warehouses(), Path(args.out), days=args.days)
+    else:
+        written = write_report(settings.warehouse_path, Path(args.out), days=args.days)
+    print(f"Wrote {written}: open it in any browser, it needs no network.")
     return 0
+
+
+def _warehouses() -> dict[str, Path]:
+    """Every shop's warehouse file, by shop name (the shops file's, or the one of UPSTACK_WAREHOUSE)."""
+    return {shop.name: shop.settings.warehouse_path for shop in load_shops()}
 
 
 def command_trace(needle: str, settings: Settings) -> int:
@@ -375,7 +405,10 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("simulate", help="write realistic storefront traffic to a landing folder (options: "
                                          "upstack simulate -h)", add_help=False)
 
-    commands.add_parser("sync", help="run the whole pipeline once on UPSTACK_LANDING_DIR / UPSTACK_WAREHOUSE")
+    sync_parser = commands.add_parser(
+        "sync", help="run the whole pipeline once for every shop of UPSTACK_SHOPS_FILE (without one: the shop "
+                     "UPSTACK_LANDING_DIR / UPSTACK_WAREHOUSE describe)")
+    sync_parser.add_argument("--shop", default=None, help="sync only this shop of the shops file")
 
     evaluate_parser = commands.add_parser(
         "evaluate", help="score identity resolution in UPSTACK_WAREHOUSE against a simulation's ground truth")
@@ -397,6 +430,9 @@ def parser() -> argparse.ArgumentParser:
     sql_parser.add_argument("query", help="e.g. \"select * from daily_lift order by day desc limit 7\"")
     sql_parser.add_argument("--warehouse", action="store_true",
                             help="query the warehouse itself, read-only (every table, waits while a sync writes)")
+    sql_parser.add_argument("--all-shops", action="store_true",
+                            help="query every shop's analysts' copy at once: the same views summed over the shops, "
+                                 "shop_weekly, and shops_<view> with a shop column (UPSTACK_SHOPS_FILE)")
     sql_parser.add_argument("--max-rows", type=int, default=40, help="rows to print (default 40)")
 
     report_parser = commands.add_parser(
@@ -404,6 +440,8 @@ def parser() -> argparse.ArgumentParser:
                        "match methods, recovered revenue and delivery health, for people who never open Dagster")
     report_parser.add_argument("out", help="the page to write, e.g. report.html")
     report_parser.add_argument("--days", type=int, default=28, help="UTC days up to today (default 28)")
+    report_parser.add_argument("--all-shops", action="store_true",
+                               help="every shop of UPSTACK_SHOPS_FILE on one page: their sum, and the shops compared")
 
     trace_parser = commands.add_parser(
         "trace", help="the story of a shopper or an event: landing file and line, identity ties, the Klaviyo "
@@ -431,7 +469,29 @@ def parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--end", type=datetime.fromisoformat, default=None,
                              help="when the traffic ends, ISO 8601 with offset (default: this hour); the same "
                                   "end and seed give the same demo")
+    for command in (sql_parser, report_parser, trace_parser, evaluate_parser, klaviyo_parser):
+        command.add_argument("--shop", default=None,
+                             help="with UPSTACK_SHOPS_FILE: the shop whose warehouse and account to use")
     return top
+
+
+def shop_settings(name: str | None) -> Settings:
+    """The settings of the shop a command is about: the one shop without a shops file (or with a one-shop file),
+    else the one `--shop` names."""
+    shops = load_shops()
+    if name is None and len(shops) == 1:
+        return shops[0].settings
+    if name is None:
+        raise ValueError(f"UPSTACK_SHOPS_FILE declares {len(shops)} shops: name one with --shop "
+                         f"({', '.join(shop.name for shop in shops)})")
+    return named_shop(shops, name).settings
+
+
+def named_shop(shops: tuple[Shop, ...], name: str) -> Shop:
+    for shop in shops:
+        if shop.name == name:
+            return shop
+    raise ValueError(f"--shop {name}: there is no such shop; the shops are {', '.join(shop.name for shop in shops)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,9 +503,11 @@ def main(argv: list[str] | None = None) -> int:
             return command_simulate(argv[1:])
         if args.command == "klaviyo-emulator":
             return klaviyo_emulator().main(["--port", str(args.port)])
-        settings = Settings.from_env()
         if args.command == "sync":
-            return command_sync(settings)
+            return command_sync(load_shops(), args.shop)
+        # The demo is its own shop; --all-shops reads every shop's.
+        one_shop = args.command != "demo" and not getattr(args, "all_shops", False)
+        settings = shop_settings(args.shop) if one_shop else Settings.from_env()
         if args.command == "klaviyo":
             if args.klaviyo_command == "flows":
                 print(render_backup_flows_guide(settings.destination))

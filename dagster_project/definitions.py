@@ -8,10 +8,12 @@ from typing import Any, Mapping
 
 import dagster as dg
 
-from dagster_project.resources import API_KEY_VARIABLE, pipeline_resources, run_config_for
+from dagster_project.resources import pipeline_resources, run_config_for
 from upstack_pipeline.settings import Settings
+from upstack_pipeline.shops import DEFAULT_SHOP, Shop
 
 SYNC_JOB_NAME = "upstack_sync"
+API_KEY_VARIABLE = "KLAVIYO_API_KEY"
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
@@ -23,8 +25,10 @@ def load_definitions(resources: Mapping[str, Any] | None = None) -> dg.Definitio
 
 
 def environment_resources() -> dict[str, Any]:
+    """The default shop's settings from today's variables. With a shops file, each run's config replaces them with
+    its shop's (dagster_project/shops.py); the key is read in the run from the variable its config names."""
     settings = Settings.from_env()
-    return pipeline_resources(settings, api_key=dg.EnvVar(API_KEY_VARIABLE) if settings.klaviyo_api_key else None)
+    return pipeline_resources(settings, api_key=None, api_key_env=API_KEY_VARIABLE if settings.klaviyo_api_key else None)
 
 
 @dg.definitions
@@ -32,29 +36,37 @@ def defs() -> dg.Definitions:
     return load_definitions()
 
 
-def run_sync(settings: Settings, instance: dg.DagsterInstance, *,
+def run_sync(shop: Shop | Settings, instance: dg.DagsterInstance, *,
              as_of: datetime | None = None) -> dg.ExecuteInProcessResult:
-    """One run of the whole asset graph in this process, as the schedule runs it, recorded in `instance`, with
-    `settings` (and, for a replay of past traffic, the clock `as_of`) as its run config; the Klaviyo key is bound
-    to the resource, never put in the run config."""
+    """One run of the whole asset graph for one shop in this process, as the schedule runs it, recorded in
+    `instance`, with the shop's settings (and, for a replay of past traffic, the clock `as_of`) as its run config;
+    the Klaviyo key is bound to the resource, never put in the run config. A bare `Settings` is the shop `default`."""
+    from dagster_project.shops import SHOP_PARTITIONS, shop_tags
+
+    if isinstance(shop, Settings):
+        shop = Shop(name=DEFAULT_SHOP, settings=shop)
     release_abandoned_cli_runs(instance)
+    if not instance.has_dynamic_partition(SHOP_PARTITIONS.name, shop.name):
+        instance.add_dynamic_partitions(SHOP_PARTITIONS.name, [shop.name])
+    settings = shop.settings
     definitions = load_definitions(pipeline_resources(settings, api_key=settings.klaviyo_api_key))
     return definitions.resolve_job_def(SYNC_JOB_NAME).execute_in_process(
         instance=instance,
-        # As run config, not bound resources alone: the job carries default run config (its log level), and the
-        # UI shows each run's settings.
+        partition_key=shop.name,
+        # As run config, not bound resources alone: the UI shows each run's settings.
         run_config={**QUIET_LOGS, **run_config_for(settings, as_of)},
         raise_on_error=False,
-        tags={"upstack/trigger": "cli", "upstack/host": socket.gethostname(), "upstack/pid": str(os.getpid())},
+        tags={**shop_tags(shop), "upstack/trigger": "cli", "upstack/host": socket.gethostname(),
+              "upstack/pid": str(os.getpid())},
     )
 
 
 def release_abandoned_cli_runs(instance: dg.DagsterInstance) -> None:
-    """Marks failed the CLI runs whose process died here, and frees their warehouse pool slot.
+    """Marks failed the CLI runs whose process died here.
 
-    An in-process run killed mid-step (SIGKILL, a reboot) stays STARTED for ever and keeps its slot of the
-    one-slot `duckdb_warehouse` pool, so every later run would wait on it. No daemon watches in-process runs,
-    so the next `upstack sync` on the same host cleans up after them.
+    An in-process run killed mid-step (SIGKILL, a reboot) stays STARTED for ever, and its `upstack/shop` tag would
+    keep that shop's one run slot taken, so no queued run of the shop would start again. No daemon watches
+    in-process runs, so the next `upstack sync` on the same host cleans up after them.
     """
     started = instance.get_runs(filters=dg.RunsFilter(
         statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING],
@@ -63,7 +75,6 @@ def release_abandoned_cli_runs(instance: dg.DagsterInstance) -> None:
     for run in started:
         if not _process_alive(int(run.tags.get("upstack/pid", "0"))):
             instance.report_run_failed(run, message="The upstack sync process running it is gone (killed?).")
-            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
 
 
 def _process_alive(pid: int) -> bool:

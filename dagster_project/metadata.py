@@ -9,6 +9,7 @@ from typing import Iterable, Sequence
 import dagster as dg
 import polars as pl
 
+from dagster_project.shops import SHOP_PARTITIONS
 from upstack_pipeline.analytics import view_docs
 from upstack_pipeline.ingestion import IngestReport, TableOverview
 from upstack_pipeline.landing import accepted_names
@@ -34,10 +35,12 @@ def analytics_views() -> dict[str, TableDoc]:
 def table_spec(table: str, *, group: str, deps: Iterable[str] = (), doc: TableDoc | None = None,
                kind: str = "table") -> dg.AssetSpec:
     """The asset of a warehouse table (or view): named after it, described and with its columns as its DDL has
-    them, so the UI's catalog finds it by name and shows its columns before it is ever materialized."""
+    them, so the UI's catalog finds it by name and shows its columns before it is ever materialized. Partitioned by
+    shop: each shop's table lives in its own warehouse file."""
     doc = doc or warehouse_tables()[table]
     return dg.AssetSpec(table, deps=list(deps), group_name=group, kinds={"duckdb", kind},
-                        description=doc.description, metadata=table_identity(table, doc.columns))
+                        description=doc.description, metadata=table_identity(table, doc.columns),
+                        partitions_def=SHOP_PARTITIONS)
 
 
 def table_specs(tables: dict[str, Sequence[str]], *, group: str) -> list[dg.AssetSpec]:

@@ -3,9 +3,10 @@
 Six resources, as an operator thinks of them: `warehouse` (the DuckDB file), `klaviyo` (the account the events go
 to), `identity`, `mapping` and `alerts` (the settings of those stages), and `upstack` (the landing folder and the
 clock), which holds the other five and is what the assets receive. Every run carries their configuration as run
-config (`run_config_for`), so a run's page in the UI says what it ran with; the Klaviyo key is bound to the resource
-at load time (`EnvVar("KLAVIYO_API_KEY")`, or the emulator's key in the demo) and never appears in run config, tags
-or metadata.
+config (`run_config_for`), so a run's page in the UI says what it ran with. The Klaviyo key never appears in run
+config, tags or metadata: a deployment's run config names the variable that holds it (`api_key_env`: one per shop,
+see dagster_project/shops.py) and the run reads it from its own environment; `upstack sync` and the demo bind the
+key they hold to the resource instead.
 
 The settings themselves are `upstack_pipeline.settings.Settings`: the library knows nothing of Dagster, and the
 config classes here mirror its dataclasses field by field (a duration is a number with its unit in the name, e.g.
@@ -16,6 +17,7 @@ from its annotations at run time.
 """
 
 import dataclasses
+import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -32,10 +34,6 @@ from upstack_pipeline.settings import (
     checked_memory_limit,
 )
 
-# DuckDB takes one writer at a time: every asset that writes the warehouse runs in this pool, limited to one
-# slot in the shipped instance configuration (dagster_home/dagster.yaml).
-WAREHOUSE_POOL = "duckdb_warehouse"
-API_KEY_VARIABLE = "KLAVIYO_API_KEY"
 DURATION_UNITS = {"days": timedelta(days=1), "hours": timedelta(hours=1), "minutes": timedelta(minutes=1),
                   "seconds": timedelta(seconds=1)}
 
@@ -55,8 +53,11 @@ class WarehouseResource(dg.ConfigurableResource):
 class KlaviyoResource(dg.ConfigurableResource):
     """The Klaviyo account the events go to. The key is bound from the environment, never set in run config."""
 
-    api_key: Optional[str] = Field(default=None, description=f"Bound to the {API_KEY_VARIABLE} environment "
-                                   "variable; empty: nothing is sent and the outbox keeps every event.")
+    api_key: Optional[str] = Field(default=None, description="Bound by `upstack sync` and the demo, which hold the "
+                                   "key themselves; in a deployment empty, and api_key_env names the variable.")
+    api_key_env: str = Field(default="", description="The environment variable holding the key (KLAVIYO_API_KEY, or "
+                             "the shops file's klaviyo_api_key_env), read in the run's own process; empty and no "
+                             "api_key: nothing is sent and the outbox keeps every event.")
     base_url: str = Field(description="Klaviyo's API (https://a.klaviyo.com) or a local emulator (KLAVIYO_BASE_URL).")
     revision: str = Field(description="The API revision the payloads are written for.")
     requests_per_second: int = Field(description="Klaviyo's rate limit per account for the bulk endpoints.")
@@ -128,7 +129,7 @@ class UpstackResource(dg.ConfigurableResource):
             duckdb_memory_limit=checked_memory_limit(self.warehouse.memory_limit or None),
             duckdb_temp_directory=Path(self.warehouse.temp_directory) if self.warehouse.temp_directory else None,
             klaviyo_base_url=checked_base_url(self.klaviyo.base_url),
-            klaviyo_api_key=self.klaviyo.api_key or None,
+            klaviyo_api_key=self.klaviyo.api_key or _key_from(self.klaviyo.api_key_env),
             klaviyo_revision=self.klaviyo.revision,
             klaviyo_requests_per_second=self.klaviyo.requests_per_second,
             klaviyo_requests_per_minute=self.klaviyo.requests_per_minute,
@@ -140,14 +141,28 @@ class UpstackResource(dg.ConfigurableResource):
         )
 
 
-def resource_config(settings: Settings, as_of: datetime | None = None) -> dict[str, dict[str, Any]]:
-    """Each resource's configuration for `settings`, without the key."""
+def _key_from(variable: str) -> Optional[str]:
+    if not variable:
+        return None
+    key = os.environ.get(variable, "").strip()
+    if not key:
+        raise ValueError(f"{variable} is not set in this run's environment, and it holds this shop's Klaviyo key "
+                         "(klaviyo_api_key_env in the shops file, or KLAVIYO_API_KEY). Set it where the runs start "
+                         "(the daemon's or the run worker's environment, a Kubernetes Secret), or remove "
+                         "klaviyo_api_key_env to run without sending.")
+    return key
+
+
+def resource_config(settings: Settings, as_of: datetime | None = None, *,
+                    api_key_env: str | None = None) -> dict[str, dict[str, Any]]:
+    """Each resource's configuration for `settings`, without the key: at most the name of its variable."""
     return {
         "warehouse": {"path": str(settings.warehouse_path),
                       "lock_wait_seconds": settings.warehouse_lock_wait.total_seconds(),
                       "memory_limit": settings.duckdb_memory_limit or "",
                       "temp_directory": str(settings.duckdb_temp_directory or "")},
         "klaviyo": {"base_url": settings.klaviyo_base_url, "revision": settings.klaviyo_revision,
+                    "api_key_env": api_key_env or "",
                     "requests_per_second": settings.klaviyo_requests_per_second,
                     "requests_per_minute": settings.klaviyo_requests_per_minute},
         "identity": to_config(settings.identity, IdentityResource),
@@ -159,15 +174,18 @@ def resource_config(settings: Settings, as_of: datetime | None = None) -> dict[s
     }
 
 
-def run_config_for(settings: Settings, as_of: datetime | None = None) -> dict[str, Any]:
+def run_config_for(settings: Settings, as_of: datetime | None = None, *,
+                   api_key_env: str | None = None) -> dict[str, Any]:
     """The run config that makes a run use `settings`: what the UI shows on the run's page."""
-    return {"resources": {name: {"config": config} for name, config in resource_config(settings, as_of).items()}}
+    return {"resources": {name: {"config": config}
+                          for name, config in resource_config(settings, as_of, api_key_env=api_key_env).items()}}
 
 
-def pipeline_resources(settings: Settings, *, api_key: str | dg.EnvVar | None) -> dict[str, Any]:
-    """The resources, configured from `settings` with each value overridable per run, and the key bound here:
-    `EnvVar` in a deployment (the UI shows the variable's name), the emulator's key in the demo and tests."""
-    config = resource_config(settings)
+def pipeline_resources(settings: Settings, *, api_key: str | None, api_key_env: str | None = None) -> dict[str, Any]:
+    """The resources, configured from `settings` with each value overridable per run. The key is either bound here
+    (the emulator's key in the demo, the key `upstack sync` read) or, in a deployment, read in each run from the
+    variable its run config names (`api_key_env`), so one code location serves shops with keys of their own."""
+    config = resource_config(settings, api_key_env=api_key_env)
     dependencies = {
         "warehouse": WarehouseResource.configure_at_launch(**config["warehouse"]),
         "klaviyo": KlaviyoResource.configure_at_launch(api_key=api_key, **config["klaviyo"]),

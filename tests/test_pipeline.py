@@ -16,7 +16,8 @@ import pytest
 from conftest import klaviyo_click, make_event, materialization, query, write_events, write_lines
 from dagster_project.definitions import SYNC_JOB_NAME, load_definitions, run_sync
 from dagster_project.defs.sync import hourly_sync, landing_files_sensor
-from dagster_project.resources import WAREHOUSE_POOL, pipeline_resources
+from dagster_project.resources import pipeline_resources
+from dagster_project.shops import ACCOUNT_TAG, SHOP_PARTITIONS, SHOP_TAG
 from upstack_pipeline.landing import ArrivalCursor, arrivals
 from upstack_pipeline.settings import Settings
 
@@ -145,8 +146,9 @@ def test_a_missing_landing_folder_is_the_sensors_skip_reason_with_the_variable_t
     with dg.instance_for_test() as instance:
         with dg.build_sensor_context(instance=instance,
                                      resources=pipeline_resources(settings, api_key=None)) as context:
-            skipped = landing_files_sensor(context)
-    assert isinstance(skipped, dg.SkipReason)
+            result = landing_files_sensor(context)
+    assert not result.run_requests
+    skipped = result.skip_reason
     assert "the landing folder does not exist" in skipped.skip_message and "UPSTACK_LANDING_DIR" in skipped.skip_message
 
 
@@ -159,17 +161,25 @@ def test_sensor_and_schedule_start_running_and_target_the_sync_job():
     assert hourly_sync.job_name == landing_files_sensor.job_name == SYNC_JOB_NAME
 
 
-def test_every_asset_writing_the_warehouse_shares_one_pool_limited_to_one_slot(tmp_path):
+def test_one_run_per_shop_and_per_klaviyo_account_at_a_time_and_shops_side_by_side(tmp_path):
+    import yaml
+
     job = load_definitions().resolve_job_def(SYNC_JOB_NAME)
-    pools = {node.name: node.definition.pool for node in job.graph.nodes}
-    assert set(pools) == {"ingestion", "identity_resolution", "klaviyo_mapping", "klaviyo_delivery", "analytics"}
-    assert set(pools.values()) == {WAREHOUSE_POOL}
+    assert {node.definition.pool for node in job.graph.nodes} == {None}  # no global one-writer pool any more
+    assert job.partitions_def == SHOP_PARTITIONS
 
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(PROJECT_ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+        queue = instance.get_concurrency_config().run_queue_config
+    limits = {limit["key"]: limit for limit in queue.tag_concurrency_limits}
+    for tag in (SHOP_TAG, ACCOUNT_TAG):
+        assert limits[tag] == {"key": tag, "value": {"applyLimitPerUniqueValue": True}, "limit": 1}
+    assert queue.max_concurrent_runs >= 2
+    # The production instance (PostgreSQL, its variables unset here) limits runs the same way.
+    deployed = yaml.safe_load((PROJECT_ROOT / "deploy" / "dagster.yaml").read_text())["concurrency"]["runs"]
+    assert deployed["tag_concurrency_limits"] == queue.tag_concurrency_limits
 
 
 @pytest.mark.slow  # whole Dagster syncs

@@ -83,9 +83,9 @@ def test_sync_records_its_run_materializations_and_checks_in_postgres(env, postg
                   instance.all_logs(run_record.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)]
         # The evaluations the command printed are the ones stored (no Klaviyo key here: destination_healthy warns).
         assert (sum(check.passed for check in checks), len(checks)) == (passed, evaluated) and evaluated > 0
-        # The warehouse pool's one slot lives in PostgreSQL too, and the run gave it back.
-        pool = instance.event_log_storage.get_concurrency_info("duckdb_warehouse")
-        assert (pool.slot_count, pool.claimed_slots) == (1, [])
+        # The run is the default shop's: its partition, and the tag the run queue allows once per shop.
+        assert (run_record.tags["dagster/partition"], run_record.tags["upstack/shop"]) == ("default", "default")
+        assert instance.get_dynamic_partitions("shops") == ["default"]
 
     # Straight from the database: nothing above came from anywhere else.
     assert sql(postgres_database, "select count(*), min(status) from runs") == [(1, "SUCCESS")]
@@ -125,6 +125,7 @@ def test_dagster_instance_migrate_and_info_work_on_the_postgres_instance(env, po
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
         concurrency = instance.get_concurrency_config()
         assert concurrency.run_queue_config.max_concurrent_runs == 4
-        assert (concurrency.pool_config.default_pool_limit, concurrency.pool_config.pool_granularity.value) == (1, "op")
+        assert {limit["key"] for limit in concurrency.run_queue_config.tag_concurrency_limits} == {
+            "upstack/shop", "upstack/klaviyo-account"}
         assert (instance.run_retries_enabled, instance.run_retries_max_retries) == (True, 2)
         assert instance.run_monitoring_enabled

@@ -225,6 +225,12 @@ class Warehouse:
                             f"{self.lock_timeout_seconds:.0f} s. Close notebooks or DuckDB shells that have it "
                             "open for writing, or wait for the running sync to finish, then run again."
                         ) from error
+                    if "not a valid DuckDB database file" in str(error):
+                        raise WarehouseError(
+                            f"{self.path} is not a DuckDB warehouse (another file under that name, or a broken "
+                            "copy). Point UPSTACK_WAREHOUSE (or the shop's `warehouse` in the shops file) at the "
+                            "warehouse, or move this file away to start a new one."
+                        ) from error
                     raise
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 2.0)

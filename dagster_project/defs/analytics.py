@@ -4,7 +4,7 @@ and the alert checks (README "Lift", "Views" and "Alerts")."""
 import dagster as dg
 
 from dagster_project.metadata import percent, view_metadata, view_specs
-from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
+from dagster_project.resources import UpstackResource
 from upstack_pipeline.analytics import AnalyticsOverview, refresh
 from upstack_pipeline.settings import AlertSettings
 
@@ -34,7 +34,6 @@ alert_checks = [
 @dg.multi_asset(
     specs=view_specs(ANALYTICS_VIEWS, group="analytics"),
     check_specs=alert_checks,
-    pool=WAREHOUSE_POOL,
     description="Recreates the analysts' views, measures the lift, and publishes the views' rows to the analysts' "
                 "copy of the warehouse (<warehouse>.analytics.duckdb), which never blocks a sync.",
 )

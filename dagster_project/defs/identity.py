@@ -5,7 +5,7 @@ resolved_events, then identities (which fills resolved_events.phone from the peo
 import dagster as dg
 
 from dagster_project.metadata import markdown_table, percent, plural, table_metadata, table_specs
-from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
+from dagster_project.resources import UpstackResource
 from upstack_pipeline.identity import IdentityOverview, overview, resolve_identities
 
 identity_checks = [
@@ -37,7 +37,6 @@ IDENTITY_TABLES = {
 @dg.multi_asset(
     specs=table_specs(IDENTITY_TABLES, group="identity"),
     check_specs=identity_checks,
-    pool=WAREHOUSE_POOL,
     description="Resolves the new events' identifiers into people, in one transaction, so the identity tables never "
                 "disagree with each other.",
 )

@@ -4,7 +4,7 @@ share, with checks on the landing folder's health."""
 import dagster as dg
 
 from dagster_project.metadata import ingestion_metadata, table_metadata, table_specs
-from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
+from dagster_project.resources import UpstackResource
 from upstack_pipeline.customers import ingest_customers
 from upstack_pipeline.events import ingest_events
 from upstack_pipeline.ingestion import landing_health, overview
@@ -36,7 +36,6 @@ INGESTION_TABLES = {
 @dg.multi_asset(
     specs=table_specs(INGESTION_TABLES, group="ingestion"),
     check_specs=landing_checks,
-    pool=WAREHOUSE_POOL,
     description="The landing folder's new files into the warehouse: the Shopify customers exports (optional; a newer "
                 "export wins), then the storefront events; bad lines are quarantined, every file is in the ledger.",
 )

@@ -4,7 +4,7 @@
 import dagster as dg
 
 from dagster_project.metadata import percent, plural, table_metadata, table_specs
-from dagster_project.resources import WAREHOUSE_POOL, UpstackResource
+from dagster_project.resources import UpstackResource
 from upstack_pipeline.klaviyo.delivery import DeliveryRun, deliver, stale_pending_rows
 from upstack_pipeline.klaviyo.mapping import MappingOverview, MappingRun, map_events, overview
 
@@ -29,7 +29,6 @@ MAPPING_TABLES = {
 @dg.multi_asset(
     specs=table_specs(MAPPING_TABLES, group="klaviyo"),
     check_specs=mapping_checks,
-    pool=WAREHOUSE_POOL,
     description="Decides each commerce event once its session is idle: Klaviyo events to send (klaviyo_outbox) or "
                 "the reason it is not sent (klaviyo_skipped); commerce_metrics names the metrics.",
 )
@@ -94,7 +93,6 @@ DELIVERY_TABLES = dict.fromkeys(("klaviyo_deliveries", "klaviyo_dead_letters"), 
 @dg.multi_asset(
     specs=table_specs(DELIVERY_TABLES, group="klaviyo"),
     check_specs=delivery_checks,
-    pool=WAREHOUSE_POOL,
     description="Sends pending outbox rows to Klaviyo's Bulk Create Events API and settles each row's status; every "
                 "request is recorded in klaviyo_deliveries, refused events in klaviyo_dead_letters.",
 )
