@@ -65,12 +65,20 @@ def main() -> None:
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench-backfill-"))
     try:
         landing, warehouse = root / "landing", root / "warehouse.duckdb"
-        shutil.rmtree(landing, ignore_errors=True)
         for suffix in ("", ".wal", ".analytics.duckdb"):
             Path(f"{warehouse}{suffix}").unlink(missing_ok=True)
-        started = time.perf_counter()
-        lines = build_landing(Path(args.source), landing, args.copies)
-        log(f"{lines:,} lines in {time.perf_counter() - started:.0f} s; syncing with a {args.memory_limit} limit")
+        built = root / "landing.json"  # what the landing folder holds, so a rerun with --dir reuses it
+        wanted = {"source": str(Path(args.source).absolute()), "copies": args.copies}
+        if built.is_file() and json.loads(built.read_text())["built"] == wanted:
+            lines = json.loads(built.read_text())["lines"]
+            log(f"reusing the landing folder in {landing}")
+        else:
+            shutil.rmtree(landing, ignore_errors=True)
+            started = time.perf_counter()
+            lines = build_landing(Path(args.source), landing, args.copies)
+            built.write_text(json.dumps({"built": wanted, "lines": lines}))
+            log(f"{lines:,} lines in {time.perf_counter() - started:.0f} s")
+        log(f"syncing with a {args.memory_limit} DuckDB memory limit")
         env = {name: value for name, value in os.environ.items()
                if not name.startswith(("UPSTACK_", "KLAVIYO_")) and name != "DAGSTER_HOME"}
         env.update(UPSTACK_LANDING_DIR=str(landing), UPSTACK_WAREHOUSE=str(warehouse),
