@@ -218,7 +218,7 @@ def _read(connection: duckdb.DuckDBPyConnection, window: list[date], *, source: 
 def _page(data: _Data, *, now: datetime) -> str:
     days = len(data.window)
     span = f"{_long_day(data.since)} to {_long_day(data.until)}" if days > 1 else _long_day(data.until)
-    published = (f"Data published {_moment(data.published_at)} by the last <code>upstack sync</code>"
+    published = (f"Data published {_moment(data.published_at)} by the last <code>upstack sync</code> that changed it"
                  if data.published_at else "Never published by a sync")
     header = f"""
 <header>
