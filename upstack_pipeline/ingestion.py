@@ -238,14 +238,21 @@ def overview(
 class LandingHealth:
     changed_files: int  # rewritten after ingestion (table changed_files)
     unreadable_files: int  # ingested_files with status 'unreadable'
-    repeated_event_ids: int  # raw_events rows beyond one per event_id; 0 unless the ledger is broken
+    # Rows ingested this run whose event_id another raw_events row holds too; 0 unless the ledger is broken.
+    repeated_event_ids: int
 
 
-def landing_health(warehouse: Warehouse) -> LandingHealth:
+def landing_health(warehouse: Warehouse, *, now: datetime) -> LandingHealth:
+    """Counts the run's own rows against the table (a join built on this run's rows), not every event_id in
+    history: an hourly run stays in proportion to its hour, and a repeat is caught by the run that made it.
+    raw_events is append-only, so a smaller rowid is an earlier row: the kept one."""
     with warehouse.connect() as connection:
         return LandingHealth(*connection.execute("""
             select
                 (select count(*) from changed_files),
                 (select count(*) from ingested_files where status = 'unreadable'),
-                (select count(*) - count(distinct event_id) from raw_events)
-        """).fetchone())
+                (select count(*)
+                 from (select event_id, rowid as row from raw_events where ingested_at = $now) as this_run
+                 join raw_events as other using (event_id)
+                 where other.rowid < this_run.row)  -- kept first, so this one repeats it
+        """, {"now": now}).fetchone())

@@ -1,6 +1,8 @@
 """Landing files into the warehouse: one step writes the events' and the customers' tables and the file ledger they
 share, with checks on the landing folder's health."""
 
+from datetime import datetime
+
 import dagster as dg
 
 from dagster_project.metadata import ingestion_metadata, table_metadata, table_specs
@@ -16,7 +18,8 @@ landing_checks = [
     dg.AssetCheckSpec("landing_files_readable", asset="raw_events",
                       description="Every landing file could be read (not corrupt, not truncated)."),
     dg.AssetCheckSpec("event_ids_unique", asset="raw_events", blocking=True,
-                      description="Each event_id is kept once, whatever the pixel retried."),
+                      description="Each event_id is kept once, whatever the pixel retried: no row this run "
+                                  "ingested repeats an event_id already in raw_events."),
 ]
 
 INGESTION_TABLES = {
@@ -63,11 +66,11 @@ def ingestion(context: dg.AssetExecutionContext, upstack: UpstackResource):
     yield dg.MaterializeResult(asset_key="changed_files", metadata={
         **tables["changed_files"], "found_this_run": len(events.changed_files) + len(customers.changed_files)})
     yield dg.MaterializeResult(asset_key=VERSION_TABLE, metadata=tables[VERSION_TABLE])
-    yield from landing_check_results(warehouse)
+    yield from landing_check_results(warehouse, now)
 
 
-def landing_check_results(warehouse: Warehouse):
-    health = landing_health(warehouse)
+def landing_check_results(warehouse: Warehouse, now: datetime):
+    health = landing_health(warehouse, now=now)
     yield warn_unless_zero(
         "landing_files_unchanged", health.changed_files, "changed_files",
         "landing files changed after ingestion and were not re-read (see table changed_files). "
