@@ -3,8 +3,10 @@ result is exactly what doing the work gives. Real landing files, a real DuckDB w
 
 from __future__ import annotations
 
+import re
+import shutil
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import duckdb
 
@@ -132,3 +134,97 @@ def test_the_analysts_copy_is_written_again_only_when_a_table_its_views_read_cha
     ingest(settings, story("kim", 60), "hour-2.ndjson")  # new events, before identity has even run
     analytics.refresh(settings, now=later + timedelta(hours=2))
     assert published(settings)[0] == [(later + timedelta(hours=2),)]
+
+
+def copy_rows(settings) -> dict[str, list[tuple]]:
+    """The analysts' copy, each table's rows in the order it holds them."""
+    with duckdb.connect(str(analytics.analytics_path(settings.warehouse_path)), read_only=True) as copy:
+        return {view: copy.execute(f"select * from {view}").fetchall() for view in analytics.PUBLISHED_VIEWS}
+
+
+def views_over_everything(settings) -> dict[str, list[tuple]]:
+    with duckdb.connect(str(settings.warehouse_path), read_only=True) as warehouse:
+        return {view: warehouse.execute(f"select * from {view}").fetchall() for view in analytics.PUBLISHED_VIEWS}
+
+
+def test_the_copy_recomputed_day_by_day_holds_exactly_the_rows_the_views_give_over_the_whole_history(settings,
+                                                                                                    tmp_path):
+    """Twelve simulated days arriving one at a time, with deliveries settling, refusals and a skip record decided
+    again in between: after each sync, the copy built from the previous copy and the days the sync touched holds
+    the rows, in the order, that the views computed over everything give."""
+    from upstack_pipeline.customers import ingest_customers
+    from upstack_pipeline.sandbox.simulate import simulate
+
+    end = datetime(2026, 11, 28, tzinfo=timezone.utc)
+    simulate(tmp_path / "sim", visitors=400, days=12, seed=7, end=end)
+    landing = tmp_path / "arriving"
+    shutil.copytree(tmp_path / "sim" / "customers", landing / "customers")
+    world = replace(settings, landing_dir=landing, destination=replace(settings.destination, send_mode="all"))
+    days = sorted((tmp_path / "sim" / "events").glob("dt=*"))
+    ingest_customers(world, now=end)
+    touched: list[set | None] = []
+    for number, day in enumerate(days):
+        now = datetime.fromisoformat(day.name[3:]).replace(tzinfo=timezone.utc) + timedelta(days=1, hours=6)
+        shutil.copytree(day, landing / "events" / day.name)
+        ingest_events(world, now=now)
+        resolve_identities(world, now=now)
+        map_events(world, now=now)
+        with duckdb.connect(str(world.warehouse_path)) as warehouse:  # what delivery settles, in place
+            warehouse.execute("""
+                update klaviyo_outbox set status = case when hash(unique_id) % 7 = 0 then 'dead_letter'
+                                                        else 'delivered' end, delivered_at = ?
+                where status = 'pending' and hash(unique_id) % 3 = 0""", [now])
+            if number == 3:  # an old skip record withdrawn, its event undecided again
+                warehouse.execute("delete from klaviyo_skipped where event_id = (select min(event_id) from "
+                                  "klaviyo_skipped where skipped_at < ?)", [now])
+            touched.append(analytics.stale_days(warehouse, analytics.analytics_path(world.warehouse_path)))
+        analytics.refresh(world, now=now)
+        assert copy_rows(world) == views_over_everything(world), f"after {day.name}"
+    every_day = {datetime.fromisoformat(day.name[3:]).date() for day in days}
+    assert touched[0] is None  # no copy yet: every day
+    # Once the history is longer than a few days, a sync recomputes the day that arrived and a day or two around
+    # it, not the history (early on, half the days or more are computed whole).
+    for day, day_touched in zip(days[5:], touched[5:]):
+        assert day_touched and datetime.fromisoformat(day.name[3:]).date() in day_touched
+        assert len(day_touched) <= 3 < len(every_day)
+    with duckdb.connect(str(world.warehouse_path)) as warehouse:
+        assert analytics.stale_days(warehouse, analytics.analytics_path(world.warehouse_path)) == set()
+
+
+def test_the_day_by_day_copy_knows_every_table_the_published_views_read():
+    """A published view reading a table the slices leave out would let a copy built day by day go stale without a
+    sign: the lists in analytics.py must keep up with the views' SQL."""
+    from upstack_pipeline.warehouse import read_sql, table_docs
+
+    tables = set(table_docs()) | {"usable_identity_observations", "usable_identity_links"}
+    known = set(analytics.EVENT_SOURCES) | set(analytics.WHOLE_SOURCES)
+    for view in analytics.PUBLISHED_VIEWS:
+        words = set(re.findall(r"\w+", "\n".join(line.split("--")[0] for line in read_sql(view).splitlines())))
+        assert words & tables <= known, f"{view} reads {sorted(words & tables - known)}"
+
+
+def test_a_day_is_recomputed_with_every_event_of_its_sessions_and_so_is_every_other_day_of_them(settings):
+    """Two carts across midnights, arriving a day at a time: the order that ends the second one is a day after the
+    cart, so the cart's day changes too; the first one's cart the day before that counts only there."""
+    midnight = datetime.combine(NOW.date() - timedelta(days=3), datetime.min.time(), tzinfo=timezone.utc)
+
+    def cart(event_id: str, session: str, at: datetime, **fields) -> dict:
+        return make_event(event_id, session_id=session, anonymous_id=f"cookie-{session}", event_time=at.isoformat(),
+                          event_source_url=URL, **fields)
+
+    arrivals = [
+        [cart("early-cart", "early", midnight - timedelta(minutes=10))],
+        [cart("early-cart-again", "early", midnight + timedelta(minutes=5)),
+         cart("late-cart", "late", midnight + timedelta(hours=23, minutes=55))],
+        [cart("late-order", "late", midnight + timedelta(days=1, minutes=5), event_name="Purchase",
+              custom_data={"order_id": "o-1", "value": 9.0, "currency": "USD",
+                           "items": [{"id": "p1", "name": "Mug", "price": 9.0}]})],
+    ]
+    for number, events in enumerate(arrivals):
+        ingest(settings, events, f"day-{number}.ndjson")
+        resolve_identities(settings, now=NOW)
+        map_events(settings, now=NOW)
+        analytics.refresh(settings, now=NOW)
+        assert copy_rows(settings) == views_over_everything(settings), f"after arrival {number}"
+    carts = {row[0]: row[2] for row in copy_rows(settings)["daily_lift"] if row[1] == "Added to Cart"}
+    assert carts == {midnight.date() - timedelta(days=1): 1}  # the early cart on its first day; the late one bought

@@ -10,13 +10,21 @@ row is and what each column means; the UI's catalog, the README and `view_docs()
 
 Analysts never hold the warehouse: `publish_for_analysts` copies the views' rows into a small separate file after
 each sync, swapped in whole, so a notebook left open on it never blocks the pipeline (DuckDB lets one process
-write a file, and a reader holds it too). A sync that changed none of the tables the views read (`SOURCES`, by
-the digest the copy's `published` table keeps) leaves the copy as it is: its rows would come out the same.
+write a file, and a reader holds it too).
+
+Every published view's rows are keyed by a UTC day, and a day's rows depend only on the events of the sessions with
+an event that day. So a sync recomputes only the days it touched: every day of a session that got new raw events
+or whose rows in the event tables the views read changed (by a digest per session the copy keeps in
+`published_sessions`), and the days of new quarantine. It runs the views' own SQL over the events of those days'
+sessions (temp tables of the same names shadow the warehouse's on one cursor), and builds the new copy from the
+previous copy's other days and the days computed. Nothing touched, the copy stays as it is. A copy that is missing,
+from another release, or from other views or metrics is computed again over the whole history.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -36,11 +44,16 @@ VIEWS = ("recovered_orders", "daily_lift", "delivery_funnel", "match_rates", "sh
 PUBLISHED_VIEWS = VIEWS[:4]
 # The metric whose lift is the headline: abandoned carts, what backup flows exist for first.
 HEADLINE_METRIC = "Added to Cart"
-# What the views read, digested whole; raw_events and quarantined_events only grow, in the loads ingested_files
-# lists, so their counts and that ledger stand for them.
-SOURCES = ("resolved_events", "klaviyo_outbox", "klaviyo_skipped", "klaviyo_deliveries", "klaviyo_dead_letters",
-           "commerce_metrics", "ingested_files")
-APPEND_ONLY_SOURCES = ("raw_events", "quarantined_events")
+# The tables the published views read by event (raw_events and resolved_events by event_id, the outbox and the
+# skip records by their event_id). A day's rows are computed from a slice of them, the events of the day's sessions.
+# raw_events only grows, in loads (ingested_files.load_id); the others change in place, so a digest per session
+# finds the sessions that changed. Slices and digests carry only the columns the published views name (`_read_columns`):
+# identity rewrites a person's phone and browser cluster on every event of theirs, in days long gone, and no
+# published view reads either; nor the line as received, the costliest column to read.
+EVENT_SOURCES = ("raw_events", "resolved_events", "klaviyo_outbox", "klaviyo_skipped")
+# Read whole by the published views: quarantine only grows, in loads too, and stays small; commerce_metrics is the
+# settings' (its rows are in the digest of the views: a change recomputes everything).
+WHOLE_SOURCES = ("quarantined_events", "commerce_metrics")
 
 
 def create_views(connection: duckdb.DuckDBPyConnection) -> None:
@@ -127,25 +140,206 @@ def lift_totals(connection: duckdb.DuckDBPyConnection, *, metric: str = HEADLINE
     return LiftTotals(metric, *(int(value) for value in row[:5]), float(row[5]), int(row[6]), float(row[7]))
 
 
-def publish_for_analysts(connection: duckdb.DuckDBPyConnection, warehouse_path: Path, *, now: datetime,
-                         sources: str) -> Path:
+def publish_for_analysts(connection: duckdb.DuckDBPyConnection, warehouse_path: Path, *, now: datetime) -> Path:
     """Writes the views' rows (and commerce_metrics) to `<warehouse>.analytics.duckdb`, built aside and renamed
-    over the previous one: a reader of the old file keeps reading it, and never sees half a file. `sources`, the
-    digest of the warehouse rows they were computed from, is recorded with them."""
+    over the previous one: a reader of the old file keeps reading it, and never sees half a file. Only the days
+    the warehouse changed since the previous copy are computed (see the module's docstring)."""
     target = analytics_path(warehouse_path)
     building = target.with_name(target.name + ".building")
-    building.unlink(missing_ok=True)
-    connection.execute("attach ? as analytics", [str(building)])
+    cursor = connection.cursor()  # its temp tables and views, which shadow the warehouse's, go with it
     try:
-        for table in (*PUBLISHED_VIEWS, "commerce_metrics"):
-            connection.execute(f"create table analytics.{table} as select * from {table}")
-        connection.execute("create table analytics.published (published_at timestamptz, warehouse varchar, "
-                           "sources varchar)")
-        connection.execute("insert into analytics.published values (?, ?, ?)", [now, str(warehouse_path), sources])
+        sources = _sources(cursor)
+        days = _stale_days(cursor, target, sources)
+        if days is not None and not days:
+            return target
+        if days is not None:
+            _shadow_with_slice(cursor)
+        where = "" if days is None else " where day in (select day from touched_days)"
+        for view in PUBLISHED_VIEWS:
+            cursor.execute(f"create temp table computed_{view} as select * from {view}{where}")
+            # A later view reading this one (daily_lift reads recovered_orders) reads the rows just computed.
+            cursor.execute(f"create temp view {view} as select * from computed_{view}")
+        building.unlink(missing_ok=True)
+        _write_copy(cursor, building, target if days is not None else None, sources, now, warehouse_path)
     finally:
-        connection.execute("detach analytics")
+        cursor.close()
     os.replace(building, target)
     return target
+
+
+def stale_days(connection: duckdb.DuckDBPyConnection, copy_path: Path) -> set[date] | None:
+    """The days of the copy at `copy_path` that the warehouse's rows have made stale; None: every day."""
+    with connection.cursor() as cursor:
+        return _stale_days(cursor, copy_path, _sources(cursor))
+
+
+def _sources(cursor: duckdb.DuckDBPyConnection) -> dict:
+    """What the copy's rows are computed from: the views' SQL and commerce_metrics (a digest of both), the last load
+    of raw events and quarantine, and a digest of each changing event table (of the columns the views name)."""
+    metrics = cursor.execute("select * from commerce_metrics order by event_name").fetchall()
+    views = hashlib.sha256(repr(([read_sql(view) for view in VIEWS], metrics)).encode()).hexdigest()
+    load_id = cursor.execute("select coalesce(max(load_id), 0) from ingested_files").fetchone()[0]
+    read = _read_columns(cursor)
+    tables = cursor.execute("select " + ", ".join(
+        f"(select count(*) || ':' || coalesce(sum(hash({read[table]})::hugeint), 0) from {table})"
+        for table in EVENT_SOURCES[1:])).fetchone()
+    return {"views": views, "load_id": load_id, "tables": list(tables)}
+
+
+def _digest_sessions(cursor: duckdb.DuckDBPyConnection) -> None:
+    """`session_digests` on `cursor`: per session, a digest of the rows of the changing event tables about its
+    events (of the columns the views name)."""
+    read = _read_columns(cursor)
+    # Each event's rows in one pass, under the session of its resolved_events row (an order's outbox rows, one per
+    # line, summed first). A row whose event is not in resolved_events has no session (null), which no slice can
+    # recompute: its change recomputes everything. Sessions are keyed by a hash of their id, which keeps the copy's
+    # record small: two sessions sharing a key are only ever recomputed together.
+    cursor.execute(f"""
+        create temp table session_digests as
+        select if(resolved.session_id is null, null, hash(resolved.session_id)) as session_key,
+               hash(count(resolved.row_hash), count(skipped.row_hash), sum(outbox.rows),
+                    sum(hash(resolved.row_hash, skipped.row_hash, outbox.row_hash)::hugeint)) as sources
+        from (select event_id, session_id, hash({read['resolved_events']}) as row_hash from resolved_events)
+            as resolved
+        full join (select event_id, hash({read['klaviyo_skipped']}) as row_hash from klaviyo_skipped) as skipped
+            using (event_id)
+        full join (select event_id, count(*) as rows, sum(hash({read['klaviyo_outbox']})::hugeint) as row_hash
+                   from klaviyo_outbox group by event_id) as outbox
+            using (event_id)
+        group by all""")
+
+
+def _stale_days(cursor: duckdb.DuckDBPyConnection, copy_path: Path, sources: dict) -> set[date] | None:
+    """The days of the copy at `copy_path` whose rows may differ now: every day of a session whose rows changed or
+    that got new raw events, and the days of new quarantine; None: every day (no copy, or one from other views or
+    metrics, a later load, or another release; or most days anyway). Leaves them in `touched_days` on `cursor`,
+    each session's days in `session_days`, and `session_digests` unless nothing changed."""
+    previous = _published_sources(copy_path)
+    if previous == sources:
+        return set()
+    _digest_sessions(cursor)
+    if previous is None or previous["views"] != sources["views"] or previous["load_id"] > sources["load_id"]:
+        return None
+    cursor.execute("attach ? as previous (read_only)", [str(copy_path)])
+    try:
+        cursor.execute("""
+            create temp table changed_sessions as
+            select coalesce(current.session_key, published.session_key) as session_key
+            from session_digests as current
+            full join previous.published_sessions as published
+                on published.session_key is not distinct from current.session_key
+            where current.sources is distinct from published.sources""")
+    finally:
+        cursor.execute("detach previous")
+    if cursor.execute("select count(*) from changed_sessions where session_key is null").fetchone()[0]:
+        return None
+    raw_events = _warehouse_table(cursor, "raw_events")
+    cursor.execute(f"insert into changed_sessions select hash(session_id) from {raw_events} where load_id > ?",
+                   [previous["load_id"]])
+    cursor.execute(f"""
+        create temp table session_days as
+        select distinct session_id, (event_time at time zone 'UTC')::date as day from {raw_events}""")
+    # New quarantined lines count under the days delivery_funnel gives them by its own rules: the view over those
+    # lines alone.
+    cursor.execute("create temp table new_loads as select path from ingested_files where load_id > ?",
+                   [previous["load_id"]])
+    cursor.execute(f"""
+        create temp view quarantined_events as
+        select * from {_warehouse_table(cursor, 'quarantined_events')}
+        semi join new_loads on new_loads.path = source_file""")
+    cursor.execute(f"create temp view raw_events as select * from {raw_events} limit 0")
+    cursor.execute("""
+        create temp table touched_days as
+        select day from delivery_funnel
+        union
+        select day from session_days where hash(session_id) in (select session_key from changed_sessions)""")
+    cursor.execute("drop view quarantined_events")
+    cursor.execute("drop view raw_events")
+    days = {day for (day,) in cursor.execute("select day from touched_days").fetchall()}
+    # Past half the days, the slices would be most of the history: computing the views whole costs less.
+    every_day = cursor.execute("select count(distinct day) from session_days").fetchone()[0]
+    return None if 2 * len(days) > every_day else days
+
+
+def _published_sources(copy_path: Path) -> dict | None:
+    """What the copy at `copy_path` was computed from; None when there is no copy, or one this release did not
+    write."""
+    if not copy_path.exists():
+        return None
+    with duckdb.connect(str(copy_path), read_only=True) as copy:
+        if not copy.execute("select 1 from duckdb_tables() where table_name = 'published_sessions'").fetchone():
+            return None
+        return json.loads(copy.execute("select max(sources) from published").fetchone()[0])
+
+
+def _write_copy(cursor: duckdb.DuckDBPyConnection, building: Path, previous: Path | None, sources: dict,
+                now: datetime, warehouse_path: Path) -> None:
+    """The copy at `building`: the computed days' rows (computed_<view>) and, from the `previous` copy, the others."""
+    cursor.execute("attach ? as analytics", [str(building)])
+    if previous:
+        cursor.execute("attach ? as previous (read_only)", [str(previous)])
+    try:
+        for view in PUBLISHED_VIEWS:
+            if previous:
+                # Days are whole in either part, each part in the view's order: ordered by day, then by the row's
+                # place in its part, the copy holds the rows in the order the view gives them.
+                cursor.execute(f"""
+                    create table analytics.{view} as
+                    select * exclude (place) from (
+                        select *, rowid as place from previous.{view} where day not in (select day from touched_days)
+                        union all
+                        select *, rowid from computed_{view})
+                    order by day, place""")
+            else:
+                cursor.execute(f"create table analytics.{view} as select * from computed_{view}")
+        cursor.execute("create table analytics.commerce_metrics as select * from commerce_metrics")
+        cursor.execute("create table analytics.published (published_at timestamptz, warehouse varchar, "
+                       "sources varchar)")
+        cursor.execute("insert into analytics.published values (?, ?, ?)",
+                       [now, str(warehouse_path), json.dumps(sources)])
+        cursor.execute("create table analytics.published_sessions as select * from session_digests")
+    finally:
+        cursor.execute("detach analytics")
+        if previous:
+            cursor.execute("detach previous")
+
+
+def _warehouse_table(cursor: duckdb.DuckDBPyConnection, name: str) -> str:
+    """The warehouse's own table or view, past a temp one of the same name."""
+    database = cursor.execute("select current_database()").fetchone()[0]
+    return f'"{database}".main.{name}'
+
+
+def _shadow_with_slice(cursor: duckdb.DuckDBPyConnection) -> None:
+    """On `cursor`, each event table the views read becomes a temp table of the same name holding only the events
+    of the sessions with an event on a touched day (`touched_days`, with `session_days`): every row of those days
+    depends on those events alone."""
+    cursor.execute("""
+        create temp table slice_sessions as
+        select distinct session_id from session_days where day in (select day from touched_days)""")
+    columns = _read_columns(cursor)
+    cursor.execute(f"""
+        create temp table raw_events as
+        select {columns["raw_events"]} from {_warehouse_table(cursor, "raw_events")}
+        where session_id in (select session_id from slice_sessions)""")
+    for table in EVENT_SOURCES[1:]:
+        cursor.execute(f"""
+            create temp table {table} as
+            select {columns[table]} from {_warehouse_table(cursor, table)} as source
+            semi join raw_events on raw_events.event_id = source.event_id""")
+
+
+def _read_columns(connection: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """Each event table's columns that a published view's SQL names (a word of it, comments aside), as a select
+    list. A name that only happens to be a word there (`day`) costs a column read, never a column missed."""
+    words = set(re.findall(r"\w+", "\n".join(line.split("--")[0] for view in PUBLISHED_VIEWS
+                                              for line in read_sql(view).splitlines())))
+    found = connection.execute("""
+        select table_name, column_name from duckdb_columns()
+        where database_name = current_database() and schema_name = 'main' and table_name in ?
+        order by column_index""", [list(EVENT_SOURCES)]).fetchall()
+    return {table: ", ".join(f'"{column}"' for name, column in found if name == table and column in words)
+            for table in EVENT_SOURCES}
 
 
 def analytics_path(warehouse_path: Path) -> Path:
@@ -218,33 +412,10 @@ def refresh(settings: Settings, *, now: datetime) -> AnalyticsOverview:
     the published rows: computing a view over the whole history once per sync is enough)."""
     with settings.warehouse().connect() as warehouse:
         create_views(warehouse)
-        published = analytics_path(settings.warehouse_path)
-        sources = _sources_digest(warehouse)
-        if _published_sources(published) != sources:
-            publish_for_analysts(warehouse, settings.warehouse_path, now=now, sources=sources)
+        published = publish_for_analysts(warehouse, settings.warehouse_path, now=now)
         with duckdb.connect(str(published), read_only=True) as views:
             state = overview(views, warehouse, now=now, quiet_time=settings.alerts.max_quiet_time)
     return replace(state, published=published)
-
-
-def _sources_digest(connection: duckdb.DuckDBPyConnection) -> str:
-    """Changes whenever a row the views read changes, or this release's views do; costs a scan of the sources'
-    rows, a fraction of computing the views."""
-    digests = [f"(select count(*) || ':' || coalesce(sum(hash(t)::hugeint), 0) from {table} as t)" for table in SOURCES]
-    counts = [f"(select count(*) from {table})" for table in APPEND_ONLY_SOURCES]
-    found = connection.execute(f"select concat_ws('|', {', '.join(digests + counts)})").fetchone()[0]
-    return hashlib.sha256((found + "".join(read_sql(view) for view in VIEWS)).encode()).hexdigest()
-
-
-def _published_sources(published: Path) -> str | None:
-    """The sources' digest the analysts' copy was computed from; None when there is no copy, or an older release's
-    (which did not record it)."""
-    if not published.exists():
-        return None
-    with duckdb.connect(str(published), read_only=True) as copy:
-        recorded = copy.execute("select 1 from duckdb_columns() where table_name = 'published' "
-                                "and column_name = 'sources'").fetchone()
-        return copy.execute("select max(sources) from published").fetchone()[0] if recorded else None
 
 
 def readme_views() -> str:
