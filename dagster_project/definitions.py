@@ -10,10 +10,9 @@ import dagster as dg
 
 from dagster_project.resources import pipeline_resources, run_config_for
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.shops import DEFAULT_SHOP, Shop
+from upstack_pipeline.shops import DEFAULT_KEY_VARIABLE, DEFAULT_SHOP, Shop
 
 SYNC_JOB_NAME = "upstack_sync"
-API_KEY_VARIABLE = "KLAVIYO_API_KEY"
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
@@ -28,7 +27,7 @@ def environment_resources() -> dict[str, Any]:
     """The default shop's settings from today's variables. With a shops file, each run's config replaces them with
     its shop's (dagster_project/shops.py); the key is read in the run from the variable its config names."""
     settings = Settings.from_env()
-    return pipeline_resources(settings, api_key=None, api_key_env=API_KEY_VARIABLE if settings.klaviyo_api_key else None)
+    return pipeline_resources(settings, api_key=None, api_key_env=DEFAULT_KEY_VARIABLE if settings.klaviyo_api_key else None)
 
 
 @dg.definitions
