@@ -27,7 +27,8 @@ def environment_resources() -> dict[str, Any]:
     """The default shop's settings from today's variables. With a shops file, each run's config replaces them with
     its shop's (dagster_project/shops.py); the key is read in the run from the variable its config names."""
     settings = Settings.from_env()
-    return pipeline_resources(settings, api_key=None, api_key_env=DEFAULT_KEY_VARIABLE if settings.klaviyo_api_key else None)
+    key_variable = DEFAULT_KEY_VARIABLE if settings.klaviyo_api_key else None
+    return pipeline_resources(settings, api_key=None, api_key_env=key_variable)
 
 
 @dg.definitions
