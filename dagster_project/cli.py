@@ -29,7 +29,7 @@ from upstack_pipeline.klaviyo.client import (
 from upstack_pipeline.klaviyo.flows import render_backup_flows_guide
 from upstack_pipeline.landing import check_landing_folder
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.shops import DEFAULT_SHOP, Shop, load_shops
+from upstack_pipeline.shops import DEFAULT_SHOP, Shop, UnknownShopError, load_shops, shop_named
 from upstack_pipeline.warehouse import WarehouseError
 
 if TYPE_CHECKING:
@@ -488,10 +488,10 @@ def shop_settings(name: str | None) -> Settings:
 
 
 def named_shop(shops: tuple[Shop, ...], name: str) -> Shop:
-    for shop in shops:
-        if shop.name == name:
-            return shop
-    raise ValueError(f"--shop {name}: there is no such shop; the shops are {', '.join(shop.name for shop in shops)}")
+    try:
+        return shop_named(shops, name)
+    except UnknownShopError as error:
+        raise ValueError(f"--shop {name}: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

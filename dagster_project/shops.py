@@ -19,7 +19,9 @@ from typing import Any
 import dagster as dg
 
 from dagster_project.resources import UpstackResource, run_config_for
-from upstack_pipeline.shops import DEFAULT_SHOP, SHOPS_FILE_VARIABLE, Shop, load_shops
+from upstack_pipeline.shops import (
+    DEFAULT_SHOP, SHOPS_FILE_VARIABLE, Shop, UnknownShopError, load_shops, shop_named,
+)
 
 SHOP_PARTITIONS = dg.DynamicPartitionsDefinition(name="shops")
 SHOP_TAG = "upstack/shop"
@@ -58,12 +60,12 @@ def shop_run_request(shop: Shop, **request: Any) -> dg.RunRequest:
 
 
 def _shop(partition_key: str) -> Shop:
-    shops = {shop.name: shop for shop in load_shops()}
-    if partition_key not in shops:
+    try:
+        return shop_named(load_shops(), partition_key)
+    except UnknownShopError as error:
         raise dg.DagsterInvariantViolationError(
-            f"There is no shop {partition_key!r} in {shops_file_label()} any more; its partition goes at the landing "
-            f"sensor's next tick. Shops now: {', '.join(shops)}.")
-    return shops[partition_key]
+            f"Partition {partition_key!r} of {shops_file_label()}: {error}; the partition goes at the landing "
+            "sensor's next tick.") from None
 
 
 def shops_file_label() -> str:

@@ -278,3 +278,32 @@ def test_the_mapping_settings_are_every_destination_setting_under_the_run_config
     assert set(DESTINATION_KEYS) == set(MappingResource.model_fields)
     assert {field for field, _ in DESTINATION_KEYS.values()} == {
         field.name for field in dataclasses.fields(DestinationSettings)}
+
+
+def test_a_run_launched_from_the_ui_gets_its_shops_config_and_a_removed_shop_says_what_happened(tmp_path, monkeypatch):
+    import dagster as dg
+
+    from dagster_project.shops import ACCOUNT_TAG, SHOP_TAG, shop_partitioned_config
+
+    env = shops_file(tmp_path, """
+shops:
+  north: {landing_dir: north, warehouse: north.duckdb, klaviyo_api_key_env: KEY_NORTH}
+  south: {landing_dir: south, warehouse: south.duckdb}
+""", KEY_NORTH=NORTH_KEY)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    config = shop_partitioned_config.get_run_config_for_partition_key("north")
+    tags = shop_partitioned_config.get_tags_for_partition_key("north")
+    resources = config["resources"]
+    assert resources["warehouse"]["config"]["path"] == str(tmp_path / "config" / "north.duckdb")
+    assert resources["upstack"]["config"]["landing_dir"] == str(tmp_path / "config" / "north")
+    assert resources["klaviyo"]["config"]["api_key_env"] == "KEY_NORTH"
+    assert tags[SHOP_TAG] == "north" and tags[ACCOUNT_TAG] == "KEY_NORTH"
+    assert NORTH_KEY not in repr(config) + repr(tags)
+
+    with pytest.raises(dg.DagsterInvariantViolationError) as error:
+        shop_partitioned_config.get_run_config_for_partition_key("west")
+    assert "Partition 'west'" in str(error.value)
+    assert "there is no such shop; the shops are north, south" in str(error.value)
+    assert env[SHOPS_FILE_VARIABLE] in str(error.value)

@@ -108,6 +108,21 @@ class ShopsFileError(ValueError):
                          + "\n".join(f"- {problem}" for problem in problems))
 
 
+class UnknownShopError(LookupError):
+    """A name that is not a shop's: asked for with `--shop`, or a partition whose shop left the file."""
+
+    def __init__(self, name: str, shops: tuple[Shop, ...]):
+        self.name = name
+        super().__init__(f"there is no such shop; the shops are {', '.join(shop.name for shop in shops)}")
+
+
+def shop_named(shops: tuple[Shop, ...], name: str) -> Shop:
+    for shop in shops:
+        if shop.name == name:
+            return shop
+    raise UnknownShopError(name, shops)
+
+
 def load_shops(environ: Mapping[str, str] | None = None) -> tuple[Shop, ...]:
     """Every shop, in the file's order; without a shops file, the one shop the environment describes."""
     env = os.environ if environ is None else environ
