@@ -116,6 +116,8 @@ class UpstackResource(dg.ConfigurableResource):
     # idle and events age as they did then. Empty: the wall clock.
     as_of: str = Field(default="", description="Run as if it were this moment (ISO 8601); empty: now.")
     ingest_batch_bytes: int = Field(description="Landing files are ingested in transactions of about this size.")
+    identity_chunk_rows: int = Field(description="Identity resolves new loads in transactions of about this many "
+                                                 "rows (UPSTACK_IDENTITY_CHUNK_ROWS).")
     max_clock_skew_hours: float = Field(description="Events stamped further ahead than this are quarantined.")
 
     def now(self) -> datetime:
@@ -135,6 +137,7 @@ class UpstackResource(dg.ConfigurableResource):
             klaviyo_requests_per_minute=self.klaviyo.requests_per_minute,
             max_clock_skew=timedelta(hours=self.max_clock_skew_hours),
             ingest_batch_bytes=self.ingest_batch_bytes,
+            identity_chunk_rows=self.identity_chunk_rows,
             identity=from_config(self.identity, IdentitySettings),
             destination=from_config(self.mapping, DestinationSettings),
             alerts=from_config(self.alerts, AlertSettings),
@@ -170,6 +173,7 @@ def resource_config(settings: Settings, as_of: datetime | None = None, *,
         "alerts": to_config(settings.alerts, AlertsResource),
         "upstack": {"landing_dir": str(settings.landing_dir), "as_of": as_of.isoformat() if as_of else "",
                     "ingest_batch_bytes": settings.ingest_batch_bytes,
+                    "identity_chunk_rows": settings.identity_chunk_rows,
                     "max_clock_skew_hours": settings.max_clock_skew / DURATION_UNITS["hours"]},
     }
 

@@ -2,13 +2,14 @@
 -- opened on exactly two cookies within the handoff window, and (only when probabilistic matching is on) a new
 -- cookie that starts on the same IP and user agent minutes after another one stopped: a cookie reset.
 -- Reads: raw_events, identity_links, new_observations (temp)
--- Variables: after_load_id, max_browsers_per_cluster, click_handoff_window, probabilistic_matching,
+-- Variables: after_load_id, until_load_id, max_browsers_per_cluster, click_handoff_window, probabilistic_matching,
 --   probabilistic_window, now
 -- Writes: browser_links, identity_flags
 -- Leaves: touched_sessions (temp), touched_click_ids (temp), click_cookies (temp)
 
 create or replace temp table touched_sessions as
-select distinct session_id from raw_events where load_id > getvariable('after_load_id');
+select distinct session_id from raw_events
+where load_id > getvariable('after_load_id') and load_id <= getvariable('until_load_id');
 
 insert into browser_links
 with session_cookies as (
@@ -58,11 +59,12 @@ having count(*) > 2
 on conflict do nothing;
 
 insert into browser_links
-with new_cookies as (                           -- cookies whose very first event is in this run
+with new_cookies as (                           -- cookies whose very first event is in this chunk
     select anonymous_id, arg_min(user_data.client_ip_address, event_time) as ip,
            arg_min(user_data.client_user_agent, event_time) as user_agent, min(event_time) as first_time
     from raw_events
-    where getvariable('probabilistic_matching') and load_id > getvariable('after_load_id')
+    where getvariable('probabilistic_matching')
+        and load_id > getvariable('after_load_id') and load_id <= getvariable('until_load_id')
     group by anonymous_id
     having not exists (select 1 from raw_events as earlier
                        where earlier.anonymous_id = raw_events.anonymous_id

@@ -4,7 +4,7 @@
 -- value only when the hash matches it.
 -- Reads: raw_events, customers, new_observations (temp), normalized_email (macro), email_rejection (macro),
 --   e164_phone (macro), phone_rejection (macro)
--- Variables: after_load_id, after_customers_load_id
+-- Variables: after_load_id, until_load_id, after_customers_load_id
 -- Writes: identity_links
 -- Leaves: new_links (temp)
 
@@ -16,7 +16,7 @@ from new_observations
 union all
 select 'session_id', session_id, 'anonymous_id', anonymous_id, event_time, event_id
 from raw_events
-where load_id > getvariable('after_load_id')
+where load_id > getvariable('after_load_id') and load_id <= getvariable('until_load_id')
 
 union all                                       -- person identifiers seen together on one event
 select other.id_type, other.id_value, 'email', email.id_value, email.event_time, email.event_id
@@ -37,14 +37,14 @@ where phone.id_type = 'phone'
 union all
 select 'customer_id', customer_id, 'email', normalized_email(email), ingested_at, 'customers:' || source_file
 from customers
-where load_id > getvariable('after_customers_load_id')
+where load_id > getvariable('after_customers_load_id') and load_id <= getvariable('until_load_id')
     and email is not null
     and email_rejection(normalized_email(email), '') is null
 
 union all
 select 'customer_id', customer_id, 'phone', e164_phone(phone), ingested_at, 'customers:' || source_file
 from customers
-where load_id > getvariable('after_customers_load_id')
+where load_id > getvariable('after_customers_load_id') and load_id <= getvariable('until_load_id')
     and phone is not null
     and phone_rejection(e164_phone(phone)) is null;
 

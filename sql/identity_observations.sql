@@ -1,10 +1,11 @@
--- The identifiers carried by the events of the loads after variable after_load_id, normalised and judged
+-- The identifiers carried by the events of this chunk's loads (after variable after_load_id, up to until_load_id),
+-- normalised and judged
 -- (sql/identifier_normalization.sql). Well-formed ones go to identity_observations and stay in temp table
 -- new_observations for the rest of the run (a supernode's too: sql/identity_rejected_values.sql counts them);
 -- rejected ones are counted in identity_rejected_values.
 -- Reads: raw_events, normalized_email (macro), e164_phone (macro), email_rejection (macro), hash_rejection (macro),
 --   phone_rejection (macro), token_rejection (macro)
--- Variables: after_load_id
+-- Variables: after_load_id, until_load_id
 -- Writes: identity_observations, identity_rejected_values
 -- Leaves: new_identifier_candidates (temp), new_observations (temp)
 
@@ -13,7 +14,7 @@ with events as (
     select
         event_id, event_time, shop, anonymous_id, session_id, user_data, event_source_url as url, load_id
     from raw_events
-    where load_id > getvariable('after_load_id')
+    where load_id > getvariable('after_load_id') and load_id <= getvariable('until_load_id')
 ),
 candidates as (
     select

@@ -19,7 +19,8 @@
 -- Reads: browser_clusters, identity_links, customers, raw_events, resolved_events, usable_identity_observations,
 --   identity_observations, identity_rejected_values, new_observations (temp), reclustered_cookies (temp),
 --   supernode_cookies (temp), email_translations (temp), upstack_id (macro)
--- Variables: after_load_id, after_customers_load_id, commerce_events, cookie_lifetime, max_emails_per_browser, now
+-- Variables: after_load_id, until_load_id, after_customers_load_id, commerce_events, cookie_lifetime,
+--   max_emails_per_browser, now
 -- Writes: identity_flags, resolved_events
 -- Leaves: cookie_cluster (temp), affected_cookies (temp), targets (temp), evidence (temp), resolutions (temp)
 
@@ -44,6 +45,7 @@ with seeds as (
     from identity_links as link
     semi join customers on customers.customer_id = link.right_value
         and customers.load_id > getvariable('after_customers_load_id')
+        and customers.load_id <= getvariable('until_load_id')
     where link.left_type = 'anonymous_id' and link.right_type = 'customer_id'
     union
     select anonymous_id from reclustered_cookies
@@ -70,7 +72,7 @@ with new_commerce as (
     select event_id, event_name, event_time, shop, anonymous_id, session_id,
            coalesce(user_data.klaviyo_identified, false) as klaviyo_identified, consent.marketing as consent_marketing
     from raw_events
-    where load_id > getvariable('after_load_id')
+    where load_id > getvariable('after_load_id') and load_id <= getvariable('until_load_id')
         and list_contains(getvariable('commerce_events'), event_name)
 ),
 earlier_affected as (

@@ -1,7 +1,7 @@
 """Identity resolution (SPEC 4): which person is behind each commerce event, and how we know.
 
 The work is set-based DuckDB SQL in `sql/`, the files of `STEPS` run in that order inside one transaction per
-run:
+chunk of new loads (one chunk on an hourly run; a backfill's in chunks of about `Settings.identity_chunk_rows` rows):
 
 1. `identifier_normalization` + `identity_observations`: identifiers of the new events, normalised, with
    placeholders and blocked addresses rejected (and counted); `identity_rejected_values`: values now seen on
@@ -13,9 +13,10 @@ run:
 4. `resolved_events`: the events whose answer may have changed, resolved again.
 5. `identities`: the people touched, upserted, and named on their events.
 
-Only what is new since the last run (raw_events.load_id above the stage's watermark) is read, plus the browser
-clusters it touches, so an hourly run costs in proportion to the hour, not the history. A run that dies leaves
-the transaction uncommitted: the next run does the same work again. A run with no new load and the same guards
+Only what is new since the last chunk (raw_events.load_id above the stage's watermark, up to the chunk's last load)
+is read, plus the browser clusters it touches, so an hourly run costs in proportion to the hour, not the history,
+and a backfill's chunk in proportion to the chunk. Each chunk's commit moves the watermark to its last load; a run
+that dies leaves its chunk uncommitted, and the next run does that chunk's work again. A run with no new load and the same guards
 and SQL as the last one (pipeline_state.fingerprint) would change nothing, so it records the time and stops; and
 the overview computed after a run is kept in pipeline_state.overview until a run changes something again.
 
@@ -67,51 +68,86 @@ STEPS = (
 
 @dataclass(frozen=True)
 class IdentityRun:
-    """What one run did."""
+    """What one run did, summed over its chunks (an event resolved again in a later chunk counts again)."""
 
     new_observations: int
     rejected_values: int
     events_resolved: int
     label_steps: int
+    chunks: int
 
 
 def resolve_identities(
     settings: Settings, *, now: datetime,
     after_step: Callable[[duckdb.DuckDBPyConnection, str], None] | None = None,
 ) -> IdentityRun:
-    """`after_step` sees the run's connection after each step (after the last repeat of LABEL_STEP), inside its
-    transaction: the temp tables a step leaves vanish with the connection, so this is the only place to look at
-    them (tests/test_identity_steps.py does)."""
+    """Resolves the loads after the watermark in chunks of whole loads, about `settings.identity_chunk_rows`
+    ingested rows each, each chunk a transaction of every step that moves the watermark to its last load: a chunk
+    is what an hourly run would have done had those loads been its hour, so a backfill's memory is set by the chunk,
+    and a run killed mid-backfill resumes at the next chunk, losing and repeating nothing.
+
+    `after_step` sees the run's connection after each step (after the last repeat of LABEL_STEP) of each chunk,
+    inside its transaction: the temp tables a step leaves vanish with the connection, so this is the only place to
+    look at them (tests/test_identity_steps.py does)."""
     fingerprint = _fingerprint(settings.identity)
     with settings.warehouse().connect() as connection:
-        connection.begin()
         watermark, last_fingerprint = _last_run(connection)
-        latest_load = connection.execute("select coalesce(max(load_id), 0) from ingested_files").fetchone()[0]
-        # Nothing new, under the same guards: every step would find nothing to change (the supernode verdicts, the
-        # clusters and the translations are functions of the tables and the settings alone). A watched run does
-        # every step, so that each can be looked at.
-        if latest_load == watermark and fingerprint == last_fingerprint and after_step is None:
-            connection.execute("update pipeline_state set updated_at = ? where stage = ?", [now, STAGE])
-            connection.commit()
-            return IdentityRun(new_observations=0, rejected_values=0, events_resolved=0, label_steps=0)
-        _set_variables(connection, settings.identity, after_load_id=watermark, now=now)
-        label_steps = 0
-        for step in STEPS:
-            if step == LABEL_STEP:
-                label_steps = _propagate_cluster_labels(connection)
-            else:
-                connection.execute(read_sql(step))
-            if after_step is not None:
-                after_step(connection, step)
-        run = IdentityRun(
-            new_observations=_count(connection, "new_observations"),
-            rejected_values=_count(connection, "new_identifier_candidates where rejection is not null"),
-            events_resolved=_count(connection, "targets"),
-            label_steps=label_steps,
-        )
-        connection.execute("insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview) "
-                           "values (?, ?, ?, ?, null)", [STAGE, latest_load, now, fingerprint])
-        connection.commit()
+        chunks = _chunks(connection, watermark, settings.identity_chunk_rows)
+        if not chunks:
+            # Nothing new, under the same guards: every step would find nothing to change (the supernode verdicts,
+            # the clusters and the translations are functions of the tables and the settings alone). A watched run
+            # does every step, so that each can be looked at.
+            if fingerprint == last_fingerprint and after_step is None:
+                connection.execute("update pipeline_state set updated_at = ? where stage = ?", [now, STAGE])
+                return IdentityRun(new_observations=0, rejected_values=0, events_resolved=0, label_steps=0,
+                                   chunks=0)
+            chunks = [(watermark, watermark)]
+        runs = [_resolve_chunk(connection, settings.identity, after_load_id=after, until_load_id=until, now=now,
+                               fingerprint=fingerprint, after_step=after_step) for after, until in chunks]
+    return IdentityRun(**{name: sum(getattr(run, name) for run in runs) for name in vars(runs[0])})
+
+
+def _chunks(connection: duckdb.DuckDBPyConnection, watermark: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """(after_load_id, until_load_id) of each chunk: consecutive loads of about `chunk_rows` rows (events and
+    customers rows alike; customers exports share the load_id sequence), never splitting a load, at least one each.
+    Loads, not events, are walked here: a backfill has one per ingestion batch (64 MB of files by default)."""
+    loads = connection.execute("""
+        select load_id, sum(ingested_rows) from ingested_files where load_id > ? group by load_id order by load_id
+    """, [watermark]).fetchall()
+    chunks, after, rows = [], watermark, 0
+    for number, (load_id, load_rows) in enumerate(loads):
+        rows += load_rows
+        following = loads[number + 1][1] if number + 1 < len(loads) else None
+        if following is None or rows + following > chunk_rows:
+            chunks.append((after, load_id))
+            after, rows = load_id, 0
+    return chunks
+
+
+def _resolve_chunk(
+    connection: duckdb.DuckDBPyConnection, identity: IdentitySettings, *, after_load_id: int, until_load_id: int,
+    now: datetime, fingerprint: str, after_step: Callable[[duckdb.DuckDBPyConnection, str], None] | None,
+) -> IdentityRun:
+    connection.begin()
+    _set_variables(connection, identity, after_load_id=after_load_id, until_load_id=until_load_id, now=now)
+    label_steps = 0
+    for step in STEPS:
+        if step == LABEL_STEP:
+            label_steps = _propagate_cluster_labels(connection)
+        else:
+            connection.execute(read_sql(step))
+        if after_step is not None:
+            after_step(connection, step)
+    run = IdentityRun(
+        new_observations=_count(connection, "new_observations"),
+        rejected_values=_count(connection, "new_identifier_candidates where rejection is not null"),
+        events_resolved=_count(connection, "targets"),
+        label_steps=label_steps,
+        chunks=1,
+    )
+    connection.execute("insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview) "
+                       "values (?, ?, ?, ?, null)", [STAGE, until_load_id, now, fingerprint])
+    connection.commit()
     return run
 
 
@@ -127,12 +163,15 @@ def _fingerprint(identity: IdentitySettings) -> str:
 
 
 def _set_variables(
-    connection: duckdb.DuckDBPyConnection, identity: IdentitySettings, *, after_load_id: int, now: datetime
+    connection: duckdb.DuckDBPyConnection, identity: IdentitySettings, *, after_load_id: int, until_load_id: int,
+    now: datetime,
 ) -> None:
     variables = {
+        # The chunk's loads: after_load_id < load_id <= until_load_id.
         "after_load_id": after_load_id,
+        "until_load_id": until_load_id,
         "commerce_events": list(COMMERCE_EVENTS),
-        # Customers exports share the load_id sequence with events, so one watermark covers both.
+        # Customers exports share the load_id sequence with events, so one watermark (and one bound) covers both.
         "after_customers_load_id": after_load_id,
         "now": now,
         "blocked_emails": [entry.lower() for entry in identity.blocked_emails],

@@ -158,6 +158,9 @@ class Settings:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     # Landing files are ingested in transactions of about this many bytes on disk, bounding memory on backfills.
     ingest_batch_bytes: int = 64 * 1024 * 1024
+    # Identity resolves the new loads in transactions of about this many ingested rows (whole loads, at least one
+    # each): a backfill's identity memory is then set by this and duckdb_memory_limit, not by the backfill's size.
+    identity_chunk_rows: int = 1_000_000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -171,6 +174,8 @@ class Settings:
             dagster_home=Path(env["DAGSTER_HOME"]) if env.get("DAGSTER_HOME") else None,
             ingest_batch_bytes=_positive_int(env, "UPSTACK_INGEST_BATCH_BYTES", defaults.ingest_batch_bytes,
                                              unit="bytes"),
+            identity_chunk_rows=_positive_int(env, "UPSTACK_IDENTITY_CHUNK_ROWS", defaults.identity_chunk_rows,
+                                              unit="rows"),
             duckdb_memory_limit=checked_memory_limit(env.get("UPSTACK_DUCKDB_MEMORY_LIMIT") or None),
             duckdb_temp_directory=Path(env["UPSTACK_DUCKDB_TEMP_DIR"]) if env.get("UPSTACK_DUCKDB_TEMP_DIR") else None,
             identity=replace(
