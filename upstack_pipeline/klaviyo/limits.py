@@ -144,7 +144,7 @@ def event_violations(
     return _event_only_violations(event_attributes, now) + _profile_violations(profile_attributes, profile_id)
 
 
-def bulk_violations(body: dict, *, now: datetime) -> list[str]:
+def bulk_violations(body: dict, *, now: datetime, size: int | None = None) -> list[str]:
     """The prose limits broken by a Bulk Create Events body (`EventsBulkCreateJob`); empty when within all.
 
     Request-level checks come first, then each profile entry and each event. Events are named
@@ -159,6 +159,9 @@ def bulk_violations(body: dict, *, now: datetime) -> list[str]:
       the request fail with no event processed; we keep any repeat out of a request (a repeat across profiles or
       metrics is a mapping bug on our side too, and the retry-safety of `unique_id` relies on it being unique).
     - `event_violations` for every event with its profile (profile problems are reported once per profile entry).
+
+    `size`: the body's bytes as they arrived, when the caller has them (a server does; encoding the body again to
+    measure it would cost more than every other check of a bulk body).
     """
     _require_aware(now)
     entries = dig(body, "data", "attributes", BULK_EVENTS_KEY, "data")
@@ -170,7 +173,7 @@ def bulk_violations(body: dict, *, now: datetime) -> list[str]:
     if job_type != BULK_JOB_TYPE:
         violations.append(f"data.type is {job_type!r}, not {BULK_JOB_TYPE!r}")
     try:
-        size = len(encode_body(body))
+        size = len(encode_body(body)) if size is None else size
     except (TypeError, ValueError) as exc:
         violations.append(f"request body cannot be sent as JSON: {exc}")
     else:
@@ -266,9 +269,16 @@ def _profile_violations(profile_attributes: Any, profile_id: Any = None) -> list
 
 
 def profile_strings_bytes(profile_attributes: Any) -> int:
-    """What Klaviyo counts against a profile's 100 KB: its strings' UTF-8 bytes, keys included."""
-    return sum(len(text.encode("utf-8", "surrogatepass")) for _, kind, text in _walk(profile_attributes, "")
-               if kind in ("key", "string"))
+    """What Klaviyo counts against a profile's 100 KB: its strings' UTF-8 bytes, keys included (the strings
+    `_walk` yields, summed without the paths it builds: the emulator sums every profile of every request)."""
+    if isinstance(profile_attributes, str):
+        return len(profile_attributes.encode("utf-8", "surrogatepass"))
+    if isinstance(profile_attributes, dict):
+        return sum(profile_strings_bytes(key if isinstance(key, str) else str(key)) + profile_strings_bytes(item)
+                   for key, item in profile_attributes.items())
+    if isinstance(profile_attributes, (list, tuple)):
+        return sum(profile_strings_bytes(item) for item in profile_attributes)
+    return 0
 
 
 def fit_profile(profile_attributes: dict) -> tuple[dict, list[str]]:
@@ -325,6 +335,8 @@ def _time_violations(raw: Any, now: datetime) -> list[str]:
 
 
 def _string_and_key_violations(value: Any, path: str) -> list[str]:
+    if _plainly_within(value):
+        return []
     violations: list[str] = []
     for where, kind, item in _walk(value, path):
         where = where if len(where) <= 200 else where[:200] + "..."
@@ -338,6 +350,40 @@ def _string_and_key_violations(value: Any, path: str) -> list[str]:
             violations.append(f"{'key' if kind == 'key' else 'string'} at {where or '(top)'} is {size:,} bytes "
                               f"in UTF-8 (max {MAX_STRING_BYTES:,} = 100 KB)")
     return violations
+
+
+# A string of this many characters is at most MAX_STRING_BYTES in UTF-8 (4 bytes a character at most).
+_PLAINLY_SHORT = MAX_STRING_BYTES // 4
+
+
+def _plainly_within(value: Any) -> bool:
+    """True when no key or string can break a limit that `_string_and_key_violations` checks: every string short
+    enough in characters alone, no key starting with `$`, every float finite. The emulator checks a whole bulk body
+    per request, ten a second: this walk builds no paths and encodes nothing, and a False (any doubt, or a type a
+    JSON parser does not make) sends the value through the exact walk, which names what is wrong."""
+    kind = type(value)
+    if kind is str:
+        return len(value) <= _PLAINLY_SHORT
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str or len(key) > _PLAINLY_SHORT or key.startswith(LEGACY_KEY_PREFIX):
+                return False
+            item_kind = type(item)
+            if item_kind is str:
+                if len(item) > _PLAINLY_SHORT:
+                    return False
+            elif item_kind not in _SCALARS and not _plainly_within(item):
+                return False
+        return True
+    if kind is list:
+        return all(type(item) in _SCALARS or _plainly_within(item) for item in value)
+    if kind is float:
+        return math.isfinite(value)
+    return value is None or kind is int or kind is bool
+
+
+# Values that never break a string, key or number limit (a str may be too long, a float may be NaN).
+_SCALARS = frozenset({int, bool, type(None)})
 
 
 def _walk(value: Any, path: str) -> Iterator[tuple[str, str, str]]:
