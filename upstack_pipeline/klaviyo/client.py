@@ -179,8 +179,10 @@ class KlaviyoClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def post(self, path: str, body: dict, *, events: int = 0) -> Outcome:
-        payload = encode_body(body)
+    def post(self, path: str, body: dict | bytes, *, events: int = 0) -> Outcome:
+        """`body`: the JSON:API document, or its bytes as `encode_body` would make them (delivery builds its bulk
+        bodies in SQL, from JSON the mapping stored)."""
+        payload = body if isinstance(body, bytes) else encode_body(body)
         return self._send("POST", path, payload, events)
 
     def get(self, path: str) -> Outcome:

@@ -26,16 +26,21 @@ from typing import NamedTuple
 import duckdb
 
 from upstack_pipeline import faults
-from upstack_pipeline.klaviyo.client import Attempt, KlaviyoClient, KlaviyoDestinationError, RatePacer, probe
-from upstack_pipeline.klaviyo.limits import MAX_BULK_REQUEST_BYTES, MAX_EVENTS_PER_BULK_REQUEST, encode_body
+from upstack_pipeline.klaviyo.client import (Attempt, KlaviyoClient, KlaviyoDestinationError, Outcome, RatePacer,
+                                             probe)
+from upstack_pipeline.klaviyo.limits import MAX_BULK_REQUEST_BYTES, MAX_EVENTS_PER_BULK_REQUEST
 from upstack_pipeline.klaviyo.mapping import OutboxRow, bulk_create_body, profile_import_body
 from upstack_pipeline.settings import Settings
+from upstack_pipeline.warehouse import read_sql, set_variables
 
 BULK_EVENTS_PATH = "/api/event-bulk-create-jobs"
 PROFILES_PER_IMPORT_JOB = 10_000
 _POINTER = re.compile(r"/data/attributes/events-bulk-create/data/(\d+)/attributes/events/data/(\d+)")
 # Room for the JSON:API envelope around the events when packing a request under Klaviyo's 5 MB.
 _ENVELOPE_BYTES = 64 * 1024
+# Request bodies are fetched from DuckDB this many requests at a time: the first leave at once, and no more than a
+# minute's allowance of bodies (150 x 1,000 events) is held in memory, whatever the size of the outbox.
+_BODIES_AT_ONCE = (10, 150)
 
 
 class Settled(NamedTuple):
@@ -104,10 +109,10 @@ def deliver(
             # Rows a dead run had claimed may or may not have arrived: send them again.
             connection.execute("update klaviyo_outbox set status = 'pending', claimed_at = null "
                                "where status = 'claimed'")
-            rows = _pending_rows(connection)
+            requests = _plan_requests(connection, events_per_request)
             try:
-                if rows:
-                    _send_all(connection, client, pack_requests(rows, events_per_request), run, now, concurrency)
+                if requests:
+                    _send_all(connection, client, requests, run, now, concurrency)
                 else:
                     # Nothing to send still says whether Klaviyo could take it: an outage or a revoked key shows
                     # on the quiet hourly runs too, not only once events wait.
@@ -118,8 +123,7 @@ def deliver(
                 if settings.destination.list_id:
                     before = len(run.attempts)
                     try:
-                        run.profile_import_errors = _add_to_list(connection, client, rows,
-                                                                 settings.destination.list_id)
+                        run.profile_import_errors = _add_to_list(connection, client, settings.destination.list_id)
                     finally:
                         _record_attempts(connection, run.attempts[before:])
             except KlaviyoDestinationError as error:
@@ -147,23 +151,42 @@ def in_flight_limit(pacer: RatePacer, attempts: list[Attempt]) -> int:
     return min(pacer.per_minute, max(pacer.per_second, math.ceil(pacer.per_second * latency) + 1))
 
 
-def _send_all(connection, client: KlaviyoClient, batches: list[list[OutboxRow]], run: DeliveryRun,
-              now: datetime, concurrency: int | None) -> None:
+def _send_all(connection, client: KlaviyoClient, requests: int, run: DeliveryRun, now: datetime,
+              concurrency: int | None) -> None:
+    """Sends the planned requests (`_plan_requests`) as the pacer lets them go. A request's answer settles its rows
+    by the request's number; one Klaviyo refused in part is narrowed down (`_answered`) off this thread, from its
+    rows read back as the mapping stored them."""
     recorded = 0
-    in_flight: dict[Future, list[OutboxRow]] = {}
+    in_flight: dict[Future, int] = {}
+    counts: dict[int, tuple[int, int]] = {}  # request -> (events, backfill events)
 
     def settle(done: set[Future]) -> None:
         nonlocal recorded
         for future in done:
-            in_flight.pop(future)
-            delivered, dead, unsent = future.result()
+            request = in_flight.pop(future)
+            result = future.result()
             attempts, recorded = run.attempts[recorded:], len(run.attempts)
-            _settle(connection, delivered, dead, unsent, now, attempts)
+            if isinstance(result, Outcome) and _whole(result) is None:
+                rows = _rows_of(connection, request)
+                _record_attempts(connection, attempts)
+                in_flight[pool.submit(_answered, client, rows, result)] = request
+                continue
+            if isinstance(result, Outcome):
+                _settle_request(connection, request, result, now, attempts)
+                events, backfill = counts.pop(request)
+                if _whole(result) == "delivered":
+                    run.delivered += events
+                    run.delivered_backfill += backfill
+                else:
+                    run.left_pending += events
+            else:
+                delivered, dead, unsent = result
+                _settle(connection, delivered, dead, unsent, now, attempts)
+                run.delivered += len(delivered)
+                run.delivered_backfill += sum(1 for settled in delivered if settled.row.event.get("backfill"))
+                run.dead_lettered += len(dead)
+                run.left_pending += len(unsent)
             faults.reached("delivery-request")  # test hook: UPSTACK_TEST_STOP_AFTER=delivery-request:N
-            run.delivered += len(delivered)
-            run.delivered_backfill += sum(1 for settled in delivered if settled.row.event.get("backfill"))
-            run.dead_lettered += len(dead)
-            run.left_pending += len(unsent)
 
     # Claimed in one statement before anything is sent: a killed run leaves them claimed, the next run resends.
     connection.execute("update klaviyo_outbox set status = 'claimed', claimed_at = ? where status = 'pending'", [now])
@@ -173,8 +196,9 @@ def _send_all(connection, client: KlaviyoClient, batches: list[list[OutboxRow]],
     # Threads start only as requests are submitted: the pool's size is a bound, the limit above the number used.
     with ThreadPoolExecutor(max_workers=concurrency or client.pacer.per_minute) as pool:
         try:
-            for batch in batches:
-                in_flight[pool.submit(_send, client, batch)] = batch
+            for request, events, backfill, body in _bodies(connection, requests):
+                counts[request] = (events, backfill)
+                in_flight[pool.submit(client.post, BULK_EVENTS_PATH, body, events=events)] = request
                 while len(in_flight) >= limit():
                     settle(wait(in_flight, return_when=FIRST_COMPLETED).done)
             while in_flight:
@@ -190,48 +214,63 @@ def _send_all(connection, client: KlaviyoClient, batches: list[list[OutboxRow]],
             _record_attempts(connection, run.attempts[recorded:])
 
 
-def _add_to_list(connection, client: KlaviyoClient, rows: list[OutboxRow], list_id: str) -> list[dict]:
+def _plan_requests(connection, events_per_request: int) -> int:
+    """Packs the pending rows into requests (`sql/klaviyo_bodies.sql`); returns how many."""
+    set_variables(connection, {"events_per_request": min(events_per_request, MAX_EVENTS_PER_BULK_REQUEST),
+                               "max_request_bytes": MAX_BULK_REQUEST_BYTES, "envelope_bytes": _ENVELOPE_BYTES})
+    connection.execute(read_sql("klaviyo_bodies"))
+    return connection.execute("select count(distinct request) from delivery_rows").fetchone()[0]
+
+
+def _bodies(connection, requests: int):
+    """(request, events, backfill events, body as sent) for each planned request, in order, fetched a few at a time
+    (`_BODIES_AT_ONCE`): the first as soon as they are built, the rest while earlier ones wait for the pacer."""
+    start, size = 0, _BODIES_AT_ONCE[0]
+    while start < requests:
+        chunk = connection.execute(
+            "select request, events, backfill, body from delivery_bodies where request >= ? and request < ? "
+            "order by request", [start, start + size]).fetchall()
+        for request, events, backfill, body in chunk:
+            yield request, events, backfill, body.encode()
+        start, size = start + size, _BODIES_AT_ONCE[1]
+
+
+def _whole(outcome: Outcome) -> str | None:
+    """What a whole request's answer makes of its rows: delivered, back to pending (no answer, or still throttled
+    after every retry), or None when Klaviyo refused the request and the events it names must be found."""
+    if outcome.status is not None and 200 <= outcome.status < 300:
+        return "delivered"
+    if outcome.status is None or outcome.status >= 429:
+        return "pending"
+    return None
+
+
+def _rows_of(connection, request: int) -> list[OutboxRow]:
+    """The rows of one planned request, in the order its body holds them."""
+    return [OutboxRow(unique_id, profile_key, json.loads(profile), json.loads(event))
+            for unique_id, profile_key, profile, event in connection.execute(
+                "select unique_id, profile_key, profile, event from delivery_rows where request = ? "
+                "order by profile_key, unique_id", [request]).fetchall()]
+
+
+def _add_to_list(connection, client: KlaviyoClient, list_id: str) -> list[dict]:
     """Adds the people of this run's delivered events to the configured list (Bulk Import Profiles, in jobs of
-    at most 10,000 profiles); returns Klaviyo's import errors, which name profiles, never stop events."""
-    delivered = {unique_id for (unique_id,) in connection.execute(
-        "select unique_id from klaviyo_outbox where status = 'delivered'").fetchall()}
-    profiles = {row.profile_key: row.profile for row in rows if row.unique_id in delivered}
+    at most 10,000 profiles); returns Klaviyo's import errors, which name profiles, never stop events. A person's
+    profile is that of their last delivered event."""
+    people = [json.loads(profile) for (profile,) in connection.execute(
+        "select arg_max(run.profile, run.unique_id) from delivery_rows as run "
+        "join klaviyo_outbox using (unique_id) where klaviyo_outbox.status = 'delivered' "
+        "group by run.profile_key order by run.profile_key").fetchall()]
     errors: list[dict] = []
-    people = list(profiles.values())
     for start in range(0, len(people), PROFILES_PER_IMPORT_JOB):
         errors += client.import_profiles(profile_import_body(people[start:start + PROFILES_PER_IMPORT_JOB], list_id))
     return errors
 
 
-def _pending_rows(connection: duckdb.DuckDBPyConnection) -> list[OutboxRow]:
-    return [
-        OutboxRow(unique_id, profile_key, json.loads(profile), json.loads(event))
-        for unique_id, profile_key, profile, event in connection.execute(
-            "select unique_id, profile_key, profile, event from klaviyo_outbox where status = 'pending' "
-            "order by profile_key, unique_id"
-        ).fetchall()
-    ]
-
-
-def pack_requests(rows: list[OutboxRow], max_events: int = MAX_EVENTS_PER_BULK_REQUEST) -> list[list[OutboxRow]]:
-    """Consecutive rows (sorted by profile) in requests of at most `max_events` (Klaviyo: 1,000) and under 5 MB."""
-    batches, batch, size = [], [], _ENVELOPE_BYTES
-    for row in rows:
-        row_size = len(encode_body(row.event)) + len(encode_body(row.profile))
-        if batch and (len(batch) >= min(max_events, MAX_EVENTS_PER_BULK_REQUEST)
-                      or size + row_size > MAX_BULK_REQUEST_BYTES):
-            batches.append(batch)
-            batch, size = [], _ENVELOPE_BYTES
-        batch.append(row)
-        size += row_size
-    if batch:
-        batches.append(batch)
-    return batches
-
-
-def _send(client: KlaviyoClient, rows: list[OutboxRow]) -> tuple[list[Settled], list[Refused], list[OutboxRow]]:
-    """(rows delivered, rows Klaviyo refused, rows with no answer after every retry)."""
-    outcome = client.post(BULK_EVENTS_PATH, bulk_create_body(rows), events=len(rows))
+def _answered(client: KlaviyoClient, rows: list[OutboxRow],
+              outcome: Outcome) -> tuple[list[Settled], list[Refused], list[OutboxRow]]:
+    """What Klaviyo's answer `outcome` to a request of `rows` makes of them: (delivered, refused, with no answer
+    after every retry). A 400 is narrowed down to the events it names (or by halving); the rest are sent again."""
     if outcome.status is not None and 200 <= outcome.status < 300:
         return [Settled(row, outcome.request_id) for row in rows], [], []
     if outcome.status is None or outcome.status >= 429:
@@ -253,6 +292,10 @@ def _send(client: KlaviyoClient, rows: list[OutboxRow]) -> tuple[list[Settled], 
     return first[0] + second[0], first[1] + second[1], first[2] + second[2]
 
 
+def _send(client: KlaviyoClient, rows: list[OutboxRow]) -> tuple[list[Settled], list[Refused], list[OutboxRow]]:
+    return _answered(client, rows, client.post(BULK_EVENTS_PATH, bulk_create_body(rows), events=len(rows)))
+
+
 def _rows_named_by_errors(rows: list[OutboxRow], body: dict | None) -> dict[str, str]:
     """Klaviyo points at the failing event: /data/attributes/events-bulk-create/data/<group>/.../data/<event>."""
     groups: dict[str, list[OutboxRow]] = {}
@@ -271,6 +314,22 @@ def _rows_named_by_errors(rows: list[OutboxRow], body: dict | None) -> dict[str,
 
 def _details(body: dict | None) -> str:
     return "; ".join(str(error.get("detail") or error.get("title")) for error in (body or {}).get("errors") or [])
+
+
+def _settle_request(connection, request: int, outcome: Outcome, now: datetime, attempts: list[Attempt]) -> None:
+    """One transaction: a whole request's rows delivered (naming the request) or back to pending, and the attempts
+    that decided them."""
+    connection.begin()
+    _record_attempts(connection, attempts)
+    if _whole(outcome) == "delivered":
+        connection.execute("update klaviyo_outbox set status = 'delivered', delivered_at = ?, request_id = ? "
+                           "from delivery_rows where delivery_rows.request = ? "
+                           "and klaviyo_outbox.unique_id = delivery_rows.unique_id", [now, outcome.request_id, request])
+    else:
+        connection.execute("update klaviyo_outbox set status = 'pending', claimed_at = null "
+                           "from delivery_rows where delivery_rows.request = ? "
+                           "and klaviyo_outbox.unique_id = delivery_rows.unique_id", [request])
+    connection.commit()
 
 
 def _set_status(connection, settled: list[Settled] | list[Refused], status: str, stamp_column: str,
