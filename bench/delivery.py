@@ -8,9 +8,9 @@ the first window's burst flatters a short run.
 
 It also reports the run against the limits' floor: the requests, the seconds from the first request sent to the
 last answer, the least time 10 requests a second and 150 a minute take to admit that many (the first 150 at 10 a
-second, then 150 a minute), their ratio (issue 14: at most 1.2x), and how many answers were 429; then the whole
-step's seconds against the same floor (what issue 14 counts: the time before the first request and after the last
-answer too) and the machine's load. A short run, e.g. `--events 83000` (a full sync's 83 requests), measures the
+second, then 150 a minute), their ratio (issue 14: at most 1.2x), and how many answers were 429; before that line,
+the whole step's seconds against the same floor (what issue 14 counts: the time before the first request and after
+the last answer too) and the machine's load. A short run, e.g. `--events 83000` (a full sync's 83 requests), measures the
 burst; `--repeat N` runs it N times, each with a fresh outbox and emulator, for the spread.
 
     .venv/bin/python bench/delivery.py [--events 450000]
@@ -106,10 +106,10 @@ def run_once(events: int) -> tuple[float, int]:
     last_answer = max(attempt.sent_at + attempt.latency_ms / 1000 for attempt in run.attempts)
     floor = allowance_seconds(run.requests)
     throttled = sum(1 for attempt in run.attempts if attempt.status == 429)
-    print(f"{run.requests:,} requests in {last_answer - start:.1f} s; the floor is {floor:.1f} s: "
-          f"{(last_answer - start) / floor:.2f}x; {throttled:,} answered 429")
     print(f"the whole step (claiming, building the bodies, sending, settling) in {run.seconds:.1f} s: "
           f"{run.seconds / floor:.2f}x the floor; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"{run.requests:,} requests in {last_answer - start:.1f} s; the floor is {floor:.1f} s: "
+          f"{(last_answer - start) / floor:.2f}x; {throttled:,} answered 429")
     return run.seconds / floor, throttled
 
 
