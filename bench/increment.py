@@ -142,7 +142,8 @@ def main() -> None:
                 if phase == "day":
                     shutil.copytree(days[-1], landing / "events" / days[-1].name, copy_function=_link)
                     day_events = ingest_events(settings, now=now).ingested_rows
-                phase_now = now + timedelta(hours=1) if phase == "nothing" else now
+                # An hour apart, as hourly syncs are: a step that keeps its last run's time tells what came since.
+                phase_now = now + timedelta(hours=phases.index(phase))
                 seconds = run_steps(settings, phase_now, profiles[phase] if args.profile and trial == 0 else None)
                 for step in STEPS:
                     times[phase][step].append(seconds[step])

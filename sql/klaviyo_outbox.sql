@@ -2,7 +2,12 @@
 -- hold_back: a payload in klaviyo_outbox, or a reason in klaviyo_skipped (SPEC 5). Events of sessions still
 -- active wait for a later run, so an email typed later in the session can still change the answer.
 --
--- Variables: now, send_mode, metric_names (a map from the pixel's event name to our metric's),
+-- In proportion to what is new: with `incremental`, only the events identity (re)resolved since the last run
+-- (resolved_at at or after `last_run`, that run's now) and those that run held back (events of sessions active
+-- within hold_back of it) are looked at; every other event was decided, or left alone, by an earlier run on the
+-- same resolution. upstack_pipeline/klaviyo/mapping.py says when that holds; otherwise every event is looked at.
+--
+-- Variables: now, incremental, last_run, send_mode, metric_names (a map from the pixel's event name to our metric's),
 -- order_line_metric_name, enabled_events, create_profiles, update_profiles, respect_consent, max_event_age,
 -- hold_back, and Klaviyo's limits from upstack_pipeline/klaviyo/limits.py (max_string_bytes,
 -- max_profile_strings_bytes, max_properties, max_metric_name_chars, earliest_event_time, latest_event_time,
@@ -36,13 +41,18 @@ create or replace temp macro shop_host(shop, page) as coalesce(
     nullif(regexp_extract(lower(trim(shop)), '^(?:https?://)?([a-z0-9-]+(?:\.[a-z0-9-]+)+)/?$', 1), ''),
     nullif(regexp_extract(lower(page), '^https?://([a-z0-9-]+(?:\.[a-z0-9-]+)+)(?:[:/?#]|$)', 1), ''));
 
+-- The events whose resolution may differ from the one they were decided on.
+create or replace temp view touched as
+select * from resolved_events
+where not getvariable('incremental') or resolved_at >= getvariable('last_run');
+
 -- A decision follows the latest resolution until the event is delivered: an email typed later (in a file that
 -- arrived late) or a translation that turned ambiguous withdraws a pending row, and an event skipped only for
 -- want of an identity, or because Klaviyo knew it, is decided again when that changes.
 create or replace temp table withdrawn as
 select outbox.event_id
 from klaviyo_outbox as outbox
-join resolved_events as resolved using (event_id)
+join touched as resolved using (event_id)
 where outbox.status = 'pending'
     and (outbox.profile_key is distinct from case when resolved.email is not null then 'email:' || resolved.email
                                                    when resolved.kx is not null then 'kx:' || resolved.kx end
@@ -52,18 +62,35 @@ delete from klaviyo_outbox where event_id in (select event_id from withdrawn);
 
 -- One join on (event_id, reason) reads resolved_events once; a subquery per reason read it twice.
 delete from klaviyo_skipped using (
-    select event_id, 'unresolved' as reason from resolved_events where match_method is not null
+    select event_id, 'unresolved' as reason from touched where match_method is not null
     union all
-    select event_id, 'native_identified' from resolved_events where not klaviyo_native
+    select event_id, 'native_identified' from touched where not klaviyo_native
 ) as decided_again
 where klaviyo_skipped.event_id = decided_again.event_id and klaviyo_skipped.reason = decided_again.reason;
 
-create or replace temp table undecided as
-select resolved.*
-from resolved_events as resolved
-anti join klaviyo_outbox as sent on sent.event_id = resolved.event_id
-anti join klaviyo_skipped as skipped on skipped.event_id = resolved.event_id;
+-- The events the last run held back, not touched since: those of the sessions it found active (last_seen only
+-- grows). Their ids first, from narrow columns, then their rows: fetching few rows by id reads little.
+create or replace temp table held_back as
+select event_id
+from resolved_events
+semi join (
+    select left_value as session_id from identity_links
+    where left_type = 'session_id' and last_seen > getvariable('last_run') - getvariable('hold_back')
+) as waiting using (session_id)
+where getvariable('incremental') and resolved_at < getvariable('last_run');
 
+create or replace temp table undecided as
+with considered as (
+    select * from touched
+    union all
+    select * from resolved_events semi join held_back using (event_id)
+)
+select considered.*
+from considered
+anti join klaviyo_outbox as sent on sent.event_id = considered.event_id
+anti join klaviyo_skipped as skipped on skipped.event_id = considered.event_id;
+
+-- The undecided events of idle sessions, and the reasons not to send that the resolution alone gives.
 create or replace temp table candidates as
 with session_activity as (
     select link.left_value as session_id, max(link.last_seen) as last_seen
@@ -74,30 +101,36 @@ with session_activity as (
 )
 select
     undecided.*,
-    raw.custom_data,
-    raw.event_source_url,
-    shop_host(raw.shop, raw.event_source_url) as shop_host,
-    identity.first_name,
-    identity.last_name,
-    identity.city,
-    identity.region,
-    identity.first_seen as identity_first_seen,
-    identity.customer_ids[1] as customer_id
-from undecided
-join session_activity using (session_id)
-join raw_events as raw using (event_id)
-left join identities as identity using (upstack_id)
-where session_activity.last_seen <= getvariable('now') - getvariable('hold_back');
-
-create or replace temp table decisions as
-select
-    *,
     case
         when not list_contains(getvariable('enabled_events'), event_name) then 'disabled_event'
         when getvariable('respect_consent') and consent_marketing = false then 'no_consent'
         when match_method is null then 'unresolved'
         when getvariable('send_mode') = 'backup' and klaviyo_native then 'native_identified'
         when not getvariable('create_profiles') and kx is null then 'profile_creation_disabled'
+    end as skip_reason
+from undecided
+join session_activity using (session_id)
+where session_activity.last_seen <= getvariable('now') - getvariable('hold_back');
+
+insert into klaviyo_skipped
+select
+    event_id,
+    event_name,
+    skip_reason,
+    case skip_reason
+        when 'unresolved' then unresolved_reason
+        when 'native_identified' then klaviyo_native_reason
+    end,
+    getvariable('now')
+from candidates
+where skip_reason is not null;
+
+-- The others, with what the payload is built from: raw_events is read for these few events only (most commerce
+-- events are skipped above), and they are sent unless their payload would be invalid.
+create or replace temp table decisions as
+select
+    *,
+    case
         when event_name = 'ViewContent' and (custom_data.items[1].id is null or custom_data.items[1].name is null)
             then 'invalid'
         when event_name = 'AddToCart' and (custom_data.items[1].id is null or items_value is null) then 'invalid'
@@ -114,10 +147,11 @@ from (
         coalesce(custom_data.value, case when len(custom_data.items) > 0
                  and len(list_filter(custom_data.items, lambda item: item.price is null)) = 0
             then list_sum([item.price * coalesce(item.quantity, 1) for item in custom_data.items]) end) as items_value,
-        -- The cart email's button (Klaviyo's CheckoutURL): the pixel's checkout link once a checkout exists; else
-        -- a cart permalink, which rebuilds the whole cart on any device, when every line names its variant and a
-        -- whole quantity; else the shop's cart page.
+        -- The cart email's button (Klaviyo's CheckoutURL), for cart events: the pixel's checkout link once a
+        -- checkout exists; else a cart permalink, which rebuilds the whole cart on any device, when every line
+        -- names its variant and a whole quantity; else the shop's cart page.
         case
+            when event_name not in ('AddToCart', 'InitiateCheckout') then null
             -- only a link to the shop itself: an email must not send shoppers wherever a pixel line says
             when regexp_full_match(custom_data.checkout_url, 'https?://[^\s/?#]+[/?#][^\s]*')
                 and shop_host(null, custom_data.checkout_url) in (shop_host, shop_host(null, event_source_url))
@@ -131,7 +165,23 @@ from (
                       'source': 'cart_permalink'}
             when shop_host is not null then {'url': 'https://' || shop_host || '/cart', 'source': 'cart_page'}
         end as cart_link
-    from candidates
+    from (
+        select
+            candidates.* exclude (skip_reason),
+            raw.custom_data,
+            raw.event_source_url,
+            shop_host(raw.shop, raw.event_source_url) as shop_host,
+            identity.first_name,
+            identity.last_name,
+            identity.city,
+            identity.region,
+            identity.first_seen as identity_first_seen,
+            identity.customer_ids[1] as customer_id
+        from candidates
+        join raw_events as raw using (event_id)
+        left join identities as identity using (upstack_id)
+        where candidates.skip_reason is null
+    )
 );
 
 insert into klaviyo_skipped
@@ -139,19 +189,15 @@ select
     event_id,
     event_name,
     skip_reason,
-    case skip_reason
-        when 'unresolved' then unresolved_reason
-        when 'native_identified' then klaviyo_native_reason
-        when 'invalid' then case event_name
-            when 'Purchase' then 'a Purchase needs custom_data.order_id, custom_data.value and an id and price per item'
-            when 'ViewContent' then 'a product view needs custom_data.items[0] with an id and a name'
-            else case when cart_link is not null and event_name = 'InitiateCheckout'
-                    then 'a checkout needs custom_data.value or items that all have a price'
-                when cart_link is not null
-                    then 'an add to cart needs custom_data.items[0] with an id, and a value or priced items'
-                else 'a cart event needs a link back to the cart: custom_data.checkout_url, or a shop (or page '
-                     'address) naming the shop''s domain'
-            end
+    case event_name
+        when 'Purchase' then 'a Purchase needs custom_data.order_id, custom_data.value and an id and price per item'
+        when 'ViewContent' then 'a product view needs custom_data.items[0] with an id and a name'
+        else case when cart_link is not null and event_name = 'InitiateCheckout'
+                then 'a checkout needs custom_data.value or items that all have a price'
+            when cart_link is not null
+                then 'an add to cart needs custom_data.items[0] with an id, and a value or priced items'
+            else 'a cart event needs a link back to the cart: custom_data.checkout_url, or a shop (or page '
+                 'address) naming the shop''s domain'
         end
     end,
     getvariable('now')

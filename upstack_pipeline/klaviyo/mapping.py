@@ -2,10 +2,20 @@
 
 The mapping itself is set-based SQL (`sql/klaviyo_outbox.sql`) over every undecided event at once; this module
 sets its parameters, reports what it did, and turns outbox rows into the request bodies Klaviyo's API takes.
+
+A run costs in proportion to what is new (issue 14). Only identity writes resolved_events, stamping each row it
+(re)resolves with its run's now (resolved_at), so the events a run must look at are those stamped at or after the
+last mapping run's now, plus those it held back (their sessions were active). That run is recorded in
+pipeline_state (stage `klaviyo_mapping`: identity's load_id then, its now, and a fingerprint of the settings, the
+SQL, the schema and identity's own fingerprint). Every event is looked at instead when there is no such record,
+the fingerprint changed, or identity has run since with an earlier now (a clock set back); and again, in the same
+transaction, when a run ends with more undecided events than it held back (a decision deleted by hand), so that
+nothing is left undecided for good.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,7 +27,7 @@ import duckdb
 from upstack_pipeline.klaviyo import limits
 from upstack_pipeline.klaviyo.flows import BACKUP_FLOWS
 from upstack_pipeline.settings import ORDER_LINE_METRIC, PIXEL_TO_KLAVIYO_METRIC, DestinationSettings, Settings
-from upstack_pipeline.warehouse import read_sql, set_variables
+from upstack_pipeline.warehouse import read_sql, schema_version, set_variables
 
 SKIP_REASONS = ("disabled_event", "no_consent", "unresolved", "native_identified", "profile_creation_disabled",
                 "invalid")
@@ -30,6 +40,7 @@ KEY_PROPERTIES = {
     "Ordered Product": ("OrderID", "ProductID"),
 }
 MONEY_METRICS = ("Added to Cart", "Started Checkout", "Placed Order", "Ordered Product")
+STAGE = "klaviyo_mapping"  # its row in pipeline_state
 
 
 @dataclass(frozen=True)
@@ -38,26 +49,67 @@ class MappingRun:
     outbox_rows: int
     skipped: int
     reviewed_for_limits: int  # events past the SQL's bound of Klaviyo's limits, judged one by one
+    every_event: bool = False  # looked at every undecided event, not only those (re)resolved since the last run
 
 
 def map_events(settings: Settings, *, now: datetime) -> MappingRun:
     with settings.warehouse().connect() as connection:
         connection.begin()
-        _set_variables(connection, settings.destination, now)
+        variables = _variables(settings.destination, now)
+        fingerprint, identity_load_id, incremental, last_run = _last_run(connection, variables)
+        set_variables(connection, variables)
         before = _counts(connection)
         connection.execute(read_sql("commerce_metrics"))
-        connection.execute(read_sql("klaviyo_outbox"))
-        reviewed = _review_rows_near_the_limits(connection, now)
-        decided = connection.execute("select count(*) from decisions").fetchone()[0]
+        decided, reviewed = _decide(connection, incremental=incremental, last_run=last_run or now, now=now)
+        every_event = not incremental
+        if incremental and not _only_held_back_left(connection):
+            more = _decide(connection, incremental=False, last_run=now, now=now)
+            decided, reviewed, every_event = decided + more[0], reviewed + more[1], True
+        connection.execute("insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview) "
+                           "values (?, ?, ?, ?, null)", [STAGE, identity_load_id, now, fingerprint])
         after = _counts(connection)
         connection.commit()
     return MappingRun(events_decided=decided, outbox_rows=after[0] - before[0], skipped=after[1] - before[1],
-                      reviewed_for_limits=reviewed)
+                      reviewed_for_limits=reviewed, every_event=every_event)
 
 
-def _set_variables(connection: duckdb.DuckDBPyConnection, destination: DestinationSettings, now: datetime) -> None:
+def _decide(connection: duckdb.DuckDBPyConnection, *, incremental: bool, last_run: datetime,
+            now: datetime) -> tuple[int, int]:
+    """Runs the mapping SQL: (events decided, events judged against Klaviyo's limits)."""
+    set_variables(connection, {"incremental": incremental, "last_run": last_run})
+    connection.execute(read_sql("klaviyo_outbox"))
+    reviewed = _review_rows_near_the_limits(connection, now)
+    return connection.execute("select count(*) from candidates").fetchone()[0], reviewed
+
+
+def _last_run(connection: duckdb.DuckDBPyConnection, variables: dict) -> tuple[str, int, bool, datetime | None]:
+    """(this run's fingerprint, identity's load_id, whether only what is new needs looking at, the last run's now)."""
+    identity = connection.execute(
+        "select load_id, updated_at, fingerprint from pipeline_state where stage = 'identity'").fetchone()
+    identity_load_id, identity_now, identity_fingerprint = identity or (0, None, None)
+    unstamped = {name: value for name, value in variables.items() if name not in ("now", "latest_event_time")}
+    fingerprint = hashlib.sha256(repr((sorted(unstamped.items()), read_sql("klaviyo_outbox"),
+                                       schema_version(connection), identity_fingerprint)).encode()).hexdigest()
+    last = connection.execute("select load_id, updated_at, fingerprint from pipeline_state where stage = ?",
+                              [STAGE]).fetchone()
+    incremental = (last is not None and last[2] == fingerprint
+                   and (identity_load_id == last[0] or (identity_now is not None and identity_now >= last[1])))
+    return fingerprint, identity_load_id, incremental, last[1] if incremental else None
+
+
+def _only_held_back_left(connection: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the events still undecided are just those this run held back: every commerce event is in the outbox
+    or skipped (each once), or waits for its session to go idle."""
+    return connection.execute("""
+        select (select count(*) from resolved_events) - (select count(distinct event_id) from klaviyo_outbox)
+               - (select count(*) from klaviyo_skipped)
+             = (select count(*) from undecided) - (select count(*) from candidates)
+    """).fetchone()[0]
+
+
+def _variables(destination: DestinationSettings, now: datetime) -> dict:
     names = destination.metric_names
-    variables = {
+    return {
         "now": now,
         "send_mode": destination.send_mode,
         "klaviyo_metrics": PIXEL_TO_KLAVIYO_METRIC,
@@ -78,7 +130,6 @@ def _set_variables(connection: duckdb.DuckDBPyConnection, destination: Destinati
         "latest_event_time": limits.latest_event_time(now),
         "profile_identifiers": list(limits.PROFILE_IDENTIFIERS),
     }
-    set_variables(connection, variables)
 
 
 def _review_rows_near_the_limits(connection: duckdb.DuckDBPyConnection, now: datetime) -> int:
@@ -212,21 +263,7 @@ def overview(settings: Settings, *, now: datetime) -> MappingOverview:
         def pairs(query: str) -> dict:
             return dict(connection.execute(query).fetchall())
 
-        undecided_idle, held_back = connection.execute("""
-            with undecided as (
-                select resolved.event_id, resolved.session_id from resolved_events as resolved
-                anti join klaviyo_outbox as sent on sent.event_id = resolved.event_id
-                anti join klaviyo_skipped as skipped on skipped.event_id = resolved.event_id
-            ),
-            activity as (
-                select left_value as session_id, max(last_seen) as last_seen from identity_links
-                semi join undecided on undecided.session_id = identity_links.left_value
-                where left_type = 'session_id' group by left_value
-            )
-            select count(*) filter (where activity.last_seen <= ?::timestamptz - ?::interval),
-                   count(*) filter (where activity.last_seen > ?::timestamptz - ?::interval)
-            from undecided left join activity using (session_id)
-        """, [now, destination.hold_back, now, destination.hold_back]).fetchone()
+        undecided_idle, held_back = _undecided(connection, now, destination.hold_back)
         return MappingOverview(
             outbox_by_metric=pairs("select metric_name, count(*) from klaviyo_outbox group by 1 order by 2 desc"),
             skipped_by_reason=pairs("select reason, count(*) from klaviyo_skipped group by 1 order by 2 desc"),
@@ -252,3 +289,38 @@ def overview(settings: Settings, *, now: datetime) -> MappingOverview:
                 "select event->>'$.properties.upstack_checkout_url_source' as source, count(*) from klaviyo_outbox "
                 "where source is not null group by 1 order by 2 desc"),
         )
+
+
+def _undecided(connection: duckdb.DuckDBPyConnection, now: datetime, hold_back) -> tuple[int, int]:
+    """(undecided events of idle sessions, of active ones). Counted from the active sessions' events alone when
+    the tables' sizes say every undecided event is one of those: resolved_events' rows less the events decided
+    (each once) is how many are undecided. Otherwise each event is looked up in the outbox and the skipped."""
+    undecided, waiting = connection.execute("""
+        with active as (
+            select distinct left_value as session_id from identity_links
+            where left_type = 'session_id' and last_seen > ?::timestamptz - ?::interval
+        )
+        select (select count(*) from resolved_events) - (select count(distinct event_id) from klaviyo_outbox)
+                   - (select count(*) from klaviyo_skipped),
+               (select count(*) from resolved_events as resolved
+                semi join active using (session_id)
+                anti join klaviyo_outbox as sent on sent.event_id = resolved.event_id
+                anti join klaviyo_skipped as skipped on skipped.event_id = resolved.event_id)
+    """, [now, hold_back]).fetchone()
+    if undecided == waiting:
+        return 0, waiting
+    return connection.execute("""
+        with undecided as (
+            select resolved.event_id, resolved.session_id from resolved_events as resolved
+            anti join klaviyo_outbox as sent on sent.event_id = resolved.event_id
+            anti join klaviyo_skipped as skipped on skipped.event_id = resolved.event_id
+        ),
+        activity as (
+            select left_value as session_id, max(last_seen) as last_seen from identity_links
+            semi join undecided on undecided.session_id = identity_links.left_value
+            where left_type = 'session_id' group by left_value
+        )
+        select count(*) filter (where activity.last_seen <= ?::timestamptz - ?::interval),
+               count(*) filter (where activity.last_seen > ?::timestamptz - ?::interval)
+        from undecided left join activity using (session_id)
+    """, [now, hold_back, now, hold_back]).fetchone()
