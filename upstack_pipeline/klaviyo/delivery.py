@@ -166,20 +166,20 @@ def _send_all(connection, client: KlaviyoClient, requests: int, run: DeliveryRun
             request = in_flight.pop(future)
             result = future.result()
             attempts, recorded = run.attempts[recorded:], len(run.attempts)
-            if isinstance(result, Outcome) and _whole(result) is None:
-                rows = _rows_of(connection, request)
-                _record_attempts(connection, attempts)
-                in_flight[pool.submit(_answered, client, rows, result)] = request
-                continue
-            if isinstance(result, Outcome):
-                _settle_request(connection, request, result, now, attempts)
+            if isinstance(result, Outcome):  # the answer to a whole planned request
                 events, backfill = counts.pop(request)
-                if _whole(result) == "delivered":
+                verdict = _whole(result)
+                if verdict is None:  # refused: found out which events, off this thread, from its rows
+                    _record_attempts(connection, attempts)
+                    in_flight[pool.submit(_answered, client, _rows_of(connection, request), result)] = request
+                    continue
+                _settle_request(connection, request, result, now, attempts)
+                if verdict == "delivered":
                     run.delivered += events
                     run.delivered_backfill += backfill
                 else:
                     run.left_pending += events
-            else:
+            else:  # what narrowing a refused request down found
                 delivered, dead, unsent = result
                 _settle(connection, delivered, dead, unsent, now, attempts)
                 run.delivered += len(delivered)
