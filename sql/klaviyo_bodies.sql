@@ -10,10 +10,11 @@
 -- before them falls in one span of events_per_request x budget. Then a request holds at most events_per_request
 -- rows and, its last row included, at most max_request_bytes less the envelope; when every row is small (always,
 -- in practice) it is exactly events_per_request rows a request, as a row-by-row packer would make them.
+-- The packing reads only the keys and sizes (sorting the JSON along with them would cost more than the rest); the
+-- JSON joins on after.
 create or replace temp table delivery_rows as
 with pending as (
-    select unique_id, profile_key, profile::varchar as profile, event::varchar as event, backfill,
-           strlen(event::varchar) + strlen(profile::varchar) as bytes
+    select unique_id, profile_key, strlen(event::varchar) + strlen(profile::varchar) as bytes
     from klaviyo_outbox
     where status = 'pending'
 ),
@@ -23,15 +24,17 @@ budget as (
     from pending
 ),
 weighed as (
-    select pending.*,
+    select pending.unique_id,
            coalesce(sum(greatest(budget.bytes, pending.bytes * getvariable('events_per_request'))) over (
                order by profile_key, unique_id rows between unbounded preceding and 1 preceding), 0) as before,
            budget.bytes * getvariable('events_per_request') as span
     from pending, budget
 )
-select (before // span)::integer as request, unique_id, profile_key, profile, event, backfill
+select (weighed.before // weighed.span)::integer as request, unique_id, outbox.profile_key,
+       outbox.profile::varchar as profile, outbox.event::varchar as event, outbox.backfill
 from weighed
-order by request, profile_key, unique_id;
+join klaviyo_outbox as outbox using (unique_id)
+where outbox.status = 'pending';
 
 -- One row per request: its events, how many are backfill, and its body, as `mapping.bulk_create_body` shapes it
 -- (entries by profile_key, events by unique_id, each entry's profile its first event's): a refused event's pointer

@@ -38,9 +38,10 @@ PROFILES_PER_IMPORT_JOB = 10_000
 _POINTER = re.compile(r"/data/attributes/events-bulk-create/data/(\d+)/attributes/events/data/(\d+)")
 # Room for the JSON:API envelope around the events when packing a request under Klaviyo's 5 MB.
 _ENVELOPE_BYTES = 64 * 1024
-# Request bodies are fetched from DuckDB this many requests at a time: the first leave at once, and no more than a
-# minute's allowance of bodies (150 x 1,000 events) is held in memory, whatever the size of the outbox.
-_BODIES_AT_ONCE = (10, 150)
+# Request bodies are fetched from DuckDB a second's allowance at first, then twice as many each time up to a minute's:
+# the first burst leaves at once, each fetch ends well before the pacer needs its bodies, and no more than 150
+# bodies (150,000 events) are held in memory, whatever the size of the outbox.
+_FIRST_BODIES, _MOST_BODIES = 10, 150
 
 
 class Settled(NamedTuple):
@@ -224,15 +225,16 @@ def _plan_requests(connection, events_per_request: int) -> int:
 
 def _bodies(connection, requests: int):
     """(request, events, backfill events, body as sent) for each planned request, in order, fetched a few at a time
-    (`_BODIES_AT_ONCE`): the first as soon as they are built, the rest while earlier ones wait for the pacer."""
-    start, size = 0, _BODIES_AT_ONCE[0]
+    (`_FIRST_BODIES`, doubling up to `_MOST_BODIES`): the first as soon as they are built, the rest while earlier
+    ones wait for the pacer."""
+    start, size = 0, _FIRST_BODIES
     while start < requests:
         chunk = connection.execute(
             "select request, events, backfill, body from delivery_bodies where request >= ? and request < ? "
             "order by request", [start, start + size]).fetchall()
         for request, events, backfill, body in chunk:
             yield request, events, backfill, body.encode()
-        start, size = start + size, _BODIES_AT_ONCE[1]
+        start, size = start + size, min(2 * size, _MOST_BODIES)
 
 
 def _whole(outcome: Outcome) -> str | None:
