@@ -22,8 +22,9 @@ from (
         verdict,
         json_transform(staged.raw_line, getvariable('event_structure')) as event
     from staged_lines as staged
-    join line_verdicts as verdict using (source_file, line_number)
-    where verdict.is_first_sighting
+    -- Filtered in a subquery so that DuckDB builds its hash table on these narrow verdicts and streams the wide
+    -- lines past it; joined to the bare table it held every staged line's text in the hash table instead.
+    join (select * from line_verdicts where is_first_sighting) as verdict using (source_file, line_number)
 );
 
 -- A second sighting of an event_id (in this batch or an earlier one) is a pixel retry when it is the same JSON
@@ -35,8 +36,11 @@ from (
 -- sides with json() settles. Only what is left (other key order, numbers spelled otherwise, real conflicts) is
 -- walked node by node with json_tree, both sides, matched by path. First sightings are never looked at.
 -- The kept line of a retry is taken from this batch's staged lines when it was first seen here (retries mostly
--- follow within seconds), and only otherwise from raw_events: raw_json is zstd-compressed there, and fetching a row
--- decompresses its whole row group, so the lookup is kept to the few retries of events from earlier batches.
+-- follow within seconds), and only otherwise from raw_events: raw_json is zstd-compressed there, and decompressing
+-- it is what a lookup costs. So the kept rows are found first on the cheap columns (event_id, load_id), and raw_json
+-- is then read by rowid: only the row groups holding them are decompressed (the last hour's, for a retry of the
+-- last hour), not every row group of the history, which an hourly run would otherwise pay whenever a retry
+-- crosses a file boundary.
 -- The quarantine names the first differing path in the kept event's order (then, for keys only the retry has, in
 -- the retry's order): the first differing value, or the container whose type changed.
 update line_verdicts set reason = 'conflicting_duplicate', bad_path = conflict.path
@@ -56,9 +60,12 @@ from (
         union all
         select event_id, raw_json::varchar
         from raw_events
-        where load_id < getvariable('load_id')
-            and event_id in (select event_id from retries
-                             except select event_id from line_verdicts where is_first_sighting)
+        where rowid in (
+            select rowid
+            from raw_events
+            where load_id < getvariable('load_id')
+                and event_id in (select event_id from retries
+                                 except select event_id from line_verdicts where is_first_sighting))
     ),
 
     pairs as materialized (
