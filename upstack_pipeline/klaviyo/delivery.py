@@ -38,10 +38,11 @@ PROFILES_PER_IMPORT_JOB = 10_000
 _POINTER = re.compile(r"/data/attributes/events-bulk-create/data/(\d+)/attributes/events/data/(\d+)")
 # Room for the JSON:API envelope around the events when packing a request under Klaviyo's 5 MB.
 _ENVELOPE_BYTES = 64 * 1024
-# Request bodies are fetched from DuckDB a second's allowance at first, then twice as many each time up to a minute's:
-# the first burst leaves at once, each fetch ends well before the pacer needs its bodies, and no more than 150
-# bodies (150,000 events) are held in memory, whatever the size of the outbox.
-_FIRST_BODIES, _MOST_BODIES = 10, 150
+# Request bodies are fetched from DuckDB ten at a time (a second's allowance): the first burst leaves at once, few
+# bodies are held in memory whatever the size of the outbox, and turning a fetch into Python strings holds the GIL
+# for a few milliseconds only. A fetch of 150 held it for tens: a request the pacer had just let go waited behind
+# it, arrived late and close to the next second's, and Klaviyo's fixed windows answered 429.
+_BODIES_AT_ONCE = 10
 
 
 class Settled(NamedTuple):
@@ -224,17 +225,15 @@ def _plan_requests(connection, events_per_request: int) -> int:
 
 
 def _bodies(connection, requests: int):
-    """(request, events, backfill events, body as sent) for each planned request, in order, fetched a few at a time
-    (`_FIRST_BODIES`, doubling up to `_MOST_BODIES`): the first as soon as they are built, the rest while earlier
-    ones wait for the pacer."""
-    start, size = 0, _FIRST_BODIES
-    while start < requests:
+    """(request, events, backfill events, body as sent) for each planned request, in order, fetched
+    `_BODIES_AT_ONCE` at a time: the first as soon as they are built, the rest while earlier ones wait for the
+    pacer."""
+    for start in range(0, requests, _BODIES_AT_ONCE):
         chunk = connection.execute(
             "select request, events, backfill, body from delivery_bodies where request >= ? and request < ? "
-            "order by request", [start, start + size]).fetchall()
+            "order by request", [start, start + _BODIES_AT_ONCE]).fetchall()
         for request, events, backfill, body in chunk:
             yield request, events, backfill, body.encode()
-        start, size = start + size, min(2 * size, _MOST_BODIES)
 
 
 def _whole(outcome: Outcome) -> str | None:
