@@ -16,9 +16,10 @@ chunk of new loads (one chunk on an hourly run; a backfill's in chunks of about 
 Only what is new since the last chunk (raw_events.load_id above the stage's watermark, up to the chunk's last load)
 is read, plus the browser clusters it touches, so an hourly run costs in proportion to the hour, not the history,
 and a backfill's chunk in proportion to the chunk. Each chunk's commit moves the watermark to its last load; a run
-that dies leaves its chunk uncommitted, and the next run does that chunk's work again. A run with no new load and the same guards
-and SQL as the last one (pipeline_state.fingerprint) would change nothing, so it records the time and stops; and
-the overview computed after a run is kept in pipeline_state.overview until a run changes something again.
+that dies leaves its chunk uncommitted, and the next run does that chunk's work again. A run with no new load and
+the same guards and SQL as the last one (pipeline_state.fingerprint) would change nothing, so it records the time
+and stops; and the overview computed after a run is kept in pipeline_state.overview until a run changes something
+again.
 
 The files hand their results on in temp tables, which no schema names, so each file says at its top, after the
 comment on why it exists, what it takes and what it leaves, in lines that tests/test_identity_steps.py checks
@@ -83,8 +84,9 @@ def resolve_identities(
 ) -> IdentityRun:
     """Resolves the loads after the watermark in chunks of whole loads, about `settings.identity_chunk_rows`
     ingested rows each, each chunk a transaction of every step that moves the watermark to its last load: a chunk
-    is what an hourly run would have done had those loads been its hour, so a backfill's memory is set by the chunk,
-    and a run killed mid-backfill resumes at the next chunk, losing and repeating nothing.
+    is what an hourly run would have done had those loads been its hour, so what a backfill's steps hold of the new
+    events is set by the chunk, and a run killed mid-backfill resumes at the chunk it was in, losing and duplicating
+    nothing.
 
     `after_step` sees the run's connection after each step (after the last repeat of LABEL_STEP) of each chunk,
     inside its transaction: the temp tables a step leaves vanish with the connection, so this is the only place to

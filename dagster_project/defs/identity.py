@@ -52,6 +52,8 @@ def identity_resolution(upstack: UpstackResource):
                 f"{plural(run.rejected_values, 'value')} rejected "
                 "(placeholders, blocked or malformed)"),
             "new_observations": run.new_observations,
+            # A backfill's loads are resolved in chunks, each its own transaction (Settings.identity_chunk_rows).
+            "chunks_this_run": run.chunks,
         },
         "identity_rejected_values": {
             "rejected_values_this_run": run.rejected_values,
