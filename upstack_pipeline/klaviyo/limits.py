@@ -354,6 +354,8 @@ def _string_and_key_violations(value: Any, path: str) -> list[str]:
 
 # A string of this many characters is at most MAX_STRING_BYTES in UTF-8 (4 bytes a character at most).
 _PLAINLY_SHORT = MAX_STRING_BYTES // 4
+# Values that never break a string, key or number limit (a str may be too long, a float may be NaN).
+_SCALARS = frozenset({int, bool, type(None)})
 
 
 def _plainly_within(value: Any) -> bool:
@@ -380,10 +382,6 @@ def _plainly_within(value: Any) -> bool:
     if kind is float:
         return math.isfinite(value)
     return value is None or kind is int or kind is bool
-
-
-# Values that never break a string, key or number limit (a str may be too long, a float may be NaN).
-_SCALARS = frozenset({int, bool, type(None)})
 
 
 def _walk(value: Any, path: str) -> Iterator[tuple[str, str, str]]:
