@@ -7,8 +7,8 @@ A 400 on a bulk request is narrowed down to the events it names (or by halving) 
 dead-lettered; the rest still go.
 
 The requests and their bodies are built in DuckDB (`sql/klaviyo_bodies.sql`) from the JSON the mapping stored: the
-step's time is the limits' time, not Python's. The whole full sync's requests (83 of 1,000 events) leave within half
-a second of the step's start; the bodies of a refused request are the only rows read back into Python.
+step's time is the limits' time, not Python's: the first of a full sync's 83 requests leaves about half a second into
+the step. The rows of a refused request are the only ones read back into Python.
 
 Each request has an id, shared by its retries (klaviyo_deliveries.request_id), and a settled row names the request
 that settled it (klaviyo_outbox.request_id): narrowing a 400 down sends the rest again as a new request, so the
