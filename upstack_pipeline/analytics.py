@@ -15,10 +15,13 @@ write a file, and a reader holds it too).
 Every published view's rows are keyed by a UTC day, and a day's rows depend only on the events of the sessions with
 an event that day. So a sync recomputes only the days it touched: every day of a session that got new raw events
 or whose rows in the event tables the views read changed (by a digest per session the copy keeps in
-`published_sessions`), and the days of new quarantine. It runs the views' own SQL over the events of those days'
-sessions (temp tables of the same names shadow the warehouse's on one cursor), and builds the new copy from the
-previous copy's other days and the days computed. Nothing touched, the copy stays as it is. A copy that is missing,
-from another release, or from other views or metrics is computed again over the whole history.
+`published_sessions`, with each session's days in `published_session_days`), and the days of new quarantine. The
+sessions to digest again are those of the rows identity, mapping and delivery stamped since the copy (each stamps
+its run's time), and the tables' totals must agree, or every session is digested. It runs the views' own SQL over
+the events of those days' sessions (temp tables of the same names shadow the warehouse's on one cursor), and
+writes them, with the record of sessions changed, into a file copy of the previous copy. Nothing touched, the copy
+stays as it is. A copy that is missing, from another release, or from other views or metrics is computed again
+over the whole history.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -34,7 +38,7 @@ from pathlib import Path
 import duckdb
 
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.warehouse import ColumnDoc, TableDoc, new_schema_ddl, read_sql
+from upstack_pipeline.warehouse import ColumnDoc, TableDoc, new_schema_ddl, read_sql, schema_version
 
 # In the order they are created: daily_lift reads recovered_orders.
 VIEWS = ("recovered_orders", "daily_lift", "delivery_funnel", "match_rates", "shopper_journey")
@@ -54,6 +58,14 @@ EVENT_SOURCES = ("raw_events", "resolved_events", "klaviyo_outbox", "klaviyo_ski
 # Read whole by the published views: quarantine only grows, in loads too, and stays small; commerce_metrics is the
 # settings' (its rows are in the digest of the views: a change recomputes everything).
 WHOLE_SOURCES = ("quarantined_events", "commerce_metrics")
+# The changing event tables, and the time their writers stamp on every row they write (identity's run, mapping's,
+# delivery's claims and settlements): where to look first for what changed since the copy.
+STAMPS = {"resolved_events": "resolved_at", "klaviyo_skipped": "skipped_at",
+          "klaviyo_outbox": "greatest(created_at, claimed_at, delivered_at)"}
+SESSION_TABLES = ("resolved", "skipped", "outbox")  # their columns in the per-session digests, in that order
+# The layout of the copy's own record (published, published_sessions, published_session_days): a copy of another
+# layout is computed again whole.
+COPY_FORMAT = 2
 
 
 def create_views(connection: duckdb.DuckDBPyConnection) -> None:
@@ -63,6 +75,25 @@ def create_views(connection: duckdb.DuckDBPyConnection) -> None:
         connection.execute(sql)
         description = _header(sql)[0].replace("'", "''")  # a COMMENT takes a literal, not a parameter
         connection.execute(f"comment on view {view} is '{description}'")
+
+
+def ensure_views(connection: duckdb.DuckDBPyConnection) -> None:
+    """`create_views` unless the warehouse holds them as this release and schema define them already: recreating
+    them writes the catalog, which costs a checkpoint of the warehouse on every sync. The views' SQL, the schema
+    version and DuckDB's version are recorded in pipeline_state (stage `analytics_views`) when they are created."""
+    fingerprint = hashlib.sha256(repr(([read_sql(view) for view in VIEWS], schema_version(connection),
+                                       duckdb.__version__)).encode()).hexdigest()
+    found = connection.execute("""
+        select (select fingerprint from pipeline_state where stage = 'analytics_views'),
+               (select count(*) from duckdb_views()
+                where database_name = current_database() and schema_name = 'main' and view_name in ?)""",
+                               [list(VIEWS)]).fetchone()
+    if found == (fingerprint, len(VIEWS)):
+        return
+    create_views(connection)
+    connection.execute("""
+        insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint)
+        select 'analytics_views', coalesce(max(load_id), 0), now(), ? from ingested_files""", [fingerprint])
 
 
 def view_docs() -> dict[str, TableDoc]:
@@ -143,24 +174,31 @@ def lift_totals(connection: duckdb.DuckDBPyConnection, *, metric: str = HEADLINE
 def publish_for_analysts(connection: duckdb.DuckDBPyConnection, warehouse_path: Path, *, now: datetime) -> Path:
     """Writes the views' rows (and commerce_metrics) to `<warehouse>.analytics.duckdb`, built aside and renamed
     over the previous one: a reader of the old file keeps reading it, and never sees half a file. Only the days
-    the warehouse changed since the previous copy are computed (see the module's docstring)."""
+    the warehouse changed since the previous copy are computed, and written into a file copy of the previous copy
+    (see the module's docstring)."""
     target = analytics_path(warehouse_path)
     building = target.with_name(target.name + ".building")
     cursor = connection.cursor()  # its temp tables and views, which shadow the warehouse's, go with it
     try:
         sources = _sources(cursor)
-        days = _stale_days(cursor, target, sources)
-        if days is not None and not days:
-            return target
-        if days is not None:
-            _shadow_with_slice(cursor)
-        where = "" if days is None else " where day in (select day from touched_days)"
-        for view in PUBLISHED_VIEWS:
-            cursor.execute(f"create temp table computed_{view} as select * from {view}{where}")
-            # A later view reading this one (daily_lift reads recovered_orders) reads the rows just computed.
-            cursor.execute(f"create temp view {view} as select * from computed_{view}")
-        building.unlink(missing_ok=True)
-        _write_copy(cursor, building, target if days is not None else None, sources, now, warehouse_path)
+        stale = _find_stale(cursor, target, sources)
+        try:
+            if stale.days is not None and not stale.days:
+                return target
+            if stale.days is not None:
+                _shadow_with_slice(cursor)
+            where = "" if stale.days is None else " where day in (select day from touched_days)"
+            for view in PUBLISHED_VIEWS:
+                cursor.execute(f"create temp table computed_{view} as select * from {view}{where}")
+                # A later view reading this one (daily_lift reads recovered_orders) reads the rows just computed.
+                cursor.execute(f"create temp view {view} as select * from computed_{view}")
+            building.unlink(missing_ok=True)
+            if stale.previous:
+                shutil.copyfile(target, building)  # a file copy: what the sync did not touch is not rewritten
+            _write_copy(cursor, building, stale, sources, now, warehouse_path)
+        finally:
+            if stale.previous:
+                cursor.execute("detach previous")
     finally:
         cursor.close()
     os.replace(building, target)
@@ -170,35 +208,59 @@ def publish_for_analysts(connection: duckdb.DuckDBPyConnection, warehouse_path: 
 def stale_days(connection: duckdb.DuckDBPyConnection, copy_path: Path) -> set[date] | None:
     """The days of the copy at `copy_path` that the warehouse's rows have made stale; None: every day."""
     with connection.cursor() as cursor:
-        return _stale_days(cursor, copy_path, _sources(cursor))
+        stale = _find_stale(cursor, copy_path, _sources(cursor))
+        if stale.previous:
+            cursor.execute("detach previous")
+        return stale.days
+
+
+@dataclass(frozen=True)
+class _Stale:
+    """What a sync recomputes: `days` (None: every day), and whether the previous copy is attached as `previous`
+    and is one to update (this release's, of the same views and metrics). The copy's record of sessions is then
+    updated by session (`candidate_sessions` replaced by `candidate_digests`, `new_session_days` added) unless
+    `session_digests` and `session_days` hold all of it."""
+
+    days: set[date] | None
+    previous: bool = False
+    digests_whole: bool = True
+    days_whole: bool = True
 
 
 def _sources(cursor: duckdb.DuckDBPyConnection) -> dict:
-    """What the copy's rows are computed from: the views' SQL and commerce_metrics (a digest of both), the last load
-    of raw events and quarantine, and a digest of each changing event table (of the columns the views name)."""
+    """What the copy's rows are computed from: the views' SQL and commerce_metrics (a digest of both, and of the
+    copy's format), the last load of raw events and quarantine, each changing event table's rows and the sum of
+    their hashes (of the columns the views name), and the latest time its writer stamped on a row."""
     metrics = cursor.execute("select * from commerce_metrics order by event_name").fetchall()
-    views = hashlib.sha256(repr(([read_sql(view) for view in VIEWS], metrics)).encode()).hexdigest()
+    views = hashlib.sha256(repr(([read_sql(view) for view in VIEWS], metrics, COPY_FORMAT)).encode()).hexdigest()
     load_id = cursor.execute("select coalesce(max(load_id), 0) from ingested_files").fetchone()[0]
-    read = _read_columns(cursor)
-    tables = cursor.execute("select " + ", ".join(
-        f"(select count(*) || ':' || coalesce(sum(hash({read[table]})::hugeint), 0) from {table})"
-        for table in EVENT_SOURCES[1:])).fetchone()
-    return {"views": views, "load_id": load_id, "tables": list(tables)}
+    read = _read_columns(cursor, named=False)
+    found = cursor.execute("select " + ", ".join(
+        f"(select [count(*)::hugeint, coalesce(sum(hash({read[table]})::hugeint), 0), epoch_us(max({stamp}))] "
+        f"from {table})" for table, stamp in STAMPS.items())).fetchone()
+    return {"views": views, "load_id": load_id,
+            "tables": {table: [int(rows), int(total)] for table, (rows, total, _) in zip(STAMPS, found)},
+            "stamps": {table: stamp for table, (_, _, stamp) in zip(STAMPS, found)}}
 
 
-def _digest_sessions(cursor: duckdb.DuckDBPyConnection) -> None:
-    """`session_digests` on `cursor`: per session, a digest of the rows of the changing event tables about its
-    events (of the columns the views name)."""
-    read = _read_columns(cursor)
+def _digest_sessions(cursor: duckdb.DuckDBPyConnection, into: str) -> None:
+    """`into` on `cursor`: per session, the rows of each changing event table about its events and the sum of
+    their hashes (of the columns the views name). Sums add up: a table's sessions sum to the table's total in
+    `_sources`, which is how a copy built from a few sessions' digests is checked against the whole tables."""
+    read = _read_columns(cursor, named=False)
     # Each event's rows in one pass, under the session of its resolved_events row (an order's outbox rows, one per
     # line, summed first). A row whose event is not in resolved_events has no session (null), which no slice can
     # recompute: its change recomputes everything. Sessions are keyed by a hash of their id, which keeps the copy's
     # record small: two sessions sharing a key are only ever recomputed together.
     cursor.execute(f"""
-        create temp table session_digests as
+        create temp table {into} as
         select if(resolved.session_id is null, null, hash(resolved.session_id)) as session_key,
-               hash(count(resolved.row_hash), count(skipped.row_hash), sum(outbox.rows),
-                    sum(hash(resolved.row_hash, skipped.row_hash, outbox.row_hash)::hugeint)) as sources
+               count(resolved.row_hash)::hugeint as resolved_rows,
+               coalesce(sum(resolved.row_hash::hugeint), 0) as resolved_sum,
+               count(skipped.row_hash)::hugeint as skipped_rows,
+               coalesce(sum(skipped.row_hash::hugeint), 0) as skipped_sum,
+               coalesce(sum(outbox.rows), 0)::hugeint as outbox_rows,
+               coalesce(sum(outbox.row_hash), 0)::hugeint as outbox_sum
         from (select event_id, session_id, hash({read['resolved_events']}) as row_hash from resolved_events)
             as resolved
         full join (select event_id, hash({read['klaviyo_skipped']}) as row_hash from klaviyo_skipped) as skipped
@@ -209,56 +271,151 @@ def _digest_sessions(cursor: duckdb.DuckDBPyConnection) -> None:
         group by all""")
 
 
-def _stale_days(cursor: duckdb.DuckDBPyConnection, copy_path: Path, sources: dict) -> set[date] | None:
+def _unchanged(previous: dict, sources: dict) -> bool:
+    """No published row can differ: same views and metrics, no new load, the same rows (by their sums). The stamps
+    may have moved (a row rewritten with the same values the views read)."""
+    return all(previous.get(key) == sources[key] for key in ("views", "load_id", "tables"))
+
+
+def _find_stale(cursor: duckdb.DuckDBPyConnection, copy_path: Path, sources: dict) -> _Stale:
     """The days of the copy at `copy_path` whose rows may differ now: every day of a session whose rows changed or
     that got new raw events, and the days of new quarantine; None: every day (no copy, or one from other views or
     metrics, a later load, or another release; or most days anyway). Leaves them in `touched_days` on `cursor`,
-    each session's days in `session_days`, and `session_digests` unless nothing changed."""
+    the sessions with an event on one of them in `slice_sessions`, and the copy's new record of sessions."""
     previous = _published_sources(copy_path)
-    if previous == sources:
-        return set()
-    _digest_sessions(cursor)
+    if previous is not None and _unchanged(previous, sources):
+        return _Stale(set())
+    raw_events = _warehouse_table(cursor, "raw_events")
     if previous is None or previous["views"] != sources["views"] or previous["load_id"] > sources["load_id"]:
-        return None
+        _digest_sessions(cursor, "session_digests")
+        _every_session_day(cursor)
+        return _Stale(None)
     cursor.execute("attach ? as previous (read_only)", [str(copy_path)])
     try:
+        located = _located_changes(cursor, previous, sources)
+        if not located:
+            # A change the writers' stamps do not lead to (a row deleted, or written without its stamp): every
+            # session's digest against the copy's.
+            _digest_sessions(cursor, "session_digests")
+            cursor.execute(f"""
+                create temp table changed_sessions as
+                select coalesce(current.session_key, published.session_key) as session_key
+                from session_digests as current
+                full join previous.published_sessions as published
+                    on published.session_key is not distinct from current.session_key
+                where {_digest_differs('current', 'published')}""")
+            if cursor.execute("select count(*) from changed_sessions where session_key is null").fetchone()[0]:
+                _every_session_day(cursor)
+                return _Stale(None, previous=True)
+        # raw_events only grows, in loads: the new loads' sessions are changed, and their days the only new ones.
+        cursor.execute(f"""
+            create temp table new_session_days as
+            select distinct hash(session_id) as session_key, (event_time at time zone 'UTC')::date as day
+            from {raw_events} where load_id > ?""", [previous["load_id"]])
+        cursor.execute("insert into changed_sessions select distinct session_key from new_session_days")
         cursor.execute("""
-            create temp table changed_sessions as
-            select coalesce(current.session_key, published.session_key) as session_key
-            from session_digests as current
-            full join previous.published_sessions as published
-                on published.session_key is not distinct from current.session_key
-            where current.sources is distinct from published.sources""")
-    finally:
+            create temp view session_days_now as
+            select * from previous.published_session_days union all select * from new_session_days""")
+        # New quarantined lines count under the days delivery_funnel gives them by its own rules: the view over those
+        # lines alone.
+        cursor.execute("create temp table new_loads as select path from ingested_files where load_id > ?",
+                       [previous["load_id"]])
+        cursor.execute(f"""
+            create temp view quarantined_events as
+            select * from {_warehouse_table(cursor, 'quarantined_events')}
+            semi join new_loads on new_loads.path = source_file""")
+        cursor.execute(f"create temp view raw_events as select * from {raw_events} limit 0")
+        cursor.execute("""
+            create temp table touched_days as
+            select day from delivery_funnel
+            union
+            select day from session_days_now semi join changed_sessions using (session_key)""")
+        cursor.execute("drop view quarantined_events")
+        cursor.execute("drop view raw_events")
+        cursor.execute("""
+            create temp table slice_sessions as
+            select distinct session_key from session_days_now semi join touched_days using (day)""")
+        days = {day for (day,) in cursor.execute("select day from touched_days").fetchall()}
+        # Past half the days, the slices would be most of the history: computing the views whole costs less.
+        every_day = cursor.execute("select count(distinct day) from session_days_now").fetchone()[0]
+        return _Stale(None if 2 * len(days) > every_day else days, previous=True, digests_whole=not located,
+                      days_whole=False)
+    except BaseException:
         cursor.execute("detach previous")
-    if cursor.execute("select count(*) from changed_sessions where session_key is null").fetchone()[0]:
-        return None
-    raw_events = _warehouse_table(cursor, "raw_events")
-    cursor.execute(f"insert into changed_sessions select hash(session_id) from {raw_events} where load_id > ?",
-                   [previous["load_id"]])
+        raise
+
+
+def _located_changes(cursor: duckdb.DuckDBPyConnection, previous: dict, sources: dict) -> bool:
+    """Finds the sessions whose digest changed (`changed_sessions`) and their new digests (`candidate_digests`, of
+    the `candidate_sessions`) by digesting again only the sessions of the rows their writers stamped since the copy
+    was computed (identity's resolved_at, mapping's skipped_at and created_at, delivery's claimed_at and
+    delivered_at, each its run's now) and of the new loads. The stamps only point the way: the copy's per-session
+    sums, those sessions' taken out and their new ones put in, must add up to the tables' totals now, or some change
+    lies elsewhere (a row deleted, or one written without a stamp, or with a clock set back) and this answers
+    False, leaving nothing behind."""
+    since = {table: previous["stamps"].get(table) for table in STAMPS}
+    cursor.execute("create temp table candidate_events as " + "\nunion\n".join(
+        f"select event_id from {_warehouse_table(cursor, table)} "
+        f"where ${table}::bigint is null or {stamp} > make_timestamptz(${table}::bigint)"
+        for table, stamp in STAMPS.items()), since)
+    cursor.execute(f"""
+        create temp table candidate_sessions as
+        select distinct if(resolved.session_id is null, null, hash(resolved.session_id)) as session_key
+        from candidate_events
+        left join {_warehouse_table(cursor, 'resolved_events')} as resolved using (event_id)
+        union
+        select distinct hash(session_id) from {_warehouse_table(cursor, 'raw_events')} where load_id > $load_id""",
+                   {"load_id": previous["load_id"]})
+    if cursor.execute("select count(*) from candidate_sessions where session_key is null").fetchone()[0]:
+        cursor.execute("drop table candidate_events; drop table candidate_sessions")
+        return False
+    columns = _read_columns(cursor)
+    cursor.execute(f"""
+        create temp table resolved_events as
+        select {columns['resolved_events']} from {_warehouse_table(cursor, 'resolved_events')}
+        where hash(session_id) in (select session_key from candidate_sessions)""")
+    for table in ("klaviyo_skipped", "klaviyo_outbox"):
+        cursor.execute(f"""
+            create temp table {table} as
+            select {columns[table]} from {_warehouse_table(cursor, table)} as source
+            semi join resolved_events on resolved_events.event_id = source.event_id""")
+    _digest_sessions(cursor, "candidate_digests")
+    cursor.execute("drop table resolved_events; drop table klaviyo_skipped; drop table klaviyo_outbox")
+    sums = ", ".join(f"coalesce(sum({table}_{part}), 0)" for table in SESSION_TABLES for part in ("rows", "sum"))
+    negated = ", ".join(f"-{table}_{part} as {table}_{part}" for table in SESSION_TABLES for part in ("rows", "sum"))
+    moved = cursor.execute(f"""
+        select {sums} from (
+            select {negated} from previous.published_sessions semi join candidate_sessions using (session_key)
+            union all
+            select * exclude (session_key) from candidate_digests)""").fetchone()
+    expected = [int(value) for table in STAMPS for value in previous["tables"][table]]
+    if [before + change for before, change in zip(expected, moved)] != [
+            value for table in STAMPS for value in sources["tables"][table]]:
+        cursor.execute("drop table candidate_events; drop table candidate_sessions; drop table candidate_digests")
+        return False
+    cursor.execute(f"""
+        create temp table changed_sessions as
+        select coalesce(current.session_key, published.session_key) as session_key
+        from candidate_digests as current
+        full join (select * from previous.published_sessions semi join candidate_sessions using (session_key))
+            as published on published.session_key = current.session_key
+        where {_digest_differs('current', 'published')}""")
+    return True
+
+
+def _digest_differs(current: str, published: str) -> str:
+    """SQL: the session's digest in `current` is not the one in `published` (either may be missing)."""
+    columns = [f"{table}_{part}" for table in SESSION_TABLES for part in ("rows", "sum")]
+    return (f"[{', '.join(f'{current}.{column}' for column in columns)}] is distinct from "
+            f"[{', '.join(f'{published}.{column}' for column in columns)}]")
+
+
+def _every_session_day(cursor: duckdb.DuckDBPyConnection) -> None:
+    """`session_days` on `cursor`: each session's UTC days, from every raw event."""
     cursor.execute(f"""
         create temp table session_days as
-        select distinct session_id, (event_time at time zone 'UTC')::date as day from {raw_events}""")
-    # New quarantined lines count under the days delivery_funnel gives them by its own rules: the view over those
-    # lines alone.
-    cursor.execute("create temp table new_loads as select path from ingested_files where load_id > ?",
-                   [previous["load_id"]])
-    cursor.execute(f"""
-        create temp view quarantined_events as
-        select * from {_warehouse_table(cursor, 'quarantined_events')}
-        semi join new_loads on new_loads.path = source_file""")
-    cursor.execute(f"create temp view raw_events as select * from {raw_events} limit 0")
-    cursor.execute("""
-        create temp table touched_days as
-        select day from delivery_funnel
-        union
-        select day from session_days where hash(session_id) in (select session_key from changed_sessions)""")
-    cursor.execute("drop view quarantined_events")
-    cursor.execute("drop view raw_events")
-    days = {day for (day,) in cursor.execute("select day from touched_days").fetchall()}
-    # Past half the days, the slices would be most of the history: computing the views whole costs less.
-    every_day = cursor.execute("select count(distinct day) from session_days").fetchone()[0]
-    return None if 2 * len(days) > every_day else days
+        select distinct hash(session_id) as session_key, (event_time at time zone 'UTC')::date as day
+        from {_warehouse_table(cursor, 'raw_events')}""")
 
 
 def _published_sources(copy_path: Path) -> dict | None:
@@ -272,36 +429,45 @@ def _published_sources(copy_path: Path) -> dict | None:
         return json.loads(copy.execute("select max(sources) from published").fetchone()[0])
 
 
-def _write_copy(cursor: duckdb.DuckDBPyConnection, building: Path, previous: Path | None, sources: dict,
-                now: datetime, warehouse_path: Path) -> None:
-    """The copy at `building`: the computed days' rows (computed_<view>) and, from the `previous` copy, the others."""
+def _write_copy(cursor: duckdb.DuckDBPyConnection, building: Path, stale: _Stale, sources: dict, now: datetime,
+                warehouse_path: Path) -> None:
+    """The copy at `building` (a file copy of the previous copy, or a new file): the computed days' rows
+    (computed_<view>) in place of those days', and the record of what they were computed from."""
     cursor.execute("attach ? as analytics", [str(building)])
-    if previous:
-        cursor.execute("attach ? as previous (read_only)", [str(previous)])
     try:
         for view in PUBLISHED_VIEWS:
-            if previous:
+            if stale.days is None:
+                cursor.execute(f"create or replace table analytics.{view} as select * from computed_{view}")
+            else:
                 # Days are whole in either part, each part in the view's order: ordered by day, then by the row's
                 # place in its part, the copy holds the rows in the order the view gives them.
                 cursor.execute(f"""
-                    create table analytics.{view} as
+                    create or replace table analytics.{view} as
                     select * exclude (place) from (
-                        select *, rowid as place from previous.{view} where day not in (select day from touched_days)
+                        select *, rowid as place from analytics.{view} where day not in (select day from touched_days)
                         union all
                         select *, rowid from computed_{view})
                     order by day, place""")
-            else:
-                cursor.execute(f"create table analytics.{view} as select * from computed_{view}")
-        cursor.execute("create table analytics.commerce_metrics as select * from commerce_metrics")
-        cursor.execute("create table analytics.published (published_at timestamptz, warehouse varchar, "
+        cursor.execute("create or replace table analytics.commerce_metrics as select * from commerce_metrics")
+        cursor.execute("create or replace table analytics.published (published_at timestamptz, warehouse varchar, "
                        "sources varchar)")
         cursor.execute("insert into analytics.published values (?, ?, ?)",
                        [now, str(warehouse_path), json.dumps(sources)])
-        cursor.execute("create table analytics.published_sessions as select * from session_digests")
+        if stale.digests_whole:
+            cursor.execute("create or replace table analytics.published_sessions as select * from session_digests")
+        else:
+            cursor.execute("delete from analytics.published_sessions "
+                           "where session_key in (select session_key from candidate_sessions)")
+            cursor.execute("insert into analytics.published_sessions select * from candidate_digests")
+        if stale.days_whole:
+            cursor.execute("create or replace table analytics.published_session_days as select * from session_days")
+        else:
+            cursor.execute("""
+                insert into analytics.published_session_days
+                select * from new_session_days as new
+                anti join analytics.published_session_days as known using (session_key, day)""")
     finally:
         cursor.execute("detach analytics")
-        if previous:
-            cursor.execute("detach previous")
 
 
 def _warehouse_table(cursor: duckdb.DuckDBPyConnection, name: str) -> str:
@@ -312,16 +478,13 @@ def _warehouse_table(cursor: duckdb.DuckDBPyConnection, name: str) -> str:
 
 def _shadow_with_slice(cursor: duckdb.DuckDBPyConnection) -> None:
     """On `cursor`, each event table the views read becomes a temp table of the same name holding only the events
-    of the sessions with an event on a touched day (`touched_days`, with `session_days`): every row of those days
-    depends on those events alone."""
-    cursor.execute("""
-        create temp table slice_sessions as
-        select distinct session_id from session_days where day in (select day from touched_days)""")
+    of the sessions with an event on a touched day (`slice_sessions`): every row of those days depends on those
+    events alone."""
     columns = _read_columns(cursor)
     cursor.execute(f"""
         create temp table raw_events as
         select {columns["raw_events"]} from {_warehouse_table(cursor, "raw_events")}
-        where session_id in (select session_id from slice_sessions)""")
+        where hash(session_id) in (select session_key from slice_sessions)""")
     for table in EVENT_SOURCES[1:]:
         cursor.execute(f"""
             create temp table {table} as
@@ -329,16 +492,28 @@ def _shadow_with_slice(cursor: duckdb.DuckDBPyConnection) -> None:
             semi join raw_events on raw_events.event_id = source.event_id""")
 
 
-def _read_columns(connection: duckdb.DuckDBPyConnection) -> dict[str, str]:
+def _read_columns(connection: duckdb.DuckDBPyConnection, *, named: bool = True) -> dict[str, str]:
     """Each event table's columns that a published view's SQL names (a word of it, comments aside), as a select
-    list. A name that only happens to be a word there (`day`) costs a column read, never a column missed."""
-    words = set(re.findall(r"\w+", "\n".join(line.split("--")[0] for view in PUBLISHED_VIEWS
-                                              for line in read_sql(view).splitlines())))
+    list (`named`) or as a list of expressions to hash. A name that only happens to be a word there (`day`) costs a
+    column read, never a column missed. Of a struct column that the views only ever read fields of
+    (`custom_data.value`), only those fields: a slice then copies three numbers and strings of a cart, not its
+    items."""
+    sql = "\n".join(line.split("--")[0] for view in PUBLISHED_VIEWS for line in read_sql(view).splitlines())
+    words = set(re.findall(r"\w+", sql))
     found = connection.execute("""
-        select table_name, column_name from duckdb_columns()
+        select table_name, column_name, data_type like 'STRUCT(%' from duckdb_columns()
         where database_name = current_database() and schema_name = 'main' and table_name in ?
         order by column_index""", [list(EVENT_SOURCES)]).fetchall()
-    return {table: ", ".join(f'"{column}"' for name, column in found if name == table and column in words)
+
+    def expression(column: str, is_struct: bool) -> str:
+        fields = re.findall(rf'\b{column}\s*\.\s*"?(\w+)', sql)
+        if not is_struct or len(fields) != len(re.findall(rf"\b{column}\b", sql)):
+            return f'"{column}"'
+        packed = ", ".join(f'"{field}" := "{column}"."{field}"' for field in dict.fromkeys(fields))
+        return f"struct_pack({packed})" + (f' as "{column}"' if named else "")
+
+    return {table: ", ".join(expression(column, is_struct) for name, column, is_struct in found
+                             if name == table and column in words)
             for table in EVENT_SOURCES}
 
 
@@ -411,7 +586,7 @@ def refresh(settings: Settings, *, now: datetime) -> AnalyticsOverview:
     """What a sync ends with: the views recreated, their rows published for analysts, the numbers measured (from
     the published rows: computing a view over the whole history once per sync is enough)."""
     with settings.warehouse().connect() as warehouse:
-        create_views(warehouse)
+        ensure_views(warehouse)
         published = publish_for_analysts(warehouse, settings.warehouse_path, now=now)
         with duckdb.connect(str(published), read_only=True) as views:
             state = overview(views, warehouse, now=now, quiet_time=settings.alerts.max_quiet_time)
