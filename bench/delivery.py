@@ -10,10 +10,10 @@ It also reports the run against the limits' floor: the requests, the seconds fro
 last answer, the least time 10 requests a second and 150 a minute take to admit that many (the first 150 at 10 a
 second, then 150 a minute), their ratio (issue 14: at most 1.2x), and how many answers were 429; before that line,
 the whole step's seconds against the same floor (what issue 14 counts: the time before the first request and after
-the last answer too) and the machine's load. A short run, e.g. `--events 83000` (a full sync's 83 requests), measures the
-burst; `--repeat N` runs it N times, each with a fresh outbox and emulator, for the spread.
+the last answer too) and the machine's load. A short run, e.g. `--events 83000` (a full sync's 83 requests),
+measures the burst; `--repeat N` runs it N times, each with a fresh outbox and emulator, for the spread.
 
-    .venv/bin/python bench/delivery.py [--events 450000]
+    .venv/bin/python bench/delivery.py [--events 450000] [--repeat 1]
 """
 
 from __future__ import annotations

@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import NamedTuple
 
-import duckdb
-
 from upstack_pipeline import faults
 from upstack_pipeline.klaviyo.client import (Attempt, KlaviyoClient, KlaviyoDestinationError, Outcome, RatePacer,
                                              probe)

@@ -942,7 +942,8 @@ def _check_event_bulk_body(content_type: str, raw: bytes, rejected: frozenset[st
     return _BulkCheck(len(positions), None, _prepared_events(batch, received))
 
 
-def _prepared_events(batch: list[tuple[str | None, str, dict]], received: datetime) -> list[tuple[bytes, str, str, str]]:
+def _prepared_events(batch: list[tuple[str | None, str, dict]],
+                     received: datetime) -> list[tuple[bytes, str, str, str]]:
     """(dedupe key, metric, profile JSON, event JSON) for each (profile identifier, profile JSON, event attributes).
 
     Klaviyo: "If the unique_id is repeated for the same profile and metric, only the first processed event will
