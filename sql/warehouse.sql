@@ -189,8 +189,10 @@ create or replace view usable_identity_links as
 select * from identity_links as link
 where not exists (select 1 from identity_rejected_values as quarantined
                   where quarantined.reason = 'many_browsers'
-                      and ((quarantined.id_type = link.left_type and quarantined.value = link.left_value)
-                           or (quarantined.id_type = link.right_type and quarantined.value = link.right_value)));
+                      and quarantined.id_type = link.left_type and quarantined.value = link.left_value)
+    and not exists (select 1 from identity_rejected_values as quarantined
+                    where quarantined.reason = 'many_browsers'
+                        and quarantined.id_type = link.right_type and quarantined.value = link.right_value);
 
 -- Same-browser evidence between two cookies: one session on both, or one ad click opened in both within minutes.
 create table if not exists browser_links (
