@@ -24,8 +24,8 @@ END = datetime(2026, 11, 20, tzinfo=timezone.utc)
 
 @pytest.fixture
 def world(settings, tmp_path):
-    """Eight simulated days, landing one at a time (`arrive(number)` ingests and runs identity and mapping)."""
-    simulate(tmp_path / "sim", visitors=300, days=8, seed=11, end=END)
+    """Six simulated days, landing one at a time (`arrive(number)` ingests and runs identity and mapping)."""
+    simulate(tmp_path / "sim", visitors=200, days=6, seed=11, end=END)
     landing = tmp_path / "arriving"
     shutil.copytree(tmp_path / "sim" / "customers", landing / "customers")
     world = replace(settings, landing_dir=landing, destination=replace(settings.destination, send_mode="all"))
@@ -64,6 +64,7 @@ def copy_tables(settings) -> dict[str, list[tuple]]:
     return found
 
 
+@pytest.mark.slow
 def test_the_copy_updated_day_by_day_holds_what_a_copy_computed_whole_holds(world):
     """After each day, the copy updated from its previous self (rows, the record of each session's digest and
     days, what it was computed from) equals a copy computed from nothing; the days after the first few digest
@@ -80,6 +81,7 @@ def test_the_copy_updated_day_by_day_holds_what_a_copy_computed_whole_holds(worl
     assert all(located[1:])
 
 
+@pytest.mark.slow
 def test_a_change_no_writer_stamped_is_found_by_the_totals(world):
     """A row rewritten without its stamp, or deleted: the stamped sessions' sums do not add up to the tables'
     totals, so every session is digested again, and the changed session's days are recomputed."""
