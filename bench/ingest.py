@@ -12,6 +12,10 @@ the file after its first sighting, to time the retry-versus-conflict comparison;
 day folders `events/dt=YYYY-MM-DD/...`) and times what a store's syncs do: the baseline over every day but the
 last, ours over the same days (full), then the last day's files added (one more day), then again with nothing
 new; the increment, net of nothing new, is set against its share of the events, in seconds and in CPU seconds.
+The CPU seconds include, after each ingestion, the checkpoint the next stage's connection makes (it writes a table
+of its own, raw_events untouched): a DuckDB checkpoint vacuums every table, so a merge of raw_events' row groups
+that ingestion's own checkpoint skipped is paid there, by the same sync, and must count. raw_events' last row
+groups are printed after each step.
 Files are hard-linked (or copied) into a scratch landing folder, so DIR is never written. `--repeat N` runs it all
 N times, each with a fresh warehouse and its own baseline, since one run on a shared machine is noise.
 
@@ -105,6 +109,24 @@ def timed_ingest(settings: Settings) -> tuple[float, float, int]:
     return time.perf_counter() - started, time.process_time() - cpu, report.lines
 
 
+def later_checkpoint_cpu(settings: Settings) -> float:
+    """CPU seconds of the next stage's checkpoint: a connection that writes a table of its own and closes."""
+    with settings.warehouse().connect() as connection:
+        connection.execute("create or replace table bench_next_stage as select now() as at")
+        cpu = time.process_time()
+    return time.process_time() - cpu
+
+
+def last_row_groups(settings: Settings, count: int = 4) -> list[int]:
+    """The rows of raw_events' last row groups: partly filled ones are what a checkpoint's vacuum merges."""
+    with settings.warehouse().connect(read_only=True) as connection:
+        rows = connection.execute("""
+            select sum(count) from pragma_storage_info('raw_events')
+            where column_id = 0 and column_path = '[0]' group by row_group_id order by row_group_id
+        """).fetchall()
+    return [row for (row,) in rows[-count:]]
+
+
 def existing_landing(landing: Path, repeat: int) -> None:
     """Full sync, one more day, nothing new, each against read_json of the full sync's files in the same run."""
     days = sorted(folder for folder in (landing / "events").iterdir() if folder.is_dir())
@@ -122,10 +144,15 @@ def existing_landing(landing: Path, repeat: int) -> None:
             link_tree(full_files, landing, root / "landing")
             settings = Settings(landing_dir=root / "landing", warehouse_path=root / "warehouse.duckdb")
             full, full_cpu, full_lines = timed_ingest(settings)
+            full_later, full_groups = later_checkpoint_cpu(settings), last_row_groups(settings)
             link_tree(event_files[days[-1]], landing, root / "landing")
             day, day_cpu, day_lines = timed_ingest(settings)
+            day_groups = last_row_groups(settings)
+            day_later, day_later_groups = later_checkpoint_cpu(settings), last_row_groups(settings)
             nothing, nothing_cpu, nothing_lines = timed_ingest(settings)
+            nothing_later = later_checkpoint_cpu(settings)
             assert nothing_lines == 0, nothing_lines
+        full_cpu, day_cpu, nothing_cpu = full_cpu + full_later, day_cpu + day_later, nothing_cpu + nothing_later
         share, cost, cpu_cost = day_lines / full_lines, (day - nothing) / full, (day_cpu - nothing_cpu) / full_cpu
         print(f"run {run}: read_json {baseline:5.2f} s | full {full:5.2f} s = {full / baseline:.2f}x "
               f"({full_lines:,} lines) | one more day {day:5.2f} s = {day / baseline:.2f}x ({day_lines:,} lines) | "
@@ -137,6 +164,9 @@ def existing_landing(landing: Path, repeat: int) -> None:
         print(f"       CPU: full {full_cpu:5.2f} s | one more day {day_cpu:5.2f} s | nothing new {nothing_cpu:5.2f} s | "
               f"increment net of nothing new: {cpu_cost:.1%} of the full ingestion's CPU = "
               f"{cpu_cost / share:.1f}x its share", flush=True)
+        print(f"       of which the next stage's checkpoint: after full {full_later:4.2f} s | one more day "
+              f"{day_later:4.2f} s | nothing new {nothing_later:4.2f} s; raw_events' last row groups: full "
+              f"{full_groups}, one more day {day_groups}, after the next stage {day_later_groups}", flush=True)
 
 
 def main() -> None:

@@ -28,10 +28,20 @@ from upstack_pipeline.landing import (
     discover,
     split_new_and_changed,
 )
-from upstack_pipeline.warehouse import Warehouse, set_variables
+from upstack_pipeline.warehouse import VACUUM_STAGE, Warehouse, set_variables
 
 COUNT_NAMES = ("lines", "ingested_rows", "duplicate_rows", "quarantined_rows")
 STAGED_SCHEMA = {"source_file": pl.String, "line_number": pl.Int64, "raw_line": pl.String, "invalid_utf8": pl.Boolean}
+# raw_events' tail: the partly filled row groups after its last full one (DuckDB's row groups hold 122,880 rows).
+# Each ingestion run's commit starts a new row group, and a checkpoint's vacuum merges the tail whenever its row
+# groups fit in fewer: every small run would then pay for rewriting (zstd raw_json and all) up to a row group of
+# history, the previous runs' rows, whatever its own size. So checkpoints hold the vacuum (upstack_pipeline.warehouse
+# .apply_vacuum_hold) until the tail holds two row groups' worth (a merge then rewrites at most twice the rows that
+# arrived since the last one) or TAIL_VACUUM_GROUPS row groups: scans stay short, and the other tables' partly deleted
+# row groups (identity's re-resolved events) are reclaimed by the checkpoints after that run.
+ROW_GROUP_ROWS = 122_880
+TAIL_VACUUM_ROWS = 2 * ROW_GROUP_ROWS
+TAIL_VACUUM_GROUPS = 24
 # What a batch knows of each of its files before its lines are sorted: the ingested_files columns but the counts.
 LEDGER_SCHEMA = {"path": pl.String, "kind": pl.String, "size_bytes": pl.Int64,
                  "modified_at": pl.Datetime("us", "UTC"), "content_sha256": pl.String, "status": pl.String,
@@ -103,6 +113,7 @@ def ingest_new_files(
     # One connection for the whole ingestion: deciding which files are new and ingesting them happen under the
     # same file lock, so a concurrent sync waits and then finds nothing left to do instead of racing us.
     with warehouse.connect() as connection:
+        connection.execute("set max_vacuum_tasks = 0")  # the batches' commits may checkpoint: see decide_vacuum
         new, changed, touched = split_new_and_changed(
             discover(landing_dir, file_kind.kind), _known_files(connection, file_kind.kind)
         )
@@ -112,8 +123,12 @@ def ingest_new_files(
             log(f"{change.file.path} changed after it was ingested (sha256 {change.ingested_sha256[:12]}... -> "
                 f"{change.current_sha256[:12]}...); it is not read again. Landing files must be immutable: "
                 "write new data to a new file.")
+        ingested_any = False
         for batch in batches(new, batch_bytes):
             _ingest_batch(connection, batch, file_kind, now, report)
+            ingested_any = True
+        if ingested_any:
+            decide_vacuum(connection, now)
     for path, error in report.unreadable_files.items():
         log(f"{path} could not be read and was recorded as unreadable: {error}")
     return report
@@ -151,6 +166,27 @@ def _ingest_batch(
     faults.reached(f"{file_kind.kind}-batch")  # test hook: UPSTACK_TEST_STOP_AFTER=events-batch:N
     report.files_read += len(batch) - len(unreadable)
     report.unreadable_files.update(unreadable)
+
+
+def decide_vacuum(connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
+    """Whether checkpoints may vacuum from now until the next ingestion run that writes rows, from raw_events' tail
+    (see TAIL_VACUUM_ROWS); recorded for every stage's connection, and set on this one for its closing checkpoint.
+    Only a cost decision: whichever way a killed run leaves it, the next run decides again."""
+    tail = connection.execute("""
+        with row_groups as (
+            select row_group_id, sum(count) as rows from pragma_storage_info('raw_events')
+            where column_id = 0 and column_path = '[0]'  -- the first column's values: its row count
+            group by row_group_id
+        )
+        select count(*), coalesce(sum(rows), 0) from row_groups
+        where row_group_id > (select coalesce(max(row_group_id), -1) from row_groups where rows >= ?)
+    """, [ROW_GROUP_ROWS]).fetchone()
+    vacuum = tail[0] >= TAIL_VACUUM_GROUPS or tail[1] >= TAIL_VACUUM_ROWS
+    connection.execute(
+        "insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint) "
+        "values (?, (select coalesce(max(load_id), 0) from ingested_files), ?, ?)",
+        [VACUUM_STAGE, now, "vacuum" if vacuum else "hold"])
+    connection.execute("reset max_vacuum_tasks" if vacuum else "set max_vacuum_tasks = 0")
 
 
 def _stage(batch: list[LandingFile], file_kind: FileKind) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, str]]:

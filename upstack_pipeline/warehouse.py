@@ -25,7 +25,8 @@ change to an existing file (a new column goes last in its table in warehouse.sql
 column` puts it). `tests/test_warehouse_migrations.py` upgrades a first-release warehouse and checks that it ends
 with the schema of a new one.
 
-Opening a read-write connection costs two catalog queries when the file is current, and writes nothing. A
+Opening a read-write connection costs two catalog queries when the file is current, and a look at whether its
+checkpoints may vacuum (`apply_vacuum_hold`); it writes nothing. A
 read-only connection never migrates: a file that is behind is read as it is; a newer one is refused there too.
 """
 
@@ -122,6 +123,20 @@ def schema_version(connection: duckdb.DuckDBPyConnection) -> int | None:
     return BASELINE_VERSION if PRE_VERSIONING_MARKER in tables else None
 
 
+# pipeline_state's row (fingerprint 'hold' or 'vacuum') saying whether checkpoints may vacuum: a checkpoint's vacuum
+# merges the partly filled row groups of every table, whichever table the connection wrote, so raw_events' tail of
+# small appends is merged (rewritten) by the next checkpoint of any stage. Ingestion decides when that merge is worth
+# its cost (upstack_pipeline.ingestion.decide_vacuum) and every read-write connection follows its word.
+VACUUM_STAGE = "checkpoint_vacuum"
+
+
+def apply_vacuum_hold(connection: duckdb.DuckDBPyConnection) -> None:
+    """The connection's checkpoints vacuum unless ingestion last said to hold (max_vacuum_tasks is a setting of the
+    whole database instance, so it is set either way: another connection of this process may have held it)."""
+    row = connection.execute("select fingerprint from pipeline_state where stage = ?", [VACUUM_STAGE]).fetchone()
+    connection.execute("set max_vacuum_tasks = 0" if row and row[0] == "hold" else "reset max_vacuum_tasks")
+
+
 def _is_lock_conflict(error: duckdb.Error) -> bool:
     return "lock" in str(error).lower()
 
@@ -149,8 +164,10 @@ class Warehouse:
         try:
             connection.execute("set TimeZone = 'UTC'")
             version = self._check_version(connection)
-            if not read_only and version != self.latest_version:
-                self._bring_up_to_date(connection)
+            if not read_only:
+                if version != self.latest_version:
+                    self._bring_up_to_date(connection)
+                apply_vacuum_hold(connection)
             yield connection
         finally:
             connection.close()

@@ -1,0 +1,65 @@
+"""Small ingestion runs do not pay for rewriting earlier runs' rows: a DuckDB checkpoint's vacuum merges a table's
+partly filled row groups whenever they fit in fewer, whichever stage's connection checkpoints, so the merge of
+raw_events' tail is held until it is worth its cost (upstack_pipeline.ingestion.decide_vacuum), then done once."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import NOW, make_event, query, write_lines
+from upstack_pipeline.events import ingest_events
+from upstack_pipeline.ingestion import TAIL_VACUUM_GROUPS
+from upstack_pipeline.warehouse import VACUUM_STAGE
+
+ROW_GROUPS = """
+    select sum(count), min(block_id) from pragma_storage_info('{table}')
+    where column_id = 0 and column_path = '[0]' group by row_group_id order by row_group_id"""
+
+
+def hourly_run(settings, hour: int, events: int) -> None:
+    """One run's file of new events, ingested, then the next stage's checkpoint (a table of its own written)."""
+    write_lines(settings.events_dir / f"hour-{hour:03d}.ndjson",
+                [json.dumps(make_event(f"h{hour}-{n}")) for n in range(events)])
+    ingest_events(settings, now=NOW)
+    with settings.warehouse().connect() as connection:
+        connection.execute("create or replace table next_stage as select ? as hour", [hour])
+
+
+def row_groups(settings, table: str = "raw_events") -> list[tuple[int, int]]:
+    """(rows, first block) of each row group: a row group rewritten by a merge is written to other blocks."""
+    return query(settings, ROW_GROUPS.format(table=table))
+
+
+def test_an_hourly_run_and_the_next_stage_leave_earlier_runs_row_groups_as_they_were(settings):
+    hourly_run(settings, 0, 2000)
+    first = row_groups(settings)
+    hourly_run(settings, 1, 2000)
+    second = row_groups(settings)
+    hourly_run(settings, 2, 2000)
+
+    assert [rows for rows, _ in first] == [2000]
+    assert row_groups(settings)[:2] == second == [*first, second[1]]  # not merged, not rewritten
+    assert [rows for rows, _ in row_groups(settings)] == [2000, 2000, 2000]
+    assert query(settings, "select fingerprint from pipeline_state where stage = ?", [VACUUM_STAGE]) == [("hold",)]
+
+
+def test_the_tail_is_merged_once_it_has_enough_row_groups_and_other_tables_deleted_rows_are_reclaimed_then(settings):
+    with settings.warehouse().connect() as connection:  # another stage's table, half of it deleted while held
+        connection.execute("create table other_stage as select range as i from range(250000)")
+    hourly_run(settings, 0, 300)
+    with settings.warehouse().connect() as connection:
+        connection.execute("delete from other_stage where i % 2 = 0")
+    for hour in range(1, TAIL_VACUUM_GROUPS - 1):
+        hourly_run(settings, hour, 300)
+    assert [rows for rows, _ in row_groups(settings)] == [300] * (TAIL_VACUUM_GROUPS - 1)
+    assert len(row_groups(settings, "other_stage")) == 3  # 122,880 + 122,880 + 4,240 rows, their deletes kept
+
+    hourly_run(settings, TAIL_VACUUM_GROUPS - 1, 300)  # the run that makes TAIL_VACUUM_GROUPS row groups
+    assert query(settings, "select fingerprint from pipeline_state where stage = ?", [VACUUM_STAGE]) == [("vacuum",)]
+    assert [rows for rows, _ in row_groups(settings)] == [300 * TAIL_VACUUM_GROUPS]
+    assert [rows for rows, _ in row_groups(settings, "other_stage")] == [122_880, 4_240]  # the first two merged
+
+    hourly_run(settings, TAIL_VACUUM_GROUPS, 300)  # held again: the merged row group stays as it is
+    assert [rows for rows, _ in row_groups(settings)] == [300 * TAIL_VACUUM_GROUPS, 300]
+    assert query(settings, "select count(*), count(distinct event_id) from raw_events") == [
+        (300 * (TAIL_VACUUM_GROUPS + 1), 300 * (TAIL_VACUUM_GROUPS + 1))]
