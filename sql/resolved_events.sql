@@ -92,6 +92,14 @@ left join cookie_cluster using (anonymous_id);
 -- still says that someone identified themselves there: it ends the browser's previous email as a new email would
 -- (source 'quarantined', no email), so a false quarantine costs a send, never sends to the wrong person.
 create or replace temp table evidence as
+-- Only the observations of the targets' clusters' cookies are read: a filter on each observation's cluster, known
+-- only after joining cookie_cluster, sent every observation of the history through the quarantine and translation
+-- joins; the cookies, known first, filter the scan itself (a cookie is in at most one cluster, so it is the same).
+with target_cookies as (
+    select anonymous_id from cookie_cluster semi join targets on targets.cluster_id = cookie_cluster.browser_cluster_id
+    union
+    select cluster_id from targets anti join cookie_cluster on cookie_cluster.anonymous_id = targets.cluster_id
+)
 select
     observation.event_id,
     observation.event_time,
@@ -116,11 +124,11 @@ select
         when 'phone_hash' then 2 else 3
     end as source_rank
 from usable_identity_observations as observation
+semi join target_cookies using (anonymous_id)
 left join cookie_cluster using (anonymous_id)
 left join email_translations as translation
     on translation.id_type = observation.id_type and translation.id_value = observation.id_value
 where observation.id_type in ('email', 'email_hash', 'phone', 'phone_hash', 'customer_id', 'kx')
-    and coalesce(cookie_cluster.browser_cluster_id, observation.anonymous_id) in (select cluster_id from targets)
     and (observation.id_type = 'email' or observation.id_type = 'kx' or translation.email is not null)
 
 union all
@@ -128,12 +136,12 @@ select
     observation.event_id, observation.event_time, observation.anonymous_id, observation.session_id,
     coalesce(cookie_cluster.browser_cluster_id, observation.anonymous_id), null, null, 'quarantined', 0
 from identity_observations as observation
+semi join target_cookies using (anonymous_id)
 semi join identity_rejected_values as quarantined
     on quarantined.reason = 'many_browsers' and quarantined.id_type = observation.id_type
     and quarantined.value = observation.id_value
 left join cookie_cluster using (anonymous_id)
-where observation.id_type in ('email', 'email_hash')
-    and coalesce(cookie_cluster.browser_cluster_id, observation.anonymous_id) in (select cluster_id from targets);
+where observation.id_type in ('email', 'email_hash');
 
 create or replace temp table resolutions as
 with session_evidence as (                      -- each row once per kind of identity it carries
