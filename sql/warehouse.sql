@@ -15,6 +15,13 @@ create table if not exists pipeline_state (
     fingerprint varchar,    -- what else its last run read (settings, sources): unchanged and no new load, it skips
     overview   json         -- the numbers its overview last computed; null once a run changes something
 );
+-- The stages that run after identity, whose step records this table, have their rows from the start (load_id 0, no
+-- fingerprint: never run), so the count identity's step records is the table's at the end of the sync. (A file
+-- upgraded from before version 7 gets them at its first sync: an upgrade changes no row of an existing table.)
+insert into pipeline_state (stage, load_id, updated_at) values
+    ('klaviyo_mapping', 0, timestamptz '1970-01-01 00:00:00+00'),
+    ('analytics_views', 0, timestamptz '1970-01-01 00:00:00+00')
+on conflict do nothing;
 
 ------------------------------------------------------------------------------------------------ ingestion
 
