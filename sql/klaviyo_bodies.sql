@@ -30,7 +30,10 @@ weighed as (
            budget.bytes * getvariable('events_per_request') as span
     from pending, budget
 )
-select (weighed.before // weighed.span)::integer as request, unique_id, outbox.profile_key,
+-- A row heavier than a span (one past the budget: a few MB) spans more than one; the requests are numbered densely
+-- all the same, 0, 1, 2, ..., as delivery fetches them.
+select (dense_rank() over (order by weighed.before // weighed.span) - 1)::integer as request, unique_id,
+       outbox.profile_key,
        outbox.profile::varchar as profile, outbox.event::varchar as event, outbox.backfill
 from weighed
 join klaviyo_outbox as outbox using (unique_id)

@@ -149,3 +149,14 @@ def test_a_burst_through_the_emulators_command_with_its_check_processes_meets_no
     with settings.warehouse().connect() as connection:
         assert connection.execute("select status, count(*), count(distinct request_id) from klaviyo_outbox "
                                   "group by status").fetchall() == [("delivered", 4000, 40)]
+
+
+def test_a_row_of_a_few_megabytes_among_small_ones_leaves_no_request_unsent(tmp_path):
+    # A row past the budget (5 MB less the envelope and the largest row) weighs more than one request's span: the
+    # requests after it must still be numbered 0, 1, 2, ... or delivery's fetch of them stops short.
+    requests = planned(tmp_path, 3000, 1000, note_bytes=lambda i: 3_000_000 if i == 1500 else 200)
+    assert [request for request, *_ in requests] == list(range(len(requests)))
+    assert sum(events for _, events, *_ in requests) == 3000
+    assert sorted(row.unique_id for *_, rows in requests for row in rows) == sorted(f"u{i}" for i in range(3000))
+    for _, events, _, body, _ in requests:
+        assert events <= limits.MAX_EVENTS_PER_BULK_REQUEST and len(body) <= limits.MAX_BULK_REQUEST_BYTES
