@@ -177,7 +177,7 @@ def _send_all(connection, client: KlaviyoClient, requests: int, run: DeliveryRun
                     _record_attempts(connection, attempts)
                     in_flight[pool.submit(_answered, client, _rows_of(connection, request), result)] = request
                     continue
-                _settle_request(connection, request, result, now, attempts)
+                _settle_request(connection, request, result, verdict, now, attempts)
                 if verdict == "delivered":
                     run.delivered += events
                     run.delivered_backfill += backfill
@@ -274,9 +274,10 @@ def _answered(client: KlaviyoClient, rows: list[OutboxRow],
               outcome: Outcome) -> tuple[list[Settled], list[Refused], list[OutboxRow]]:
     """What Klaviyo's answer `outcome` to a request of `rows` makes of them: (delivered, refused, with no answer
     after every retry). A 400 is narrowed down to the events it names (or by halving); the rest are sent again."""
-    if outcome.status is not None and 200 <= outcome.status < 300:
+    verdict = _whole(outcome)
+    if verdict == "delivered":
         return [Settled(row, outcome.request_id) for row in rows], [], []
-    if outcome.status is None or outcome.status >= 429:
+    if verdict == "pending":
         return [], [], rows
     named = _rows_named_by_errors(rows, outcome.body)
     if named:
@@ -319,12 +320,13 @@ def _details(body: dict | None) -> str:
     return "; ".join(str(error.get("detail") or error.get("title")) for error in (body or {}).get("errors") or [])
 
 
-def _settle_request(connection, request: int, outcome: Outcome, now: datetime, attempts: list[Attempt]) -> None:
-    """One transaction: a whole request's rows delivered (naming the request) or back to pending, and the attempts
-    that decided them."""
+def _settle_request(connection, request: int, outcome: Outcome, verdict: str, now: datetime,
+                    attempts: list[Attempt]) -> None:
+    """One transaction: a whole request's rows delivered (naming the request) or back to pending, as `_whole`'s
+    verdict says, and the attempts that decided them."""
     connection.begin()
     _record_attempts(connection, attempts)
-    if _whole(outcome) == "delivered":
+    if verdict == "delivered":
         connection.execute("update klaviyo_outbox set status = 'delivered', delivered_at = ?, request_id = ? "
                            "from delivery_rows where delivery_rows.request = ? "
                            "and klaviyo_outbox.unique_id = delivery_rows.unique_id", [now, outcome.request_id, request])

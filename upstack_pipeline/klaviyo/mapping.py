@@ -97,13 +97,17 @@ def _last_run(connection: duckdb.DuckDBPyConnection, variables: dict) -> tuple[s
     return fingerprint, identity_load_id, incremental, last[1] if incremental else None
 
 
+# How many commerce events are undecided, from the tables' sizes alone (an event is in the outbox or skipped, once;
+# one decided twice fails the decided_twice check): no event is looked up.
+UNDECIDED_BY_SIZES = ("((select count(*) from resolved_events) - (select count(distinct event_id) from klaviyo_outbox)"
+                      " - (select count(*) from klaviyo_skipped))")
+
+
 def _only_held_back_left(connection: duckdb.DuckDBPyConnection) -> bool:
     """Whether the events still undecided are just those this run held back: every commerce event is in the outbox
     or skipped (each once), or waits for its session to go idle."""
-    return connection.execute("""
-        select (select count(*) from resolved_events) - (select count(distinct event_id) from klaviyo_outbox)
-               - (select count(*) from klaviyo_skipped)
-             = (select count(*) from undecided) - (select count(*) from candidates)
+    return connection.execute(f"""
+        select {UNDECIDED_BY_SIZES} = (select count(*) from undecided) - (select count(*) from candidates)
     """).fetchone()[0]
 
 
@@ -295,13 +299,12 @@ def _undecided(connection: duckdb.DuckDBPyConnection, now: datetime, hold_back) 
     """(undecided events of idle sessions, of active ones). Counted from the active sessions' events alone when
     the tables' sizes say every undecided event is one of those: resolved_events' rows less the events decided
     (each once) is how many are undecided. Otherwise each event is looked up in the outbox and the skipped."""
-    undecided, waiting = connection.execute("""
+    undecided, waiting = connection.execute(f"""
         with active as (
             select distinct left_value as session_id from identity_links
             where left_type = 'session_id' and last_seen > ?::timestamptz - ?::interval
         )
-        select (select count(*) from resolved_events) - (select count(distinct event_id) from klaviyo_outbox)
-                   - (select count(*) from klaviyo_skipped),
+        select {UNDECIDED_BY_SIZES},
                (select count(*) from resolved_events as resolved
                 semi join active using (session_id)
                 anti join klaviyo_outbox as sent on sent.event_id = resolved.event_id
