@@ -193,7 +193,7 @@ def publish_for_analysts(connection: duckdb.DuckDBPyConnection, warehouse_path: 
                 # A later view reading this one (daily_lift reads recovered_orders) reads the rows just computed.
                 cursor.execute(f"create temp view {view} as select * from computed_{view}")
             building.unlink(missing_ok=True)
-            if stale.previous:
+            if stale.days is not None:
                 shutil.copyfile(target, building)  # a file copy: what the sync did not touch is not rewritten
             _write_copy(cursor, building, stale, sources, now, warehouse_path)
         finally:
@@ -281,60 +281,39 @@ def _find_stale(cursor: duckdb.DuckDBPyConnection, copy_path: Path, sources: dic
     """The days of the copy at `copy_path` whose rows may differ now: every day of a session whose rows changed or
     that got new raw events, and the days of new quarantine; None: every day (no copy, or one from other views or
     metrics, a later load, or another release; or most days anyway). Leaves them in `touched_days` on `cursor`,
-    the sessions with an event on one of them in `slice_sessions`, and the copy's new record of sessions."""
+    with the copy's new record of sessions."""
     previous = _published_sources(copy_path)
     if previous is not None and _unchanged(previous, sources):
         return _Stale(set())
-    raw_events = _warehouse_table(cursor, "raw_events")
     if previous is None or previous["views"] != sources["views"] or previous["load_id"] > sources["load_id"]:
         _digest_sessions(cursor, "session_digests")
         _every_session_day(cursor)
         return _Stale(None)
     cursor.execute("attach ? as previous (read_only)", [str(copy_path)])
     try:
+        # raw_events only grows, in loads: the new loads' sessions are changed, and their days the only new ones.
+        cursor.execute(f"""
+            create temp table new_session_days as
+            select distinct hash(session_id) as session_key, (event_time at time zone 'UTC')::date as day
+            from {_warehouse_table(cursor, 'raw_events')} where load_id > ?""", [previous["load_id"]])
+        cursor.execute("""
+            create temp view session_days_now as
+            select * from previous.published_session_days union all select * from new_session_days""")
+        _new_quarantine_days(cursor, previous["load_id"])
         located = _located_changes(cursor, previous, sources)
         if not located:
             # A change the writers' stamps do not lead to (a row deleted, or written without its stamp): every
             # session's digest against the copy's.
             _digest_sessions(cursor, "session_digests")
-            cursor.execute(f"""
-                create temp table changed_sessions as
-                select coalesce(current.session_key, published.session_key) as session_key
-                from session_digests as current
-                full join previous.published_sessions as published
-                    on published.session_key is not distinct from current.session_key
-                where {_digest_differs('current', 'published')}""")
+            _changed_sessions(cursor, "session_digests", "previous.published_sessions")
             if cursor.execute("select count(*) from changed_sessions where session_key is null").fetchone()[0]:
                 _every_session_day(cursor)
                 return _Stale(None, previous=True)
-        # raw_events only grows, in loads: the new loads' sessions are changed, and their days the only new ones.
-        cursor.execute(f"""
-            create temp table new_session_days as
-            select distinct hash(session_id) as session_key, (event_time at time zone 'UTC')::date as day
-            from {raw_events} where load_id > ?""", [previous["load_id"]])
-        cursor.execute("insert into changed_sessions select distinct session_key from new_session_days")
-        cursor.execute("""
-            create temp view session_days_now as
-            select * from previous.published_session_days union all select * from new_session_days""")
-        # New quarantined lines count under the days delivery_funnel gives them by its own rules: the view over those
-        # lines alone.
-        cursor.execute("create temp table new_loads as select path from ingested_files where load_id > ?",
-                       [previous["load_id"]])
-        cursor.execute(f"""
-            create temp view quarantined_events as
-            select * from {_warehouse_table(cursor, 'quarantined_events')}
-            semi join new_loads on new_loads.path = source_file""")
-        cursor.execute(f"create temp view raw_events as select * from {raw_events} limit 0")
         cursor.execute("""
             create temp table touched_days as
-            select day from delivery_funnel
+            select day from quarantine_days
             union
             select day from session_days_now semi join changed_sessions using (session_key)""")
-        cursor.execute("drop view quarantined_events")
-        cursor.execute("drop view raw_events")
-        cursor.execute("""
-            create temp table slice_sessions as
-            select distinct session_key from session_days_now semi join touched_days using (day)""")
         days = {day for (day,) in cursor.execute("select day from touched_days").fetchall()}
         # Past half the days, the slices would be most of the history: computing the views whole costs less.
         every_day = cursor.execute("select count(distinct day) from session_days_now").fetchone()[0]
@@ -343,6 +322,19 @@ def _find_stale(cursor: duckdb.DuckDBPyConnection, copy_path: Path, sources: dic
     except BaseException:
         cursor.execute("detach previous")
         raise
+
+
+def _new_quarantine_days(cursor: duckdb.DuckDBPyConnection, load_id: int) -> None:
+    """`quarantine_days`: the days delivery_funnel gives the lines quarantined after load `load_id`, by its own
+    rules (the view over those lines alone)."""
+    cursor.execute("create temp table new_loads as select path from ingested_files where load_id > ?", [load_id])
+    cursor.execute(f"""
+        create temp view quarantined_events as
+        select * from {_warehouse_table(cursor, 'quarantined_events')}
+        semi join new_loads on new_loads.path = source_file""")
+    cursor.execute(f"create temp view raw_events as select * from {_warehouse_table(cursor, 'raw_events')} limit 0")
+    cursor.execute("create temp table quarantine_days as select distinct day from delivery_funnel")
+    cursor.execute("drop view temp.main.quarantined_events; drop view temp.main.raw_events")
 
 
 def _located_changes(cursor: duckdb.DuckDBPyConnection, previous: dict, sources: dict) -> bool:
@@ -364,10 +356,10 @@ def _located_changes(cursor: duckdb.DuckDBPyConnection, previous: dict, sources:
         from candidate_events
         left join {_warehouse_table(cursor, 'resolved_events')} as resolved using (event_id)
         union
-        select distinct hash(session_id) from {_warehouse_table(cursor, 'raw_events')} where load_id > $load_id""",
-                   {"load_id": previous["load_id"]})
+        select session_key from new_session_days""")
+    cursor.execute("drop table temp.main.candidate_events")
     if cursor.execute("select count(*) from candidate_sessions where session_key is null").fetchone()[0]:
-        cursor.execute("drop table candidate_events; drop table candidate_sessions")
+        cursor.execute("drop table temp.main.candidate_sessions")
         return False
     columns = _read_columns(cursor)
     cursor.execute(f"""
@@ -380,7 +372,7 @@ def _located_changes(cursor: duckdb.DuckDBPyConnection, previous: dict, sources:
             select {columns[table]} from {_warehouse_table(cursor, table)} as source
             semi join resolved_events on resolved_events.event_id = source.event_id""")
     _digest_sessions(cursor, "candidate_digests")
-    cursor.execute("drop table resolved_events; drop table klaviyo_skipped; drop table klaviyo_outbox")
+    cursor.execute("; ".join(f"drop table temp.main.{table}" for table in EVENT_SOURCES[1:]))
     sums = ", ".join(f"coalesce(sum({table}_{part}), 0)" for table in SESSION_TABLES for part in ("rows", "sum"))
     negated = ", ".join(f"-{table}_{part} as {table}_{part}" for table in SESSION_TABLES for part in ("rows", "sum"))
     moved = cursor.execute(f"""
@@ -391,16 +383,24 @@ def _located_changes(cursor: duckdb.DuckDBPyConnection, previous: dict, sources:
     expected = [int(value) for table in STAMPS for value in previous["tables"][table]]
     if [before + change for before, change in zip(expected, moved)] != [
             value for table in STAMPS for value in sources["tables"][table]]:
-        cursor.execute("drop table candidate_events; drop table candidate_sessions; drop table candidate_digests")
+        cursor.execute("drop table temp.main.candidate_sessions; drop table temp.main.candidate_digests")
         return False
+    _changed_sessions(cursor, "candidate_digests",
+                      "(select * from previous.published_sessions semi join candidate_sessions using (session_key))")
+    return True
+
+
+def _changed_sessions(cursor: duckdb.DuckDBPyConnection, current: str, published: str) -> None:
+    """`changed_sessions`: the sessions whose digest in `current` is not the one in `published` (either may lack
+    it), and the new loads' sessions (whose raw events the digests do not cover)."""
     cursor.execute(f"""
         create temp table changed_sessions as
         select coalesce(current.session_key, published.session_key) as session_key
-        from candidate_digests as current
-        full join (select * from previous.published_sessions semi join candidate_sessions using (session_key))
-            as published on published.session_key = current.session_key
-        where {_digest_differs('current', 'published')}""")
-    return True
+        from {current} as current
+        full join {published} as published on published.session_key is not distinct from current.session_key
+        where {_digest_differs('current', 'published')}
+        union
+        select session_key from new_session_days""")
 
 
 def _digest_differs(current: str, published: str) -> str:
@@ -431,8 +431,9 @@ def _published_sources(copy_path: Path) -> dict | None:
 
 def _write_copy(cursor: duckdb.DuckDBPyConnection, building: Path, stale: _Stale, sources: dict, now: datetime,
                 warehouse_path: Path) -> None:
-    """The copy at `building` (a file copy of the previous copy, or a new file): the computed days' rows
-    (computed_<view>) in place of those days', and the record of what they were computed from."""
+    """The copy at `building` (a file copy of the previous copy when only some days are computed, else a new file):
+    the computed days' rows (computed_<view>) in place of those days', and the record of what they were computed
+    from."""
     cursor.execute("attach ? as analytics", [str(building)])
     try:
         for view in PUBLISHED_VIEWS:
@@ -453,6 +454,12 @@ def _write_copy(cursor: duckdb.DuckDBPyConnection, building: Path, stale: _Stale
                        "sources varchar)")
         cursor.execute("insert into analytics.published values (?, ?, ?)",
                        [now, str(warehouse_path), json.dumps(sources)])
+        if stale.previous and stale.days is None:
+            # Every day computed into a new file: the record of sessions is the previous copy's, updated below.
+            for table, whole in (("published_sessions", stale.digests_whole),
+                                 ("published_session_days", stale.days_whole)):
+                if not whole:
+                    cursor.execute(f"create table analytics.{table} as select * from previous.{table}")
         if stale.digests_whole:
             cursor.execute("create or replace table analytics.published_sessions as select * from session_digests")
         else:
@@ -480,6 +487,9 @@ def _shadow_with_slice(cursor: duckdb.DuckDBPyConnection) -> None:
     """On `cursor`, each event table the views read becomes a temp table of the same name holding only the events
     of the sessions with an event on a touched day (`slice_sessions`): every row of those days depends on those
     events alone."""
+    cursor.execute("""
+        create temp table slice_sessions as
+        select distinct session_key from session_days_now semi join touched_days using (day)""")
     columns = _read_columns(cursor)
     cursor.execute(f"""
         create temp table raw_events as
