@@ -490,11 +490,21 @@ def _shadow_with_slice(cursor: duckdb.DuckDBPyConnection) -> None:
     cursor.execute("""
         create temp table slice_sessions as
         select distinct session_key from session_days_now semi join touched_days using (day)""")
+    # Those sessions' events lie on their days (session_days_now), in runs of consecutive days: raw_events is
+    # written in loads, mostly a day's files at a time, so a filter on those runs' times lets the scan skip the
+    # row groups of other days before hashing any session id.
+    runs = cursor.execute("""
+        select min(day), max(day) + 1 from (
+            select day, day - row_number() over (order by day)::int as run
+            from (select distinct day from session_days_now semi join slice_sessions using (session_key)))
+        group by run""").fetchall()
+    times = [datetime.combine(day, datetime.min.time(), timezone.utc) for run in runs for day in run]
     columns = _read_columns(cursor)
     cursor.execute(f"""
         create temp table raw_events as
         select {columns["raw_events"]} from {_warehouse_table(cursor, "raw_events")}
-        where hash(session_id) in (select session_key from slice_sessions)""")
+        where ({" or ".join(["(event_time >= ? and event_time < ?)"] * len(runs)) or "false"})
+            and hash(session_id) in (select session_key from slice_sessions)""", times)
     for table in EVENT_SOURCES[1:]:
         cursor.execute(f"""
             create temp table {table} as
