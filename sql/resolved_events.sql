@@ -22,7 +22,8 @@
 -- Variables: after_load_id, until_load_id, after_customers_load_id, commerce_events, cookie_lifetime,
 --   max_emails_per_browser, now
 -- Writes: identity_flags, resolved_events
--- Leaves: cookie_cluster (temp), affected_cookies (temp), targets (temp), evidence (temp), resolutions (temp)
+-- Leaves: cookie_cluster (temp), affected_cookies (temp), targets (temp), evidence (temp), resolutions (temp),
+--   replaced_resolutions (temp)
 
 create or replace temp table cookie_cluster as
 select anonymous_id, browser_cluster_id, linked_by from browser_clusters;
@@ -272,7 +273,11 @@ from resolutions where decision = 'shared_device'
 group by cluster_id
 on conflict do nothing;
 
-delete from resolved_events where event_id in (select event_id from targets);
+-- The rows about to be replaced, with the cluster each was counted under (sql/shared_device_guard_scope.sql).
+create or replace temp table replaced_resolutions as
+select event_id, browser_cluster_id from resolved_events where event_id in (select event_id from targets);
+
+delete from resolved_events where event_id in (select event_id from replaced_resolutions);
 
 insert into resolved_events
 select

@@ -11,7 +11,10 @@ chunk of new loads (one chunk on an hourly run; a backfill's in chunks of about 
    cookies that are one browser (a shared session, an ad click handed from an in-app browser to Safari), under
    the guards of `IdentitySettings`.
 4. `resolved_events`: the events whose answer may have changed, resolved again.
-5. `identities`: the people touched, upserted, and named on their events.
+5. `shared_device_guard_scope` + `shared_device_guard_check`: the shared-device guard's check counted again on the
+   browser clusters whose evidence or events changed; the clusters over 0 are kept in pipeline_state (stage
+   `shared_device_guard`) for the overview.
+6. `identities`: the people touched, upserted, and named on their events.
 
 Only what is new since the last chunk (raw_events.load_id above the stage's watermark, up to the chunk's last load)
 is read, plus the browser clusters it touches, so an hourly run costs in proportion to the hour, not the history,
@@ -63,8 +66,11 @@ LABEL_STEP = "browser_cluster_labels_step"
 STEPS = (
     "identifier_normalization", "identity_observations", "identity_rejected_values", "identity_links",
     "browser_links", "email_translations", "browser_clusters", LABEL_STEP, "browser_clusters_finish",
-    "resolved_events", "identities",
+    "resolved_events", "shared_device_guard_scope", "shared_device_guard_check", "identities",
 )
+# pipeline_state's row holding, as JSON {cluster: events}, the clusters over 0 in sql/shared_device_guard_check.sql,
+# counted under its fingerprint as of its load_id: the overview's number, kept per run instead of recounted.
+GUARD_STAGE = "shared_device_guard"
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ def resolve_identities(
     fingerprint = _fingerprint(settings.identity)
     with settings.warehouse().connect() as connection:
         watermark, last_fingerprint = _last_run(connection)
+        guard_fingerprint = _guard_breaches(connection)[0]
         chunks = _chunks(connection, watermark, settings.identity_chunk_rows)
         if not chunks:
             # Nothing new, under the same guards: every step would find nothing to change (the supernode verdicts,
@@ -104,8 +111,11 @@ def resolve_identities(
                 return IdentityRun(new_observations=0, rejected_values=0, events_resolved=0, label_steps=0,
                                    chunks=0)
             chunks = [(watermark, watermark)]
+        # The guard's counts kept are counted again in full under other guards or SQL (or none kept yet): by the
+        # first chunk, whose commit keeps them under this run's fingerprint.
         runs = [_resolve_chunk(connection, settings.identity, after_load_id=after, until_load_id=until, now=now,
-                               fingerprint=fingerprint, after_step=after_step) for after, until in chunks]
+                               fingerprint=fingerprint, guard_recount=number == 0 and guard_fingerprint != fingerprint,
+                               after_step=after_step) for number, (after, until) in enumerate(chunks)]
     return IdentityRun(**{name: sum(getattr(run, name) for run in runs) for name in vars(runs[0])})
 
 
@@ -128,10 +138,12 @@ def _chunks(connection: duckdb.DuckDBPyConnection, watermark: int, chunk_rows: i
 
 def _resolve_chunk(
     connection: duckdb.DuckDBPyConnection, identity: IdentitySettings, *, after_load_id: int, until_load_id: int,
-    now: datetime, fingerprint: str, after_step: Callable[[duckdb.DuckDBPyConnection, str], None] | None,
+    now: datetime, fingerprint: str, guard_recount: bool,
+    after_step: Callable[[duckdb.DuckDBPyConnection, str], None] | None,
 ) -> IdentityRun:
     connection.begin()
-    _set_variables(connection, identity, after_load_id=after_load_id, until_load_id=until_load_id, now=now)
+    _set_variables(connection, identity, after_load_id=after_load_id, until_load_id=until_load_id, now=now,
+                   guard_recount=guard_recount)
     label_steps = 0
     for step in STEPS:
         if step == LABEL_STEP:
@@ -149,6 +161,16 @@ def _resolve_chunk(
     )
     connection.execute("insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview) "
                        "values (?, ?, ?, ?, null)", [STAGE, until_load_id, now, fingerprint])
+    # The counts kept for the clusters not counted again, and the new ones over 0.
+    connection.execute("""
+        insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview)
+        select ?, ?, ?, ?, coalesce(json_group_object(cluster_id, events), '{}') from (
+            select key as cluster_id, value::bigint as events
+            from json_each((select overview from pipeline_state where stage = ? and not getvariable('guard_recount')))
+            where key not in (select cluster_id from guard_counted)
+            union all
+            select cluster_id, events from guard_breaches
+        )""", [GUARD_STAGE, until_load_id, now, fingerprint, GUARD_STAGE])
     connection.commit()
     return run
 
@@ -158,15 +180,22 @@ def _last_run(connection: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
     return (row[0], row[1]) if row else (0, None)
 
 
+def _guard_breaches(connection: duckdb.DuckDBPyConnection) -> tuple[str | None, dict[str, int]]:
+    """The fingerprint the guard's counts kept were counted under (None: none kept) and the clusters over 0."""
+    row = connection.execute("select fingerprint, overview from pipeline_state where stage = ?",
+                             [GUARD_STAGE]).fetchone()
+    return (row[0], json.loads(row[1])) if row else (None, {})
+
+
 def _fingerprint(identity: IdentitySettings) -> str:
     """What a run depends on besides the tables: the guards, the commerce events and this release's SQL."""
-    text = repr((identity, COMMERCE_EVENTS, [read_sql(step) for step in STEPS], read_sql("shared_device_guard_check")))
+    text = repr((identity, COMMERCE_EVENTS, [read_sql(step) for step in STEPS]))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _set_variables(
     connection: duckdb.DuckDBPyConnection, identity: IdentitySettings, *, after_load_id: int, until_load_id: int,
-    now: datetime,
+    now: datetime, guard_recount: bool,
 ) -> None:
     variables = {
         # The chunk's loads: after_load_id < load_id <= until_load_id.
@@ -185,6 +214,8 @@ def _set_variables(
         "cookie_lifetime": identity.cookie_lifetime,
         "probabilistic_matching": identity.probabilistic_matching,
         "probabilistic_window": identity.probabilistic_window,
+        # Whether sql/shared_device_guard_check.sql counts every cluster, not only those this chunk touched.
+        "guard_recount": guard_recount,
     }
     set_variables(connection, variables)
 
@@ -220,20 +251,23 @@ class IdentityOverview:
 def overview(settings: Settings, *, limit: int = 5) -> IdentityOverview:
     """Counted over the whole history once after each run that changed something, then kept in
     pipeline_state.overview (with the settings and the limit it was counted under) for the runs that change
-    nothing: only resolve_identities writes these tables, and every run of it that does clears the copy."""
+    nothing: only resolve_identities writes these tables, and every run of it that does clears the copy. The
+    shared-device guard's check is the one number not counted here: each run keeps it (GUARD_STAGE), counted again
+    only on the clusters it changed, and it is counted over every cluster only under guards no run has used."""
     key = {"fingerprint": _fingerprint(settings.identity), "limit": limit}
     with settings.warehouse().connect() as connection:
         kept = connection.execute("select overview from pipeline_state where stage = ?", [STAGE]).fetchone()
         if kept and kept[0] is not None and (memo := json.loads(kept[0]))["key"] == key:
             return _from_memo(memo["overview"])
-        state = _count_overview(connection, settings.identity, limit)
+        state = _count_overview(connection, settings.identity, limit, key["fingerprint"])
         if kept:
             connection.execute("update pipeline_state set overview = ? where stage = ?",
                                 [json.dumps({"key": key, "overview": _to_memo(state)}), STAGE])
     return state
 
 
-def _count_overview(connection: duckdb.DuckDBPyConnection, guard: IdentitySettings, limit: int) -> IdentityOverview:
+def _count_overview(connection: duckdb.DuckDBPyConnection, guard: IdentitySettings, limit: int,
+                    fingerprint: str) -> IdentityOverview:
     def pairs(query: str) -> dict:
         return dict(connection.execute(query).fetchall())
 
@@ -242,9 +276,8 @@ def _count_overview(connection: duckdb.DuckDBPyConnection, guard: IdentitySettin
                (select count(*) from resolved_events where match_method is not null),
                (select count(*) from identities)
     """).fetchone()
-    over_guard = connection.execute(read_sql("shared_device_guard_check"), {
-        "cookie_lifetime": guard.cookie_lifetime, "max_emails": guard.max_emails_per_browser,
-    }).fetchone()[0]
+    kept_under, breaches = _guard_breaches(connection)
+    over_guard = sum(breaches.values()) if kept_under == fingerprint else _count_guard(connection, guard)
     return IdentityOverview(
         commerce_events=commerce,
         resolved_events=resolved,
@@ -264,6 +297,15 @@ def _count_overview(connection: duckdb.DuckDBPyConnection, guard: IdentitySettin
             order by emails desc, anonymous_id limit $limit""", params={"limit": limit}).pl(),
         history_attributions_over_guard=over_guard,
     )
+
+
+def _count_guard(connection: duckdb.DuckDBPyConnection, guard: IdentitySettings) -> int:
+    """The guard's check over every cluster, for an overview asked under other guards than the last run's."""
+    set_variables(connection, {"guard_recount": True, "cookie_lifetime": guard.cookie_lifetime,
+                               "max_emails_per_browser": guard.max_emails_per_browser})
+    connection.execute("create or replace temp table guard_clusters (cluster_id varchar)")
+    connection.execute(read_sql("shared_device_guard_check"))
+    return connection.execute("select coalesce(sum(events), 0) from guard_breaches").fetchone()[0]
 
 
 FRAMES = ("rejected_values", "largest_shared_browsers")
