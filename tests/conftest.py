@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -58,6 +61,19 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 def write_events(path: Path, events: list[dict]) -> Path:
     return write_lines(path, [json.dumps(event) for event in events])
 
+
+
+def ingest_killed_after_batch(settings: Settings, batch: int) -> subprocess.CompletedProcess:
+    """`ingest_events` in a child process, one file per transaction, that SIGKILLs itself right after the given
+    batch's commit (the test hook, upstack_pipeline/faults.py): no close, no cleanup, as a killed run leaves it."""
+    script = ("import sys; from datetime import datetime; from upstack_pipeline.settings import Settings;"
+              "from upstack_pipeline.events import ingest_events;"
+              "ingest_events(Settings.from_env(), now=datetime.fromisoformat(sys.argv[1]))")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("UPSTACK_")}
+    env.update(UPSTACK_LANDING_DIR=str(settings.landing_dir), UPSTACK_WAREHOUSE=str(settings.warehouse_path),
+               UPSTACK_INGEST_BATCH_BYTES="1", UPSTACK_TEST_STOP_AFTER=f"events-batch:{batch}")
+    return subprocess.run([sys.executable, "-c", script, NOW.isoformat()], env=env, capture_output=True, text=True,
+                          timeout=120)
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:

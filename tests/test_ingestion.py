@@ -7,15 +7,13 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 from dataclasses import replace
 from datetime import timedelta
 
 import polars as pl
 import pytest
 
-from conftest import NOW, make_event, query, write_events, write_lines
+from conftest import NOW, ingest_killed_after_batch, make_event, query, write_events, write_lines
 from upstack_pipeline.customers import ingest_customers
 from upstack_pipeline.events import ingest_events
 
@@ -248,16 +246,8 @@ def test_batching_does_not_change_the_outcome(settings, batch_bytes):
 def test_an_ingestion_killed_after_its_second_batch_keeps_exactly_two_files_and_the_rerun_reads_the_rest(settings):
     for hour in range(5):
         write_events(settings.events_dir / f"h{hour}.ndjson", [make_event(f"e{hour}-{n}") for n in range(3)])
-    script = ("import sys; from datetime import datetime; from upstack_pipeline.settings import Settings;"
-              "from upstack_pipeline.events import ingest_events;"
-              "ingest_events(Settings.from_env(), now=datetime.fromisoformat(sys.argv[1]))")
-    env = {key: value for key, value in os.environ.items() if not key.startswith("UPSTACK_")}
-    # One file per transaction, and the test hook (upstack_pipeline/faults.py): SIGKILL after the second commit.
-    env.update(UPSTACK_LANDING_DIR=str(settings.landing_dir), UPSTACK_WAREHOUSE=str(settings.warehouse_path),
-               UPSTACK_INGEST_BATCH_BYTES="1", UPSTACK_TEST_STOP_AFTER="events-batch:2")
 
-    killed = subprocess.run([sys.executable, "-c", script, NOW.isoformat()], env=env, capture_output=True,
-                            text=True, timeout=120)
+    killed = ingest_killed_after_batch(settings, 2)
 
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert query(settings, "select list(path order by path), sum(ingested_rows) from ingested_files") == [

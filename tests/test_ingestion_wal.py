@@ -5,30 +5,19 @@ of its ingestion (upstack_pipeline.ingestion.WRITTEN_ONCE)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 
-from conftest import NOW, make_event, query, write_lines
-
-SCRIPT = ("import sys; from datetime import datetime; from upstack_pipeline.settings import Settings;"
-          "from upstack_pipeline.events import ingest_events;"
-          "ingest_events(Settings.from_env(), now=datetime.fromisoformat(sys.argv[1]))")
+from conftest import ingest_killed_after_batch, make_event, query, write_lines
 
 
 def test_a_run_killed_after_its_first_batch_left_that_batch_in_the_database_file_and_nothing_in_the_wal(settings):
     for hour in range(2):
         write_lines(settings.events_dir / f"h{hour}.ndjson",
                     [json.dumps(make_event(f"h{hour}-{n}")) for n in range(3000)])  # about 2 MB each
-    env = {key: value for key, value in os.environ.items() if not key.startswith("UPSTACK_")}
-    # One file per transaction, and SIGKILL right after the first commit: no close, so no checkpoint of the
-    # connection's own; what the batch's commit did not put into the database file is still in the WAL.
-    env.update(UPSTACK_LANDING_DIR=str(settings.landing_dir), UPSTACK_WAREHOUSE=str(settings.warehouse_path),
-               UPSTACK_INGEST_BATCH_BYTES="1", UPSTACK_TEST_STOP_AFTER="events-batch:1")
 
-    killed = subprocess.run([sys.executable, "-c", SCRIPT, NOW.isoformat()], env=env, capture_output=True,
-                            text=True, timeout=120)
+    # Killed right after the first commit: no close, so no checkpoint of the connection's own; what the batch's
+    # commit did not put into the database file is still in the WAL.
+    killed = ingest_killed_after_batch(settings, 1)
 
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     wal = settings.warehouse_path.with_name(settings.warehouse_path.name + ".wal")

@@ -132,10 +132,12 @@ def ingest_new_files(
                 "write new data to a new file.")
         ingested_any = False
         connection.execute(f"set checkpoint_threshold = '{WRITTEN_ONCE}'")
-        for batch in batches(new, batch_bytes):
-            _ingest_batch(connection, batch, file_kind, now, report)
-            ingested_any = True
-        connection.execute("reset checkpoint_threshold")
+        try:
+            for batch in batches(new, batch_bytes):
+                _ingest_batch(connection, batch, file_kind, now, report)
+                ingested_any = True
+        finally:  # the setting is the database's: other connections of this process keep DuckDB's own
+            connection.execute("reset checkpoint_threshold")
         if ingested_any:
             decide_vacuum(connection, now)
     for path, error in report.unreadable_files.items():
