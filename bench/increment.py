@@ -11,7 +11,8 @@ Prints each step's seconds per phase (the median of `--trials`, with the spread)
 nothing-new run as a share of the full run's against the day's share of the events (the acceptance: at most 2x),
 and with `--profile` the seconds of each identity SQL file. `--digest FILE` writes a digest of resolved_events,
 identities, klaviyo_outbox, klaviyo_skipped and every published analytics table after each phase, to compare
-two versions of the code on the same folder (run it with PYTHONPATH set to the other version's checkout).
+two versions of the code on the same folder (run it with PYTHONPATH set to the other version's checkout);
+`--digest-without-resolved-at` leaves resolved_events' stamp out of its digest.
 
     .venv/bin/python bench/increment.py /tmp/scale-1203/simulation [--trials 3] [--profile] [--digest FILE]
 """
@@ -80,7 +81,7 @@ def run_steps(settings: Settings, now: datetime, profile: dict[str, float] | Non
     return seconds
 
 
-def digest(settings: Settings) -> dict[str, str]:
+def digest(settings: Settings, *, without_resolved_at: bool = False) -> dict[str, str]:
     """Order-free digests: the rows as text, hashed, the hashes sorted and hashed again."""
     def table_digest(connection: duckdb.DuckDBPyConnection, table: str) -> str:
         return connection.execute(f"""
@@ -89,6 +90,8 @@ def digest(settings: Settings) -> dict[str, str]:
 
     with settings.warehouse().connect() as connection:
         found = {table: table_digest(connection, table) for table in DIGESTED}
+        if without_resolved_at:
+            found["resolved_events"] = table_digest(connection, "(select * exclude (resolved_at) from resolved_events)")
     published = analytics.analytics_path(settings.warehouse_path)
     with duckdb.connect(str(published), read_only=True) as connection:
         for (table,) in connection.execute("select table_name from duckdb_tables() order by 1").fetchall():
@@ -102,6 +105,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="seconds of each identity SQL file, per phase")
     parser.add_argument("--digest", type=Path, help="write the tables' digests after each phase (first trial)")
+    parser.add_argument("--digest-without-resolved-at", action="store_true",
+                        help="digest resolved_events without resolved_at: a run that stamps only the rows it changed")
     parser.add_argument("--keep", type=Path, help="build the base warehouse here and reuse it if it is there")
     args = parser.parse_args()
 
@@ -148,7 +153,7 @@ def main() -> None:
                 for step in STEPS:
                     times[phase][step].append(seconds[step])
                 if args.digest and trial == 0:
-                    digests[phase] = digest(settings)
+                    digests[phase] = digest(settings, without_resolved_at=args.digest_without_resolved_at)
             shutil.rmtree(landing / "events" / days[-1].name)
         if args.digest:
             args.digest.write_text(json.dumps(digests, indent=1, sort_keys=True))
