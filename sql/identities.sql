@@ -1,11 +1,12 @@
--- Upserts the people this run touched into identities, then names them on the resolved events.
+-- Upserts the people this run touched into identities (sql/resolved_events.sql gives their events the first of
+-- the phones listed here).
 -- An identity is anchored on an email or, when nothing ties it to one, a Klaviyo _kx; its upstack_id is derived
 -- from the anchor, so it is the same in every run and never renumbered. Phones, customer ids and a _kx join an
 -- email's identity only when they translate to that one email (temp table email_translations).
--- Reads: resolved_events, usable_identity_links, usable_identity_observations, customers, identities,
+-- Reads: resolved_events, usable_identity_links, usable_identity_observations, customers,
 --   evidence (temp), targets (temp), email_translations (temp), upstack_id (macro)
 -- Variables: now
--- Writes: identities, resolved_events
+-- Writes: identities
 -- Leaves: touched_anchors (temp), anchor_links (temp)
 
 create or replace temp table touched_anchors as
@@ -65,8 +66,3 @@ left join translated as kx on kx.email = anchor.anchor and kx.id_type = 'kx'
 left join translated as phone on phone.email = anchor.anchor and phone.id_type = 'phone'
 left join translated as customer on customer.email = anchor.anchor and customer.id_type = 'customer_id'
 left join customers on customers.customer_id = customer.id_values[1];
-
-update resolved_events set phone = identities.phones[1]
-from identities
-where resolved_events.event_id in (select event_id from targets)
-    and identities.upstack_id = resolved_events.upstack_id;

@@ -1,6 +1,6 @@
 -- Resolves the commerce events this run can change: new ones, and those on browser clusters that got new
--- evidence, new members, or a customers export row. Everything else in resolved_events stays as it was, so a
--- run costs in proportion to what is new.
+-- evidence, new members, or a customers export row. Everything else in resolved_events stays as it was, and so
+-- does the row of an event resolved again to the same answer, so a run costs in proportion to what is new.
 --
 -- For each event, in order (README: Identity resolution):
 --   1. an email seen in the same session (typed in this event, else the latest one before it in the session, else
@@ -23,7 +23,7 @@
 --   max_emails_per_browser, now
 -- Writes: identity_flags, resolved_events
 -- Leaves: cookie_cluster (temp), affected_cookies (temp), targets (temp), evidence (temp), resolutions (temp),
---   replaced_resolutions (temp)
+--   new_resolutions (temp), changed_resolutions (temp), replaced_resolutions (temp)
 
 create or replace temp table cookie_cluster as
 select anonymous_id, browser_cluster_id, linked_by from browser_clusters;
@@ -273,13 +273,8 @@ from resolutions where decision = 'shared_device'
 group by cluster_id
 on conflict do nothing;
 
--- The rows about to be replaced, with the cluster each was counted under (sql/shared_device_guard_scope.sql).
-create or replace temp table replaced_resolutions as
-select event_id, browser_cluster_id from resolved_events where event_id in (select event_id from targets);
-
-delete from resolved_events where event_id in (select event_id from replaced_resolutions);
-
-insert into resolved_events
+-- Each target's row as this run resolves it, in resolved_events' column order, without resolved_at.
+create or replace temp table new_resolutions as
 select
     event_id,
     event_name,
@@ -287,7 +282,7 @@ select
     shop,
     anonymous_id,
     session_id,
-    cluster_id,
+    cluster_id as browser_cluster_id,
     case when decision in ('session_email', 'history_email')
              then upstack_id('email', coalesce(email_evidence.email, history_email.email))
          when decision in ('session_kx', 'history_kx')
@@ -301,7 +296,13 @@ select
         when 'session_kx' then kx_evidence.kx
         when 'history_kx' then history_kx.kx
     end as kx,
-    null as phone,
+    -- The identity's first phone: sql/identities.sql lists an email's phones from the same translations (a _kx
+    -- identity has none), and every email named here is one of the identities it writes for this run.
+    case when decision in ('session_email', 'history_email') then (
+        select min(translation.id_value) from email_translations as translation
+        where translation.id_type = 'phone'
+            and translation.email = coalesce(email_evidence.email, history_email.email))
+    end as phone,
     case
         when decision = 'session_email' and typed_in_event and email_evidence.event_id = event_id
             then 'typed_in_event'
@@ -333,7 +334,25 @@ select
     case when klaviyo_identified then 'klaviyo_cookie'
          when typed_in_event then 'typed_in_event'
          when typed_in_session then 'typed_in_session' end as klaviyo_native_reason,
-    consent_marketing,
-    getvariable('now') as resolved_at
+    consent_marketing
 from resolutions
 left join cookie_cluster using (anonymous_id);
+
+-- Only the rows whose answer changed are written, stamped with this run's now: most targets come out as they were
+-- (every event of a cluster that got one new event), and a row rewritten unchanged would cost its delete, its
+-- insert and its index entry, and send mapping and analytics to look at it again (they take the rows stamped since
+-- their last run). EXCEPT compares whole rows and takes nulls as equal.
+create or replace temp table changed_resolutions as
+select * from new_resolutions
+except
+select * exclude (resolved_at) from resolved_events where event_id in (select event_id from targets);
+
+-- The rows about to be replaced, with the cluster each was counted under (sql/shared_device_guard_scope.sql).
+create or replace temp table replaced_resolutions as
+select event_id, browser_cluster_id from resolved_events
+where event_id in (select event_id from changed_resolutions);
+
+delete from resolved_events where event_id in (select event_id from replaced_resolutions);
+
+insert into resolved_events by name
+select *, getvariable('now') as resolved_at from changed_resolutions;
