@@ -5,6 +5,12 @@
 -- event_structure, the schema's fields as json_transform reads them (upstack_pipeline.events.READ_STRUCTURE, made
 -- from schemas/raw-event.schema.json): one raw_events column each, matched by name.
 
+-- staged_lines is an Arrow stream, whose rows DuckDB cannot count before reading it: taking it for the small side,
+-- DuckDB would build each join's hash table on the batch's full text (for a 64 MB batch, most of a second per
+-- join, and the batch's memory peak). With build_side_probe_side off, a join's build side is its right side as
+-- written, so every join of staged_lines below has the lines on the left, streamed past the verdicts they need.
+set disabled_optimizers = 'build_side_probe_side';
+
 insert into raw_events by name
 select
     event.* exclude (event_time),
@@ -22,8 +28,6 @@ from (
         verdict,
         json_transform(staged.raw_line, getvariable('event_structure')) as event
     from staged_lines as staged
-    -- Filtered in a subquery so that DuckDB builds its hash table on these narrow verdicts and streams the wide
-    -- lines past it; joined to the bare table it held every staged line's text in the hash table instead.
     join (select * from line_verdicts where is_first_sighting) as verdict using (source_file, line_number)
 );
 
@@ -47,15 +51,15 @@ update line_verdicts set reason = 'conflicting_duplicate', bad_path = conflict.p
 from (
     with retries as materialized (
         select verdict.source_file, verdict.line_number, verdict.event_id, staged.raw_line
-        from line_verdicts as verdict
-        join staged_lines as staged using (source_file, line_number)
+        from staged_lines as staged
+        join line_verdicts as verdict using (source_file, line_number)
         where verdict.reason is null and not verdict.is_first_sighting
     ),
 
     kept as materialized (
         select verdict.event_id, staged.raw_line as kept_json
-        from line_verdicts as verdict
-        join staged_lines as staged using (source_file, line_number)
+        from staged_lines as staged
+        join line_verdicts as verdict using (source_file, line_number)
         where verdict.is_first_sighting and verdict.event_id in (select event_id from retries)
         union all
         select event_id, raw_json::varchar
@@ -140,8 +144,8 @@ select
     end,
     verdict.event_id,
     getvariable('ingested_at')
-from line_verdicts as verdict
-join staged_lines as staged using (source_file, line_number)
+from staged_lines as staged
+join line_verdicts as verdict using (source_file, line_number)
 where verdict.reason is not null;
 
 create or replace temp table batch_file_counts as
@@ -153,3 +157,5 @@ select
     count(*) filter (where reason is not null) as quarantined_rows
 from line_verdicts
 group by source_file;
+
+reset disabled_optimizers;
