@@ -79,7 +79,8 @@ def test_a_day_run_restamps_only_the_events_whose_answer_changed_and_mapping_and
             map_events(world, now=now)
             analytics.refresh(world, now=now)
 
-    # The same warehouse and copy, resolved as identity did before this change: every target stamped again.
+    # The same warehouse and copy, resolved with every target stamped again, as if each had changed: mapping and
+    # analytics, which look again at what is stamped, must decide and publish the same from either.
     restamped = replace(world, warehouse_path=tmp_path / "restamped.duckdb")
     shutil.copyfile(world.warehouse_path, restamped.warehouse_path)
     shutil.copyfile(analytics.analytics_path(world.warehouse_path), analytics.analytics_path(restamped.warehouse_path))
