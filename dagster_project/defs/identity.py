@@ -1,6 +1,7 @@
 """Identity resolution: who is behind each commerce event. One step, one transaction, writes every identity table,
 in the order of upstack_pipeline/identity.py: observations (and rejected values), links, browser links and clusters,
-resolved_events, then identities (which fills resolved_events.phone from the people it built)."""
+resolved_events (each event's phone the first of its person's, from the translations identities lists), then
+identities."""
 
 import dagster as dg
 
@@ -16,8 +17,7 @@ identity_checks = [
 
 # Each table's deps are the tables its SQL reads, in the order the step runs it (usable_identity_* are views over
 # identity_observations, identity_links and identity_rejected_values). identities is built after resolved_events,
-# from it, and its last statement copies each person's phone back onto resolved_events. Lineage has no cycles, so
-# that write against the arrow is not drawn, nor are the looks back at the previous run's tables
+# from it. Lineage has no cycles, so the looks back at the previous run's tables are not drawn
 # (identity_rejected_values.sql finds in resolved_events and identities what a newly quarantined value named).
 IDENTITY_TABLES = {
     "identity_observations": ["raw_events"],
