@@ -2,10 +2,11 @@
 -- hold_back: a payload in klaviyo_outbox, or a reason in klaviyo_skipped (SPEC 5). Events of sessions still
 -- active wait for a later run, so an email typed later in the session can still change the answer.
 --
--- In proportion to what is new: with `incremental`, only the events identity (re)resolved since the last run
--- (resolved_at at or after `last_run`, that run's now) and those that run held back (events of sessions active
--- within hold_back of it) are looked at; every other event was decided, or left alone, by an earlier run on the
--- same resolution. upstack_pipeline/klaviyo/mapping.py says when that holds; otherwise every event is looked at.
+-- In proportion to what is new: with `incremental`, only the events identity wrote since the last run (new ones and
+-- those resolved to another answer: resolved_at at or after `last_run`, that run's now) and those that run held
+-- back (events of sessions active within hold_back of it) are looked at; every other event was decided, or left
+-- alone, by an earlier run on the same resolution. upstack_pipeline/klaviyo/mapping.py says when that holds;
+-- otherwise every event is looked at.
 --
 -- Variables: now, incremental, last_run, send_mode, metric_names (a map from the pixel's event name to our metric's),
 -- order_line_metric_name, enabled_events, create_profiles, update_profiles, respect_consent, max_event_age,

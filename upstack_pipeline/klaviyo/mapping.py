@@ -4,7 +4,8 @@ The mapping itself is set-based SQL (`sql/klaviyo_outbox.sql`) over every undeci
 sets its parameters, reports what it did, and turns outbox rows into the request bodies Klaviyo's API takes.
 
 A run costs in proportion to what is new (issue 14). Only identity writes resolved_events, stamping each row it
-(re)resolves with its run's now (resolved_at), so the events a run must look at are those stamped at or after the
+writes (a new event, or an answer that changed) with its run's now (resolved_at); a row whose answer stayed the same
+keeps its stamp, and its decision stands. So the events a run must look at are those stamped at or after the
 last mapping run's now, plus those it held back (their sessions were active). That run is recorded in
 pipeline_state (stage `klaviyo_mapping`: identity's load_id then, its now, and a fingerprint of the settings, the
 SQL, the schema and identity's own fingerprint). Every event is looked at instead when there is no such record,
