@@ -154,8 +154,12 @@ with session_evidence as (                      -- each row once per kind of ide
     qualify row_number() over (partition by kind, cluster_id, session_id, event_time
                                order by source_rank, email, kx, event_id) = 1
 ),
+-- Each target once per kind of evidence its session has: most sessions have none, and the ASOF joins below would
+-- only sort the events of those to pair them with nothing.
 target_kinds as (
-    select target.*, kind from targets as target cross join (values ('email'), ('kx')) as kinds(kind)
+    select target.*, kinds.kind
+    from targets as target
+    join (select distinct kind, session_id, cluster_id from session_evidence) as kinds using (session_id, cluster_id)
 ),
 -- ASOF joins find the nearest evidence of each kind in the session on either side of each event without pairing
 -- every event with every evidence row (a long session would otherwise cost its length squared).
@@ -211,16 +215,17 @@ email_history as (                              -- per cluster, how many distinc
     where email is not null or source = 'quarantined'
     qualify row_number() over (partition by cluster_id, event_time order by source_rank, email, event_id) = 1
 ),
-last_email as (
+last_email as (                                 -- only clusters with an email can have one before the event
     select target.event_id, email_history as evidence
-    from targets as target
+    from (from targets semi join (select distinct cluster_id from email_history) using (cluster_id)) as target
     asof join email_history
         on email_history.cluster_id = target.cluster_id and email_history.event_time < target.event_time
     where email_history.event_time >= target.event_time - getvariable('cookie_lifetime')
 ),
 last_kx as (
     select target.event_id, kx_history as evidence
-    from targets as target
+    from (from targets semi join (select distinct cluster_id from evidence where kx is not null) using (cluster_id))
+        as target
     asof join (select * from evidence where kx is not null
                qualify row_number() over (partition by cluster_id, event_time order by kx, event_id) = 1) as kx_history
         on kx_history.cluster_id = target.cluster_id and kx_history.event_time < target.event_time
