@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -74,6 +76,22 @@ def ingest_killed_after_batch(settings: Settings, batch: int) -> subprocess.Comp
                UPSTACK_INGEST_BATCH_BYTES="1", UPSTACK_TEST_STOP_AFTER=f"events-batch:{batch}")
     return subprocess.run([sys.executable, "-c", script, NOW.isoformat()], env=env, capture_output=True, text=True,
                           timeout=120)
+
+def simulated_store(settings: Settings, tmp_path: Path, *, visitors: int, days: int, seed: int,
+                    end: datetime) -> tuple[Settings, list[Path]]:
+    """A simulated store whose days land one at a time: settings over a landing folder holding only its customers
+    export (ingested), sending every event (send_mode all), and the simulated day folders, oldest first, for the
+    test to copy into the landing folder's events/ as each day arrives."""
+    from upstack_pipeline.customers import ingest_customers
+    from upstack_pipeline.sandbox.simulate import simulate
+
+    simulate(tmp_path / "sim", visitors=visitors, days=days, seed=seed, end=end)
+    landing = tmp_path / "arriving"
+    shutil.copytree(tmp_path / "sim" / "customers", landing / "customers")
+    world = replace(settings, landing_dir=landing, destination=replace(settings.destination, send_mode="all"))
+    ingest_customers(world, now=end)
+    return world, sorted((tmp_path / "sim" / "events").glob("dt=*"))
+
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:

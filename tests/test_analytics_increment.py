@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import shutil
 from types import SimpleNamespace
-from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import duckdb
 import pytest
 
+from conftest import simulated_store
 from upstack_pipeline import analytics
-from upstack_pipeline.customers import ingest_customers
 from upstack_pipeline.events import ingest_events
 from upstack_pipeline.identity import resolve_identities
 from upstack_pipeline.klaviyo.mapping import map_events
-from upstack_pipeline.sandbox.simulate import simulate
 
 END = datetime(2026, 11, 20, tzinfo=timezone.utc)
 
@@ -25,12 +23,8 @@ END = datetime(2026, 11, 20, tzinfo=timezone.utc)
 @pytest.fixture
 def world(settings, tmp_path):
     """Six simulated days, landing one at a time (`arrive(number)` ingests and runs identity and mapping)."""
-    simulate(tmp_path / "sim", visitors=200, days=6, seed=11, end=END)
-    landing = tmp_path / "arriving"
-    shutil.copytree(tmp_path / "sim" / "customers", landing / "customers")
-    world = replace(settings, landing_dir=landing, destination=replace(settings.destination, send_mode="all"))
-    ingest_customers(world, now=END)
-    days = sorted((tmp_path / "sim" / "events").glob("dt=*"))
+    world, days = simulated_store(settings, tmp_path, visitors=200, days=6, seed=11, end=END)
+    landing = world.landing_dir
 
     def arrive(number: int) -> datetime:
         now = datetime.fromisoformat(days[number].name[3:]).replace(tzinfo=timezone.utc) + timedelta(days=1,

@@ -12,13 +12,11 @@ from datetime import datetime, timedelta, timezone
 
 import duckdb
 
-from conftest import make_event, query, write_events
+from conftest import make_event, query, simulated_store, write_events
 from upstack_pipeline import analytics
-from upstack_pipeline.customers import ingest_customers
 from upstack_pipeline.events import ingest_events
 from upstack_pipeline.identity import resolve_identities
 from upstack_pipeline.klaviyo.mapping import map_events
-from upstack_pipeline.sandbox.simulate import simulate
 
 END = datetime(2026, 11, 20, tzinfo=timezone.utc)
 RESOLVED = "select * exclude (resolved_at), resolved_at from resolved_events order by event_id"
@@ -42,12 +40,8 @@ def copy_tables(settings) -> dict[str, list]:
 
 def test_a_day_run_restamps_only_the_events_whose_answer_changed_and_mapping_and_analytics_follow(
         settings, tmp_path):
-    simulate(tmp_path / "sim", visitors=200, days=6, seed=11, end=END)
-    landing = tmp_path / "arriving"
-    shutil.copytree(tmp_path / "sim" / "customers", landing / "customers")
-    world = replace(settings, landing_dir=landing, destination=replace(settings.destination, send_mode="all"))
-    ingest_customers(world, now=END)
-    days = sorted((tmp_path / "sim" / "events").glob("dt=*"))
+    world, days = simulated_store(settings, tmp_path, visitors=200, days=6, seed=11, end=END)
+    landing = world.landing_dir
     for day in days:
         now = datetime.fromisoformat(day.name[3:]).replace(tzinfo=timezone.utc) + timedelta(days=1, hours=6)
         shutil.copytree(day, landing / "events" / day.name)
