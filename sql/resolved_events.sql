@@ -346,11 +346,16 @@ left join cookie_cluster using (anonymous_id);
 -- Only the rows whose answer changed are written, stamped with this run's now: most targets come out as they were
 -- (every event of a cluster that got one new event), and a row rewritten unchanged would cost its delete, its
 -- insert and its index entry, and send mapping and analytics to look at it again (they take the rows stamped since
--- their last run). EXCEPT compares whole rows and takes nulls as equal.
+-- their last run). An event without a row yet is written as it is (a backfill's are nearly all of its targets, and
+-- comparing them would hash every column for nothing); EXCEPT compares the others' whole rows, nulls as equal.
 create or replace temp table changed_resolutions as
-select * from new_resolutions
-except
-select * exclude (resolved_at) from resolved_events where event_id in (select event_id from targets);
+select * from new_resolutions anti join resolved_events using (event_id)
+union all
+(
+    select * from new_resolutions semi join resolved_events using (event_id)
+    except
+    select * exclude (resolved_at) from resolved_events where event_id in (select event_id from targets)
+);
 
 -- The rows about to be replaced, with the cluster each was counted under (sql/shared_device_guard_scope.sql).
 create or replace temp table replaced_resolutions as
