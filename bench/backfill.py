@@ -55,9 +55,7 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.done.wait(1.0):
-            spilled = sum(path.stat().st_size for path in self.spill.rglob("*") if path.is_file()) \
-                if self.spill.is_dir() else 0
-            self.samples.append((time.monotonic() - self.started, children_rss(), spilled))
+            self.samples.append((time.monotonic() - self.started, children_rss(), spilled_bytes(self.spill)))
 
     def step_peaks(self, steps: dict[str, float], seconds: float) -> dict[str, tuple[int, int]]:
         """Each step's peak resident set and spill, the steps laid end to end back from the end of the run."""
@@ -67,6 +65,19 @@ class Sampler(threading.Thread):
             peaks[step] = (max((rss for rss, _ in inside), default=0), max((spill for _, spill in inside), default=0))
             end -= step_seconds
         return peaks
+
+
+def spilled_bytes(folder: Path) -> int:
+    """Bytes in DuckDB's temp directory, which DuckDB removes when a step's connection closes and whose files come
+    and go while they are counted (os.walk skips a folder that is gone)."""
+    total = 0
+    for directory, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(directory, name)).st_size
+            except FileNotFoundError:
+                continue
+    return total
 
 
 def children_rss() -> int:
