@@ -64,7 +64,6 @@ def write_events(path: Path, events: list[dict]) -> Path:
     return write_lines(path, [json.dumps(event) for event in events])
 
 
-
 def ingest_killed_after_batch(settings: Settings, batch: int) -> subprocess.CompletedProcess:
     """`ingest_events` in a child process, one file per transaction, that SIGKILLs itself right after the given
     batch's commit (the test hook, upstack_pipeline/faults.py): no close, no cleanup, as a killed run leaves it."""
@@ -76,6 +75,7 @@ def ingest_killed_after_batch(settings: Settings, batch: int) -> subprocess.Comp
                UPSTACK_INGEST_BATCH_BYTES="1", UPSTACK_TEST_STOP_AFTER=f"events-batch:{batch}")
     return subprocess.run([sys.executable, "-c", script, NOW.isoformat()], env=env, capture_output=True, text=True,
                           timeout=120)
+
 
 def simulated_store(settings: Settings, tmp_path: Path, *, visitors: int, days: int, seed: int,
                     end: datetime) -> tuple[Settings, list[Path]]:

@@ -10,7 +10,7 @@ from datetime import datetime, time, timedelta, timezone
 
 import duckdb
 
-from conftest import NOW, make_event, query, write_events
+from conftest import NOW, make_event, query, simulated_store, write_events
 from upstack_pipeline import analytics
 from upstack_pipeline.events import ingest_events
 from upstack_pipeline.identity import overview, resolve_identities
@@ -154,16 +154,9 @@ def test_the_copy_recomputed_day_by_day_holds_exactly_the_rows_the_views_give_ov
     """Twelve simulated days arriving one at a time, with deliveries settling, refusals and a skip record decided
     again in between: after each sync, the copy built from the previous copy and the days the sync touched holds
     the rows, in the order, that the views computed over everything give."""
-    from upstack_pipeline.customers import ingest_customers
-    from upstack_pipeline.sandbox.simulate import simulate
-
-    end = datetime(2026, 11, 28, tzinfo=timezone.utc)
-    simulate(tmp_path / "sim", visitors=400, days=12, seed=7, end=end)
-    landing = tmp_path / "arriving"
-    shutil.copytree(tmp_path / "sim" / "customers", landing / "customers")
-    world = replace(settings, landing_dir=landing, destination=replace(settings.destination, send_mode="all"))
-    days = sorted((tmp_path / "sim" / "events").glob("dt=*"))
-    ingest_customers(world, now=end)
+    world, days = simulated_store(settings, tmp_path, visitors=400, days=12, seed=7,
+                                  end=datetime(2026, 11, 28, tzinfo=timezone.utc))
+    landing = world.landing_dir
     touched: list[set | None] = []
     for number, day in enumerate(days):
         now = datetime.fromisoformat(day.name[3:]).replace(tzinfo=timezone.utc) + timedelta(days=1, hours=6)
