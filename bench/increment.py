@@ -12,7 +12,8 @@ nothing-new run as a share of the full run's against the day's share of the even
 and with `--profile` the seconds of each identity SQL file. `--digest FILE` writes a digest of resolved_events,
 identities, klaviyo_outbox, klaviyo_skipped and every published analytics table after each phase, to compare
 two versions of the code on the same folder (run it with PYTHONPATH set to the other version's checkout);
-`--digest-without-resolved-at` leaves resolved_events' stamp out of its digest.
+`--digest-without-stamps` leaves the run stamps out (resolved_events.resolved_at, identities.updated_at), for two
+versions that rewrite different rows with the same content.
 
     .venv/bin/python bench/increment.py /tmp/scale-1203/simulation [--trials 3] [--profile] [--digest FILE]
 """
@@ -81,7 +82,11 @@ def run_steps(settings: Settings, now: datetime, profile: dict[str, float] | Non
     return seconds
 
 
-def digest(settings: Settings, *, without_resolved_at: bool = False) -> dict[str, str]:
+# What --digest-without-stamps leaves out: the time of the run that last wrote a row, not what the row says.
+STAMPS = {"resolved_events": "resolved_at", "identities": "updated_at"}
+
+
+def digest(settings: Settings, *, without_stamps: bool = False) -> dict[str, str]:
     """Order-free digests: the rows as text, hashed, the hashes sorted and hashed again."""
     def table_digest(connection: duckdb.DuckDBPyConnection, table: str) -> str:
         return connection.execute(f"""
@@ -90,8 +95,9 @@ def digest(settings: Settings, *, without_resolved_at: bool = False) -> dict[str
 
     with settings.warehouse().connect() as connection:
         found = {table: table_digest(connection, table) for table in DIGESTED}
-        if without_resolved_at:
-            found["resolved_events"] = table_digest(connection, "(select * exclude (resolved_at) from resolved_events)")
+        if without_stamps:
+            for table, stamp in STAMPS.items():
+                found[table] = table_digest(connection, f"(select * exclude ({stamp}) from {table})")
     published = analytics.analytics_path(settings.warehouse_path)
     with duckdb.connect(str(published), read_only=True) as connection:
         for (table,) in connection.execute("select table_name from duckdb_tables() order by 1").fetchall():
@@ -105,8 +111,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="seconds of each identity SQL file, per phase")
     parser.add_argument("--digest", type=Path, help="write the tables' digests after each phase (first trial)")
-    parser.add_argument("--digest-without-resolved-at", action="store_true",
-                        help="digest resolved_events without resolved_at: a run that stamps only the rows it changed")
+    parser.add_argument("--digest-without-stamps", action="store_true",
+                        help="digest without resolved_events.resolved_at and identities.updated_at: for versions that "
+                             "rewrite different rows with the same content")
     parser.add_argument("--keep", type=Path, help="build the base warehouse here and reuse it if it is there")
     args = parser.parse_args()
 
@@ -153,7 +160,7 @@ def main() -> None:
                 for step in STEPS:
                     times[phase][step].append(seconds[step])
                 if args.digest and trial == 0:
-                    digests[phase] = digest(settings, without_resolved_at=args.digest_without_resolved_at)
+                    digests[phase] = digest(settings, without_stamps=args.digest_without_stamps)
             shutil.rmtree(landing / "events" / days[-1].name)
         if args.digest:
             args.digest.write_text(json.dumps(digests, indent=1, sort_keys=True))

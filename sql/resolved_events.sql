@@ -34,12 +34,18 @@ with seeds as (
     select anonymous_id from new_observations
     where id_type in ('email', 'email_hash', 'phone', 'phone_hash', 'customer_id', 'kx')
     union
-    -- cookies that saw an identifier this run saw too: its translation (or a _kx's sharing) may have changed
+    -- cookies that saw an identifier this run saw too: its translation may have changed. Not a quarantined one: it
+    -- names nobody before this run and after (one whose verdict changed brings supernode_cookies), and a
+    -- placeholder typed again would send every browser that ever typed it through this step, every run.
     select link.left_value
     from identity_links as link
-    semi join new_observations as touched
-        on touched.id_type = link.right_type and touched.id_value = link.right_value
-        and touched.id_type in ('email_hash', 'phone', 'phone_hash', 'customer_id', 'kx')
+    semi join (
+        select id_type, id_value from new_observations as touched
+        anti join identity_rejected_values as quarantined
+            on quarantined.reason = 'many_browsers' and quarantined.id_type = touched.id_type
+            and quarantined.value = touched.id_value
+        where touched.id_type in ('email_hash', 'phone', 'phone_hash', 'customer_id', 'kx')
+    ) as touched on touched.id_type = link.right_type and touched.id_value = link.right_value
     where link.left_type = 'anonymous_id'
     union
     select link.left_value
