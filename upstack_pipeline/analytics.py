@@ -282,14 +282,17 @@ def _find_stale(cursor: duckdb.DuckDBPyConnection, copy_path: Path, sources: dic
     that got new raw events, and the days of new quarantine; None: every day (no copy, or one from other views or
     metrics, a later load, or another release; or most days anyway). Leaves them in `touched_days` on `cursor`,
     with the copy's new record of sessions."""
-    previous = _published_sources(copy_path)
+    previous = _attach_previous(cursor, copy_path)
     if previous is not None and _unchanged(previous, sources):
+        cursor.execute("detach previous")
         return _Stale(set())
-    if previous is None or previous["views"] != sources["views"] or previous["load_id"] > sources["load_id"]:
+    if previous is not None and (previous["views"] != sources["views"] or previous["load_id"] > sources["load_id"]):
+        cursor.execute("detach previous")
+        previous = None
+    if previous is None:
         _digest_sessions(cursor, "session_digests")
         _every_session_day(cursor)
         return _Stale(None)
-    cursor.execute("attach ? as previous (read_only)", [str(copy_path)])
     try:
         # raw_events only grows, in loads: the new loads' sessions are changed, and their days the only new ones.
         cursor.execute(f"""
@@ -346,26 +349,39 @@ def _located_changes(cursor: duckdb.DuckDBPyConnection, previous: dict, sources:
     lies elsewhere (a row deleted, or one written without a stamp, or with a clock set back) and this answers
     False, leaving nothing behind."""
     since = {table: previous["stamps"].get(table) for table in STAMPS}
-    cursor.execute("create temp table candidate_events as " + "\nunion\n".join(
-        f"select event_id from {_warehouse_table(cursor, table)} "
-        f"where ${table}::bigint is null or {stamp} > make_timestamptz(${table}::bigint)"
-        for table, stamp in STAMPS.items()), since)
+
+    def stamped(table: str, columns: str) -> str:
+        return (f"select {columns} from {_warehouse_table(cursor, table)} "
+                f"where ${table}::bigint is null or {STAMPS[table]} > make_timestamptz(${table}::bigint)")
+
+    # A row identity stamped names its session itself. Only events whose skip or outbox rows were stamped without
+    # their resolved_events row (mapping deciding a session identity resolved in an earlier run) are looked up in
+    # the whole table: on most runs none, and a join with nothing to look up reads nothing.
     cursor.execute(f"""
         create temp table candidate_sessions as
-        select distinct if(resolved.session_id is null, null, hash(resolved.session_id)) as session_key
-        from candidate_events
-        left join {_warehouse_table(cursor, 'resolved_events')} as resolved using (event_id)
+        with resolved as ({stamped('resolved_events', 'event_id, session_id')}),
+        decided as (
+            select event_id from ({stamped('klaviyo_skipped', 'event_id')})
+            union
+            select event_id from ({stamped('klaviyo_outbox', 'event_id')})
+            except
+            select event_id from resolved)
+        select if(session_id is null, null, hash(session_id)) as session_key from resolved
         union
-        select session_key from new_session_days""")
-    cursor.execute("drop table temp.main.candidate_events")
+        select if(found.session_id is null, null, hash(found.session_id))
+        from decided
+        left join {_warehouse_table(cursor, 'resolved_events')} as found using (event_id)
+        union
+        select session_key from new_session_days""", since)
     if cursor.execute("select count(*) from candidate_sessions where session_key is null").fetchone()[0]:
         cursor.execute("drop table temp.main.candidate_sessions")
         return False
     columns = _read_columns(cursor)
+    within, times = _on_their_days(cursor, "candidate_sessions")
     cursor.execute(f"""
         create temp table resolved_events as
         select {columns['resolved_events']} from {_warehouse_table(cursor, 'resolved_events')}
-        where hash(session_id) in (select session_key from candidate_sessions)""")
+        where {within} and hash(session_id) in (select session_key from candidate_sessions)""", times)
     for table in ("klaviyo_skipped", "klaviyo_outbox"):
         cursor.execute(f"""
             create temp table {table} as
@@ -418,15 +434,22 @@ def _every_session_day(cursor: duckdb.DuckDBPyConnection) -> None:
         from {_warehouse_table(cursor, 'raw_events')}""")
 
 
-def _published_sources(copy_path: Path) -> dict | None:
-    """What the copy at `copy_path` was computed from; None when there is no copy, or one this release did not
-    write."""
+def _attach_previous(cursor: duckdb.DuckDBPyConnection, copy_path: Path) -> dict | None:
+    """What the copy at `copy_path` was computed from, the copy left attached as `previous`; None, and nothing
+    attached, when there is no copy, or one this release did not write. An attach to the connection the sync
+    holds, not a connection of its own: a new database instance costs more than the few rows read here."""
     if not copy_path.exists():
         return None
-    with duckdb.connect(str(copy_path), read_only=True) as copy:
-        if not copy.execute("select 1 from duckdb_tables() where table_name = 'published_sessions'").fetchone():
-            return None
-        return json.loads(copy.execute("select max(sources) from published").fetchone()[0])
+    cursor.execute("attach ? as previous (read_only)", [str(copy_path)])
+    try:
+        if cursor.execute("select 1 from duckdb_tables() "
+                          "where database_name = 'previous' and table_name = 'published_sessions'").fetchone():
+            return json.loads(cursor.execute("select max(sources) from previous.published").fetchone()[0])
+    except BaseException:
+        cursor.execute("detach previous")
+        raise
+    cursor.execute("detach previous")
+    return None
 
 
 def _write_copy(cursor: duckdb.DuckDBPyConnection, building: Path, stale: _Stale, sources: dict, now: datetime,
@@ -490,26 +513,37 @@ def _shadow_with_slice(cursor: duckdb.DuckDBPyConnection) -> None:
     cursor.execute("""
         create temp table slice_sessions as
         select distinct session_key from session_days_now semi join touched_days using (day)""")
-    # Those sessions' events lie on their days (session_days_now), in runs of consecutive days: raw_events is
-    # written in loads, mostly a day's files at a time, so a filter on those runs' times lets the scan skip the
-    # row groups of other days before hashing any session id.
-    runs = cursor.execute("""
-        select min(day), max(day) + 1 from (
-            select day, day - row_number() over (order by day)::int as run
-            from (select distinct day from session_days_now semi join slice_sessions using (session_key)))
-        group by run""").fetchall()
-    times = [datetime.combine(day, datetime.min.time(), timezone.utc) for run in runs for day in run]
+    within, times = _on_their_days(cursor, "slice_sessions")
     columns = _read_columns(cursor)
     cursor.execute(f"""
         create temp table raw_events as
         select {columns["raw_events"]} from {_warehouse_table(cursor, "raw_events")}
-        where ({" or ".join(["(event_time >= ? and event_time < ?)"] * len(runs)) or "false"})
-            and hash(session_id) in (select session_key from slice_sessions)""", times)
-    for table in EVENT_SOURCES[1:]:
+        where {within} and hash(session_id) in (select session_key from slice_sessions)""", times)
+    # resolved_events holds each event's time as raw_events does: the same runs skip its other days too.
+    cursor.execute(f"""
+        create temp table resolved_events as
+        select {columns["resolved_events"]} from {_warehouse_table(cursor, "resolved_events")} as source
+        semi join raw_events on raw_events.event_id = source.event_id
+        where {within}""", times)
+    for table in EVENT_SOURCES[2:]:
         cursor.execute(f"""
             create temp table {table} as
             select {columns[table]} from {_warehouse_table(cursor, table)} as source
             semi join raw_events on raw_events.event_id = source.event_id""")
+
+
+def _on_their_days(cursor: duckdb.DuckDBPyConnection, sessions: str) -> tuple[str, list[datetime]]:
+    """SQL: an event_time on a day of the sessions in table `sessions` (by session_days_now), with its parameters.
+    Those days come in runs of consecutive days: raw_events is written in loads, mostly a day's files at a time,
+    and resolved_events as identity resolves those loads, so a filter on those runs' times lets a scan skip the
+    row groups of other days before hashing any session id or joining any event id."""
+    runs = cursor.execute(f"""
+        select min(day), max(day) + 1 from (
+            select day, day - row_number() over (order by day)::int as run
+            from (select distinct day from session_days_now semi join {sessions} using (session_key)))
+        group by run""").fetchall()
+    times = [datetime.combine(day, datetime.min.time(), timezone.utc) for run in runs for day in run]
+    return "(" + (" or ".join(["(event_time >= ? and event_time < ?)"] * len(runs)) or "false") + ")", times
 
 
 def _read_columns(connection: duckdb.DuckDBPyConnection, *, named: bool = True) -> dict[str, str]:
@@ -608,8 +642,17 @@ def refresh(settings: Settings, *, now: datetime) -> AnalyticsOverview:
     with settings.warehouse().connect() as warehouse:
         ensure_views(warehouse)
         published = publish_for_analysts(warehouse, settings.warehouse_path, now=now)
-        with duckdb.connect(str(published), read_only=True) as views:
-            state = overview(views, warehouse, now=now, quiet_time=settings.alerts.max_quiet_time)
+        # The copy attached to the sync's connection, on a cursor of its own that reads it by default: a new
+        # database instance for a few sums costs more than the sums.
+        with warehouse.cursor() as views:
+            database = views.execute("select current_database()").fetchone()[0]
+            views.execute("attach ? as analysts_copy (read_only)", [str(published)])
+            try:
+                views.execute("use analysts_copy")
+                state = overview(views, warehouse, now=now, quiet_time=settings.alerts.max_quiet_time)
+            finally:
+                views.execute(f'use "{database}"')
+                views.execute("detach analysts_copy")
     return replace(state, published=published)
 
 
