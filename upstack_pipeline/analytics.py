@@ -33,6 +33,7 @@ import re
 import shutil
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
+from functools import lru_cache
 from pathlib import Path
 
 import duckdb
@@ -553,11 +554,18 @@ def _read_columns(connection: duckdb.DuckDBPyConnection, *, named: bool = True) 
     (`custom_data.value`), only those fields: a slice then copies three numbers and strings of a cart, not its
     items."""
     sql = "\n".join(line.split("--")[0] for view in PUBLISHED_VIEWS for line in read_sql(view).splitlines())
-    words = set(re.findall(r"\w+", sql))
     found = connection.execute("""
         select table_name, column_name, data_type like 'STRUCT(%' from duckdb_columns()
         where database_name = current_database() and schema_name = 'main' and table_name in ?
         order by column_index""", [list(EVENT_SOURCES)]).fetchall()
+    return dict(_columns_named(sql, tuple(found), named))
+
+
+@lru_cache(maxsize=8)
+def _columns_named(sql: str, found: tuple[tuple[str, str, bool], ...], named: bool) -> dict[str, str]:
+    """`_read_columns` of the views' `sql` and the tables' columns `found`: kept by both, since a run with
+    something new asks four times and reading the SQL's words costs more than the catalog's answer."""
+    words = set(re.findall(r"\w+", sql))
 
     def expression(column: str, is_struct: bool) -> str:
         fields = re.findall(rf'\b{column}\s*\.\s*"?(\w+)', sql)
