@@ -535,9 +535,10 @@ def _shadow_with_slice(cursor: duckdb.DuckDBPyConnection) -> None:
 
 def _on_their_days(cursor: duckdb.DuckDBPyConnection, sessions: str) -> tuple[str, list[datetime]]:
     """SQL: an event_time on a day of the sessions in table `sessions` (by session_days_now), with its parameters.
-    Those days come in runs of consecutive days: raw_events is written in loads, mostly a day's files at a time,
-    and resolved_events as identity resolves those loads, so a filter on those runs' times lets a scan skip the
-    row groups of other days before hashing any session id or joining any event id."""
+    Those days come in runs of consecutive days. raw_events is written in loads, mostly a day's files at a time,
+    so a filter on those runs' times skips the row groups of other days before any session id is hashed.
+    resolved_events gets each run's new events at its end: the recent days an hourly run touches are skipped to
+    the same way (a backfill's rows lie in no order of time, so older days are read whole, as without it)."""
     runs = cursor.execute(f"""
         select min(day), max(day) + 1 from (
             select day, day - row_number() over (order by day)::int as run
