@@ -52,7 +52,8 @@ class Backfill:
 def arrivals(root: Path) -> list[tuple[str, Path | list[dict]]]:
     """What lands, in order: a customers export, then twelve days of simulated traffic with the hand-made edge cases
     of tests/test_identity_steps.py in between (their supernode is quarantined only by the later hour's events)."""
-    simulate(root / "sim", visitors=300, days=12, seed=11, end=(NOW - timedelta(days=1)).replace(microsecond=0))
+    simulate(root / "sim", visitors=300, days=12, seed=11,
+             end=(NOW - timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0))
     days = sorted((root / "sim" / "events").glob("dt=*"))
     return [("customers", root / "sim" / "customers"), *[(day.name, day) for day in days[:4]],
             ("edge-cases-1", FIRST_HOUR + MIA_CLICK + NED_HANDOFF), *[(day.name, day) for day in days[4:9]],
