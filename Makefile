@@ -21,8 +21,9 @@ demo: $(INSTALLED)
 	DAGSTER_HOME=$(CURDIR)/dagster_home $(BIN)/upstack demo
 
 # Two workers (pytest-xdist), one per core of the machines this runs on: the suite waits on processes and servers.
+# loadfile: a test file runs whole on one worker, so a module-scoped fixture is built once and its tests run in order.
 test: $(INSTALLED)
-	$(BIN)/pytest -n 2
+	$(BIN)/pytest -n 2 --dist loadfile
 
 # The unit and journey tests in about a minute: every test but those marked slow (pyproject.toml). `make test` runs all.
 test-fast: $(INSTALLED)
