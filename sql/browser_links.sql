@@ -59,16 +59,21 @@ having count(*) > 2
 on conflict do nothing;
 
 insert into browser_links
-with new_cookies as (                           -- cookies whose very first event is in this chunk
+with chunk_cookies as (                         -- each cookie of this chunk, as it first appears in it
     select anonymous_id, arg_min(user_data.client_ip_address, event_time) as ip,
            arg_min(user_data.client_user_agent, event_time) as user_agent, min(event_time) as first_time
     from raw_events
     where getvariable('probabilistic_matching')
         and load_id > getvariable('after_load_id') and load_id <= getvariable('until_load_id')
     group by anonymous_id
-    having not exists (select 1 from raw_events as earlier
-                       where earlier.anonymous_id = raw_events.anonymous_id
-                         and earlier.load_id <= getvariable('after_load_id'))
+),
+-- Those whose very first event is in this chunk. The earlier cookies are read only with matching on: a run with it
+-- off (the default) otherwise hashed every cookie of the history to look up none.
+new_cookies as (
+    select * from chunk_cookies
+    anti join (select anonymous_id from raw_events
+               where getvariable('probabilistic_matching') and load_id <= getvariable('after_load_id')) as earlier
+        using (anonymous_id)
 ),
 candidates as (
     select fresh.anonymous_id, previous.anonymous_id as previous_id, fresh.ip, fresh.first_time
