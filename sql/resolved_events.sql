@@ -40,11 +40,11 @@ with seeds as (
     select link.left_value
     from identity_links as link
     semi join (
-        select id_type, id_value from new_observations as touched
+        select id_type, id_value from new_observations as observation
         anti join identity_rejected_values as quarantined
-            on quarantined.reason = 'many_browsers' and quarantined.id_type = touched.id_type
-            and quarantined.value = touched.id_value
-        where touched.id_type in ('email_hash', 'phone', 'phone_hash', 'customer_id', 'kx')
+            on quarantined.reason = 'many_browsers' and quarantined.id_type = observation.id_type
+            and quarantined.value = observation.id_value
+        where observation.id_type in ('email_hash', 'phone', 'phone_hash', 'customer_id', 'kx')
     ) as touched on touched.id_type = link.right_type and touched.id_value = link.right_value
     where link.left_type = 'anonymous_id'
     union
