@@ -67,6 +67,8 @@ SESSION_TABLES = ("resolved", "skipped", "outbox")  # their columns in the per-s
 # The layout of the copy's own record (published, published_sessions, published_session_days): a copy of another
 # layout is computed again whole.
 COPY_FORMAT = 2
+# At most this many runs of consecutive days in a day filter (`_on_their_days`).
+MAX_DAY_RUNS = 16
 
 
 def create_views(connection: duckdb.DuckDBPyConnection) -> None:
@@ -537,13 +539,21 @@ def _on_their_days(cursor: duckdb.DuckDBPyConnection, sessions: str) -> tuple[st
     """SQL: an event_time on a day of the sessions in table `sessions` (by session_days_now), with its parameters.
     Those days come in runs of consecutive days. raw_events is written in loads, mostly a day's files at a time,
     so a filter on those runs' times skips the row groups of other days before any session id is hashed.
-    resolved_events gets each run's new events at its end: the recent days an hourly run touches are skipped to
-    the same way (a backfill's rows lie in no order of time, so older days are read whole, as without it)."""
+    resolved_events appends each run's new rows, so its other recent days are skipped too (a backfill's rows, and
+    old days' events resolved again, lie in no order of time: those are read whole, as without the filter).
+
+    Every row is tested against every run, so past MAX_DAY_RUNS the filter costs more than it skips (an identity
+    run that re-resolves old events scatters their days): the runs closest together are merged until that many are
+    left, so only the widest gaps are skipped."""
     runs = cursor.execute(f"""
         select min(day), max(day) + 1 from (
             select day, day - row_number() over (order by day)::int as run
             from (select distinct day from session_days_now semi join {sessions} using (session_key)))
-        group by run""").fetchall()
+        group by run
+        order by 1""").fetchall()
+    while len(runs) > MAX_DAY_RUNS:
+        _, closest = min((runs[index + 1][0] - runs[index][1], index) for index in range(len(runs) - 1))
+        runs[closest:closest + 2] = [(runs[closest][0], runs[closest + 1][1])]
     times = [datetime.combine(day, datetime.min.time(), timezone.utc) for run in runs for day in run]
     return "(" + (" or ".join(["(event_time >= ? and event_time < ?)"] * len(runs)) or "false") + ")", times
 
@@ -564,7 +574,7 @@ def _read_columns(connection: duckdb.DuckDBPyConnection, *, named: bool = True) 
 
 @lru_cache(maxsize=8)
 def _columns_named(sql: str, found: tuple[tuple[str, str, bool], ...], named: bool) -> dict[str, str]:
-    """`_read_columns` of the views' `sql` and the tables' columns `found`: kept by both, since a run with
+    """`_read_columns` of the views' `sql` and the tables' columns `found`: cached on both, since a run with
     something new asks four times and reading the SQL's words costs more than the catalog's answer."""
     words = set(re.findall(r"\w+", sql))
 
@@ -660,7 +670,7 @@ def refresh(settings: Settings, *, now: datetime) -> AnalyticsOverview:
                 views.execute("use analysts_copy")
                 state = overview(views, warehouse, now=now, quiet_time=settings.alerts.max_quiet_time)
             finally:
-                views.execute(f'use "{database}"')
+                views.execute(f'use "{database}"')  # DuckDB detaches no database that is in use
                 views.execute("detach analysts_copy")
     return replace(state, published=published)
 
