@@ -386,10 +386,7 @@ def _located_changes(cursor: duckdb.DuckDBPyConnection, previous: dict, sources:
         select {columns['resolved_events']} from {_warehouse_table(cursor, 'resolved_events')}
         where {within} and hash(session_id) in (select session_key from candidate_sessions)""", times)
     for table in ("klaviyo_skipped", "klaviyo_outbox"):
-        cursor.execute(f"""
-            create temp table {table} as
-            select {columns[table]} from {_warehouse_table(cursor, table)} as source
-            semi join resolved_events on resolved_events.event_id = source.event_id""")
+        _slice_of_events(cursor, table, columns[table], "resolved_events")
     _digest_sessions(cursor, "candidate_digests")
     cursor.execute("; ".join(f"drop table temp.main.{table}" for table in EVENT_SOURCES[1:]))
     sums = ", ".join(f"coalesce(sum({table}_{part}), 0)" for table in SESSION_TABLES for part in ("rows", "sum"))
@@ -523,16 +520,20 @@ def _shadow_with_slice(cursor: duckdb.DuckDBPyConnection) -> None:
         select {columns["raw_events"]} from {_warehouse_table(cursor, "raw_events")}
         where {within} and hash(session_id) in (select session_key from slice_sessions)""", times)
     # resolved_events holds each event's time as raw_events does: the same runs skip its other days too.
-    cursor.execute(f"""
-        create temp table resolved_events as
-        select {columns["resolved_events"]} from {_warehouse_table(cursor, "resolved_events")} as source
-        semi join raw_events on raw_events.event_id = source.event_id
-        where {within}""", times)
+    _slice_of_events(cursor, "resolved_events", columns["resolved_events"], "raw_events", within, times)
     for table in EVENT_SOURCES[2:]:
-        cursor.execute(f"""
-            create temp table {table} as
-            select {columns[table]} from {_warehouse_table(cursor, table)} as source
-            semi join raw_events on raw_events.event_id = source.event_id""")
+        _slice_of_events(cursor, table, columns[table], "raw_events")
+
+
+def _slice_of_events(cursor: duckdb.DuckDBPyConnection, table: str, columns: str, events: str,
+                     within: str = "true", times: list[datetime] | None = None) -> None:
+    """The warehouse table's `columns` for the events of temp table `events`, as a temp table named `table` that
+    shadows it on `cursor`; `within` (with its parameters `times`) may narrow the scan first."""
+    cursor.execute(f"""
+        create temp table {table} as
+        select {columns} from {_warehouse_table(cursor, table)} as source
+        semi join {events} on {events}.event_id = source.event_id
+        where {within}""", times or [])
 
 
 def _on_their_days(cursor: duckdb.DuckDBPyConnection, sessions: str) -> tuple[str, list[datetime]]:
