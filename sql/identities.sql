@@ -3,8 +3,8 @@
 -- An identity is anchored on an email or, when nothing ties it to one, a Klaviyo _kx; its upstack_id is derived
 -- from the anchor, so it is the same in every run and never renumbered. Phones, customer ids and a _kx join an
 -- email's identity only when they translate to that one email (temp table email_translations).
--- Reads: resolved_events, usable_identity_links, usable_identity_observations, customers,
---   evidence (temp), targets (temp), email_translations (temp), upstack_id (macro)
+-- Reads: usable_identity_links, usable_identity_observations, customers,
+--   evidence (temp), new_resolutions (temp), email_translations (temp), upstack_id (macro)
 -- Variables: now
 -- Writes: identities
 -- Leaves: touched_anchors (temp), anchor_links (temp)
@@ -12,7 +12,8 @@
 create or replace temp table touched_anchors as
 select distinct 'email' as anchor_type, email as anchor from evidence where email is not null
 union
-select distinct 'kx', kx from resolved_events semi join targets using (event_id)
+-- The targets' answers as resolved_events now holds them (sql/resolved_events.sql), without reading it again.
+select distinct 'kx', kx from new_resolutions
 where kx is not null and email is null;
 
 create or replace temp table anchor_links as
