@@ -53,7 +53,7 @@ import duckdb
 import polars as pl
 
 from upstack_pipeline.settings import PIXEL_TO_KLAVIYO_METRIC, IdentitySettings, Settings
-from upstack_pipeline.warehouse import read_sql, set_variables
+from upstack_pipeline.warehouse import frame, read_sql, set_variables
 
 STAGE = "identity"
 # The events resolved and sent: the pixel events Klaviyo has a metric for (sql/resolved_events.sql reads the list).
@@ -286,15 +286,15 @@ def _count_overview(connection: duckdb.DuckDBPyConnection, guard: IdentitySettin
         unresolved_by_reason=pairs("select unresolved_reason, count(*) from resolved_events "
                                    "where unresolved_reason is not null group by 1 order by 2 desc"),
         identities=identities,
-        rejected_values=connection.sql(
+        rejected_values=frame(connection.sql(
             "select id_type, value, reason, times_seen from identity_rejected_values "
-            "order by times_seen desc, value limit $limit", params={"limit": limit}).pl(),
+            "order by times_seen desc, value limit $limit", params={"limit": limit})),
         flags_by_kind=pairs("select flag, count(*) from identity_flags group by 1 order by 2 desc"),
-        largest_shared_browsers=connection.sql("""
+        largest_shared_browsers=frame(connection.sql("""
             select left_value as anonymous_id, count(distinct right_value) as emails
             from usable_identity_links where left_type = 'anonymous_id' and right_type = 'email'
             group by left_value having count(distinct right_value) > 1
-            order by emails desc, anonymous_id limit $limit""", params={"limit": limit}).pl(),
+            order by emails desc, anonymous_id limit $limit""", params={"limit": limit})),
         history_attributions_over_guard=over_guard,
     )
 

@@ -28,7 +28,7 @@ from upstack_pipeline.landing import (
     discover,
     split_new_and_changed,
 )
-from upstack_pipeline.warehouse import VACUUM_STAGE, Warehouse, set_variables
+from upstack_pipeline.warehouse import VACUUM_STAGE, Warehouse, frame, set_variables
 
 COUNT_NAMES = ("lines", "ingested_rows", "duplicate_rows", "quarantined_rows")
 STAGED_SCHEMA = {"source_file": pl.String, "line_number": pl.Int64, "raw_line": pl.String, "invalid_utf8": pl.Boolean}
@@ -303,14 +303,14 @@ def overview(
             f"select reason, count(*) from {quarantine_table} where quarantined_at = ? group by reason "
             "order by count(*) desc", [now]
         ).fetchall())
-        recent = connection.sql(
+        recent = frame(connection.sql(
             f"select {recent_columns} from {table} order by ingested_at desc, source_file desc, line_number desc "
             f"limit {limit}"
-        ).pl()
-        quarantined = connection.sql(
+        ))
+        quarantined = frame(connection.sql(
             f"select source_file, line_number, reason, detail from {quarantine_table} where quarantined_at = ? "
             f"order by source_file, line_number limit {limit * 2}", params=[now]
-        ).pl()
+        ))
     return TableOverview(total_rows, total_quarantined, by_reason, recent, quarantined)
 
 
