@@ -23,7 +23,7 @@
 --   max_emails_per_browser, now
 -- Writes: identity_flags, resolved_events
 -- Leaves: cookie_cluster (temp), affected_cookies (temp), targets (temp), evidence (temp), resolutions (temp),
---   new_resolutions (temp), changed_resolutions (temp), replaced_resolutions (temp)
+--   new_resolutions (temp), previous_resolutions (temp), changed_resolutions (temp), replaced_resolutions (temp)
 
 create or replace temp table cookie_cluster as
 select anonymous_id, browser_cluster_id, linked_by from browser_clusters;
@@ -349,23 +349,28 @@ select
 from resolutions
 left join cookie_cluster using (anonymous_id);
 
+-- The targets' rows as resolved_events holds them now, read once: the comparison below and the rows it replaces
+-- both come from here (each read of resolved_events by event id is a scan of the whole table's ids).
+create or replace temp table previous_resolutions as
+select * from resolved_events where event_id in (select event_id from targets);
+
 -- Only the rows whose answer changed are written, stamped with this run's now: most targets come out as they were
 -- (every event of a cluster that got one new event), and a row rewritten unchanged would cost its delete, its
 -- insert and its index entry, and send mapping and analytics to look at it again (they take the rows stamped since
 -- their last run). An event without a row yet is written as it is (a backfill's are nearly all of its targets, and
 -- comparing them would hash every column for nothing); EXCEPT compares the others' whole rows, nulls as equal.
 create or replace temp table changed_resolutions as
-select * from new_resolutions anti join resolved_events using (event_id)
+select * from new_resolutions anti join previous_resolutions using (event_id)
 union all
 (
-    select * from new_resolutions semi join resolved_events using (event_id)
+    select * from new_resolutions semi join previous_resolutions using (event_id)
     except
-    select * exclude (resolved_at) from resolved_events where event_id in (select event_id from targets)
+    select * exclude (resolved_at) from previous_resolutions
 );
 
 -- The rows about to be replaced, with the cluster each was counted under (sql/shared_device_guard_scope.sql).
 create or replace temp table replaced_resolutions as
-select event_id, browser_cluster_id from resolved_events
+select event_id, browser_cluster_id from previous_resolutions
 where event_id in (select event_id from changed_resolutions);
 
 delete from resolved_events where event_id in (select event_id from replaced_resolutions);
