@@ -107,6 +107,9 @@ class EventFiles:
         return read_ndjson_lines(data, compressed=landing_file.absolute.name.endswith(".gz"))
 
     def write_batch(self, connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
+        # line_verdicts reads the lines in parts (upstack_pipeline.ingestion.register_staged_lines), which DuckDB
+        # only reads side by side when the rows need not keep their order: nothing reads line_verdicts in it.
+        connection.execute("set preserve_insertion_order = false")
         connection.execute(read_sql("line_verdicts"), {
             "required_fields": list(REQUIRED_FIELDS),
             "extracted_paths": ["$.custom_data.items", "$.custom_data.discount_codes"]
@@ -121,6 +124,7 @@ class EventFiles:
             "now": now,
             "max_skew": self.max_clock_skew,
         })
+        connection.execute("reset preserve_insertion_order")  # (a failed batch ends the ingestion)
         set_variables(connection, {"event_structure": json.dumps(READ_STRUCTURE)})
         connection.execute(read_sql("raw_events"))
 

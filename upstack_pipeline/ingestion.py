@@ -80,7 +80,8 @@ class FileKind(Protocol):
         """The file's bytes as staged lines: line_number, raw_line, invalid_utf8 (see STAGED_SCHEMA)."""
 
     def write_batch(self, connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
-        """Sort the batch's lines (temp view staged_lines) into the kind's tables; leave temp table batch_file_counts.
+        """Sort the batch's lines (staged_lines: see register_staged_lines) into the kind's tables; leave temp table
+        batch_file_counts.
 
         SQL variables `ingested_at` and `load_id` are set for the rows it writes.
         """
@@ -132,14 +133,12 @@ def ingest_new_files(
                 "write new data to a new file.")
         ingested_any = False
         connection.execute(f"set checkpoint_threshold = '{WRITTEN_ONCE}'")
-        connection.execute("set preserve_insertion_order = false")  # see register_staged_lines
         try:
             for batch in batches(new, batch_bytes):
                 _ingest_batch(connection, batch, file_kind, now, report)
                 ingested_any = True
-        finally:  # the settings are the database's: other connections of this process keep DuckDB's own
+        finally:  # the setting is the database's: other connections of this process keep DuckDB's own
             connection.execute("reset checkpoint_threshold")
-            connection.execute("reset preserve_insertion_order")
         if ingested_any:
             decide_vacuum(connection, now)
     for path, error in report.unreadable_files.items():
@@ -156,7 +155,7 @@ def _ingest_batch(
     connection.begin()
     next_load = connection.execute("select coalesce(max(load_id), 0) + 1 from ingested_files").fetchone()[0]
     set_variables(connection, {"ingested_at": now, "load_id": next_load})
-    parts = register_staged_lines(connection, staged)
+    registered = register_staged_lines(connection, staged)
     file_kind.write_batch(connection, now)
     connection.register("batch_files", ArrowStream(ledger))
     # One statement for the batch's ledger rows (a file with no lines has no counts: zeros).
@@ -174,9 +173,9 @@ def _ingest_batch(
     """).fetchall()
     report.add({name: sum(column) for name, column in zip(COUNT_NAMES, zip(*rows))})
     connection.unregister("batch_files")
-    connection.execute("drop view staged_lines")
-    for part in parts:
-        connection.unregister(part)
+    connection.execute("drop view staged_lines_in_parts")
+    for name in registered:
+        connection.unregister(name)
     connection.commit()
     faults.reached(f"{file_kind.kind}-batch")  # test hook: UPSTACK_TEST_STOP_AFTER=events-batch:N
     report.files_read += len(batch) - len(unreadable)
@@ -184,21 +183,22 @@ def _ingest_batch(
 
 
 def register_staged_lines(connection: duckdb.DuckDBPyConnection, staged: pl.DataFrame) -> list[str]:
-    """Temp view staged_lines: the batch's lines as one Arrow stream per DuckDB thread, unioned; returns the
-    streams' names. One stream is read by one thread, and every statement of a batch (JSON parsing and checks,
-    typing, compression) then ran on one core: a day's 25,000 lines took 0.55 s where two streams take 0.37 s. The
-    streams only run side by side while DuckDB need not keep the rows' order (preserve_insertion_order off for the
-    batches): nothing reads a batch's rows in insertion order (each keeps its source_file and line_number, and
-    every rule that picks one line among several orders by them), and raw_events' rowid still grows from batch to
-    batch, which is the only order landing_health relies on."""
+    """The batch's lines as `staged_lines`, one Arrow stream in the batch's order, and as temp view
+    `staged_lines_in_parts`, one stream per DuckDB thread, unioned; returns the names registered.
+
+    One stream is read by one thread: parsing and checking a batch's JSON (sql/line_verdicts.sql reads the parts,
+    side by side) ran on one core, and a day's 25,000 lines, less than a row group, took 0.55 s where two streams
+    take 0.37 s. What is written to a table reads the one stream: rows written from several leave partly filled
+    row groups among the full ones."""
     threads = int(connection.execute("select current_setting('threads')").fetchall()[0][0])
     size = max(1, -(-staged.height // threads))  # ceiling: at most `threads` parts
     parts = [f"staged_lines_{number}" for number in range(max(1, -(-staged.height // size)))]
     for number, part in enumerate(parts):
         connection.register(part, ArrowStream(staged.slice(number * size, size)))
-    connection.execute("create or replace temp view staged_lines as "
+    connection.execute("create or replace temp view staged_lines_in_parts as "
                        + " union all ".join(f"select * from {part}" for part in parts))
-    return parts
+    connection.register("staged_lines", ArrowStream(staged))
+    return ["staged_lines", *parts]
 
 
 def decide_vacuum(connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
