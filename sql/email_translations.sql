@@ -1,50 +1,17 @@
 -- Identifiers that translate into exactly one email (customer id, phone, email or phone hash, _kx), and the
 -- emails each linked cookie carries, typed or translated. Built before browser clusters, so the guard that keeps
 -- two people's browsers apart sees an email that came from a login exactly as one that was typed.
---
--- The translations are kept in table email_translations and counted again only for the identifiers whose
--- translation this run may have changed: counted over the whole history every run, they cost an hourly run as much
--- as a backfill's. A translation is a function of the identifier's usable links to emails and, for a customer id,
--- of the logins seen with an email on one event; a run changes those only through its new links and observations
--- and the supernode verdicts it changes (identity_links and identity_observations only grow, and only
--- sql/identity_rejected_values.sql quarantines or releases). Under other settings or SQL than the last run's
--- (translate_all, the first chunk of such a run) every identifier is counted again.
--- Reads: identity_links, usable_identity_links, usable_identity_observations, browser_links, email_translations,
---   new_links (temp), new_observations (temp), supernode_changes (temp)
--- Variables: translate_all
--- Writes: email_translations
--- Leaves: retranslated (temp), linked_cookie_emails (temp)
-
-create or replace temp table retranslated as
-select left_type as id_type, left_value as id_value from identity_links
-where getvariable('translate_all')
-    and left_type in ('customer_id', 'phone', 'email_hash', 'phone_hash', 'kx') and right_type = 'email'
-union
-select left_type, left_value from new_links
-where left_type in ('customer_id', 'phone', 'email_hash', 'phone_hash', 'kx') and right_type = 'email'
-union
-select id_type, id_value from supernode_changes
-where id_type in ('customer_id', 'phone', 'email_hash', 'phone_hash', 'kx')
-union                                           -- an email quarantined or released: every identifier linked to it
-select link.left_type, link.left_value
-from identity_links as link
-semi join supernode_changes as change on change.id_type = 'email' and change.id_value = link.right_value
-where link.left_type in ('customer_id', 'phone', 'email_hash', 'phone_hash', 'kx') and link.right_type = 'email'
-union                                           -- a login seen with an email (only_from_customer_file)
-select id_type, id_value from new_observations where id_type = 'customer_id';
-
-delete from email_translations
-where getvariable('translate_all') or (id_type, id_value) in (select (id_type, id_value) from retranslated);
+-- Reads: usable_identity_links, usable_identity_observations, browser_links
+-- Leaves: email_translations (temp), linked_cookie_emails (temp)
 
 -- only_from_customer_file: a customer id the pixel never saw on one event with its email (a login whose email
 -- only the customers export gives). Taken from the observations, not from which source came first, so it does not
 -- depend on whether the export arrived before or after the events.
-insert into email_translations
+create or replace temp table email_translations as
 with translations as (
     select left_type as id_type, left_value as id_value, min(right_value) as email
-    from usable_identity_links as link
-    semi join retranslated on retranslated.id_type = link.left_type and retranslated.id_value = link.left_value
-    where right_type = 'email'
+    from usable_identity_links
+    where left_type in ('customer_id', 'phone', 'email_hash', 'phone_hash', 'kx') and right_type = 'email'
     group by left_type, left_value
     having count(distinct right_value) = 1
 ),
@@ -53,7 +20,6 @@ logins_with_email as (
     from usable_identity_observations as login
     join usable_identity_observations as email on email.event_id = login.event_id and email.id_type = 'email'
     where login.id_type = 'customer_id'
-        and login.id_value in (select id_value from retranslated where id_type = 'customer_id')
 )
 select translations.*,
        translations.id_type = 'customer_id' and logins_with_email.email is null as only_from_customer_file

@@ -201,16 +201,6 @@ where not exists (select 1 from identity_rejected_values as quarantined
                     where quarantined.reason = 'many_browsers'
                         and quarantined.id_type = link.right_type and quarantined.value = link.right_value);
 
--- The identifiers that translate into exactly one email (sql/email_translations.sql): a customer id, phone, email
--- or phone hash, or Klaviyo _kx whose usable links name one email and no other. Identity resolution names a person
--- through them; an identifier linked to two emails translates to neither. Kept up to date run by run.
-create table if not exists email_translations (
-    id_type                 varchar not null,   -- customer_id | phone | email_hash | phone_hash | kx
-    id_value                varchar not null,
-    email                   varchar not null,   -- the one email its links name
-    only_from_customer_file boolean not null    -- a customer id whose email only the customers export gives
-);
-
 -- Same-browser evidence between two cookies: one session on both, or one ad click opened in both within minutes.
 create table if not exists browser_links (
     anonymous_id       varchar not null,

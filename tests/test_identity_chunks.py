@@ -214,16 +214,3 @@ def test_the_chunk_size_is_a_setting_read_from_the_environment_and_checked():
     assert Settings.from_env({}).identity_chunk_rows == Settings().identity_chunk_rows
     with pytest.raises(ValueError, match="UPSTACK_IDENTITY_CHUNK_ROWS"):
         Settings.from_env({"UPSTACK_IDENTITY_CHUNK_ROWS": "1M"})
-
-
-@pytest.mark.slow
-def test_the_translations_kept_load_by_load_are_those_of_the_whole_history(backfill, one_load_a_chunk, tmp_path):
-    """sql/email_translations.sql counts again only the identifiers a chunk may have changed; after a chunk per load
-    the table holds what counting every identifier over the whole history at once gives."""
-    chunked, _ = one_load_a_chunk
-    whole, _ = resolved(backfill, tmp_path, "whole", chunk_rows=ONE_CHUNK)
-    translations = "select * from email_translations order by all"
-    kept = query(chunked, translations)
-    assert kept == query(whole, translations)
-    assert {id_type for id_type, *_ in kept} >= {"customer_id", "phone", "email_hash"}
-    assert {only_from_customer_file for *_, only_from_customer_file in kept} == {True, False}

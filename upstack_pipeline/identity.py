@@ -214,10 +214,8 @@ def _set_variables(
         "cookie_lifetime": identity.cookie_lifetime,
         "probabilistic_matching": identity.probabilistic_matching,
         "probabilistic_window": identity.probabilistic_window,
-        # Whether sql/shared_device_guard_check.sql counts every cluster, not only those this chunk touched, and
-        # sql/email_translations.sql every identifier: what they keep was counted under other settings or SQL.
+        # Whether sql/shared_device_guard_check.sql counts every cluster, not only those this chunk touched.
         "guard_recount": guard_recount,
-        "translate_all": guard_recount,
     }
     set_variables(connection, variables)
 

@@ -24,7 +24,6 @@ IDENTITY_TABLES = {
     "identity_rejected_values": ["identity_observations"],
     "identity_links": ["identity_observations", "raw_events", "customers"],
     "browser_links": ["identity_observations", "identity_links", "raw_events"],
-    "email_translations": ["identity_links", "identity_observations", "identity_rejected_values"],
     "browser_clusters": ["browser_links", "identity_links", "identity_observations", "identity_rejected_values"],
     "resolved_events": ["raw_events", "customers", "identity_observations", "identity_rejected_values",
                         "identity_links", "browser_clusters"],
