@@ -16,6 +16,7 @@ import pytest
 from conftest import NOW, ingest_killed_after_batch, make_event, query, write_events, write_lines
 from upstack_pipeline.customers import ingest_customers
 from upstack_pipeline.events import ingest_events
+from upstack_pipeline.warehouse import WarehouseOutOfMemoryError
 
 
 def ingest(settings):
@@ -450,3 +451,26 @@ def test_the_first_differing_field_is_first_in_the_kept_events_order_and_unknown
         (5, "conflicting_duplicate", "referrer"),
         (6, "conflicting_duplicate", "page.tags"),
         (7, "conflicting_duplicate", "page.layout")]
+
+
+def test_a_batch_that_runs_out_of_memory_rolls_back_says_what_to_change_and_leaves_duckdbs_settings(settings):
+    """A failed statement aborts the batch's transaction: the error must be DuckDB's own (not the next statement's
+    'transaction is aborted'), and the settings a batch changes, which are the database's, must be back for the
+    process's other connections."""
+    write_lines(settings.events_dir / "big.ndjson",
+                [json.dumps(make_event(f"e{i}", url="https://shop.example/" + "x" * 2000)) for i in range(20_000)])
+    tight = replace(settings, duckdb_memory_limit="30MB")  # 40 MB of lines in one batch
+
+    with tight.warehouse().connect() as bystander:  # the same database instance as the ingestion's connection
+        defaults = bystander.execute(SETTINGS_OF_A_BATCH).fetchall()
+        with pytest.raises(WarehouseOutOfMemoryError, match="raise UPSTACK_DUCKDB_MEMORY_LIMIT"):
+            ingest(tight)
+        assert bystander.execute(SETTINGS_OF_A_BATCH).fetchall() == defaults
+        assert bystander.execute("select (select count(*) from raw_events), (select count(*) from ingested_files), "
+                                 "(select count(*) from quarantined_events)").fetchall() == [(0, 0, 0)]
+
+    assert ingest(settings).ingested_rows == 20_000
+
+
+SETTINGS_OF_A_BATCH = ("select current_setting('checkpoint_threshold'), current_setting('preserve_insertion_order'), "
+                       "current_setting('disabled_optimizers')")

@@ -23,6 +23,7 @@ class CustomerFiles:
     """Customer landing files (CSV with a header, or Parquet) for `upstack_pipeline.ingestion`."""
 
     kind = "customers"
+    statement_settings = ()
 
     def read_lines(self, landing_file: LandingFile, data: bytes) -> pl.DataFrame:
         try:

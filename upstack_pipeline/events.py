@@ -97,6 +97,7 @@ class EventFiles:
     """Event landing files (NDJSON, gzip NDJSON, Parquet) for the shared ingestion in `upstack_pipeline.ingestion`."""
 
     kind = "events"
+    statement_settings = ("preserve_insertion_order", "disabled_optimizers")  # line_verdicts', sql/raw_events.sql's
 
     def __init__(self, max_clock_skew: timedelta):
         self.max_clock_skew = max_clock_skew
@@ -124,7 +125,7 @@ class EventFiles:
             "now": now,
             "max_skew": self.max_clock_skew,
         })
-        connection.execute("reset preserve_insertion_order")  # (a failed batch ends the ingestion)
+        connection.execute("reset preserve_insertion_order")
         set_variables(connection, {"event_structure": json.dumps(READ_STRUCTURE)})
         connection.execute(read_sql("raw_events"))
 

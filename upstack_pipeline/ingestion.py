@@ -28,7 +28,7 @@ from upstack_pipeline.landing import (
     discover,
     split_new_and_changed,
 )
-from upstack_pipeline.warehouse import VACUUM_STAGE, Warehouse, frame, set_variables
+from upstack_pipeline.warehouse import VACUUM_STAGE, Warehouse, frame, set_variables, transaction
 
 COUNT_NAMES = ("lines", "ingested_rows", "duplicate_rows", "quarantined_rows")
 STAGED_SCHEMA = {"source_file": pl.String, "line_number": pl.Int64, "raw_line": pl.String, "invalid_utf8": pl.Boolean}
@@ -75,6 +75,9 @@ class FileKind(Protocol):
     """What one kind of landing file needs beyond the shared bookkeeping."""
 
     kind: str
+    # The DuckDB settings write_batch changes for some of its statements and resets after them: reset again after
+    # the batches, since a failed statement ends the batch before its own reset.
+    statement_settings: tuple[str, ...]
 
     def read_lines(self, landing_file: LandingFile, data: bytes) -> pl.DataFrame:
         """The file's bytes as staged lines: line_number, raw_line, invalid_utf8 (see STAGED_SCHEMA)."""
@@ -137,8 +140,10 @@ def ingest_new_files(
             for batch in batches(new, batch_bytes):
                 _ingest_batch(connection, batch, file_kind, now, report)
                 ingested_any = True
-        finally:  # the setting is the database's: other connections of this process keep DuckDB's own
-            connection.execute("reset checkpoint_threshold")
+        finally:  # settings are the database's: other connections of this process get DuckDB's own back, even
+                  # after a failed batch
+            for setting in ("checkpoint_threshold", *file_kind.statement_settings):
+                connection.execute(f"reset {setting}")
         if ingested_any:
             decide_vacuum(connection, now)
     for path, error in report.unreadable_files.items():
@@ -152,7 +157,19 @@ def _ingest_batch(
 ) -> None:
     """One transaction: the batch's rows, its quarantine and its ledger entries land together or not at all."""
     staged, ledger, unreadable = _stage(batch, file_kind)
-    connection.begin()
+    with transaction(connection):
+        counts = _write_batch(connection, staged, ledger, file_kind, now)
+    faults.reached(f"{file_kind.kind}-batch")  # test hook: UPSTACK_TEST_STOP_AFTER=events-batch:N
+    report.add(counts)
+    report.files_read += len(batch) - len(unreadable)
+    report.unreadable_files.update(unreadable)
+
+
+def _write_batch(
+    connection: duckdb.DuckDBPyConnection, staged: pl.DataFrame, ledger: pl.DataFrame, file_kind: FileKind,
+    now: datetime,
+) -> dict[str, int]:
+    """The batch's rows, quarantine and ledger entries written (not committed); returns the batch's counts."""
     next_load = connection.execute("select coalesce(max(load_id), 0) + 1 from ingested_files").fetchone()[0]
     set_variables(connection, {"ingested_at": now, "load_id": next_load})
     registered = register_staged_lines(connection, staged)
@@ -171,15 +188,11 @@ def _ingest_batch(
         order by file.path
         returning {", ".join(COUNT_NAMES)}
     """).fetchall()
-    report.add({name: sum(column) for name, column in zip(COUNT_NAMES, zip(*rows))})
     connection.unregister("batch_files")
     connection.execute("drop view staged_lines_in_parts")
     for name in registered:
         connection.unregister(name)
-    connection.commit()
-    faults.reached(f"{file_kind.kind}-batch")  # test hook: UPSTACK_TEST_STOP_AFTER=events-batch:N
-    report.files_read += len(batch) - len(unreadable)
-    report.unreadable_files.update(unreadable)
+    return {name: sum(column) for name, column in zip(COUNT_NAMES, zip(*rows))}
 
 
 def register_staged_lines(connection: duckdb.DuckDBPyConnection, staged: pl.DataFrame) -> list[str]:

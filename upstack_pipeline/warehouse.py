@@ -75,6 +75,10 @@ class WarehouseTooNewError(WarehouseError):
     """The warehouse was written by a newer release of upstack-flows than this one."""
 
 
+class WarehouseOutOfMemoryError(WarehouseError):
+    """DuckDB needed more memory than it may use; the step's open transaction was rolled back."""
+
+
 class WarehouseMigrationError(WarehouseError):
     """A migration failed; the transaction was rolled back and the file kept its previous version."""
 
@@ -138,6 +142,21 @@ def apply_vacuum_hold(connection: duckdb.DuckDBPyConnection) -> None:
     connection.execute("set max_vacuum_tasks = 0" if row and row[0] == "hold" else "reset max_vacuum_tasks")
 
 
+@contextmanager
+def transaction(connection: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """Commits the block's statements, or rolls them back when it raises. A failed statement leaves the transaction
+    aborted, and DuckDB then refuses every statement but a rollback: without one, whatever the caller runs next (a
+    `finally` resetting a setting) fails in its turn and hides the error that matters. A commit that fails has
+    ended the transaction itself, so it is left out of the rollback."""
+    connection.begin()
+    try:
+        yield
+    except BaseException:
+        connection.rollback()
+        raise
+    connection.commit()
+
+
 def _is_lock_conflict(error: duckdb.Error) -> bool:
     return "lock" in str(error).lower()
 
@@ -170,6 +189,14 @@ class Warehouse:
                     self._bring_up_to_date(connection)
                 apply_vacuum_hold(connection)
             yield connection
+        except duckdb.OutOfMemoryException as error:
+            raise WarehouseOutOfMemoryError(
+                f"DuckDB ran out of memory on {self.path} ({str(error).splitlines()[0]}). Its limit is "
+                f"{self.config.get('memory_limit', '80% of RAM (the default)')}: raise UPSTACK_DUCKDB_MEMORY_LIMIT, "
+                "point UPSTACK_DUCKDB_TEMP_DIR at a disk with room to spill to, or give the step less at a time "
+                "(UPSTACK_INGEST_BATCH_BYTES, UPSTACK_IDENTITY_CHUNK_ROWS), then run again: what the step had not "
+                "committed was rolled back, and the next run carries on from what it had."
+            ) from error
         finally:
             connection.close()
 
@@ -187,18 +214,13 @@ class Warehouse:
     def _bring_up_to_date(self, connection: duckdb.DuckDBPyConnection) -> None:
         """Creates the schema in an empty file, or runs the migrations an older file lacks: in one transaction,
         so a failed or killed upgrade leaves the file as it was."""
-        connection.begin()
-        try:
+        with transaction(connection):
             # Read again inside the transaction: another connection of this process may have just done the work.
             version = self._check_version(connection)
             if version is None:
                 self._create(connection)
             elif version < self.latest_version:
                 self._migrate(connection, version)
-            connection.commit()
-        except BaseException:
-            connection.rollback()
-            raise
 
     def _create(self, connection: duckdb.DuckDBPyConnection) -> None:
         connection.execute(_VERSION_TABLE_DDL)
