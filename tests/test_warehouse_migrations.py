@@ -18,7 +18,7 @@ import pytest
 from conftest import NOW, make_event, query, write_events
 from upstack_pipeline.warehouse import (
     MIGRATIONS, SCHEMA_VERSION, VERSION_TABLE, Migration, Warehouse, WarehouseError, WarehouseMigrationError,
-    WarehouseTooNewError, schema_version,
+    WarehouseOutOfMemoryError, WarehouseTooNewError, schema_version,
 )
 
 RELEASE_1_SCHEMA = Path(__file__).parent / "fixtures" / "warehouse_release_1.sql"
@@ -440,4 +440,19 @@ def test_a_killed_upgrade_leaves_the_warehouse_as_the_older_release_left_it(tmp_
                             capture_output=True, text=True, timeout=120)
     assert killed.returncode == 37, killed.stderr
 
+    assert_as_the_first_release_left_it(path, rows)
+
+
+def test_an_upgrade_that_runs_out_of_memory_names_the_memory_settings_not_a_bug(tmp_path):
+    path = tmp_path / "warehouse.duckdb"
+    create_release_1_warehouse(path)
+    rows = release_1_rows(path)
+    # One string of 200 MB: DuckDB cannot spill an aggregate's single value to disk.
+    greedy = Migration(SCHEMA_VERSION + 1, f"{SCHEMA_VERSION + 1:04d}_greedy.sql",
+                       "create table greedy as select string_agg(repeat('x', 1000), '') as s from range(200000);")
+
+    with pytest.raises(WarehouseOutOfMemoryError, match="raise UPSTACK_DUCKDB_MEMORY_LIMIT") as failed:
+        with Warehouse(path, memory_limit="30MB", migrations=[*MIGRATIONS, greedy]).connect():
+            pass
+    assert "bug" not in str(failed.value)
     assert_as_the_first_release_left_it(path, rows)

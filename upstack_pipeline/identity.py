@@ -53,7 +53,7 @@ import duckdb
 import polars as pl
 
 from upstack_pipeline.settings import PIXEL_TO_KLAVIYO_METRIC, IdentitySettings, Settings
-from upstack_pipeline.warehouse import frame, read_sql, set_variables
+from upstack_pipeline.warehouse import frame, read_sql, set_variables, transaction
 
 STAGE = "identity"
 # The events resolved and sent: the pixel events Klaviyo has a metric for (sql/resolved_events.sql reads the list).
@@ -141,37 +141,37 @@ def _resolve_chunk(
     now: datetime, fingerprint: str, guard_recount: bool,
     after_step: Callable[[duckdb.DuckDBPyConnection, str], None] | None,
 ) -> IdentityRun:
-    connection.begin()
-    _set_variables(connection, identity, after_load_id=after_load_id, until_load_id=until_load_id, now=now,
-                   guard_recount=guard_recount)
-    label_steps = 0
-    for step in STEPS:
-        if step == LABEL_STEP:
-            label_steps = _propagate_cluster_labels(connection)
-        else:
-            connection.execute(read_sql(step))
-        if after_step is not None:
-            after_step(connection, step)
-    run = IdentityRun(
-        new_observations=_count(connection, "new_observations"),
-        rejected_values=_count(connection, "new_identifier_candidates where rejection is not null"),
-        events_resolved=_count(connection, "targets"),
-        label_steps=label_steps,
-        chunks=1,
-    )
-    connection.execute("insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview) "
-                       "values (?, ?, ?, ?, null)", [STAGE, until_load_id, now, fingerprint])
-    # The counts kept for the clusters not counted again, and the new ones over 0.
-    connection.execute("""
-        insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview)
-        select ?, ?, ?, ?, coalesce(json_group_object(cluster_id, events), '{}') from (
-            select key as cluster_id, value::bigint as events
-            from json_each((select overview from pipeline_state where stage = ? and not getvariable('guard_recount')))
-            where key not in (select cluster_id from guard_counted)
-            union all
-            select cluster_id, events from guard_breaches
-        )""", [GUARD_STAGE, until_load_id, now, fingerprint, GUARD_STAGE])
-    connection.commit()
+    with transaction(connection):
+        _set_variables(connection, identity, after_load_id=after_load_id, until_load_id=until_load_id, now=now,
+                       guard_recount=guard_recount)
+        label_steps = 0
+        for step in STEPS:
+            if step == LABEL_STEP:
+                label_steps = _propagate_cluster_labels(connection)
+            else:
+                connection.execute(read_sql(step))
+            if after_step is not None:
+                after_step(connection, step)
+        run = IdentityRun(
+            new_observations=_count(connection, "new_observations"),
+            rejected_values=_count(connection, "new_identifier_candidates where rejection is not null"),
+            events_resolved=_count(connection, "targets"),
+            label_steps=label_steps,
+            chunks=1,
+        )
+        connection.execute("insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview) "
+                           "values (?, ?, ?, ?, null)", [STAGE, until_load_id, now, fingerprint])
+        # The counts kept for the clusters not counted again, and the new ones over 0.
+        connection.execute("""
+            insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview)
+            select ?, ?, ?, ?, coalesce(json_group_object(cluster_id, events), '{}') from (
+                select key as cluster_id, value::bigint as events
+                from json_each((select overview from pipeline_state
+                                where stage = ? and not getvariable('guard_recount')))
+                where key not in (select cluster_id from guard_counted)
+                union all
+                select cluster_id, events from guard_breaches
+            )""", [GUARD_STAGE, until_load_id, now, fingerprint, GUARD_STAGE])
     return run
 
 

@@ -145,9 +145,10 @@ def apply_vacuum_hold(connection: duckdb.DuckDBPyConnection) -> None:
 @contextmanager
 def transaction(connection: duckdb.DuckDBPyConnection) -> Iterator[None]:
     """Commits the block's statements, or rolls them back when it raises. A failed statement leaves the transaction
-    aborted, and DuckDB then refuses every statement but a rollback: without one, whatever the caller runs next (a
-    `finally` resetting a setting) fails in its turn and hides the error that matters. A commit that fails has
-    ended the transaction itself, so it is left out of the rollback."""
+    aborted, and DuckDB then refuses further statements: without a rollback, whatever the caller runs next (a
+    `finally` resetting a setting) fails in its turn and hides the error that matters. (A COMMIT of an aborted
+    transaction is accepted and writes nothing: a block must not catch a DuckDB error and carry on.) A commit that
+    fails has ended the transaction itself, so it is left out of the rollback."""
     connection.begin()
     try:
         yield
@@ -192,9 +193,10 @@ class Warehouse:
         except duckdb.OutOfMemoryException as error:
             raise WarehouseOutOfMemoryError(
                 f"DuckDB ran out of memory on {self.path} ({str(error).splitlines()[0]}). Its limit is "
-                f"{self.config.get('memory_limit', '80% of RAM (the default)')}: raise UPSTACK_DUCKDB_MEMORY_LIMIT, "
-                "point UPSTACK_DUCKDB_TEMP_DIR at a disk with room to spill to, or give the step less at a time "
-                "(UPSTACK_INGEST_BATCH_BYTES, UPSTACK_IDENTITY_CHUNK_ROWS), then run again: what the step had not "
+                f"{self.config.get('memory_limit', '80% of RAM (the default)')}: raise UPSTACK_DUCKDB_MEMORY_LIMIT "
+                "(the warehouse resource's memory_limit in a run's config), point UPSTACK_DUCKDB_TEMP_DIR at a disk "
+                "with room to spill to, or, when ingestion or identity ran out, give it less at a time "
+                "(UPSTACK_INGEST_BATCH_BYTES, UPSTACK_IDENTITY_CHUNK_ROWS); then run again: what the step had not "
                 "committed was rolled back, and the next run carries on from what it had."
             ) from error
         finally:
@@ -236,6 +238,8 @@ class Warehouse:
         for migration in pending:
             try:
                 connection.execute(migration.sql)
+            except duckdb.OutOfMemoryException:
+                raise  # not the migration's fault: Warehouse.connect says which settings to change
             except duckdb.Error as error:
                 raise WarehouseMigrationError(
                     f"Upgrading the warehouse {self.path} from schema version {found} to {self.latest_version} "

@@ -33,7 +33,7 @@ from upstack_pipeline.klaviyo.client import (Attempt, KlaviyoClient, KlaviyoDest
 from upstack_pipeline.klaviyo.limits import MAX_BULK_REQUEST_BYTES, MAX_EVENTS_PER_BULK_REQUEST
 from upstack_pipeline.klaviyo.mapping import OutboxRow, bulk_create_body, profile_import_body
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.warehouse import read_sql, set_variables
+from upstack_pipeline.warehouse import read_sql, set_variables, transaction
 
 BULK_EVENTS_PATH = "/api/event-bulk-create-jobs"
 PROFILES_PER_IMPORT_JOB = 10_000
@@ -324,17 +324,17 @@ def _settle_request(connection, request: int, outcome: Outcome, verdict: str, no
                     attempts: list[Attempt]) -> None:
     """One transaction: a whole request's rows delivered (naming the request) or back to pending, as `_whole`'s
     verdict says, and the attempts that decided them."""
-    connection.begin()
-    _record_attempts(connection, attempts)
-    if verdict == "delivered":
-        connection.execute("update klaviyo_outbox set status = 'delivered', delivered_at = ?, request_id = ? "
-                           "from delivery_rows where delivery_rows.request = ? "
-                           "and klaviyo_outbox.unique_id = delivery_rows.unique_id", [now, outcome.request_id, request])
-    else:
-        connection.execute("update klaviyo_outbox set status = 'pending', claimed_at = null "
-                           "from delivery_rows where delivery_rows.request = ? "
-                           "and klaviyo_outbox.unique_id = delivery_rows.unique_id", [request])
-    connection.commit()
+    with transaction(connection):
+        _record_attempts(connection, attempts)
+        if verdict == "delivered":
+            connection.execute("update klaviyo_outbox set status = 'delivered', delivered_at = ?, request_id = ? "
+                               "from delivery_rows where delivery_rows.request = ? "
+                               "and klaviyo_outbox.unique_id = delivery_rows.unique_id",
+                               [now, outcome.request_id, request])
+        else:
+            connection.execute("update klaviyo_outbox set status = 'pending', claimed_at = null "
+                               "from delivery_rows where delivery_rows.request = ? "
+                               "and klaviyo_outbox.unique_id = delivery_rows.unique_id", [request])
 
 
 def _set_status(connection, settled: list[Settled] | list[Refused], status: str, stamp_column: str,
@@ -350,21 +350,22 @@ def _set_status(connection, settled: list[Settled] | list[Refused], status: str,
 def _settle(connection, delivered: list[Settled], dead: list[Refused], unsent: list[OutboxRow], now: datetime,
             attempts: list[Attempt]) -> None:
     """One transaction: the rows' new status, their dead letters and the requests that decided them."""
-    connection.begin()
-    _record_attempts(connection, attempts)
-    if delivered:
-        _set_status(connection, delivered, "delivered", "delivered_at", now)
-    if unsent:
-        connection.execute("update klaviyo_outbox set status = 'pending', claimed_at = null "
-                           "from (select unnest(?) as unique_id) as unsent "
-                           "where klaviyo_outbox.unique_id = unsent.unique_id", [[row.unique_id for row in unsent]])
-    for refused in dead:
-        connection.execute(
-            "insert or replace into klaviyo_dead_letters select unique_id, event_id, metric_name, ?, ?, ? "
-            "from klaviyo_outbox where unique_id = ?", [refused.status, refused.detail, now, refused.row.unique_id])
-    if dead:
-        _set_status(connection, dead, "dead_letter", "claimed_at", now)
-    connection.commit()
+    with transaction(connection):
+        _record_attempts(connection, attempts)
+        if delivered:
+            _set_status(connection, delivered, "delivered", "delivered_at", now)
+        if unsent:
+            connection.execute("update klaviyo_outbox set status = 'pending', claimed_at = null "
+                               "from (select unnest(?) as unique_id) as unsent "
+                               "where klaviyo_outbox.unique_id = unsent.unique_id",
+                               [[row.unique_id for row in unsent]])
+        for refused in dead:
+            connection.execute(
+                "insert or replace into klaviyo_dead_letters select unique_id, event_id, metric_name, ?, ?, ? "
+                "from klaviyo_outbox where unique_id = ?",
+                [refused.status, refused.detail, now, refused.row.unique_id])
+        if dead:
+            _set_status(connection, dead, "dead_letter", "claimed_at", now)
 
 
 def _record_attempts(connection, attempts: list[Attempt]) -> None:

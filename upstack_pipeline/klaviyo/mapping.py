@@ -28,7 +28,7 @@ import duckdb
 from upstack_pipeline.klaviyo import limits
 from upstack_pipeline.klaviyo.flows import BACKUP_FLOWS
 from upstack_pipeline.settings import ORDER_LINE_METRIC, PIXEL_TO_KLAVIYO_METRIC, DestinationSettings, Settings
-from upstack_pipeline.warehouse import read_sql, schema_version, set_variables
+from upstack_pipeline.warehouse import read_sql, schema_version, set_variables, transaction
 
 SKIP_REASONS = ("disabled_event", "no_consent", "unresolved", "native_identified", "profile_creation_disabled",
                 "invalid")
@@ -54,8 +54,7 @@ class MappingRun:
 
 
 def map_events(settings: Settings, *, now: datetime) -> MappingRun:
-    with settings.warehouse().connect() as connection:
-        connection.begin()
+    with settings.warehouse().connect() as connection, transaction(connection):
         variables = _variables(settings.destination, now)
         fingerprint, identity_load_id, incremental, last_run = _last_run(connection, variables)
         set_variables(connection, variables)
@@ -69,7 +68,6 @@ def map_events(settings: Settings, *, now: datetime) -> MappingRun:
         connection.execute("insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview) "
                            "values (?, ?, ?, ?, null)", [STAGE, identity_load_id, now, fingerprint])
         after = _counts(connection)
-        connection.commit()
     return MappingRun(events_decided=decided, outbox_rows=after[0] - before[0], skipped=after[1] - before[1],
                       reviewed_for_limits=reviewed, every_event=every_event)
 
