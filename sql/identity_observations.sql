@@ -20,7 +20,9 @@ candidates as (
     select
         event_id, event_time, shop, anonymous_id, session_id, load_id,
         user_data.first_name, user_data.last_name, user_data.city, user_data.region,
-        unnest([
+        -- Only the identifiers the event carries become rows: most events carry one or none of the ten, and the
+        -- rows of the absent ones, each with the event's columns, were most of this statement's work.
+        unnest(list_filter([
             {'id_type': 'email', 'raw': user_data.email},
             {'id_type': 'email_hash', 'raw': user_data.em},
             {'id_type': 'phone', 'raw': user_data.phone},
@@ -33,7 +35,7 @@ candidates as (
             {'id_type': 'gclid', 'raw': coalesce(user_data.gclid, nullif(regexp_extract(url, '[?&]gclid=([^&#]+)', 1), ''))},
             {'id_type': 'ttclid', 'raw': coalesce(user_data.ttclid, nullif(regexp_extract(url, '[?&]ttclid=([^&#]+)', 1), ''))},
             {'id_type': 'msclkid', 'raw': coalesce(user_data.msclkid, nullif(regexp_extract(url, '[?&]msclkid=([^&#]+)', 1), ''))}
-        ]) as candidate
+        ], lambda candidate: candidate.raw is not null)) as candidate
     from events
 ),
 normalised as (
@@ -49,7 +51,6 @@ normalised as (
         end as id_value,
         candidate.raw as raw_value
     from candidates
-    where candidate.raw is not null
 )
 select
     *,
