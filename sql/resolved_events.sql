@@ -193,23 +193,6 @@ own_email as (
 typed_sessions as (                             -- Klaviyo sees what is typed, placeholders included
     select distinct session_id, cluster_id from evidence where source in ('typed', 'quarantined')
 ),
-in_session as (
-    select
-        target.event_id,
-        -- This event's own email first, then the latest before it in the session, then the first after it.
-        coalesce(own_email.evidence, email_before.evidence, email_after.evidence) as email_evidence,
-        coalesce(kx_before.evidence, kx_after.evidence) as kx_evidence,
-        own_email.evidence is not null as typed_in_event,
-        typed_sessions.session_id is not null as typed_in_session
-    from targets as target
-    left join own_email using (event_id)
-    left join nearest_before as email_before on email_before.event_id = target.event_id and email_before.kind = 'email'
-    left join nearest_after as email_after on email_after.event_id = target.event_id and email_after.kind = 'email'
-    left join nearest_before as kx_before on kx_before.event_id = target.event_id and kx_before.kind = 'kx'
-    left join nearest_after as kx_after on kx_after.event_id = target.event_id and kx_after.kind = 'kx'
-    left join typed_sessions
-        on typed_sessions.session_id = target.session_id and typed_sessions.cluster_id = target.cluster_id
-),
 email_history as (                              -- per cluster, how many distinct emails so far
     select
         *,
@@ -237,24 +220,31 @@ last_kx as (
         on kx_history.cluster_id = target.cluster_id and kx_history.event_time < target.event_time
     where kx_history.event_time >= target.event_time - getvariable('cookie_lifetime')
 ),
-decided as (
+decided as (                                    -- each target once: every join below is on at most one row
     select
         target.*,
-        in_session.email_evidence,
-        in_session.kx_evidence,
-        coalesce(in_session.typed_in_event, false) as typed_in_event,
-        coalesce(in_session.typed_in_session, false) as typed_in_session,
+        -- This event's own email first, then the latest before it in the session, then the first after it.
+        coalesce(own_email.evidence, email_before.evidence, email_after.evidence) as email_evidence,
+        coalesce(kx_before.evidence, kx_after.evidence) as kx_evidence,
+        own_email.evidence is not null as typed_in_event,
+        typed_sessions.session_id is not null as typed_in_session,
         last_email.evidence as history_email,
         last_kx.evidence as history_kx,
         coalesce(last_email.evidence.emails_so_far, 0) > getvariable('max_emails_per_browser') as shared_device,
         kx_owner.email as kx_known_email
     from targets as target
-    left join in_session using (event_id)
-    left join last_email using (event_id)
-    left join last_kx using (event_id)
+    left join own_email on own_email.event_id = target.event_id
+    left join nearest_before as email_before on email_before.event_id = target.event_id and email_before.kind = 'email'
+    left join nearest_after as email_after on email_after.event_id = target.event_id and email_after.kind = 'email'
+    left join nearest_before as kx_before on kx_before.event_id = target.event_id and kx_before.kind = 'kx'
+    left join nearest_after as kx_after on kx_after.event_id = target.event_id and kx_after.kind = 'kx'
+    left join typed_sessions
+        on typed_sessions.session_id = target.session_id and typed_sessions.cluster_id = target.cluster_id
+    left join last_email on last_email.event_id = target.event_id
+    left join last_kx on last_kx.event_id = target.event_id
     left join email_translations as kx_owner
         on kx_owner.id_type = 'kx'
-        and kx_owner.id_value = coalesce(in_session.kx_evidence.kx, last_kx.evidence.kx)
+        and kx_owner.id_value = coalesce(coalesce(kx_before.evidence, kx_after.evidence).kx, last_kx.evidence.kx)
 )
 select
     *,
