@@ -248,9 +248,12 @@ create table if not exists identities (
 );
 
 -- One row per commerce event (ViewContent, AddToCart, InitiateCheckout, Purchase): who is behind it and how we
--- know, or why nobody.
+-- know, or why nobody. One row per event_id, without a primary key as raw_events: DuckDB writes a changed index
+-- whole at the next checkpoint, so a key here made every run's commit cost in proportion to the history. Identity
+-- deletes an event's row before writing its new one, in the same transaction, and fails a run that would leave one
+-- of its events with two rows (the end of sql/resolved_events.sql).
 create table if not exists resolved_events (
-    event_id                varchar primary key,
+    event_id                varchar not null,
     event_name              varchar not null,
     event_time              timestamptz not null,
     shop                    varchar not null,
@@ -306,9 +309,11 @@ create table if not exists commerce_metrics (
                                             -- "Backup flows in Klaviyo"); null when no backup flow starts from it
 );
 
--- Commerce events that are not sent, and why; with the outbox it accounts for every decided commerce event.
+-- Commerce events that are not sent, and why; with the outbox it accounts for every decided commerce event. One row
+-- per event_id, without a primary key for the reason resolved_events has none: mapping skips only undecided events,
+-- and fails a run that would skip one of its events twice (upstack_pipeline.klaviyo.mapping).
 create table if not exists klaviyo_skipped (
-    event_id    varchar primary key,
+    event_id    varchar not null,
     event_name  varchar not null,
     reason      varchar not null,           -- disabled_event | no_consent | unresolved | native_identified
                                             -- | profile_creation_disabled | invalid

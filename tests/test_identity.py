@@ -11,6 +11,9 @@ import hashlib
 from dataclasses import replace
 from datetime import timedelta, timezone
 
+import duckdb
+import pytest
+
 from conftest import NOW, make_event, query, write_events
 from upstack_pipeline.customers import ingest_customers
 from upstack_pipeline.events import ingest_events
@@ -943,3 +946,26 @@ def test_a_quarantined_email_typed_on_a_browser_still_ends_the_previous_persons_
     reasons = column(settings, "unresolved_reason")
     assert reasons["eve-cart"] == reasons["later-cart"] == "quarantined_identifier"
     assert column(settings, "klaviyo_native")["eve-cart"] is True  # Klaviyo saw her type it
+
+
+def test_a_run_that_would_leave_an_event_with_two_rows_fails_and_writes_nothing(settings):
+    """resolved_events has no key (sql/warehouse.sql says why), so identity refuses to write an event twice itself,
+    as the key did. An event_id raw_events holds twice (a ledger broken by hand: ingestion never writes one) would
+    be resolved twice."""
+    write_events(settings.events_dir / "hour.ndjson", [make_event("cart-1"), make_event("cart-2")])
+    ingest_events(settings, now=NOW)
+    with duckdb.connect(str(settings.warehouse_path)) as connection:
+        connection.execute("insert into raw_events select * from raw_events where event_id = 'cart-1'")
+
+    with pytest.raises(duckdb.InvalidInputException,
+                       match=r"identity would leave 1 of its events with two rows in resolved_events \(cart-1 among"):
+        resolve_identities(settings, now=NOW)
+    assert query(settings, "select count(*) from resolved_events") == [(0,)]
+    assert query(settings, "select count(*) from pipeline_state where stage = 'identity'") == [(0,)]
+
+    with duckdb.connect(str(settings.warehouse_path)) as connection:  # the extra row gone, the run goes through
+        connection.execute("delete from raw_events where event_id = 'cart-1' and rowid > "
+                           "(select min(rowid) from raw_events where event_id = 'cart-1')")
+    resolve_identities(settings, now=NOW)
+    assert query(settings, "select event_id, count(*) from resolved_events group by 1 order by 1") == [
+        ("cart-1", 1), ("cart-2", 1)]

@@ -7,6 +7,7 @@ import re
 from dataclasses import replace
 from datetime import timedelta
 
+import duckdb
 import pytest
 
 from conftest import NOW, make_event, query, write_events
@@ -531,3 +532,19 @@ def test_an_identifier_of_whitespace_alone_is_no_identifier_and_the_event_is_not
     # is what keeps the profile without an identifier from being sent
     assert "tab-kx" not in outbox(settings)
     assert invalid_details(settings)["tab-kx"].startswith("Viewed Product from Upstack: profile has no identifier")
+
+
+def test_a_run_that_would_skip_an_event_twice_fails_and_writes_nothing(settings):
+    """klaviyo_skipped has no key (sql/warehouse.sql says why), so mapping refuses to skip an event twice itself, as
+    the key did. An event resolved_events holds twice (copied by hand: identity never writes one) would be."""
+    write_events(settings.events_dir / "events.ndjson", shopper_history())
+    ingest_events(settings, now=NOW)
+    resolve_identities(settings, now=NOW)
+    with duckdb.connect(str(settings.warehouse_path)) as connection:
+        connection.execute("insert into resolved_events select * from resolved_events")
+
+    with pytest.raises(duckdb.InvalidInputException, match=r"mapping would leave 1 of its events with two rows in "
+                                                           r"klaviyo_skipped \(safari-old-checkout among them\)"):
+        map_events(settings, now=NOW)
+    assert query(settings, "select count(*) from klaviyo_skipped") == [(0,)]
+    assert query(settings, "select fingerprint from pipeline_state where stage = 'klaviyo_mapping'") == [(None,)]
