@@ -2,11 +2,11 @@
 -- new observations (cookie <-> identifier, and person identifiers seen on one event), every new event
 -- (session <-> cookie), and new customers export rows (customer id <-> email). Hashes (em, ph) link to the plain
 -- value only when the hash matches it.
--- Reads: raw_events, customers, new_observations (temp), normalized_email (macro), email_rejection (macro),
---   e164_phone (macro), phone_rejection (macro)
+-- Reads: raw_events, customers, identity_links, new_observations (temp), normalized_email (macro),
+--   email_rejection (macro), e164_phone (macro), phone_rejection (macro)
 -- Variables: after_load_id, until_load_id, after_customers_load_id
 -- Writes: identity_links
--- Leaves: new_links (temp)
+-- Leaves: new_links (temp), links_this_run (temp)
 
 create or replace temp table new_links as
 select 'anonymous_id' as left_type, anonymous_id as left_value, id_type as right_type, id_value as right_value,
@@ -48,14 +48,26 @@ where load_id > getvariable('after_customers_load_id') and load_id <= getvariabl
     and phone is not null
     and phone_rejection(e164_phone(phone)) is null;
 
-insert into identity_links
+-- Each link of this run once, merged into identity_links by its four values: updated where the table has it,
+-- inserted where not. identity_links has no key to upsert on (sql/warehouse.sql says why); grouped by link, each
+-- of this run's links updates one row or inserts one.
+create or replace temp table links_this_run as
 select left_type, left_value, right_type, right_value,
-       min(event_time), max(event_time), count(*), arg_min(event_id, event_time)
+       min(event_time) as first_seen, max(event_time) as last_seen, count(*) as times_seen,
+       arg_min(event_id, event_time) as first_event_id
 from new_links
-group by all
-on conflict do update set
-    first_event_id = if(excluded.first_seen < identity_links.first_seen,
-                         excluded.first_event_id, identity_links.first_event_id),
-    first_seen = least(identity_links.first_seen, excluded.first_seen),
-    last_seen = greatest(identity_links.last_seen, excluded.last_seen),
-    times_seen = identity_links.times_seen + excluded.times_seen;
+group by all;
+
+update identity_links set
+    first_event_id = if(seen.first_seen < identity_links.first_seen,
+                         seen.first_event_id, identity_links.first_event_id),
+    first_seen = least(identity_links.first_seen, seen.first_seen),
+    last_seen = greatest(identity_links.last_seen, seen.last_seen),
+    times_seen = identity_links.times_seen + seen.times_seen
+from links_this_run as seen
+where seen.left_type = identity_links.left_type and seen.left_value = identity_links.left_value
+    and seen.right_type = identity_links.right_type and seen.right_value = identity_links.right_value;
+
+insert into identity_links by name
+select * from links_this_run
+anti join identity_links using (left_type, left_value, right_type, right_value);

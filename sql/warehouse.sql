@@ -170,7 +170,9 @@ create table if not exists identity_rejected_values (
 );
 
 -- Edges between identifiers observed together (SPEC 4): cookie <-> email/phone/customer id/_kx/click ids,
--- session <-> cookie, customer id <-> email (events and the customers export), email hash <-> email, ...
+-- session <-> cookie, customer id <-> email (events and the customers export), email hash <-> email, ... One row per
+-- link (its four values), without a primary key for the reason resolved_events has none: sql/identity_links.sql
+-- merges each run's links, grouped by link, into it.
 create table if not exists identity_links (
     left_type      varchar not null,
     left_value     varchar not null,
@@ -179,8 +181,7 @@ create table if not exists identity_links (
     first_seen     timestamptz not null,
     last_seen      timestamptz not null,
     times_seen     bigint not null,
-    first_event_id varchar not null,        -- 'customers:<file>' for links from the customers export
-    primary key (left_type, left_value, right_type, right_value)
+    first_event_id varchar not null         -- 'customers:<file>' for links from the customers export
 );
 
 -- What identity resolution may use: every observation and link but those of a value quarantined as a supernode

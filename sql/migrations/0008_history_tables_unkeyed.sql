@@ -1,8 +1,9 @@
--- Version 8 (issue 14): resolved_events and klaviyo_skipped lose their primary keys. DuckDB writes a changed index
--- whole at the next checkpoint, so every run that wrote a few rows to either table paid, at its commit, for an index
--- of every event in the history. Each still holds one row per event_id: identity and mapping fail a run that would
--- write an event twice, in its transaction, as the keys did. DuckDB cannot drop a constraint, so each table is
--- rebuilt with the same columns and rows, in their order, and takes the old one's name.
+-- Version 8 (issue 14): resolved_events, klaviyo_skipped and identity_links lose their primary keys. DuckDB writes a
+-- changed index whole at the next checkpoint, so every run that wrote a few rows to one of them paid, at its commit,
+-- for an index of the whole history. Each still holds one row per event (per link): identity and mapping fail a run
+-- that would write an event twice, in its transaction, as the keys did, and identity merges its links grouped by
+-- link. DuckDB cannot drop a constraint, so each table is rebuilt with the same columns and rows, in their order,
+-- and takes the old one's name.
 
 create table resolved_events_unkeyed (
     event_id                varchar not null,
@@ -43,3 +44,18 @@ create table klaviyo_skipped_unkeyed (
 insert into klaviyo_skipped_unkeyed select * from klaviyo_skipped;
 drop table klaviyo_skipped;
 alter table klaviyo_skipped_unkeyed rename to klaviyo_skipped;
+
+create table identity_links_unkeyed (
+    left_type      varchar not null,
+    left_value     varchar not null,
+    right_type     varchar not null,
+    right_value    varchar not null,
+    first_seen     timestamptz not null,
+    last_seen      timestamptz not null,
+    times_seen     bigint not null,
+    first_event_id varchar not null         -- 'customers:<file>' for links from the customers export
+);
+
+insert into identity_links_unkeyed select * from identity_links;
+drop table identity_links;
+alter table identity_links_unkeyed rename to identity_links;
