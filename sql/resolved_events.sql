@@ -299,11 +299,7 @@ select
     end as kx,
     -- The identity's first phone: sql/identities.sql lists an email's phones from the same translations (a _kx
     -- identity has none), and every email named here is one of the identities it writes for this run.
-    case when decision in ('session_email', 'history_email') then (
-        select min(translation.id_value) from email_translations as translation
-        where translation.id_type = 'phone'
-            and translation.email = coalesce(email_evidence.email, history_email.email))
-    end as phone,
+    first_phone.phone,
     case
         when decision = 'session_email' and typed_in_event and email_evidence.event_id = event_id
             then 'typed_in_event'
@@ -337,7 +333,13 @@ select
          when typed_in_session then 'typed_in_session' end as klaviyo_native_reason,
     consent_marketing
 from resolutions
-left join cookie_cluster using (anonymous_id);
+left join cookie_cluster using (anonymous_id)
+-- Joined on the email alone: a lookup per row, written as a subquery, was joined on the two evidence structs.
+left join (
+    select email, min(id_value) as phone from email_translations where id_type = 'phone' group by email
+) as first_phone
+    on first_phone.email = case when decision in ('session_email', 'history_email')
+                                    then coalesce(email_evidence.email, history_email.email) end;
 
 -- The targets' rows as resolved_events holds them now, read once: the comparison below and the rows it replaces
 -- both come from here (each read of resolved_events by event id is a scan of the whole table's ids).
