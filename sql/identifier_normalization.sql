@@ -3,7 +3,7 @@
 -- 'exact@address', '@domain' and 'local@' entries.
 -- Variables: blocked_emails
 -- Leaves: normalized_email (macro), email_rejection (macro), e164_phone (macro), phone_rejection (macro),
---   hash_rejection (macro), token_rejection (macro), upstack_id (macro)
+--   hash_rejection (macro), token_rejection (macro), upstack_id (macro), url_parameter (macro)
 
 create or replace temp macro normalized_email(raw) as lower(trim(raw));
 
@@ -45,3 +45,9 @@ end;
 -- A person's upstack_id, from the identifier that anchors them ('email', else Klaviyo's 'kx'): the same person gets
 -- the same id in every run and rebuild, and two anchors never share one. resolved_events and identities both use it.
 create or replace temp macro upstack_id(anchor_type, anchor) as 'up_' || left(sha256(anchor_type || ':' || anchor), 20);
+
+-- A URL's query parameter as it is written (not decoded), null when absent or empty. The regular expression runs only
+-- on URLs that hold the name: most hold none of the click ids, and running it on every URL for each of them was
+-- most of what reading an event's identifiers cost.
+create or replace temp macro url_parameter(url, name) as
+    if(contains(url, name || '='), nullif(regexp_extract(url, '[?&]' || name || '=([^&#]+)', 1), ''), null);

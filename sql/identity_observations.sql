@@ -4,7 +4,7 @@
 -- new_observations for the rest of the run (a supernode's too: sql/identity_rejected_values.sql counts them);
 -- rejected ones are counted in identity_rejected_values.
 -- Reads: raw_events, normalized_email (macro), e164_phone (macro), email_rejection (macro), hash_rejection (macro),
---   phone_rejection (macro), token_rejection (macro)
+--   phone_rejection (macro), token_rejection (macro), url_parameter (macro)
 -- Variables: after_load_id, until_load_id
 -- Writes: identity_observations, identity_rejected_values
 -- Leaves: new_identifier_candidates (temp), new_observations (temp)
@@ -29,12 +29,12 @@ candidates as (
             {'id_type': 'phone_hash', 'raw': user_data.ph},
             {'id_type': 'customer_id', 'raw': user_data.external_id},
             {'id_type': 'kx', 'raw': coalesce(user_data.kx,
-                url_decode(nullif(regexp_extract(url, '[?&]_kx=([^&#]+)', 1), '')))},
+                url_decode(url_parameter(url, '_kx')))},
             {'id_type': 'fbclid', 'raw': coalesce(nullif(regexp_extract(user_data.fbc, '^fb\.\d+\.\d+\.(.+)$', 1), ''),
-                nullif(regexp_extract(url, '[?&]fbclid=([^&#]+)', 1), ''))},
-            {'id_type': 'gclid', 'raw': coalesce(user_data.gclid, nullif(regexp_extract(url, '[?&]gclid=([^&#]+)', 1), ''))},
-            {'id_type': 'ttclid', 'raw': coalesce(user_data.ttclid, nullif(regexp_extract(url, '[?&]ttclid=([^&#]+)', 1), ''))},
-            {'id_type': 'msclkid', 'raw': coalesce(user_data.msclkid, nullif(regexp_extract(url, '[?&]msclkid=([^&#]+)', 1), ''))}
+                url_parameter(url, 'fbclid'))},
+            {'id_type': 'gclid', 'raw': coalesce(user_data.gclid, url_parameter(url, 'gclid'))},
+            {'id_type': 'ttclid', 'raw': coalesce(user_data.ttclid, url_parameter(url, 'ttclid'))},
+            {'id_type': 'msclkid', 'raw': coalesce(user_data.msclkid, url_parameter(url, 'msclkid'))}
         ], lambda candidate: candidate.raw is not null)) as candidate
     from events
 ),
