@@ -347,9 +347,8 @@ create or replace temp table previous_resolutions as
 select * from resolved_events where event_id in (select event_id from targets);
 
 -- Only the rows whose answer changed are written, stamped with this run's now: most targets come out as they were
--- (every event of a cluster that got one new event), and a row rewritten unchanged would cost its delete, its
--- insert and its index entry, and send mapping and analytics to look at it again (they take the rows stamped since
--- their last run). An event without a row yet is written as it is (a backfill's are nearly all of its targets, and
+-- (every event of a cluster that got one new event), and a row rewritten unchanged would cost its delete and its
+-- insert, and send mapping and analytics to look at it again (they take the rows stamped since their last run). An event without a row yet is written as it is (a backfill's are nearly all of its targets, and
 -- comparing them would hash every column for nothing); EXCEPT compares the others' whole rows, nulls as equal.
 create or replace temp table changed_resolutions as
 select * from new_resolutions anti join previous_resolutions using (event_id)
@@ -370,11 +369,11 @@ delete from resolved_events where event_id in (select event_id from replaced_res
 insert into resolved_events by name
 select *, getvariable('now') as resolved_at from changed_resolutions;
 
--- resolved_events has no key (sql/warehouse.sql says why): a run that would leave an event of its own with two rows
--- fails here instead, in its transaction, so nothing of it is written, as a key would have failed it.
+-- resolved_events has no key (sql/warehouse.sql says why): a chunk that would leave an event of its own with two
+-- rows fails here instead, in its transaction, so nothing of the chunk is written, as a key would have failed it.
 select error('identity would leave ' || count(*) || ' of its events with two rows in resolved_events ('
              || min(event_id) || ' among them): it writes an event once unless raw_events holds its event_id twice '
-             || '(the check event_ids_unique on raw_events says so). Nothing of this run was written.')
+             || '(the check event_ids_unique on raw_events says so). Nothing of this chunk was written.')
 from (
     select event_id from resolved_events semi join changed_resolutions using (event_id)
     group by event_id having count(*) > 1

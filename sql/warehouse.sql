@@ -169,10 +169,12 @@ create table if not exists identity_rejected_values (
     primary key (id_type, value)
 );
 
+-- No primary key, for the reason given at resolved_events below: sql/identity_links.sql merges each run's links,
+-- grouped by link, into it, so it holds one row per link all the same.
+
 -- Edges between identifiers observed together (SPEC 4): cookie <-> email/phone/customer id/_kx/click ids,
 -- session <-> cookie, customer id <-> email (events and the customers export), email hash <-> email, ... One row per
--- link (its four values), without a primary key for the reason resolved_events has none: sql/identity_links.sql
--- merges each run's links, grouped by link, into it.
+-- link (its four values).
 create table if not exists identity_links (
     left_type      varchar not null,
     left_value     varchar not null,
@@ -248,11 +250,13 @@ create table if not exists identities (
     updated_at     timestamptz not null
 );
 
+-- No primary key, as raw_events has none: DuckDB writes a changed index whole at the next checkpoint, so a key here
+-- made every run's commit cost in proportion to the history. It holds one row per event_id all the same: identity
+-- deletes an event's row before writing its new one, in the same transaction, and fails a chunk that would leave
+-- one of its events with two rows (the end of sql/resolved_events.sql).
+
 -- One row per commerce event (ViewContent, AddToCart, InitiateCheckout, Purchase): who is behind it and how we
--- know, or why nobody. One row per event_id, without a primary key as raw_events: DuckDB writes a changed index
--- whole at the next checkpoint, so a key here made every run's commit cost in proportion to the history. Identity
--- deletes an event's row before writing its new one, in the same transaction, and fails a run that would leave one
--- of its events with two rows (the end of sql/resolved_events.sql).
+-- know, or why nobody.
 create table if not exists resolved_events (
     event_id                varchar not null,
     event_name              varchar not null,
@@ -310,9 +314,10 @@ create table if not exists commerce_metrics (
                                             -- "Backup flows in Klaviyo"); null when no backup flow starts from it
 );
 
--- Commerce events that are not sent, and why; with the outbox it accounts for every decided commerce event. One row
--- per event_id, without a primary key for the reason resolved_events has none: mapping skips only undecided events,
--- and fails a run that would skip one of its events twice (upstack_pipeline.klaviyo.mapping).
+-- No primary key, for the reason given at resolved_events: mapping skips only undecided events, and fails a run
+-- that would skip one of its events twice (upstack_pipeline.klaviyo.mapping), so it holds one row per event_id.
+
+-- Commerce events that are not sent, and why; with the outbox it accounts for every decided commerce event.
 create table if not exists klaviyo_skipped (
     event_id    varchar not null,
     event_name  varchar not null,
