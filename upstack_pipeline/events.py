@@ -108,7 +108,7 @@ class EventFiles:
         return read_ndjson_lines(data, compressed=landing_file.absolute.name.endswith(".gz"))
 
     def write_batch(self, connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
-        # line_verdicts reads the lines in parts (upstack_pipeline.ingestion.register_staged_lines), which DuckDB
+        # line_verdicts reads the lines in parts (upstack_pipeline.ingestion.staged_lines), which DuckDB
         # only reads side by side when the rows need not keep their order: nothing reads line_verdicts in it.
         connection.execute("set preserve_insertion_order = false")
         connection.execute(read_sql("line_verdicts"), {

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -83,7 +85,7 @@ class FileKind(Protocol):
         """The file's bytes as staged lines: line_number, raw_line, invalid_utf8 (see STAGED_SCHEMA)."""
 
     def write_batch(self, connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
-        """Sort the batch's lines (staged_lines: see register_staged_lines) into the kind's tables; leave temp table
+        """Sort the batch's lines (staged_lines: see ingestion.staged_lines) into the kind's tables; leave temp table
         batch_file_counts.
 
         SQL variables `ingested_at` and `load_id` are set for the rows it writes.
@@ -172,8 +174,8 @@ def _write_batch(
     """The batch's rows, quarantine and ledger entries written (not committed); returns the batch's counts."""
     next_load = connection.execute("select coalesce(max(load_id), 0) + 1 from ingested_files").fetchone()[0]
     set_variables(connection, {"ingested_at": now, "load_id": next_load})
-    registered = register_staged_lines(connection, staged)
-    file_kind.write_batch(connection, now)
+    with staged_lines(connection, staged):
+        file_kind.write_batch(connection, now)
     connection.register("batch_files", ArrowStream(ledger))
     # One statement for the batch's ledger rows (a file with no lines has no counts: zeros).
     rows = connection.execute(f"""
@@ -189,15 +191,15 @@ def _write_batch(
         returning {", ".join(COUNT_NAMES)}
     """).fetchall()
     connection.unregister("batch_files")
-    connection.execute("drop view staged_lines_in_parts")
-    for name in registered:
-        connection.unregister(name)
     return {name: sum(column) for name, column in zip(COUNT_NAMES, zip(*rows))}
 
 
-def register_staged_lines(connection: duckdb.DuckDBPyConnection, staged: pl.DataFrame) -> list[str]:
-    """The batch's lines as `staged_lines`, one Arrow stream in the batch's order, and as temp view
-    `staged_lines_in_parts`, one stream per DuckDB thread, unioned; returns the names registered.
+@contextmanager
+def staged_lines(connection: duckdb.DuckDBPyConnection, staged: pl.DataFrame) -> Iterator[None]:
+    """For the block: the batch's lines as `staged_lines`, one Arrow stream in the batch's order, and as temp view
+    `staged_lines_in_parts`, one stream per DuckDB thread, unioned. Dropped when the block ends; a block that
+    raises leaves them to the rollback and the connection's close (dropping a view in the aborted transaction would
+    raise in its turn, and hide the error).
 
     One stream is read by one thread: parsing and checking a batch's JSON (sql/line_verdicts.sql reads the parts,
     side by side) ran on one core, and a day's 25,000 lines, less than a row group, took 0.55 s where two streams
@@ -211,7 +213,10 @@ def register_staged_lines(connection: duckdb.DuckDBPyConnection, staged: pl.Data
     connection.execute("create or replace temp view staged_lines_in_parts as "
                        + " union all ".join(f"select * from {part}" for part in parts))
     connection.register("staged_lines", ArrowStream(staged))
-    return ["staged_lines", *parts]
+    yield
+    connection.execute("drop view staged_lines_in_parts")
+    for name in ("staged_lines", *parts):
+        connection.unregister(name)
 
 
 def decide_vacuum(connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
