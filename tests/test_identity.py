@@ -520,6 +520,30 @@ def test_events_arriving_out_of_order_across_runs_are_stitched_and_a_rerun_chang
     assert query(settings, "select upstack_id, email from identities") == [(upstack_id, "pia@gmail.com")]
 
 
+
+def test_a_link_seen_again_keeps_its_first_sighting_unless_a_late_event_saw_it_earlier(settings):
+    def links() -> dict[str, tuple]:
+        return {right: (first_seen, last_seen, times, first_event) for right, first_seen, last_seen, times, first_event
+                in query(settings, "select right_value, first_seen, last_seen, times_seen, first_event_id "
+                                   "from identity_links where left_value = 'cookie-l' and right_type = 'email'")}
+
+    run(settings, [
+        ev("ann-1", "ViewContent", at(3, 0), "cookie-l", "l1", {"email": "ann@gmail.com"}),
+        ev("bo-1", "ViewContent", at(3, 5), "cookie-l", "l1", {"email": "bo@gmail.com"}),
+    ], file="part-0001.ndjson")
+    first = links()
+
+    # The next run sees Ann's link again, later, and Bo's in an event from before the one that was read first.
+    run(settings, [
+        ev("ann-2", "ViewContent", at(4, 0), "cookie-l", "l2", {"email": "ann@gmail.com"}),
+        ev("bo-0", "ViewContent", at(2, 0), "cookie-l", "l0", {"email": "bo@gmail.com"}),
+    ], file="part-0002.ndjson", now=NOW + timedelta(minutes=10))
+    second = links()
+    assert second["ann@gmail.com"] == (first["ann@gmail.com"][0], second["ann@gmail.com"][1], 2, "ann-1")
+    assert second["ann@gmail.com"][1] > first["ann@gmail.com"][1]
+    assert second["bo@gmail.com"] == (second["bo@gmail.com"][0], first["bo@gmail.com"][1], 2, "bo-0")
+    assert second["bo@gmail.com"][0] < first["bo@gmail.com"][0]
+
 # ------------------------------------------------------------------------------------------------ guards
 
 def test_two_cookies_joined_by_a_click_id_with_different_emails_are_not_merged(settings):
