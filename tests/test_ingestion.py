@@ -177,6 +177,22 @@ def test_unreadable_files_are_recorded_and_do_not_stop_the_others(settings):
     assert ingest(settings).unreadable_files == {}  # recorded once, not retried every run
 
 
+
+def test_a_gzip_file_damaged_inside_is_recorded_unreadable_not_a_crash(settings):
+    # Bytes flipped mid-stream (a bad disk, a broken copy): the header and the length are intact, the inflater fails.
+    whole = gzip.compress("\n".join(json.dumps(make_event(f"d{i}")) for i in range(500)).encode())
+    (settings.events_dir / "damaged.ndjson.gz").write_bytes(
+        whole[:200] + bytes(byte ^ 0xFF for byte in whole[200:260]) + whole[260:])
+    write_events(settings.events_dir / "fine.ndjson", [make_event("ok")])
+
+    report = ingest(settings)
+
+    assert list(report.unreadable_files) == ["events/damaged.ndjson.gz"]
+    assert "corrupt or truncated gzip" in report.unreadable_files["events/damaged.ndjson.gz"]
+    assert query(settings, "select event_id from raw_events") == [("ok",)]
+    assert query(settings, "select status from ingested_files where path = 'events/damaged.ndjson.gz'") == [
+        ("unreadable",)]
+
 def test_files_still_being_written_and_other_formats_are_left_alone(settings):
     write_events(settings.events_dir / ".part-0001.ndjson.gz", [make_event("half-written")])
     write_events(settings.events_dir / "_tmp" / "part-0001.ndjson", [make_event("staging")])

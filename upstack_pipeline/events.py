@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import zlib
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable
@@ -143,7 +144,7 @@ def read_ndjson_lines(data: bytes, *, compressed: bool) -> pl.DataFrame:
             raise UnreadableFileError("empty file where gzip was expected (an interrupted upload?)")
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as error:
+        except (OSError, EOFError, zlib.error) as error:  # zlib.error: a damaged body (no OSError, unlike the rest)
             raise UnreadableFileError(f"corrupt or truncated gzip: {error}") from error
     data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark is not part of the first event
     try:
