@@ -9,16 +9,15 @@ these checks, the `raw_events` table and the README's field list together.
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
-import zlib
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable
 
 import duckdb
 import polars as pl
+from isal import igzip, igzip_lib
 
 from upstack_pipeline.ingestion import IngestReport, UnreadableFileError, ingest_new_files
 from upstack_pipeline.landing import LandingFile, check_landing_folder, ignored_files
@@ -134,8 +133,9 @@ class EventFiles:
 def read_ndjson_lines(data: bytes, *, compressed: bool) -> pl.DataFrame:
     """Every line with its 1-based number.
 
-    Gzip is inflated by Python's gzip module, which checks the stream's length and CRC: a truncated upload is
-    then an unreadable file, not a file silently missing its tail. A file with invalid UTF-8 is re-read with
+    Gzip is inflated by ISA-L (python-isal's igzip, the gzip module's drop-in, about twice as fast), which checks
+    the stream's length and CRC as the gzip module does: a truncated upload is then an unreadable file, not a file
+    silently missing its tail. A file with invalid UTF-8 is re-read with
     the bad bytes replaced, and only the lines that held them are flagged, so one bad byte quarantines one
     line, not the file.
     """
@@ -143,8 +143,8 @@ def read_ndjson_lines(data: bytes, *, compressed: bool) -> pl.DataFrame:
         if not data:
             raise UnreadableFileError("empty file where gzip was expected (an interrupted upload?)")
         try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as error:  # zlib.error: a damaged body (no OSError, unlike the rest)
+            data = igzip.decompress(data)
+        except (OSError, EOFError, igzip_lib.IsalError) as error:  # IsalError: a damaged body (no OSError)
             raise UnreadableFileError(f"corrupt or truncated gzip: {error}") from error
     data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark is not part of the first event
     try:
