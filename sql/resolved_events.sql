@@ -22,8 +22,8 @@
 -- Variables: after_load_id, until_load_id, after_customers_load_id, commerce_events, cookie_lifetime,
 --   max_emails_per_browser, now
 -- Writes: identity_flags, resolved_events
--- Leaves: cookie_cluster (temp), affected_cookies (temp), targets (temp), evidence (temp), resolutions (temp),
---   new_resolutions (temp), previous_resolutions (temp), changed_resolutions (temp), replaced_resolutions (temp)
+-- Leaves: cookie_cluster (temp), affected_cookies (temp), targets (temp), evidence (temp), new_resolutions (temp),
+--   previous_resolutions (temp), changed_resolutions (temp), replaced_resolutions (temp)
 
 create or replace temp table cookie_cluster as
 select anonymous_id, browser_cluster_id, linked_by from browser_clusters;
@@ -150,7 +150,8 @@ semi join identity_rejected_values as quarantined
 left join cookie_cluster using (anonymous_id)
 where observation.id_type in ('email', 'email_hash');
 
-create or replace temp table resolutions as
+-- Each target's row as this run resolves it, in resolved_events' column order, without resolved_at.
+create or replace temp table new_resolutions as
 with session_evidence as (                      -- each row once per kind of identity it carries
     select * from (
         select 'email' as kind, * from evidence where email is not null or source = 'quarantined'
@@ -245,37 +246,29 @@ decided as (                                    -- each target once: every join 
     left join email_translations as kx_owner
         on kx_owner.id_type = 'kx'
         and kx_owner.id_value = coalesce(coalesce(kx_before.evidence, kx_after.evidence).kx, last_kx.evidence.kx)
+),
+resolutions as (
+    select
+        *,
+        case
+            when email_evidence.source = 'quarantined' then 'quarantined'
+            when email_evidence is not null then 'session_email'
+            when kx_evidence is not null and history_email is not null and not shared_device
+                 and kx_known_email is distinct from history_email.email then 'conflict'
+            when kx_evidence is not null then 'session_kx'
+            when shared_device then 'shared_device'
+            when history_email.source = 'quarantined'
+                 and (history_kx is null or history_kx.event_time < history_email.event_time) then 'quarantined'
+            when history_email is not null
+                 and (history_kx is null or history_kx.event_time < history_email.event_time) then 'history_email'
+            when history_kx is not null and history_email.source = 'quarantined' then 'history_kx'
+            when history_kx is not null and history_email is not null
+                 and kx_known_email <> history_email.email then 'conflict'
+            when history_kx is not null and history_email is not null then 'history_email'
+            when history_kx is not null then 'history_kx'
+        end as decision
+    from decided
 )
-select
-    *,
-    case
-        when email_evidence.source = 'quarantined' then 'quarantined'
-        when email_evidence is not null then 'session_email'
-        when kx_evidence is not null and history_email is not null and not shared_device
-             and kx_known_email is distinct from history_email.email then 'conflict'
-        when kx_evidence is not null then 'session_kx'
-        when shared_device then 'shared_device'
-        when history_email.source = 'quarantined'
-             and (history_kx is null or history_kx.event_time < history_email.event_time) then 'quarantined'
-        when history_email is not null
-             and (history_kx is null or history_kx.event_time < history_email.event_time) then 'history_email'
-        when history_kx is not null and history_email.source = 'quarantined' then 'history_kx'
-        when history_kx is not null and history_email is not null
-             and kx_known_email <> history_email.email then 'conflict'
-        when history_kx is not null and history_email is not null then 'history_email'
-        when history_kx is not null then 'history_kx'
-    end as decision
-from decided;
-
-insert into identity_flags
-select 'shared_device', cluster_id, 'more than ' || getvariable('max_emails_per_browser')
-       || ' emails: its history names nobody', getvariable('now')
-from resolutions where decision = 'shared_device'
-group by cluster_id
-on conflict do nothing;
-
--- Each target's row as this run resolves it, in resolved_events' column order, without resolved_at.
-create or replace temp table new_resolutions as
 select
     event_id,
     event_name,
@@ -341,6 +334,13 @@ left join (
     on first_phone.email = case when decision in ('session_email', 'history_email')
                                     then coalesce(email_evidence.email, history_email.email) end;
 
+insert into identity_flags
+select 'shared_device', browser_cluster_id, 'more than ' || getvariable('max_emails_per_browser')
+       || ' emails: its history names nobody', getvariable('now')
+from new_resolutions where unresolved_reason = 'shared_device'
+group by browser_cluster_id
+on conflict do nothing;
+
 -- The targets' rows as resolved_events holds them now, read once: the comparison below and the rows it replaces
 -- both come from here (each read of resolved_events by event id is a scan of the whole table's ids).
 create or replace temp table previous_resolutions as
@@ -348,8 +348,9 @@ select * from resolved_events where event_id in (select event_id from targets);
 
 -- Only the rows whose answer changed are written, stamped with this run's now: most targets come out as they were
 -- (every event of a cluster that got one new event), and a row rewritten unchanged would cost its delete and its
--- insert, and send mapping and analytics to look at it again (they take the rows stamped since their last run). An event without a row yet is written as it is (a backfill's are nearly all of its targets, and
--- comparing them would hash every column for nothing); EXCEPT compares the others' whole rows, nulls as equal.
+-- insert, and send mapping and analytics to look at it again (they take the rows stamped since their last run).
+-- An event without a row yet is written as it is (a backfill's are nearly all of its targets, and comparing them
+-- would hash every column for nothing); EXCEPT compares the others' whole rows, nulls as equal.
 create or replace temp table changed_resolutions as
 select * from new_resolutions anti join previous_resolutions using (event_id)
 union all
