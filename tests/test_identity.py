@@ -520,7 +520,6 @@ def test_events_arriving_out_of_order_across_runs_are_stitched_and_a_rerun_chang
     assert query(settings, "select upstack_id, email from identities") == [(upstack_id, "pia@gmail.com")]
 
 
-
 def test_a_link_seen_again_keeps_its_first_sighting_unless_a_late_event_saw_it_earlier(settings):
     def links() -> dict[str, tuple]:
         return {right: (first_seen, last_seen, times, first_event) for right, first_seen, last_seen, times, first_event
@@ -543,6 +542,7 @@ def test_a_link_seen_again_keeps_its_first_sighting_unless_a_late_event_saw_it_e
     assert second["ann@gmail.com"][1] > first["ann@gmail.com"][1]
     assert second["bo@gmail.com"] == (second["bo@gmail.com"][0], first["bo@gmail.com"][1], 2, "bo-0")
     assert second["bo@gmail.com"][0] < first["bo@gmail.com"][0]
+
 
 # ------------------------------------------------------------------------------------------------ guards
 

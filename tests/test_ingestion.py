@@ -177,7 +177,6 @@ def test_unreadable_files_are_recorded_and_do_not_stop_the_others(settings):
     assert ingest(settings).unreadable_files == {}  # recorded once, not retried every run
 
 
-
 def test_a_gzip_file_damaged_inside_is_recorded_unreadable_not_a_crash(settings):
     # Bytes flipped mid-stream (a bad disk, a broken copy): the header and the length are intact, the inflater fails.
     whole = gzip.compress("\n".join(json.dumps(make_event(f"d{i}")) for i in range(500)).encode())
@@ -192,6 +191,7 @@ def test_a_gzip_file_damaged_inside_is_recorded_unreadable_not_a_crash(settings)
     assert query(settings, "select event_id from raw_events") == [("ok",)]
     assert query(settings, "select status from ingested_files where path = 'events/damaged.ndjson.gz'") == [
         ("unreadable",)]
+
 
 def test_files_still_being_written_and_other_formats_are_left_alone(settings):
     write_events(settings.events_dir / ".part-0001.ndjson.gz", [make_event("half-written")])

@@ -135,9 +135,8 @@ def read_ndjson_lines(data: bytes, *, compressed: bool) -> pl.DataFrame:
 
     Gzip is inflated by ISA-L (python-isal's igzip, the gzip module's drop-in, about twice as fast), which checks
     the stream's length and CRC as the gzip module does: a truncated upload is then an unreadable file, not a file
-    silently missing its tail. A file with invalid UTF-8 is re-read with
-    the bad bytes replaced, and only the lines that held them are flagged, so one bad byte quarantines one
-    line, not the file.
+    silently missing its tail. A file with invalid UTF-8 is re-read with the bad bytes replaced, and only the lines
+    that held them are flagged, so one bad byte quarantines one line, not the file.
     """
     if compressed:
         if not data:
