@@ -347,6 +347,22 @@ def test_family_tablet_with_a_third_person_becomes_a_shared_device(settings):
     assert reasons["after-dad-cart"] == reasons["after-dad-checkout"] == "shared_device"
 
 
+def test_a_shared_device_is_flagged_once_under_its_cluster(settings):
+    run(settings, _family_tablet([
+        ev("gran-checkout", "InitiateCheckout", at(7, 0), "tablet", "t5", {"email": "gran@gmail.com"}),
+        ev("after-gran-cart", "AddToCart", at(8, 0), "tablet", "t6"),
+    ]))
+    assert column(settings, "unresolved_reason")["after-gran-cart"] == "shared_device"
+    assert query(settings, "select flag, subject, detail from identity_flags") == [
+        ("shared_device", "tablet", "more than 2 emails: its history names nobody")]
+
+    # Another anonymous cart on the tablet, in a later run: named by nobody again, and flagged no second time.
+    run(settings, [ev("later-cart", "AddToCart", at(9, 0), "tablet", "t7")], file="run2.ndjson",
+        now=NOW + timedelta(minutes=10))
+    assert column(settings, "unresolved_reason")["later-cart"] == "shared_device"
+    assert query(settings, "select count(*) from identity_flags") == [(1,)]
+
+
 def test_family_tablet_with_max_one_email_per_browser_names_no_anonymous_session_after_the_second(settings):
     strict = with_identity(settings, max_emails_per_browser=1)
     run(strict, _family_tablet())
