@@ -22,7 +22,11 @@ from touched_anchors as anchor
 join usable_identity_links as link
     on link.left_type = 'anonymous_id' and link.right_type = anchor.anchor_type and link.right_value = anchor.anchor;
 
-insert or replace into identities
+-- Each touched person's row is replaced whole: deleted, then inserted. An `insert or replace` updates the rows it
+-- finds in place, list columns included, which cost about ten times as much for the few thousand people of a day.
+delete from identities where upstack_id in (select upstack_id(anchor_type, anchor) from touched_anchors);
+
+insert into identities
 with translated as (
     select email, id_type, list(id_value order by id_value) as id_values
     from email_translations
