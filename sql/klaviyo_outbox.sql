@@ -70,9 +70,10 @@ delete from klaviyo_skipped using (
 where klaviyo_skipped.event_id = decided_again.event_id and klaviyo_skipped.reason = decided_again.reason;
 
 -- The events the last run held back, not touched since: those of the sessions it found active (last_seen only
--- grows). Their ids first, from narrow columns, then their rows: fetching few rows by id reads little.
+-- grows). Their row ids first, from narrow columns, then their rows by row id: only the row groups holding them
+-- are read whole (by event id, every event id of the history is read and compared).
 create or replace temp table held_back as
-select event_id
+select rowid as held_rowid
 from resolved_events
 semi join (
     select left_value as session_id from identity_links
@@ -84,7 +85,7 @@ create or replace temp table undecided as
 with considered as (
     select * from touched
     union all
-    select * from resolved_events semi join held_back using (event_id)
+    select * from resolved_events where rowid in (select held_rowid from held_back)
 )
 select considered.*
 from considered
