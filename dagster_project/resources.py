@@ -18,9 +18,10 @@ from its annotations at run time.
 
 import dataclasses
 import os
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import dagster as dg
 from pydantic import Field
@@ -33,6 +34,7 @@ from upstack_pipeline.settings import (
     checked_base_url,
     checked_memory_limit,
 )
+from upstack_pipeline.warehouse import WarehouseBusyError
 
 DURATION_UNITS = {"days": timedelta(days=1), "hours": timedelta(hours=1), "minutes": timedelta(minutes=1),
                   "seconds": timedelta(seconds=1)}
@@ -119,6 +121,22 @@ class UpstackResource(dg.ConfigurableResource):
     identity_chunk_rows: int = Field(description="Identity resolves new loads in transactions of about this many "
                                                  "rows (UPSTACK_IDENTITY_CHUNK_ROWS).")
     max_clock_skew_hours: float = Field(description="Events stamped further ahead than this are quarantined.")
+
+    @contextmanager
+    def yield_for_execution(self, context: dg.InitResourceContext) -> Iterator["UpstackResource"]:
+        """The warehouse held open for the whole run (Warehouse.held_open): the run's steps, one after another in
+        its process (the in-process executor), share one DuckDB instance instead of each opening and
+        checkpointing the file. A run that cannot hold it (a bad setting, a file that is no warehouse) runs
+        without: its first step fails on the same error and says so, as a step, in the run's page. Only a lock
+        that stayed taken fails here: a step would wait the whole lock timeout again."""
+        with ExitStack() as hold:
+            try:
+                hold.enter_context(self.settings().warehouse().held_open())
+            except WarehouseBusyError:
+                raise
+            except Exception:  # noqa: BLE001 - reported by the first step, which meets it again
+                pass
+            yield self
 
     def now(self) -> datetime:
         return datetime.fromisoformat(self.as_of) if self.as_of else datetime.now(timezone.utc)

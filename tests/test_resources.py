@@ -7,6 +7,7 @@ from datetime import timedelta
 import dagster as dg
 import pytest
 
+from conftest import query
 from dagster_project.definitions import load_definitions
 from dagster_project.resources import (
     AlertsResource,
@@ -160,3 +161,30 @@ def test_the_memory_limit_and_spill_folder_reach_duckdb_and_a_typo_is_refused_at
     assert limit == "244.1 MiB" and spill == str(tmp_path / "spill")
     with pytest.raises(ValueError, match="UPSTACK_DUCKDB_MEMORY_LIMIT must be an amount of memory"):
         Settings.from_env({"UPSTACK_DUCKDB_MEMORY_LIMIT": "lots"})
+
+
+def test_a_run_holds_the_warehouse_open_so_its_steps_share_one_duckdb_instance_and_checkpoint_once(settings):
+    wal = settings.warehouse_path.with_name(settings.warehouse_path.name + ".wal")
+    seen = {}
+
+    @dg.asset
+    def first(upstack: UpstackResource):
+        with upstack.settings().warehouse().connect() as connection:
+            connection.execute("create table probe as select 42 as answer")
+
+    @dg.asset(deps=[first])
+    def second(upstack: UpstackResource):
+        # first's close did not checkpoint: its table is still only in the write-ahead log, and this step's
+        # connection, joining the same instance, reads it there.
+        seen["wal_bytes"] = wal.stat().st_size if wal.exists() else 0
+        with upstack.settings().warehouse().connect() as connection:
+            seen["answer"] = connection.execute("select answer from probe").fetchone()[0]
+
+    result = dg.materialize([first, second], resources=pipeline_resources(settings, api_key=None),
+                            run_config=run_config_for(settings))
+
+    assert result.success
+    assert seen["answer"] == 42 and seen["wal_bytes"] > 0
+    # The run's end closed the instance, which checkpointed: the table is in the file, the log is empty.
+    assert not wal.exists() or wal.stat().st_size == 0
+    assert query(settings, "select answer from probe") == [(42,)]

@@ -1,8 +1,9 @@
 """Access to the DuckDB warehouse: short connections, the schema and its upgrades, and the SQL kept in `sql/`.
 
-DuckDB lets one process hold the file for writing at a time. Dagster serialises our own steps with a pool, but a
-notebook, a second `upstack sync` or the UI's launched run can still hold the lock for a moment, so opening a
-connection waits for the lock (with backoff) instead of failing the run on the first collision.
+DuckDB lets one process hold the file for writing at a time. Dagster serialises our own steps with a pool (and a
+run holds the file from its start to its end: `Warehouse.held_open`), but a notebook, a second `upstack sync` or
+the UI's launched run can still hold the lock for a while, so opening a connection waits for the lock (with
+backoff) instead of failing the run on the first collision.
 
 Schema versions. A warehouse outlives releases: it holds the history identity resolution reads and the record of
 what Klaviyo was sent, so a new release must keep it, never ask for a new file. The table
@@ -201,6 +202,17 @@ class Warehouse:
             ) from error
         finally:
             connection.close()
+
+    @contextmanager
+    def held_open(self) -> Iterator[None]:
+        """Keeps the file open in this process for the block: every read-write `connect` inside it joins that one
+        DuckDB database instance (DuckDB's own instance cache: same file, same settings) instead of opening the
+        file again. A sync's steps then share a buffer pool instead of each reading the file afresh, and their
+        closes no longer each checkpoint: what they commit is as durable in the write-ahead log, and is
+        checkpointed when the log passes DuckDB's threshold or when the block ends. (A read-only `connect` inside
+        the block is refused: DuckDB opens a file once per process, with one configuration.)"""
+        with self.connect():
+            yield
 
     def _check_version(self, connection: duckdb.DuckDBPyConnection) -> int | None:
         version = schema_version(connection)
