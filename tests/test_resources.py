@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import subprocess
+import sys
 from datetime import timedelta
 
 import dagster as dg
@@ -188,3 +190,28 @@ def test_a_run_holds_the_warehouse_open_so_its_steps_share_one_duckdb_instance_a
     # The run's end closed the instance, which checkpointed: the table is in the file, the log is empty.
     assert not wal.exists() or wal.stat().st_size == 0
     assert query(settings, "select answer from probe") == [(42,)]
+
+
+def test_a_run_that_finds_the_warehouse_locked_by_another_process_fails_at_its_start_saying_so(settings):
+    settings = dataclasses.replace(settings, warehouse_lock_wait=timedelta(seconds=0.5))
+    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys, time\n"
+                               "connection = duckdb.connect(sys.argv[1]); print('holding', flush=True); time.sleep(120)",
+                               str(settings.warehouse_path)], stdout=subprocess.PIPE, text=True)
+    ran = []
+
+    @dg.asset
+    def probe(upstack: UpstackResource):
+        ran.append(True)
+
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        result = dg.materialize([probe], resources=pipeline_resources(settings, api_key=None),
+                                run_config=run_config_for(settings), raise_on_error=False)
+    finally:
+        holder.kill()
+        holder.wait()
+
+    # The hold waited its lock timeout once and failed the run: no step ran to wait the whole timeout again.
+    assert not result.success and ran == []
+    failures = [event for event in result.all_events if event.is_failure]
+    assert any("stayed locked by another process" in str(event.event_specific_data.error) for event in failures)
