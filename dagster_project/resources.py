@@ -128,10 +128,12 @@ class UpstackResource(dg.ConfigurableResource):
         its process (the in-process executor), share one DuckDB instance instead of each opening and
         checkpointing the file. A run that cannot hold it (a bad setting, a file that is no warehouse) runs
         without: its first step fails on the same error and says so, as a step, in the run's page. Only a lock
-        that stayed taken fails here: a step would wait the whole lock timeout again."""
+        that stayed taken fails here: a step would wait the whole lock timeout again. The schedule's and the
+        sensor's ticks build this resource too, outside any run: they never open the warehouse."""
         with ExitStack() as hold:
             try:
-                hold.enter_context(self.settings().warehouse().held_open())
+                if context.dagster_run is not None:
+                    hold.enter_context(self.settings().warehouse().held_open())
             except WarehouseBusyError:
                 raise
             except Exception:  # noqa: BLE001 - reported by the first step, which meets it again

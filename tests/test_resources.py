@@ -215,3 +215,24 @@ def test_a_run_that_finds_the_warehouse_locked_by_another_process_fails_at_its_s
     assert not result.success and ran == []
     failures = [event for event in result.all_events if event.is_failure]
     assert any("stayed locked by another process" in str(event.event_specific_data.error) for event in failures)
+
+
+def test_the_schedule_and_sensor_ticks_never_open_the_warehouse(tmp_path, monkeypatch):
+    """Their ticks build the resource the runs hold the warehouse with; a tick during a run must not wait for it."""
+    warehouse = tmp_path / "w.duckdb"
+    (tmp_path / "landing" / "events").mkdir(parents=True)
+    monkeypatch.setenv("UPSTACK_WAREHOUSE", str(warehouse))
+    monkeypatch.setenv("UPSTACK_LANDING_DIR", str(tmp_path / "landing"))
+    monkeypatch.delenv("UPSTACK_SHOPS_FILE", raising=False)
+    definitions = load_definitions()
+
+    with dg.instance_for_test() as instance:
+        with dg.build_schedule_context(instance=instance, resources=definitions.resources,
+                                       repository_def=definitions.get_repository_def()) as context:
+            scheduled = definitions.resolve_schedule_def("hourly_sync").evaluate_tick(context).run_requests
+        (tmp_path / "landing" / "events" / "a.ndjson").write_text("{}\n")
+        with dg.build_sensor_context(instance=instance, resources=definitions.resources) as context:
+            sensed = definitions.resolve_sensor_def("landing_files_sensor")(context).run_requests
+
+    assert scheduled and sensed  # both ticks ran through, the resource built, and asked for a run
+    assert not warehouse.exists()
