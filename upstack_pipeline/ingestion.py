@@ -221,7 +221,8 @@ def staged_lines(connection: duckdb.DuckDBPyConnection, staged: pl.DataFrame) ->
 
 def decide_vacuum(connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
     """Whether checkpoints may vacuum from now until the next ingestion run that writes rows, from raw_events' tail
-    (see TAIL_VACUUM_ROWS); recorded for every stage's connection, and set on this one for its closing checkpoint.
+    (see TAIL_VACUUM_ROWS); recorded for every stage's connection, and set on this one's database instance for its
+    next checkpoint (at the run's end, when the run holds the warehouse: Warehouse.held_open).
     Only a cost decision: whichever way a killed run leaves it, the next run decides again."""
     tail = connection.execute("""
         with row_groups as (

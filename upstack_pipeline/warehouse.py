@@ -1,9 +1,11 @@
-"""Access to the DuckDB warehouse: short connections, the schema and its upgrades, and the SQL kept in `sql/`.
+"""Access to the DuckDB warehouse: connections (held for a whole run), the schema and its upgrades, and the SQL kept
+in `sql/`.
 
-DuckDB lets one process hold the file for writing at a time. Dagster serialises our own steps with a pool (and a
-run holds the file from its start to its end: `Warehouse.held_open`), but a notebook, a second `upstack sync` or
-the UI's launched run can still hold the lock for a while, so opening a connection waits for the lock (with
-backoff) instead of failing the run on the first collision.
+DuckDB lets one process hold the file for writing at a time. A run's steps run one after another in its process,
+which holds the file from the run's start to its end (`Warehouse.held_open`), and the run queue allows one run per
+shop at a time; but a notebook, a second `upstack sync` or the UI's launched run can still hold the lock for a
+while, so opening a connection waits for the lock (with backoff) instead of failing the run on the first
+collision.
 
 Schema versions. A warehouse outlives releases: it holds the history identity resolution reads and the record of
 what Klaviyo was sent, so a new release must keep it, never ask for a new file. The table
