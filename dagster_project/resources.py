@@ -132,7 +132,7 @@ class UpstackResource(dg.ConfigurableResource):
         sensor's ticks build this resource too, outside any run: they never open the warehouse."""
         with ExitStack() as hold:
             try:
-                if context.dagster_run is not None:
+                if context.run is not None:
                     hold.enter_context(self.settings().warehouse().held_open())
             except WarehouseBusyError:
                 raise
