@@ -23,7 +23,8 @@ join usable_identity_links as link
     on link.left_type = 'anonymous_id' and link.right_type = anchor.anchor_type and link.right_value = anchor.anchor;
 
 -- Each touched person's row is replaced whole: deleted, then inserted. An `insert or replace` updates the rows it
--- finds in place, list columns included, which cost about ten times as much for the few thousand people of a day.
+-- finds in place, list columns included: on a day of the scale benchmark at three times the people (4,229 people),
+-- this file took 0.33 s that way and takes 0.12 s so.
 delete from identities where upstack_id in (select upstack_id(anchor_type, anchor) from touched_anchors);
 
 insert into identities
