@@ -52,11 +52,14 @@ SCRIPT = os.path.abspath(__file__)
 
 def sync_child(out: Path) -> int:
     """`upstack sync` (dagster_project.cli.command_sync), and each step's seconds from the run's event log."""
+    import gc
+
     import dagster as dg
 
     from dagster_project import cli
     from upstack_pipeline.settings import Settings
 
+    gc.freeze()  # as the upstack command does (dagster_project.cli.run), here and at the end
     settings = Settings.from_env()
     cli.check_before_a_run(settings)
     instance = cli.sync_instance(settings)
@@ -80,6 +83,7 @@ def sync_child(out: Path) -> int:
         "counts": counts,
         "failures": cli.failures(result),
     }))
+    gc.freeze()
     return cli.sync_status(result)
 
 
