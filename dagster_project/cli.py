@@ -533,13 +533,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The `upstack` command: `main` in a process of its own, which exits when it returns.
+    """The `upstack` command (and `python -m dagster_project.cli`): `main` in a process of its own, which exits
+    when it returns.
 
     What the process imported before any command runs (Dagster, DuckDB, polars: some 140,000 objects the garbage
     collector tracks) lives until the exit, yet each of the collector's full passes walks it all, and so does the
     interpreter's last pass at exit. Frozen (`gc.freeze`), the collector leaves those objects alone; frozen again
-    at the end, what the command built is left to the exit too. A sync with nothing new took 0.6 s less
-    (bench/scale.py). Tests call `main` instead: in their process, objects frozen would never be collected."""
+    at the end, what the command built is left to the exit too. When this was written, a sync with nothing new
+    took 0.6 s less (bench/scale.py). The price: an object kept alive only by a reference cycle at the end is never
+    finalized, so whatever must be closed (the warehouse's connections, the Dagster instance) is closed by its
+    `with` block, never left to a finalizer. Tests that run commands in their own process call `main`: there,
+    frozen objects would never be collected."""
     gc.freeze()
     status = main()
     gc.freeze()
