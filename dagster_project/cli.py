@@ -542,8 +542,8 @@ def run() -> None:
     at the end, what the command built is left to the exit too. When this was written, a sync with nothing new
     took 0.6 s less (bench/scale.py). The price: an object kept alive only by a reference cycle at the end is never
     finalized, so whatever must be closed (the warehouse's connections, the Dagster instance) is closed by its
-    `with` block, never left to a finalizer. Tests that run commands in their own process call `main`: there,
-    frozen objects would never be collected."""
+    `with` block, never left to a finalizer. Tests that run a command inside the test's process call `main`
+    instead: there, frozen objects would never be collected."""
     gc.freeze()
     status = main()
     gc.freeze()
