@@ -52,38 +52,36 @@ SCRIPT = os.path.abspath(__file__)
 
 def sync_child(out: Path) -> int:
     """`upstack sync` (dagster_project.cli.command_sync), and each step's seconds from the run's event log."""
-    import gc
-
     import dagster as dg
 
     from dagster_project import cli
     from upstack_pipeline.settings import Settings
 
-    gc.freeze()  # as the upstack command does (dagster_project.cli.run), here and at the end
-    settings = Settings.from_env()
-    cli.check_before_a_run(settings)
-    instance = cli.sync_instance(settings)
-    started = time.monotonic()
-    with instance:
-        result = cli.run_sync(settings, instance)
-        seconds = time.monotonic() - started
-        print(cli.summarize(result, seconds, cli.instance_label(settings)), flush=True)
-        kinds = {dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE}
-        steps: dict[str, dict[str, float]] = {}
-        for entry in instance.all_logs(result.run_id, of_type=kinds):
-            step = steps.setdefault(entry.step_key, {})
-            step["end" if entry.dagster_event_type != dg.DagsterEventType.STEP_START else "start"] = entry.timestamp
-    counts = {f"{event.asset_key.to_user_string()}.{key}": value.value
-              for event in result.get_asset_materialization_events()
-              for key, value in event.materialization.metadata.items()
-              if isinstance(value, dg.IntMetadataValue)}
-    out.write_text(json.dumps({
-        "run_seconds": seconds,
-        "steps": {key: step["end"] - step["start"] for key, step in steps.items()},
-        "counts": counts,
-        "failures": cli.failures(result),
-    }))
-    gc.freeze()
+    with cli.frozen_until_exit():  # as the upstack command runs (dagster_project.cli.run)
+        settings = Settings.from_env()
+        cli.check_before_a_run(settings)
+        instance = cli.sync_instance(settings)
+        started = time.monotonic()
+        with instance:
+            result = cli.run_sync(settings, instance)
+            seconds = time.monotonic() - started
+            print(cli.summarize(result, seconds, cli.instance_label(settings)), flush=True)
+            kinds = {dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS,
+                     dg.DagsterEventType.STEP_FAILURE}
+            steps: dict[str, dict[str, float]] = {}
+            for entry in instance.all_logs(result.run_id, of_type=kinds):
+                edge = "end" if entry.dagster_event_type != dg.DagsterEventType.STEP_START else "start"
+                steps.setdefault(entry.step_key, {})[edge] = entry.timestamp
+        counts = {f"{event.asset_key.to_user_string()}.{key}": value.value
+                  for event in result.get_asset_materialization_events()
+                  for key, value in event.materialization.metadata.items()
+                  if isinstance(value, dg.IntMetadataValue)}
+        out.write_text(json.dumps({
+            "run_seconds": seconds,
+            "steps": {key: step["end"] - step["start"] for key, step in steps.items()},
+            "counts": counts,
+            "failures": cli.failures(result),
+        }))
     return cli.sync_status(result)
 
 

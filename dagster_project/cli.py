@@ -7,10 +7,11 @@ import gc
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import dagster as dg
 import duckdb
@@ -532,21 +533,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+@contextmanager
+def frozen_until_exit() -> Iterator[None]:
+    """For a block that is the rest of its process's life (the `upstack` command, bench/scale.py's sync): what the
+    process imported before it (Dagster, DuckDB, polars: some 140,000 objects the garbage collector tracks) lives
+    until the exit, yet each of the collector's full passes walks it all, and so does the interpreter's last pass at
+    exit. Frozen (`gc.freeze`), the collector leaves those objects alone; frozen again when the block ends, what it
+    built is left to the exit too. When this was written, a sync with nothing new took 0.6 s less (bench/scale.py).
+    The price: an object kept alive only by a reference cycle at the end is never finalized, so whatever must be
+    closed (the warehouse's connections, the Dagster instance) is closed by its `with` block, never left to a
+    finalizer. Tests that run a command inside the test's process call `main` instead: there, frozen objects would
+    never be collected."""
+    gc.freeze()
+    yield
+    gc.freeze()
+
+
 def run() -> None:
     """The `upstack` command (and `python -m dagster_project.cli`): `main` in a process of its own, which exits
-    when it returns.
-
-    What the process imported before any command runs (Dagster, DuckDB, polars: some 140,000 objects the garbage
-    collector tracks) lives until the exit, yet each of the collector's full passes walks it all, and so does the
-    interpreter's last pass at exit. Frozen (`gc.freeze`), the collector leaves those objects alone; frozen again
-    at the end, what the command built is left to the exit too. When this was written, a sync with nothing new
-    took 0.6 s less (bench/scale.py). The price: an object kept alive only by a reference cycle at the end is never
-    finalized, so whatever must be closed (the warehouse's connections, the Dagster instance) is closed by its
-    `with` block, never left to a finalizer. Tests that run a command inside the test's process call `main`
-    instead: there, frozen objects would never be collected."""
-    gc.freeze()
-    status = main()
-    gc.freeze()
+    when it returns."""
+    with frozen_until_exit():
+        status = main()
     sys.exit(status)
 
 
