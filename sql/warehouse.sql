@@ -14,6 +14,7 @@ create table if not exists pipeline_state (
     updated_at timestamptz not null,
     fingerprint varchar,    -- what else its last run read (settings, sources): unchanged and no new load, it skips
     overview   json         -- the numbers its overview last computed; null once a run changes something
+                            -- (checkpoint_vacuum: raw_events' tail as ingestion last measured it)
 );
 -- The stages that run after identity, whose step records this table, have their rows from the start (load_id 0, no
 -- fingerprint: never run), so the count identity's step records is the table's at the end of the sync. (A file

@@ -63,3 +63,29 @@ def test_the_tail_is_merged_once_it_has_enough_row_groups_and_other_tables_delet
     assert [rows for rows, _ in row_groups(settings)] == [300 * TAIL_VACUUM_GROUPS, 300]
     assert query(settings, "select count(*), count(distinct event_id) from raw_events") == [
         (300 * (TAIL_VACUUM_GROUPS + 1), 300 * (TAIL_VACUUM_GROUPS + 1))]
+
+
+def last_measurement(settings) -> dict:
+    """What the last hold measured of raw_events' tail (pipeline_state.overview for VACUUM_STAGE)."""
+    [(memo,)] = query(settings, "select overview from pipeline_state where stage = ?", [VACUUM_STAGE])
+    return json.loads(memo)
+
+
+def test_runs_after_a_hold_bound_the_tail_from_the_ledger_and_measure_again_when_raw_events_changed_otherwise(
+        settings):
+    hourly_run(settings, 0, 2000)
+    first = last_measurement(settings)
+    assert (first["rows"], first["row_groups"], first["load_id"], first["table_rows"]) == (2000, 1, 1, 2000)
+
+    for hour in (1, 2, 3):  # 8,000 rows in at most 7 row groups: under both thresholds, not measured again
+        hourly_run(settings, hour, 2000)
+        assert last_measurement(settings) == first
+    assert query(settings, "select fingerprint from pipeline_state where stage = ?", [VACUUM_STAGE]) == [("hold",)]
+
+    with settings.warehouse().connect() as connection:  # rows the ledger does not know of (an analyst's copy)
+        connection.execute("insert into raw_events select * replace (event_id || '-copy' as event_id) "
+                           "from raw_events")
+    hourly_run(settings, 4, 2000)
+    again = last_measurement(settings)
+    assert (again["load_id"], again["table_rows"]) == (5, 2 * 8000 + 2000)
+    assert (again["rows"], again["row_groups"]) == (18_000, len(row_groups(settings)))  # no full row group yet

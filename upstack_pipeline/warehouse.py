@@ -134,7 +134,8 @@ def schema_version(connection: duckdb.DuckDBPyConnection) -> int | None:
 # pipeline_state's row (fingerprint 'hold' or 'vacuum') saying whether checkpoints may vacuum: a checkpoint's vacuum
 # merges the partly filled row groups of every table, whichever table the connection wrote, so raw_events' tail of
 # small appends is merged (rewritten) by the next checkpoint of any stage. Ingestion decides when that merge is worth
-# its cost (upstack_pipeline.ingestion.decide_vacuum) and every read-write connection follows its word.
+# its cost (upstack_pipeline.ingestion.decide_vacuum) and every read-write connection follows its word. The row's
+# overview is the tail a hold measured (ingestion.RawEventsTail), from which the next runs bound it.
 VACUUM_STAGE = "checkpoint_vacuum"
 
 
