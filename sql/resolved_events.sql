@@ -18,7 +18,7 @@
 --
 -- Reads: browser_clusters, identity_links, customers, raw_events, resolved_events, usable_identity_observations,
 --   identity_observations, identity_rejected_values, new_observations (temp), reclustered_cookies (temp),
---   supernode_cookies (temp), email_translations (temp), upstack_id (macro)
+--   supernode_cookies (temp), email_translations, upstack_id (macro)
 -- Variables: after_load_id, until_load_id, after_customers_load_id, commerce_events, cookie_lifetime,
 --   max_emails_per_browser, now
 -- Writes: identity_flags, resolved_events

@@ -205,6 +205,17 @@ where not exists (select 1 from identity_rejected_values as quarantined
                     where quarantined.reason = 'many_browsers'
                         and quarantined.id_type = link.right_type and quarantined.value = link.right_value);
 
+-- Each identifier seen with an email (customer id, phone, email or phone hash, _kx), and the one email it translates
+-- into, from the usable links: kept by sql/email_translations.sql, which changes only what a run can change. No
+-- primary key, for the reason given at resolved_events below: one row per identifier all the same.
+create table if not exists email_translations (
+    id_type                 varchar not null,   -- customer_id | phone | email_hash | phone_hash | kx
+    id_value                varchar not null,
+    email                   varchar,            -- null: seen with more than one email, so no translation
+    only_from_customer_file boolean not null    -- a customer id never seen on an event with its email (a login
+                                                -- whose email only the customers export gives)
+);
+
 -- Same-browser evidence between two cookies: one session on both, or one ad click opened in both within minutes.
 create table if not exists browser_links (
     anonymous_id       varchar not null,

@@ -375,9 +375,9 @@ ALTERED = [
      "the variable"),
     ("identity_links", "-- Writes: identity_links\n", "",
      "identity_links writes identity_links (table), which its Writes line leaves out"),
-    ("email_translations", "-- Leaves: email_translations (temp), linked_cookie_emails (temp)",
-     "-- Leaves: email_translations, linked_cookie_emails (temp)",
-     "email_translations: Leaves: 'email_translations' is not one of macro, temp, variable"),
+    ("email_translations", "-- Leaves: retranslated (temp), translation_changes (temp), linked_cookie_emails (temp)",
+     "-- Leaves: retranslated, translation_changes (temp), linked_cookie_emails (temp)",
+     "email_translations: Leaves: 'retranslated' is not one of macro, temp, variable"),
     ("resolved_events", "-- Variables: after_load_id,", "-- variables: after_load_id,",
      "resolved_events: the header must end the first comment block"),
 ]

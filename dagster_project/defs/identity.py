@@ -24,11 +24,13 @@ IDENTITY_TABLES = {
     "identity_rejected_values": ["identity_observations"],
     "identity_links": ["identity_observations", "raw_events", "customers"],
     "browser_links": ["identity_observations", "identity_links", "raw_events"],
-    "browser_clusters": ["browser_links", "identity_links", "identity_observations", "identity_rejected_values"],
+    "email_translations": ["identity_links", "identity_observations", "identity_rejected_values"],
+    "browser_clusters": ["browser_links", "identity_links", "identity_observations", "identity_rejected_values",
+                         "email_translations"],
     "resolved_events": ["raw_events", "customers", "identity_observations", "identity_rejected_values",
-                        "identity_links", "browser_clusters"],
+                        "identity_links", "browser_clusters", "email_translations"],
     "identities": ["resolved_events", "identity_observations", "identity_rejected_values", "identity_links",
-                   "browser_links", "customers"],
+                   "browser_links", "customers", "email_translations"],
     "identity_flags": ["browser_links", "browser_clusters", "resolved_events"],
     "pipeline_state": ["ingested_files"],  # the identity stage's watermark: the last load_id it has read
 }
