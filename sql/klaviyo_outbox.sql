@@ -128,7 +128,14 @@ from candidates
 where skip_reason is not null;
 
 -- The others, with what the payload is built from: raw_events is read for these few events only (most commerce
--- events are skipped above), and they are sent unless their payload would be invalid.
+-- events are skipped above), and they are sent unless their payload would be invalid. Their raw rows' ids first,
+-- from the narrow event_id column, then the rows by row id: joined on event_id, every row of the history was read
+-- with its wide custom_data (0.9 s of an hourly run at 19 million events, for 620 rows).
+create or replace temp table candidate_raw_rows as
+select raw_events.rowid as raw_rowid
+from raw_events
+semi join candidates on candidates.event_id = raw_events.event_id and candidates.skip_reason is null;
+
 create or replace temp table decisions as
 select
     *,
@@ -180,7 +187,11 @@ from (
             identity.first_seen as identity_first_seen,
             identity.customer_ids[1] as customer_id
         from candidates
-        join raw_events as raw using (event_id)
+        join (
+            select event_id, custom_data, event_source_url, shop
+            from raw_events
+            where rowid in (select raw_rowid from candidate_raw_rows)
+        ) as raw using (event_id)
         left join identities as identity using (upstack_id)
         where candidates.skip_reason is null
     )
