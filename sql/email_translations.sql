@@ -8,10 +8,10 @@
 -- email null, so that a later run knows it). Counting every translation again read every link and every login of
 -- the history on each run. The history is read only for the identifiers whose usable links changed otherwise
 -- (temp table retranslated): those whose quarantine changed, and those linked to an email whose quarantine
--- changed; and for every identifier after a run under other settings or SQL (translations_whole).
+-- changed; and for every identifier after a run under other settings or SQL (settings_changed).
 -- Reads: identity_links, usable_identity_links, usable_identity_observations, identity_rejected_values,
 --   browser_links, email_translations, links_this_run (temp), new_observations (temp), supernode_changes (temp)
--- Variables: translations_whole
+-- Variables: settings_changed
 -- Writes: email_translations
 -- Leaves: retranslated (temp), translation_changes (temp), linked_cookie_emails (temp)
 
@@ -25,7 +25,7 @@ semi join supernode_changes as changed on changed.id_type = 'email' and changed.
 where link.right_type = 'email' and link.left_type in ('customer_id', 'phone', 'email_hash', 'phone_hash', 'kx')
 union
 select left_type, left_value from identity_links
-where getvariable('translations_whole')
+where getvariable('settings_changed')
     and right_type = 'email' and left_type in ('customer_id', 'phone', 'email_hash', 'phone_hash', 'kx');
 
 -- only_from_customer_file: a customer id the pixel never saw on one event with its email (a login whose email
@@ -92,7 +92,7 @@ left join run_logins on carried_on.id_type = 'customer_id'
     and run_logins.id_value = carried_on.id_value and run_logins.email = carried_on.email;
 
 delete from email_translations
-where getvariable('translations_whole')
+where getvariable('settings_changed')
     or rowid in (select translation.rowid from email_translations as translation
                  semi join (select id_type, id_value from retranslated
                             union all

@@ -5,14 +5,17 @@
 -- 'many_browsers' and its counts; its observations and links are kept (and counted) but never used: the views
 -- usable_identity_observations and usable_identity_links leave it out (sql/warehouse.sql).
 --
--- Every run judges the values it saw again and every value already quarantined, with the settings of the run, so
--- a changed threshold also releases values. Whatever a value newly quarantined or released named, or may name now,
--- is resolved again (temp table supernode_cookies), which withdraws pending outbox rows that no longer hold.
+-- Every run judges the values it saw again, with the settings of the run; a run under other settings or SQL
+-- (settings_changed) also every value already quarantined, so a changed threshold releases values. Under the same
+-- settings a verdict can only stay: observations only accumulate, so a value's most browsers within the window
+-- never falls (judging every quarantined value again on each run read the history of each, every run). Whatever a
+-- value newly quarantined or released named, or may name now, is resolved again (temp table supernode_cookies),
+-- which withdraws pending outbox rows that no longer hold.
 --
 -- Cookies, not browser clusters, are counted: clusters are rebuilt later in the run, and a verdict that does not
 -- depend on them is the same however the history was cut into runs.
 -- Reads: identity_observations, identity_rejected_values, resolved_events, new_observations (temp)
--- Variables: max_browsers_per_identifier, supernode_window
+-- Variables: max_browsers_per_identifier, supernode_window, settings_changed
 -- Writes: identity_rejected_values, identities
 -- Leaves: supernode_verdicts (temp), supernode_changes (temp), supernode_cookies (temp), newly_quarantined (temp),
 --   quarantined_kx (variable), quarantined_phones (variable), quarantined_customer_ids (variable)
@@ -22,7 +25,8 @@ with candidates as (
     select id_type, id_value from new_observations
     where id_type in ('email', 'email_hash', 'phone', 'phone_hash', 'customer_id', 'kx')
     union
-    select id_type, value from identity_rejected_values where reason = 'many_browsers'
+    select id_type, value from identity_rejected_values
+    where reason = 'many_browsers' and getvariable('settings_changed')
 ),
 history as (
     select observation.id_type, observation.id_value, observation.event_time,

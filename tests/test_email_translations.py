@@ -95,7 +95,7 @@ def test_the_translations_kept_run_after_run_are_what_the_whole_history_gives(tm
         assert len(kept) == connection.execute("select count(*) from email_translations").fetchone()[0]  # no twice
         assert kept == set(connection.execute(FROM_THE_WHOLE_HISTORY).fetchall())
         seen["runs"] += 1
-        seen["whole_runs"] += connection.execute("select getvariable('translations_whole')").fetchone()[0]
+        seen["whole_runs"] += connection.execute("select getvariable('settings_changed')").fetchone()[0]
         seen["translations"] = len(kept)
         seen["rewritten"] += connection.execute("select count(*) from translation_changes").fetchone()[0]
         seen["customer_file"] += sum(row[3] for row in kept)

@@ -111,12 +111,12 @@ def resolve_identities(
                 return IdentityRun(new_observations=0, rejected_values=0, events_resolved=0, label_steps=0,
                                    chunks=0)
             chunks = [(watermark, watermark)]
-        # The guard's counts kept are counted again in full under other guards or SQL (or none kept yet), and every
-        # identifier is translated again after a run under other settings or SQL (or none yet): by the first chunk,
-        # whose commit keeps them under this run's fingerprint.
+        # The guard's counts kept are counted again in full under other guards or SQL (or none kept yet), and what
+        # the last run's settings decided (translations, quarantines) is decided again when they or the SQL changed
+        # (or on the first run): by the first chunk, whose commit keeps them under this run's fingerprint.
         runs = [_resolve_chunk(connection, settings.identity, after_load_id=after, until_load_id=until, now=now,
                                fingerprint=fingerprint, guard_recount=number == 0 and guard_fingerprint != fingerprint,
-                               translations_whole=number == 0 and last_fingerprint != fingerprint,
+                               settings_changed=number == 0 and last_fingerprint != fingerprint,
                                after_step=after_step) for number, (after, until) in enumerate(chunks)]
     return IdentityRun(**{name: sum(getattr(run, name) for run in runs) for name in vars(runs[0])})
 
@@ -140,12 +140,12 @@ def _chunks(connection: duckdb.DuckDBPyConnection, watermark: int, chunk_rows: i
 
 def _resolve_chunk(
     connection: duckdb.DuckDBPyConnection, identity: IdentitySettings, *, after_load_id: int, until_load_id: int,
-    now: datetime, fingerprint: str, guard_recount: bool, translations_whole: bool,
+    now: datetime, fingerprint: str, guard_recount: bool, settings_changed: bool,
     after_step: Callable[[duckdb.DuckDBPyConnection, str], None] | None,
 ) -> IdentityRun:
     with transaction(connection):
         _set_variables(connection, identity, after_load_id=after_load_id, until_load_id=until_load_id, now=now,
-                       guard_recount=guard_recount, translations_whole=translations_whole)
+                       guard_recount=guard_recount, settings_changed=settings_changed)
         label_steps = 0
         for step in STEPS:
             if step == LABEL_STEP:
@@ -197,7 +197,7 @@ def _fingerprint(identity: IdentitySettings) -> str:
 
 def _set_variables(
     connection: duckdb.DuckDBPyConnection, identity: IdentitySettings, *, after_load_id: int, until_load_id: int,
-    now: datetime, guard_recount: bool, translations_whole: bool,
+    now: datetime, guard_recount: bool, settings_changed: bool,
 ) -> None:
     variables = {
         # The chunk's loads: after_load_id < load_id <= until_load_id.
@@ -218,8 +218,9 @@ def _set_variables(
         "probabilistic_window": identity.probabilistic_window,
         # Whether sql/shared_device_guard_check.sql counts every cluster, not only those this chunk touched.
         "guard_recount": guard_recount,
-        # Whether sql/email_translations.sql translates every identifier, not only those this chunk can change.
-        "translations_whole": translations_whole,
+        # Whether the identity settings or SQL differ from the last run's: sql/identity_rejected_values.sql then
+        # judges every quarantined value again and sql/email_translations.sql translates every identifier.
+        "settings_changed": settings_changed,
     }
     set_variables(connection, variables)
 

@@ -2,7 +2,7 @@
 -- sql/email_translations.sql changes only for the identifiers a run can change, instead of a temp table counted
 -- again from every link and login of the history on each run (2.2 s of an hourly run at 20 million events). It
 -- starts empty: the first identity run of this release has other SQL than the last one, and so translates every
--- identifier (variable translations_whole).
+-- identifier (variable settings_changed).
 
 create table email_translations (
     id_type                 varchar not null,   -- customer_id | phone | email_hash | phone_hash | kx
