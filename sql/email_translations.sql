@@ -4,11 +4,11 @@
 -- that was typed.
 --
 -- A run changes only the rows of the identifiers it saw with an email, from the row kept and this run's links:
--- links only accumulate, so an identifier seen with a second email stays without a translation for good (kept with
--- email null, so that a later run knows it). Counting every translation again read every link and every login of
--- the history on each run. The history is read only for the identifiers whose usable links changed otherwise
--- (temp table retranslated): those whose quarantine changed, and those linked to an email whose quarantine
--- changed; and for every identifier after a run under other settings or SQL (settings_changed).
+-- links only accumulate, so an identifier seen with a second email stays without a translation (kept with email
+-- null, so that a later run knows it) unless one of its emails is quarantined. Counting every translation again read
+-- every link and every login of the history on each run. The history is read only for the identifiers whose usable
+-- links changed otherwise (temp table retranslated): those whose quarantine changed, and those linked to an email
+-- whose quarantine changed; and for every identifier after a run under other settings or SQL (settings_changed).
 -- Reads: identity_links, usable_identity_links, usable_identity_observations, identity_rejected_values,
 --   browser_links, email_translations, links_this_run (temp), new_observations (temp), supernode_changes (temp)
 -- Variables: settings_changed

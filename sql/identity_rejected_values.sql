@@ -7,14 +7,15 @@
 --
 -- Every run judges the values it saw again, with the settings of the run; a run under other settings or SQL
 -- (settings_changed) also every value already quarantined, so a changed threshold releases values. Under the same
--- settings a verdict can only stay: observations only accumulate, so a value's most browsers within the window
+-- settings a quarantine can only stay: observations only accumulate, so a value's most browsers within the window
 -- never falls (judging every quarantined value again on each run read the history of each, every run). Whatever a
 -- value newly quarantined or released named, or may name now, is resolved again (temp table supernode_cookies),
 -- which withdraws pending outbox rows that no longer hold.
 --
 -- Cookies, not browser clusters, are counted: clusters are rebuilt later in the run, and a verdict that does not
 -- depend on them is the same however the history was cut into runs.
--- Reads: identity_observations, identity_rejected_values, resolved_events, new_observations (temp)
+-- Reads: identity_observations, identity_rejected_values, resolved_events, new_observations (temp),
+--   new_identifier_candidates (temp)
 -- Variables: max_browsers_per_identifier, supernode_window, settings_changed
 -- Writes: identity_rejected_values, identities
 -- Leaves: supernode_verdicts (temp), supernode_changes (temp), supernode_cookies (temp), newly_quarantined (temp),
@@ -27,6 +28,15 @@ with candidates as (
     union
     select id_type, value from identity_rejected_values
     where reason = 'many_browsers' and getvariable('settings_changed')
+    union
+    -- A quarantined value a rule rejected this run (another shop's own address): sql/identity_observations.sql has
+    -- just added to its counts, which are the verdict's, from the observations.
+    select quarantined.id_type, quarantined.value
+    from identity_rejected_values as quarantined
+    semi join new_identifier_candidates as rejected
+        on rejected.rejection is not null and rejected.id_type = quarantined.id_type
+        and coalesce(rejected.id_value, trim(rejected.raw_value)) = quarantined.value
+    where quarantined.reason = 'many_browsers'
 ),
 history as (
     select observation.id_type, observation.id_value, observation.event_time,

@@ -302,9 +302,12 @@ def _held_tail(connection: duckdb.DuckDBPyConnection) -> RawEventsTail | None:
 
 
 def _tail_bound(connection: duckdb.DuckDBPyConnection, held: RawEventsTail) -> RawEventsTail | None:
-    """At most how large the tail is now: the held tail plus every row the loads since wrote, each load (one
-    commit) in whole row groups plus one partly filled. A vacuum since (an analyst's checkpoint) only shrinks the
-    tail. None when raw_events changed otherwise (rows not in the ledger, a rebuilt table): measure instead."""
+    """At most how large the tail is now, while only ingestion has changed raw_events: the held tail plus every row
+    the loads since wrote, each load (one commit) in ceil(rows / ROW_GROUP_ROWS) row groups and one more, should its
+    rows land in two partly filled ones. None when raw_events changed otherwise as far as its row count or the
+    schema version shows (rows not in the ledger, a rebuilt table): measure instead. A change that keeps the count
+    (an analyst's update of a nested column is a delete and an append) can hold the merge past a threshold until
+    the bound catches up, a dozen small runs at most: a cost, never a wrong row."""
     new_rows, new_groups = connection.execute("""
         select coalesce(sum(rows), 0), coalesce(sum(ceil(rows / ?) + 1), 0)::bigint
         from (select sum(ingested_rows) as rows from ingested_files
