@@ -951,6 +951,21 @@ def test_a_value_one_shop_rejects_as_its_own_address_can_still_be_a_supernode_un
     assert {resolved(settings)[f"p{n}"] for n in range(4)} == {NOBODY}
 
 
+def test_a_supernode_another_shop_rejects_in_a_later_run_keeps_its_verdicts_counts(settings):
+    # Quarantined in one run; a later run sees it typed at the shop whose own address it is, a rule's rejection,
+    # which adds to the row's counts: the verdict's counts (of the observations) are taken again.
+    run(settings, [ev(f"p{n}", "ViewContent", at(n), f"b{n}", f"s{n}", {"email": "orders@acme.com"})
+                   for n in range(4)])
+    counts = query(settings, "select reason, times_seen, browsers from identity_rejected_values "
+                             "where value = 'orders@acme.com'")
+    run(settings, [{**ev("p9", "ViewContent", at(5), "b9", "s9", {"email": "orders@acme.com"}), "shop": "acme.com"}],
+        file="run2.ndjson")
+
+    assert counts == [("many_browsers", 4, 4)]
+    assert query(settings, "select reason, times_seen, browsers from identity_rejected_values "
+                           "where value = 'orders@acme.com'") == counts
+
+
 def test_browsers_spread_over_months_are_one_person_changing_devices_not_a_placeholder(settings):
     # A new browser every seven weeks (a new phone, a new laptop, cleared cookies): four in all, never more than two
     # within a season.
