@@ -25,9 +25,10 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(BIN)/pytest -n 2 --dist loadfile
 
-# The unit and journey tests in about a minute: every test but those marked slow (pyproject.toml). `make test` runs all.
+# The unit and journey tests in about a minute: every test but those marked slow (pyproject.toml), on both cores as
+# `make test` runs them all (a file's tests share one worker: their module fixtures are built once).
 test-fast: $(INSTALLED)
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" -n 2 --dist loadfile
 
 # `upstack report`'s page in a real browser: Debian's Chromium (`apt-get install -y chromium`), driven by Playwright
 # from the `browser` extra. Kept out of `make test`, which needs only Python.
