@@ -22,9 +22,9 @@
 -- Variables: after_load_id, until_load_id, after_customers_load_id, commerce_events, cookie_lifetime,
 --   max_emails_per_browser, now
 -- Writes: identity_flags, resolved_events
--- Leaves: cookie_cluster (temp), affected_cookies (temp), affected_rows (temp), targets (temp),
---   target_observation_rows (temp), evidence (temp), new_resolutions (temp), previous_rows (temp),
---   previous_resolutions (temp), changed_resolutions (temp), replaced_resolutions (temp)
+-- Leaves: cookie_cluster (temp), affected_cookies (temp), affected_rows (temp), previous_resolutions (temp),
+--   targets (temp), target_observation_rows (temp), evidence (temp), new_resolutions (temp),
+--   changed_resolutions (temp), replaced_resolutions (temp)
 
 create or replace temp table cookie_cluster as
 select anonymous_id, browser_cluster_id, linked_by from browser_clusters;
@@ -75,13 +75,19 @@ select distinct anonymous_id from (
     select anonymous_id from reclustered_cookies
 );
 
--- The affected cookies' earlier events in resolved_events: their row ids first, from the narrow columns, then
--- their rows by row id below, so that only the row groups holding them are read whole (joined on the cookie, every
--- row of the history was read with every column: 0.8 s of an hourly run at 19 million events, for 2,449 rows).
+-- The affected cookies' earlier events as resolved_events holds them now, read once: they are the targets that have a
+-- row (the chunk's new events have none yet: a load's rows are written with the watermark that moves past it), so
+-- the comparison below and the rows it replaces come from here too. Their row ids first, from the narrow columns,
+-- then their rows by row id, so that only the row groups holding them are read whole (joined on the cookie, and
+-- again on the event id, every row of the history was read with every column: 1.5 s of an hourly run at 19 million
+-- events, for 2,449 rows).
 create or replace temp table affected_rows as
 select rowid as resolved_rowid from resolved_events
 semi join affected_cookies using (anonymous_id)
 where event_time >= getvariable('now') - getvariable('cookie_lifetime');
+
+create or replace temp table previous_resolutions as
+select * from resolved_events where rowid in (select resolved_rowid from affected_rows);
 
 create or replace temp table targets as
 with new_commerce as (
@@ -94,9 +100,7 @@ with new_commerce as (
 earlier_affected as (
     select event_id, event_name, event_time, shop, anonymous_id, session_id,
            coalesce(klaviyo_native_reason = 'klaviyo_cookie', false) as klaviyo_identified, consent_marketing
-    from resolved_events
-    anti join new_commerce using (event_id)
-    where rowid in (select resolved_rowid from affected_rows)
+    from previous_resolutions
 )
 select targets.*, coalesce(cookie_cluster.browser_cluster_id, targets.anonymous_id) as cluster_id
 from (select * from new_commerce union all select * from earlier_affected) as targets
@@ -362,15 +366,6 @@ from new_resolutions where unresolved_reason = 'shared_device'
 group by browser_cluster_id
 on conflict do nothing;
 
--- The targets' rows as resolved_events holds them now, read once: the comparison below and the rows it replaces
--- both come from here (each read of resolved_events by event id is a scan of the whole table's ids). By row id, as
--- affected_rows: only the row groups holding them are read whole.
-create or replace temp table previous_rows as
-select rowid as resolved_rowid from resolved_events where event_id in (select event_id from targets);
-
-create or replace temp table previous_resolutions as
-select * from resolved_events where rowid in (select resolved_rowid from previous_rows);
-
 -- Only the rows whose answer changed are written, stamped with this run's now: most targets come out as they were
 -- (every event of a cluster that got one new event), and a row rewritten unchanged would cost its delete and its
 -- insert, and send mapping and analytics to look at it again (they take the rows stamped since their last run).
@@ -399,7 +394,8 @@ select *, getvariable('now') as resolved_at from changed_resolutions;
 -- rows fails here instead, in its transaction, so nothing of the chunk is written, as a key would have failed it.
 select error('identity would leave ' || count(*) || ' of its events with two rows in resolved_events ('
              || min(event_id) || ' among them): it writes an event once unless raw_events holds its event_id twice '
-             || '(the check event_ids_unique on raw_events says so). Nothing of this chunk was written.')
+             || '(the check event_ids_unique on raw_events says so) or identity''s watermark (pipeline_state, stage '
+             || 'identity) was set back by hand. Nothing of this chunk was written.')
 from (
     select event_id from resolved_events semi join changed_resolutions using (event_id)
     group by event_id having count(*) > 1
