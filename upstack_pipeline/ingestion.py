@@ -241,11 +241,11 @@ def decide_vacuum(connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
     every run."""
     held = _held_tail(connection)
     bound = _tail_bound(connection, held) if held else None
-    if bound and bound.rows < TAIL_VACUUM_ROWS and bound.row_groups < TAIL_VACUUM_GROUPS:
+    if bound and not bound.worth_merging:
         vacuum, memo = False, held.memo
     else:
         measured = _measured_tail(connection)
-        vacuum = measured.row_groups >= TAIL_VACUUM_GROUPS or measured.rows >= TAIL_VACUUM_ROWS
+        vacuum = measured.worth_merging
         memo = None if vacuum else measured.memo
     connection.execute(
         "insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview) "
@@ -264,6 +264,11 @@ class RawEventsTail:
     load_id: int
     table_rows: int
     schema_version: int | None
+
+    @property
+    def worth_merging(self) -> bool:
+        """Whether a checkpoint's merge of this tail is worth its cost (TAIL_VACUUM_ROWS, TAIL_VACUUM_GROUPS)."""
+        return self.rows >= TAIL_VACUUM_ROWS or self.row_groups >= TAIL_VACUUM_GROUPS
 
     @property
     def memo(self) -> str:
