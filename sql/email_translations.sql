@@ -9,8 +9,8 @@
 -- every link and every login of the history on each run. The history is read only for the identifiers whose usable
 -- links changed otherwise (temp table retranslated): those whose quarantine changed, and those linked to an email
 -- whose quarantine changed; and for every identifier after a run under other settings or SQL (settings_changed).
--- Reads: identity_links, usable_identity_links, usable_identity_observations, identity_rejected_values,
---   browser_links, email_translations, links_this_run (temp), new_observations (temp), supernode_changes (temp)
+-- Reads: identity_links, usable_identity_links, usable_identity_observations, browser_links, email_translations,
+--   links_this_run (temp), new_observations (temp), supernode_changes (temp), quarantined_identifiers (macro)
 -- Variables: settings_changed
 -- Writes: email_translations
 -- Leaves: retranslated (temp), translation_changes (temp), linked_cookie_emails (temp)
@@ -53,12 +53,10 @@ run_links as (
            max(right_value) as last_email
     from links_this_run as link
     anti join retranslated on retranslated.id_type = link.left_type and retranslated.id_value = link.left_value
-    anti join identity_rejected_values as quarantined
-        on quarantined.reason = 'many_browsers' and quarantined.id_type = link.left_type
-        and quarantined.value = link.left_value
-    anti join identity_rejected_values as quarantined_email
-        on quarantined_email.reason = 'many_browsers' and quarantined_email.id_type = 'email'
-        and quarantined_email.value = link.right_value
+    anti join quarantined_identifiers() as quarantined
+        on quarantined.id_type = link.left_type and quarantined.value = link.left_value
+    anti join quarantined_identifiers() as quarantined_email
+        on quarantined_email.id_type = 'email' and quarantined_email.value = link.right_value
     where link.right_type = 'email' and link.left_type in ('customer_id', 'phone', 'email_hash', 'phone_hash', 'kx')
     group by left_type, left_value
 ),

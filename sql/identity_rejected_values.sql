@@ -14,8 +14,8 @@
 --
 -- Cookies, not browser clusters, are counted: clusters are rebuilt later in the run, and a verdict that does not
 -- depend on them is the same however the history was cut into runs.
--- Reads: identity_observations, identity_rejected_values, resolved_events, new_observations (temp),
---   new_identifier_candidates (temp)
+-- Reads: identity_observations, resolved_events, new_observations (temp), new_identifier_candidates (temp),
+--   quarantined_identifiers (macro)
 -- Variables: max_browsers_per_identifier, supernode_window, settings_changed
 -- Writes: identity_rejected_values, identities
 -- Leaves: supernode_verdicts (temp), supernode_changes (temp), supernode_cookies (temp), newly_quarantined (temp),
@@ -26,17 +26,15 @@ with candidates as (
     select id_type, id_value from new_observations
     where id_type in ('email', 'email_hash', 'phone', 'phone_hash', 'customer_id', 'kx')
     union
-    select id_type, value from identity_rejected_values
-    where reason = 'many_browsers' and getvariable('settings_changed')
+    select id_type, value from quarantined_identifiers() where getvariable('settings_changed')
     union
     -- A quarantined value a rule rejected this run (another shop's own address): sql/identity_observations.sql has
     -- just added to its counts, which are the verdict's, from the observations.
     select quarantined.id_type, quarantined.value
-    from identity_rejected_values as quarantined
+    from quarantined_identifiers() as quarantined
     semi join new_identifier_candidates as rejected
         on rejected.rejection is not null and rejected.id_type = quarantined.id_type
         and coalesce(rejected.id_value, trim(rejected.raw_value)) = quarantined.value
-    where quarantined.reason = 'many_browsers'
 ),
 history as (
     select observation.id_type, observation.id_value, observation.event_time,
@@ -56,8 +54,7 @@ group by id_type, id_value;
 create or replace temp table supernode_changes as
 select verdict.id_type, verdict.id_value, verdict.quarantined
 from supernode_verdicts as verdict
-left join identity_rejected_values as listed
-    on listed.id_type = verdict.id_type and listed.value = verdict.id_value and listed.reason = 'many_browsers'
+left join quarantined_identifiers() as listed on listed.id_type = verdict.id_type and listed.value = verdict.id_value
 where verdict.quarantined <> (listed.value is not null);
 
 delete from identity_rejected_values

@@ -17,8 +17,8 @@
 -- value quarantined as a supernode is never used (usable_identity_observations, sql/identity_rejected_values.sql).
 --
 -- Reads: browser_clusters, identity_links, customers, raw_events, resolved_events, identity_observations,
---   identity_rejected_values, email_translations, new_observations (temp), reclustered_cookies (temp),
---   supernode_cookies (temp), upstack_id (macro)
+--   email_translations, new_observations (temp), reclustered_cookies (temp), supernode_cookies (temp),
+--   upstack_id (macro), quarantined_identifiers (macro)
 -- Variables: after_load_id, until_load_id, after_customers_load_id, commerce_events, cookie_lifetime,
 --   max_emails_per_browser, now
 -- Writes: identity_flags, resolved_events
@@ -42,9 +42,8 @@ with seeds as (
     from identity_links as link
     semi join (
         select id_type, id_value from new_observations as observation
-        anti join identity_rejected_values as quarantined
-            on quarantined.reason = 'many_browsers' and quarantined.id_type = observation.id_type
-            and quarantined.value = observation.id_value
+        anti join quarantined_identifiers() as quarantined
+            on quarantined.id_type = observation.id_type and quarantined.value = observation.id_value
         where observation.id_type in ('email_hash', 'phone', 'phone_hash', 'customer_id', 'kx')
     ) as touched on touched.id_type = link.right_type and touched.id_value = link.right_value
     where link.left_type = 'anonymous_id'
@@ -156,9 +155,8 @@ select
         when 'phone_hash' then 2 else 3
     end as source_rank
 from target_observations as observation
-anti join identity_rejected_values as quarantined
-    on quarantined.reason = 'many_browsers' and quarantined.id_type = observation.id_type
-    and quarantined.value = observation.id_value
+anti join quarantined_identifiers() as quarantined
+    on quarantined.id_type = observation.id_type and quarantined.value = observation.id_value
 left join cookie_cluster using (anonymous_id)
 left join email_translations as translation
     on translation.id_type = observation.id_type and translation.id_value = observation.id_value
@@ -169,9 +167,8 @@ select
     observation.event_id, observation.event_time, observation.anonymous_id, observation.session_id,
     coalesce(cookie_cluster.browser_cluster_id, observation.anonymous_id), null, null, 'quarantined', 0
 from target_observations as observation
-semi join identity_rejected_values as quarantined
-    on quarantined.reason = 'many_browsers' and quarantined.id_type = observation.id_type
-    and quarantined.value = observation.id_value
+semi join quarantined_identifiers() as quarantined
+    on quarantined.id_type = observation.id_type and quarantined.value = observation.id_value
 left join cookie_cluster using (anonymous_id)
 where observation.id_type in ('email', 'email_hash');
 
