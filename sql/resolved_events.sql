@@ -76,17 +76,18 @@ select distinct anonymous_id from (
 
 -- The affected cookies' earlier events as resolved_events holds them now, read once: they are the targets that have a
 -- row (the chunk's new events have none yet: a load's rows are written with the watermark that moves past it), so
--- the comparison below and the rows it replaces come from here too. Their row ids first, from the narrow columns,
--- then their rows by row id, so that only the row groups holding them are read whole (joined on the cookie, and
--- again on the event id, every row of the history was read with every column: 1.5 s of an hourly run at 19 million
--- events, for 2,449 rows).
+-- the comparison below and the rows it replaces come from here too, the latter deleted by their row id (found by
+-- event id, every event id of the history was read). Their row ids first, from the narrow columns, then their rows
+-- by row id, so that only the row groups holding them are read whole (joined on the cookie, and again on the event
+-- id, every row of the history was read with every column: 1.5 s of an hourly run at 19 million events, for 2,449
+-- rows).
 create or replace temp table affected_rows as
 select rowid as resolved_rowid from resolved_events
 semi join affected_cookies using (anonymous_id)
 where event_time >= getvariable('now') - getvariable('cookie_lifetime');
 
 create or replace temp table previous_resolutions as
-select * from resolved_events where rowid in (select resolved_rowid from affected_rows);
+select rowid as resolved_rowid, * from resolved_events where rowid in (select resolved_rowid from affected_rows);
 
 create or replace temp table targets as
 with new_commerce as (
@@ -374,15 +375,15 @@ union all
 (
     select * from new_resolutions semi join previous_resolutions using (event_id)
     except
-    select * exclude (resolved_at) from previous_resolutions
+    select * exclude (resolved_rowid, resolved_at) from previous_resolutions
 );
 
 -- The rows about to be replaced, with the cluster each was counted under (sql/shared_device_guard_scope.sql).
 create or replace temp table replaced_resolutions as
-select event_id, browser_cluster_id from previous_resolutions
+select resolved_rowid, event_id, browser_cluster_id from previous_resolutions
 where event_id in (select event_id from changed_resolutions);
 
-delete from resolved_events where event_id in (select event_id from replaced_resolutions);
+delete from resolved_events where rowid in (select resolved_rowid from replaced_resolutions);
 
 insert into resolved_events by name
 select *, getvariable('now') as resolved_at from changed_resolutions;
