@@ -314,14 +314,18 @@ def _undecided(connection: duckdb.DuckDBPyConnection, now: datetime, hold_back) 
     """(undecided events of idle sessions, of active ones). Counted from the active sessions' events alone when
     the tables' sizes say every undecided event is one of those: resolved_events' rows less the events decided
     (each once) is how many are undecided. Otherwise each event is looked up in the outbox and the skipped."""
+    # The active sessions' events first, materialized: joined in one FROM, DuckDB took every event of the history
+    # through the outbox's anti join before keeping the active sessions' (0.59 -> 0.47 s at 19 million events).
     undecided, waiting = connection.execute(f"""
         with active as (
             select distinct left_value as session_id from identity_links
             where left_type = 'session_id' and last_seen > ?::timestamptz - ?::interval
+        ),
+        active_events as materialized (
+            select event_id from resolved_events semi join active using (session_id)
         )
         select {UNDECIDED_BY_SIZES},
-               (select count(*) from resolved_events as resolved
-                semi join active using (session_id)
+               (select count(*) from active_events as resolved
                 anti join klaviyo_outbox as sent on sent.event_id = resolved.event_id
                 anti join klaviyo_skipped as skipped on skipped.event_id = resolved.event_id)
     """, [now, hold_back]).fetchone()
