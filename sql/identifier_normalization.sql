@@ -1,11 +1,9 @@
 -- How raw identifier values become identifiers, or are rejected. Temp macros, defined per connection before the
 -- identity SQL runs, so events and the customers export are judged by exactly the same rules. blocked_emails lists
 -- 'exact@address', '@domain' and 'local@' entries.
--- Reads: identity_rejected_values
 -- Variables: blocked_emails
 -- Leaves: normalized_email (macro), email_rejection (macro), e164_phone (macro), phone_rejection (macro),
---   hash_rejection (macro), token_rejection (macro), upstack_id (macro), url_parameter (macro),
---   quarantined_identifiers (macro)
+--   hash_rejection (macro), token_rejection (macro), upstack_id (macro), url_parameter (macro)
 
 create or replace temp macro normalized_email(raw) as lower(trim(raw));
 
@@ -53,9 +51,3 @@ create or replace temp macro upstack_id(anchor_type, anchor) as 'up_' || left(sh
 -- most of what reading an event's identifiers cost.
 create or replace temp macro url_parameter(url, name) as
     if(contains(url, name || '='), nullif(regexp_extract(url, '[?&]' || name || '=([^&#]+)', 1), ''), null);
-
--- The values quarantined as supernodes (sql/identity_rejected_values.sql), which name nobody: the rule the views
--- usable_identity_observations and usable_identity_links apply (sql/warehouse.sql; a view of the warehouse cannot
--- call a temp macro), for the rows those views cannot reach: a run's temp tables, and rows read by row id.
-create or replace temp macro quarantined_identifiers() as table
-    select id_type, value from identity_rejected_values where reason = 'many_browsers';

@@ -14,12 +14,21 @@
 --
 -- Cookies, not browser clusters, are counted: clusters are rebuilt later in the run, and a verdict that does not
 -- depend on them is the same however the history was cut into runs.
--- Reads: identity_observations, resolved_events, new_observations (temp), new_identifier_candidates (temp),
---   quarantined_identifiers (macro)
+-- Reads: identity_observations, identity_rejected_values, resolved_events, new_observations (temp),
+--   new_identifier_candidates (temp)
 -- Variables: max_browsers_per_identifier, supernode_window, settings_changed
 -- Writes: identity_rejected_values, identities
--- Leaves: supernode_verdicts (temp), supernode_changes (temp), supernode_cookies (temp), newly_quarantined (temp),
---   quarantined_kx (variable), quarantined_phones (variable), quarantined_customer_ids (variable)
+-- Leaves: quarantined_identifiers (macro), supernode_verdicts (temp), supernode_changes (temp),
+--   supernode_cookies (temp), newly_quarantined (temp), quarantined_kx (variable), quarantined_phones (variable),
+--   quarantined_customer_ids (variable)
+
+-- The values quarantined as supernodes, which name nobody, as this step leaves them: the rule the views
+-- usable_identity_observations and usable_identity_links apply (sql/warehouse.sql; a view of the warehouse cannot
+-- call a temp macro), for what those views cannot reach: this list itself, a run's temp tables, and rows read by
+-- row id (sql/email_translations.sql, sql/resolved_events.sql). DuckDB binds a table macro's tables when it is
+-- created: it is created here, on a connection that holds identity_rejected_values.
+create or replace temp macro quarantined_identifiers() as table
+    select id_type, value from identity_rejected_values where reason = 'many_browsers';
 
 create or replace temp table supernode_verdicts as
 with candidates as (
