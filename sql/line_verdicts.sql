@@ -9,8 +9,11 @@
 -- custom_data.discount_codes and then of each of $required_fields, in that order;
 -- $field_names / $field_paths / $field_types, the JSON types each object field may have ('MISSING' = absent
 -- key), where $field_paths has one more entry, '$', first, for the document itself; $item_names / $item_paths /
--- $item_types, the same for each custom_data.items[] element; $now, the ingestion clock; $max_skew, how far
--- ahead of it an event_time may be.
+-- $item_types, the same for each custom_data.items[] element; $leading_items, how many items are typed with the line
+-- itself, and $leading_item_names / $leading_item_paths / $leading_item_types their element and field checks in the
+-- order the quarantine names them ($leading_item_paths has one more entry: the first item past them), with
+-- $leading_item_elements, the position of each check's element among them; $now, the ingestion clock; $max_skew, how
+-- far ahead of it an event_time may be.
 
 create or replace temp table line_verdicts as
 with lines as (
@@ -25,7 +28,9 @@ parsed as (                                     -- JSON functions only ever see 
         source_file,
         line_number,
         invalid_utf8,
-        case when is_json then json_type(raw_line, $field_paths) end as path_types,
+        -- The leading items' types come from the same parse: most events carry one item, and parsing the items
+        -- again, then each item, cost a quarter of this query.
+        case when is_json then json_type(raw_line, $field_paths || $leading_item_paths) end as path_types,
         case when is_json then json_extract_string(raw_line, $extracted_paths) end as extracted
             -- items, codes, then $required_fields
     from lines
@@ -45,9 +50,16 @@ checked as (
             if regexp_full_match(extracted[i + 2], '\s*')][1] as empty_field,
         [$required_fields[i] for i in range(1, len($required_fields) + 1)
             if length(extracted[i + 2]) > $max_lengths[i]][1] as too_long_field,
-        -- Only arrays are looked into: a string where an array belongs is a wrong type, not something to parse.
-        case when path_types[list_position($field_names, 'custom_data.items') + 1] = 'ARRAY' then
-            list_transform(json_transform(extracted[1], '["JSON"]'), lambda item: json_type(item, $item_paths))
+        -- An absent leading item is no item (a field of it is absent with it); one that is there must be an object.
+        [$leading_item_names[i] for i in range(1, len($leading_item_names) + 1)
+            if path_types[len($field_paths) + $leading_item_elements[i]] is not null
+                and not list_contains($leading_item_types[i], coalesce(path_types[len($field_paths) + i], 'MISSING'))]
+            as bad_leading_items,
+        -- The items past the leading ones, when there are any: only an array has them (a string where an array
+        -- belongs is a wrong type, not something to parse).
+        case when path_types[len($field_paths) + len($leading_item_paths)] is not null then
+            list_transform(json_transform(extracted[1], '["JSON"]')[$leading_items + 1:],
+                           lambda item: json_type(item, $item_paths))
         end as item_path_types,
         case when path_types[list_position($field_names, 'custom_data.discount_codes') + 1] = 'ARRAY' then
             json_type(extracted[2], '$[*]')
@@ -59,9 +71,12 @@ violations as (
     select
         *,
         bad_fields
+        || bad_leading_items
         || coalesce(flatten(list_transform(range(1, len(item_path_types) + 1), lambda k:
-            case when coalesce(item_path_types[k][1], 'NULL') <> 'OBJECT' then ['custom_data.items[' || (k - 1) || ']']
-            else ['custom_data.items[' || (k - 1) || '].' || $item_names[f] for f in range(1, len($item_names) + 1)
+            case when coalesce(item_path_types[k][1], 'NULL') <> 'OBJECT'
+                then ['custom_data.items[' || (k - 1 + $leading_items) || ']']
+            else ['custom_data.items[' || (k - 1 + $leading_items) || '].' || $item_names[f]
+                  for f in range(1, len($item_names) + 1)
                   if not list_contains($item_types[f], coalesce(item_path_types[k][f + 1], 'MISSING'))]
             end)), [])
         || coalesce(['custom_data.discount_codes[' || (k - 1) || ']'

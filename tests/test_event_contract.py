@@ -26,6 +26,9 @@ PIPELINE_COLUMNS = {"raw_json": "JSON", "source_file": "VARCHAR", "line_number":
 JSON_KINDS = {bool: "boolean", int: "number", float: "number", str: "string", dict: "object", list: "array",
               type(None): "null"}
 WRONG_VALUES = (7, "text", True, {}, [])  # a value of another type than the schema's, whatever it is
+# The JSON types DuckDB's json_type names a Python value's.
+JSON_TYPES_OF = {bool: ("BOOLEAN",), int: ("UBIGINT", "BIGINT"), str: ("VARCHAR",), dict: ("OBJECT",),
+                 list: ("ARRAY",)}
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +190,50 @@ def test_every_field_of_the_schema_is_checked_as_the_schema_says(schema, setting
         else:
             assert quarantined.get(line, (None,))[0] == reason, (field, reason, quarantined.get(line))
             assert quarantined[line][1].startswith(detail_starts[reason].format(field)), quarantined[line]
+
+
+def test_every_item_of_a_cart_is_checked_alike_and_the_first_broken_one_is_named(schema, settings):
+    """sql/line_verdicts.sql types the leading items (events.LEADING_ITEMS) in the line's own parse and the items past
+    them apart: a broken field or element is found and named the same at any position, a cart's first broken item
+    is the one named, and a broken field of the event itself is named before any item."""
+    base = sample(schema)
+    item = base["custom_data"]["items"][0]
+    cases: list[tuple[dict, str | None]] = []  # event, expected detail start (None: kept)
+
+    def case(items: list, expected: str | None, **fields) -> None:
+        event = with_value(base, ("custom_data", "items"), items)
+        event["custom_data"].update(fields)
+        event["event_id"] = f"line-{len(cases) + 1}"
+        cases.append((event, expected))
+
+    case([], None)
+    for size in range(1, events.LEADING_ITEMS + 3):
+        case([item] * size, None)
+        for position in range(size):
+            def cart(broken) -> list:
+                return [broken if index == position else item for index in range(size)]
+            case(cart(None), f"custom_data.items[{position}] is a JSON null")
+            case(cart("text"), f"custom_data.items[{position}] is a JSON varchar")
+            for field, types in events.ITEM_CONTRACT.items():
+                wrong = next(value for value in WRONG_VALUES
+                             if not set(JSON_TYPES_OF[type(value)]) & set(types))
+                case(cart({**item, field: wrong}), f"custom_data.items[{position}].{field} is a JSON")
+                case(cart({key: value for key, value in item.items() if key != field}), None)
+                case(cart({**item, field: None}), None)
+            later = [item] * size + [{**item, "price": "text"}]
+            case(later[:position] + [{**item, "price": "text"}] + later[position + 1:],
+                 f"custom_data.items[{position}].price is a JSON varchar")
+            case(cart({**item, "price": "text"}), "custom_data.value is a JSON varchar", value="text")
+    write_lines(settings.events_dir / "carts.ndjson", [json.dumps(event) for event, _ in cases])
+
+    ingest_events(settings, now=NOW)
+
+    quarantined = dict(query(settings, "select line_number, detail from quarantined_events"))
+    for line, (event, expected) in enumerate(cases, start=1):
+        if expected is None:
+            assert line not in quarantined, (event["custom_data"], quarantined[line])
+        else:
+            assert quarantined.get(line, "").startswith(expected), (expected, quarantined.get(line))
 
 
 def readme_field_list() -> list[str]:

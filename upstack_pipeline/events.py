@@ -84,6 +84,31 @@ EVENT_CONTRACT: dict[str, tuple[str, ...]] = field_contract(SCHEMA)
 # Each element of custom_data.items must be an object with these fields.
 ITEM_CONTRACT: dict[str, tuple[str, ...]] = field_contract(
     SCHEMA["properties"]["custom_data"]["properties"]["items"]["items"])
+# How many of custom_data.items sql/line_verdicts.sql types in the line's own parse; the items past them are
+# parsed apart. Most events carry one product (a product view, an add to cart), and a cart of several costs what it
+# always did.
+LEADING_ITEMS = 1
+
+
+def leading_item_checks(leading: int) -> dict[str, list]:
+    """The checks of the first `leading` items, each item's element check and then its fields' (the order the
+    quarantine names the first broken one in), as sql/line_verdicts.sql's parameters: each check's name, path and
+    accepted types, and the position of its item's element check; the paths end with the first item past them."""
+    checks: dict[str, list] = {"leading_item_names": [], "leading_item_paths": [], "leading_item_types": [],
+                               "leading_item_elements": []}
+    for index in range(leading):
+        element = len(checks["leading_item_names"]) + 1
+        item = f"custom_data.items[{index}]"
+        for name, types in [(item, ("OBJECT",))] + [(f"{item}.{field}", types)
+                                                    for field, types in ITEM_CONTRACT.items()]:
+            checks["leading_item_names"].append(name)
+            checks["leading_item_paths"].append(_json_path(name))
+            checks["leading_item_types"].append(list(types))
+            checks["leading_item_elements"].append(element)
+    checks["leading_item_paths"].append(_json_path(f"custom_data.items[{leading}]"))
+    return checks
+
+
 # What sql/raw_events.sql reads an accepted line into: a struct of the schema's fields (event_time is typed by
 # sql/line_verdicts.sql instead), inserted into raw_events by name.
 READ_STRUCTURE: dict = read_structure(SCHEMA)
@@ -122,6 +147,8 @@ class EventFiles:
             "item_names": list(ITEM_CONTRACT),
             "item_paths": ["$"] + [_json_path(name) for name in ITEM_CONTRACT],
             "item_types": [list(types) for types in ITEM_CONTRACT.values()],
+            "leading_items": LEADING_ITEMS,
+            **leading_item_checks(LEADING_ITEMS),
             "now": now,
             "max_skew": self.max_clock_skew,
         })
