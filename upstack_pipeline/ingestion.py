@@ -43,6 +43,7 @@ from upstack_pipeline.warehouse import (
 
 COUNT_NAMES = ("lines", "ingested_rows", "duplicate_rows", "quarantined_rows")
 STAGED_SCHEMA = {"source_file": pl.String, "line_number": pl.Int64, "raw_line": pl.String, "invalid_utf8": pl.Boolean}
+JSON_LINE = pl.Extension("arrow.json", pl.String)  # a line as DuckDB's JSON type (see staged_lines)
 # raw_events' tail: the partly filled row groups after its last full one (DuckDB's row groups hold 122,880 rows).
 # Each ingestion run's commit starts a new row group, and a checkpoint's vacuum merges the tail whenever its row
 # groups fit in fewer: every small run would then pay for rewriting (zstd raw_json and all) up to a row group of
@@ -214,6 +215,11 @@ def staged_lines(connection: duckdb.DuckDBPyConnection, staged: pl.DataFrame) ->
     side by side) ran on one core, and a day's 25,000 lines, less than a row group, took 0.55 s where two streams
     take 0.37 s. What is written to a table reads the one stream: rows written from several leave partly filled
     row groups among the full ones."""
+    # The lines reach DuckDB typed JSON (Arrow's canonical extension type arrow.json), which DuckDB takes as it is.
+    # As VARCHAR, each accepted line was parsed once more by its cast to raw_events.raw_json (JSON): 0.2 s of a
+    # 500,000-line batch's 1.7 s write. No statement relies on a staged line being valid JSON before the kind's SQL
+    # has judged it (json_valid); a quarantined line keeps its bytes as they came.
+    staged = staged.with_columns(pl.col("raw_line").cast(JSON_LINE))
     threads = int(connection.execute("select current_setting('threads')").fetchall()[0][0])
     size = max(1, -(-staged.height // threads))  # ceiling: at most `threads` parts
     parts = [f"staged_lines_{number}" for number in range(max(1, -(-staged.height // size)))]
