@@ -124,7 +124,7 @@ def resolve_identities(
 def _chunks(connection: duckdb.DuckDBPyConnection, watermark: int, chunk_rows: int) -> list[tuple[int, int]]:
     """(after_load_id, until_load_id) of each chunk: consecutive loads of about `chunk_rows` rows (events and
     customers rows alike; customers exports share the load_id sequence), never splitting a load, at least one each.
-    Loads, not events, are walked here: a backfill has one per ingestion batch (64 MB of files by default)."""
+    Loads, not events, are walked here: a backfill has one per ingestion batch (128 MiB of files by default)."""
     loads = connection.execute("""
         select load_id, sum(ingested_rows) from ingested_files where load_id > ? group by load_id order by load_id
     """, [watermark]).fetchall()
