@@ -165,6 +165,19 @@ def test_the_memory_limit_and_spill_folder_reach_duckdb_and_a_typo_is_refused_at
         Settings.from_env({"UPSTACK_DUCKDB_MEMORY_LIMIT": "lots"})
 
 
+def test_duckdb_keeps_the_blocks_it_frees_up_to_its_memory_limit_and_a_limit_too_big_for_that_still_opens(tmp_path):
+    pools = {}
+    for limit in ("256MB", "100TB"):  # 100 TB: more than 80% of any machine here, which is all the pool may reserve
+        settings = Settings.from_env({"UPSTACK_WAREHOUSE": str(tmp_path / f"{limit}.duckdb"),
+                                      "UPSTACK_DUCKDB_MEMORY_LIMIT": limit})
+        with settings.warehouse().connect() as connection:
+            pools[limit] = connection.execute("select current_setting('block_allocator_memory')").fetchone()[0]
+            connection.execute("create table probe as select range as n from range(100000)")
+            assert connection.execute("select sum(n) from probe").fetchone()[0] == 4999950000
+    # The limit, 244.1 MiB as DuckDB shows it, in whole 256 KiB blocks.
+    assert pools == {"256MB": "244.0 MiB", "100TB": "0 bytes"}
+
+
 def test_a_run_holds_the_warehouse_open_so_its_steps_share_one_duckdb_instance_and_checkpoint_once(settings):
     wal = settings.warehouse_path.with_name(settings.warehouse_path.name + ".wal")
     seen = {}
