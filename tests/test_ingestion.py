@@ -152,14 +152,19 @@ def test_a_file_changed_after_ingestion_is_reported_not_reread(settings):
 
 
 def test_a_touched_but_identical_file_is_not_a_change(settings):
-    path = write_events(settings.events_dir / "a.ndjson", [make_event("a1")])
+    paths = [write_events(settings.events_dir / f"{name}.ndjson", [make_event(name)]) for name in ("a", "b", "c")]
     ingest(settings)
-    os.utime(path, (1_900_000_000, 1_900_000_000))
+    for seconds, path in enumerate(paths[:2]):  # as a landing folder copied back from a backup
+        os.utime(path, (1_900_000_000 + seconds, 1_900_000_000 + seconds))
 
     report = ingest(settings)
 
     assert report.changed_files == [] and report.files_read == 0
     assert query(settings, "select count(*) from changed_files") == [(0,)]
+    # The ledger takes the new times, so the next run neither hashes nor reads them again.
+    assert query(settings, "select path, epoch_us(modified_at) from ingested_files order by path") == [
+        ("events/a.ndjson", 1_900_000_000 * 10**6), ("events/b.ndjson", 1_900_000_001 * 10**6),
+        ("events/c.ndjson", paths[2].stat().st_mtime_ns // 1000)]
 
 
 def test_unreadable_files_are_recorded_and_do_not_stop_the_others(settings):

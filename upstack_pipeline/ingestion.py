@@ -379,15 +379,28 @@ def _known_files(connection: duckdb.DuckDBPyConnection, kind: str) -> dict[str, 
 def _record_changed_and_touched(
     connection: duckdb.DuckDBPyConnection, changed: list[ChangedFile], touched: list[LandingFile], now: datetime
 ) -> None:
-    for change in changed:
-        connection.execute(
-            "insert or ignore into changed_files values (?, ?, ?, ?, ?)",
-            [change.file.path, change.ingested_sha256, change.current_sha256, change.file.size_bytes, now],
-        )
-    for landing_file in touched:
-        connection.execute(
-            "update ingested_files set modified_at = ? where path = ?", [landing_file.modified_at, landing_file.path]
-        )
+    """One statement each for the changed files and the touched ones, however many: a landing folder copied back
+    from a backup touches every file (a statement per file took 0.7 s for a month of hourly files)."""
+    changes = pl.DataFrame({
+        "path": [change.file.path for change in changed],
+        "ingested_sha256": [change.ingested_sha256 for change in changed],
+        "current_sha256": [change.current_sha256 for change in changed],
+        "current_size_bytes": [change.file.size_bytes for change in changed],
+    }, schema={"path": pl.String, "ingested_sha256": pl.String, "current_sha256": pl.String,
+               "current_size_bytes": pl.Int64})
+    touches = pl.DataFrame({"path": [landing_file.path for landing_file in touched],
+                            "modified_at": [landing_file.modified_at for landing_file in touched]},
+                           schema={"path": pl.String, "modified_at": LEDGER_SCHEMA["modified_at"]})
+    connection.register("changes", ArrowStream(changes))
+    connection.register("touches", ArrowStream(touches))
+    try:
+        connection.execute("insert or ignore into changed_files by name select *, ? as detected_at from changes", [now])
+        connection.execute("""
+            update ingested_files set modified_at = touches.modified_at
+            from touches where ingested_files.path = touches.path""")
+    finally:
+        connection.unregister("changes")
+        connection.unregister("touches")
 
 
 @dataclass(frozen=True)
