@@ -149,6 +149,9 @@ def test_a_file_changed_after_ingestion_is_reported_not_reread(settings):
     assert report.ingested_rows == 0
     assert query(settings, "select count(*) from raw_events") == [(1,)]
     assert query(settings, "select path from changed_files") == [("events/a.ndjson",)]
+    # Reported on every run while it stays changed, recorded once.
+    assert ingest(settings).changed_files == ["events/a.ndjson"]
+    assert query(settings, "select path from changed_files") == [("events/a.ndjson",)]
 
 
 def test_a_touched_but_identical_file_is_not_a_change(settings):
