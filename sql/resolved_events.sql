@@ -367,16 +367,13 @@ on conflict do nothing;
 -- Only the rows whose answer changed are written, stamped with this run's now: most targets come out as they were
 -- (every event of a cluster that got one new event), and a row rewritten unchanged would cost its delete and its
 -- insert, and send mapping and analytics to look at it again (they take the rows stamped since their last run).
--- An event without a row yet is written as it is (a backfill's are nearly all of its targets, and comparing them
--- would hash every column for nothing); EXCEPT compares the others' whole rows, nulls as equal.
+-- An event without a row yet is written as it is, straight from new_resolutions (a backfill's are nearly all of its
+-- targets: comparing them would hash every column, and setting them aside copy every row, for nothing); EXCEPT
+-- compares the others' whole rows, nulls as equal, and keeps those that changed.
 create or replace temp table changed_resolutions as
-select * from new_resolutions anti join previous_resolutions using (event_id)
-union all
-(
-    select * from new_resolutions semi join previous_resolutions using (event_id)
-    except
-    select * exclude (resolved_rowid, resolved_at) from previous_resolutions
-);
+select * from new_resolutions semi join previous_resolutions using (event_id)
+except
+select * exclude (resolved_rowid, resolved_at) from previous_resolutions;
 
 -- The rows about to be replaced, with the cluster each was counted under (sql/shared_device_guard_scope.sql).
 create or replace temp table replaced_resolutions as
@@ -386,7 +383,11 @@ where event_id in (select event_id from changed_resolutions);
 delete from resolved_events where rowid in (select resolved_rowid from replaced_resolutions);
 
 insert into resolved_events by name
-select *, getvariable('now') as resolved_at from changed_resolutions;
+select *, getvariable('now') as resolved_at from (
+    select * from new_resolutions anti join previous_resolutions using (event_id)
+    union all
+    select * from changed_resolutions
+);
 
 -- resolved_events has no key (sql/warehouse.sql says why): a chunk that would leave an event of its own with two
 -- rows fails here instead, in its transaction, so nothing of the chunk is written, as a key would have failed it.
@@ -395,7 +396,7 @@ select error('identity would leave ' || count(*) || ' of its events with two row
              || '(the check event_ids_unique on raw_events says so) or identity''s watermark (pipeline_state, stage '
              || 'identity) was set back by hand. Nothing of this chunk was written.')
 from (
-    select event_id from resolved_events semi join changed_resolutions using (event_id)
+    select event_id from resolved_events semi join new_resolutions using (event_id)
     group by event_id having count(*) > 1
 )
 having count(*) > 0;
