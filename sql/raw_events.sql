@@ -50,18 +50,27 @@ from (
 -- the retry's order): the first differing value, or the container whose type changed.
 update line_verdicts set reason = 'conflicting_duplicate', bad_path = conflict.path
 from (
-    with retries as materialized (
-        select verdict.source_file, verdict.line_number, verdict.event_id, staged.raw_line
+    -- The accepted lines of the event ids accepted more than once (a few of the batch's), found in the verdicts
+    -- first: joined to the staged lines before this filter, every verdict of the batch went into a hash table.
+    with repeated as materialized (
+        select source_file, line_number, event_id, is_first_sighting
+        from line_verdicts
+        where reason is null
+            and event_id in (select event_id from line_verdicts where reason is null and not is_first_sighting)
+    ),
+
+    sightings as materialized (         -- their text, in one scan of the staged lines
+        select verdict.*, staged.raw_line
         from staged_lines as staged
-        join line_verdicts as verdict using (source_file, line_number)
-        where verdict.reason is null and not verdict.is_first_sighting
+        join repeated as verdict using (source_file, line_number)
+    ),
+
+    retries as (
+        select source_file, line_number, event_id, raw_line from sightings where not is_first_sighting
     ),
 
     kept as materialized (
-        select verdict.event_id, staged.raw_line as kept_json
-        from staged_lines as staged
-        join line_verdicts as verdict using (source_file, line_number)
-        where verdict.is_first_sighting and verdict.event_id in (select event_id from retries)
+        select event_id, raw_line as kept_json from sightings where is_first_sighting
         union all
         select event_id, raw_json::varchar
         from raw_events
