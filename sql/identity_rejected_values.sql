@@ -45,20 +45,39 @@ with candidates as (
         on rejected.rejection is not null and rejected.id_type = quarantined.id_type
         and coalesce(rejected.id_value, trim(rejected.raw_value)) = quarantined.value
 ),
-history as (
-    select observation.id_type, observation.id_value, observation.event_time,
-           count(distinct observation.anonymous_id) over (
-               partition by observation.id_type, observation.id_value order by observation.event_time
-               range between getvariable('supernode_window') preceding and current row
-           ) as browsers_in_window
-    from identity_observations as observation
+seen as (
+    select id_type, id_value, anonymous_id, event_time
+    from identity_observations
     semi join candidates using (id_type, id_value)
+),
+totals as (
+    select id_type, id_value, count(distinct anonymous_id) as browsers_ever, count(*) as times_seen,
+           min(event_time) as first_seen, max(event_time) as last_seen
+    from seen
+    group by id_type, id_value
+),
+-- The most browsers within the window, counted only for the values seen on more browsers than the limit in all:
+-- no other can be over it in a window, and counting distinct browsers over a sliding window is this step's costly
+-- part (most values are seen on one browser).
+windowed as (
+    select id_type, id_value, max(browsers_in_window) as browsers
+    from (
+        select id_type, id_value,
+               count(distinct anonymous_id) over (
+                   partition by id_type, id_value order by event_time
+                   range between getvariable('supernode_window') preceding and current row
+               ) as browsers_in_window
+        from seen
+        semi join (select id_type, id_value from totals
+                   where browsers_ever > getvariable('max_browsers_per_identifier')) using (id_type, id_value)
+    )
+    group by id_type, id_value
 )
-select id_type, id_value, max(browsers_in_window) as browsers, count(*) as times_seen,
-       min(event_time) as first_seen, max(event_time) as last_seen,
-       max(browsers_in_window) > getvariable('max_browsers_per_identifier') as quarantined
-from history
-group by id_type, id_value;
+-- browsers: the most within the window; for a value never over the limit in all, that total, which bounds it.
+select id_type, id_value, coalesce(windowed.browsers, totals.browsers_ever) as browsers, times_seen, first_seen,
+       last_seen, coalesce(windowed.browsers > getvariable('max_browsers_per_identifier'), false) as quarantined
+from totals
+left join windowed using (id_type, id_value);
 
 create or replace temp table supernode_changes as
 select verdict.id_type, verdict.id_value, verdict.quarantined

@@ -709,6 +709,22 @@ def test_a_kx_posted_to_a_group_and_opened_on_many_browsers_is_quarantined(setti
         ("kx", "KxPostedOnReddit", "many_browsers", 4, 4)]
 
 
+def test_a_kx_opened_on_more_browsers_than_one_person_uses_but_never_within_the_window_is_kept(settings):
+    settings = with_identity(settings, supernode_window=timedelta(days=2))
+    # Five browsers in all, never more than three within two days; then four within minutes.
+    spread = [ev(f"spread-{n}", "ViewContent", at(day), f"spread-{n}", f"sp{n}", url=f"{SHOP_URL}/?_kx=KxSpread")
+              for n, day in enumerate((0, 3, 6, 7, 8))]
+    burst = [ev(f"burst-{n}", "ViewContent", at(9, n), f"burst-{n}", f"bu{n}", url=f"{SHOP_URL}/?_kx=KxBurst")
+             for n in range(4)]
+    run(settings, spread + burst)
+
+    assert query(settings, "select value, browsers from identity_rejected_values "
+                           "where reason = 'many_browsers'") == [("KxBurst", 4)]
+    got = resolved(settings)
+    assert {got[f"spread-{n}"] for n in range(5)} == {(None, "KxSpread", "klaviyo_click")}
+    assert {got[f"burst-{n}"] for n in range(4)} == {NOBODY}
+
+
 def test_a_phone_hash_alone_names_the_shopper_once_it_was_seen_with_the_phone(settings):
     import hashlib
 
