@@ -217,15 +217,27 @@ own_email as (
 typed_sessions as (                             -- Klaviyo sees what is typed, placeholders included
     select distinct session_id, cluster_id from evidence where source in ('typed', 'quarantined')
 ),
-email_history as (                              -- per cluster, how many distinct emails so far
+email_rows as (
+    select * from evidence where email is not null or source = 'quarantined'
+),
+-- The clusters that showed more emails in all than one browser may: only they can have shown more within a cookie's
+-- lifetime, so only theirs are counted over that sliding window (most clusters show one email).
+crowded_clusters as (
+    select cluster_id from email_rows group by cluster_id
+    having count(distinct email) > getvariable('max_emails_per_browser')
+),
+email_history as (                              -- per cluster, how many distinct emails so far (null: too few)
     select
         *,
         count(distinct email) over (
             partition by cluster_id order by event_time
             range between getvariable('cookie_lifetime') preceding and current row
         ) as emails_so_far
-    from evidence
-    where email is not null or source = 'quarantined'
+    from email_rows semi join crowded_clusters using (cluster_id)
+    qualify row_number() over (partition by cluster_id, event_time order by source_rank, email, event_id) = 1
+    union all by name
+    select *, null::bigint as emails_so_far
+    from email_rows anti join crowded_clusters using (cluster_id)
     qualify row_number() over (partition by cluster_id, event_time order by source_rank, email, event_id) = 1
 ),
 last_email as (                                 -- only clusters with an email can have one before the event
