@@ -35,6 +35,7 @@ import duckdb
 from scale import SCRIPT as SCALE_SCRIPT  # the sync child: `upstack sync` and each step's seconds
 from scale import run_measured
 
+from upstack_pipeline.analytics import analytics_path
 from upstack_pipeline.settings import Settings
 
 # A landing folder built by another version of bench/copies.py is built again, not reused.
@@ -111,8 +112,9 @@ def landing_folder(root: Path, source: Path, count: int) -> tuple[Path, int]:
 def sync(root: Path, landing: Path, args: argparse.Namespace) -> dict:
     """One measured `upstack sync` of landing into root/warehouse.duckdb, spilling to root/spill."""
     warehouse = root / "warehouse.duckdb"
-    for suffix in ("", ".wal", ".analytics.duckdb"):
-        Path(f"{warehouse}{suffix}").unlink(missing_ok=True)
+    # The analysts' copy too: one a rerun left beside an identical warehouse is up to date, and analytics then skips.
+    for path in (warehouse, Path(f"{warehouse}.wal"), analytics_path(warehouse)):
+        path.unlink(missing_ok=True)
     log(f"syncing {landing} with a {args.memory_limit} DuckDB memory limit")
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("UPSTACK_", "KLAVIYO_")) and name != "DAGSTER_HOME"}

@@ -24,6 +24,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from upstack_pipeline.analytics import analytics_path
+
 SHOPS = ("north", "south", "east")
 
 
@@ -56,8 +58,9 @@ def simulate_shops(root: Path, people: int, days: int) -> dict[str, int]:
 def sync_at_once(root: Path, shops: tuple[str, ...]) -> float:
     """Seconds from starting one `upstack sync --shop` process per shop to the last one's exit."""
     for shop in SHOPS:
-        for suffix in ("", ".wal", ".analytics.duckdb"):
-            Path(f"{root / shop / 'warehouse.duckdb'}{suffix}").unlink(missing_ok=True)
+        warehouse = root / shop / "warehouse.duckdb"
+        for path in (warehouse, Path(f"{warehouse}.wal"), analytics_path(warehouse)):
+            path.unlink(missing_ok=True)
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("UPSTACK_", "KLAVIYO_")) and name != "DAGSTER_HOME"}
     env["UPSTACK_SHOPS_FILE"] = str(root / "shops.yaml")
