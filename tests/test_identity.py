@@ -347,6 +347,17 @@ def test_family_tablet_with_a_third_person_becomes_a_shared_device(settings):
     assert reasons["after-dad-cart"] == reasons["after-dad-checkout"] == "shared_device"
 
 
+def test_a_tablet_with_three_emails_but_never_more_than_two_within_a_cookies_lifetime_is_no_shared_device(settings):
+    settings = with_identity(settings, cookie_lifetime=timedelta(days=3))
+    run(settings, _family_tablet([
+        ev("dad-checkout", "InitiateCheckout", at(7, 1), "tablet", "t5", {"email": "dad@gmail.com"}),
+        ev("after-dad-cart", "AddToCart", at(8, 0), "tablet", "t6"),
+    ]))
+
+    # Three emails in all, but within three days before dad's only mum's (day 5) and his: the latest names the cart.
+    assert resolved(settings)["after-dad-cart"] == ("dad@gmail.com", None, "cookie_history")
+
+
 def test_a_shared_device_is_flagged_once_under_its_cluster(settings):
     run(settings, _family_tablet([
         ev("gran-checkout", "InitiateCheckout", at(7, 0), "tablet", "t5", {"email": "gran@gmail.com"}),
