@@ -33,9 +33,8 @@ from pathlib import Path
 import copies
 import duckdb
 from scale import SCRIPT as SCALE_SCRIPT  # the sync child: `upstack sync` and each step's seconds
-from scale import run_measured
+from scale import remove_warehouse, run_measured
 
-from upstack_pipeline.analytics import analytics_path
 from upstack_pipeline.settings import Settings
 
 # A landing folder built by another version of bench/copies.py is built again, not reused.
@@ -112,9 +111,7 @@ def landing_folder(root: Path, source: Path, count: int) -> tuple[Path, int]:
 def sync(root: Path, landing: Path, args: argparse.Namespace) -> dict:
     """One measured `upstack sync` of landing into root/warehouse.duckdb, spilling to root/spill."""
     warehouse = root / "warehouse.duckdb"
-    # The analysts' copy too: one a rerun left beside an identical warehouse is up to date, and analytics then skips.
-    for path in (warehouse, Path(f"{warehouse}.wal"), analytics_path(warehouse)):
-        path.unlink(missing_ok=True)
+    remove_warehouse(warehouse)
     log(f"syncing {landing} with a {args.memory_limit} DuckDB memory limit")
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("UPSTACK_", "KLAVIYO_")) and name != "DAGSTER_HOME"}

@@ -105,6 +105,15 @@ def log(message: str) -> None:
     print(f"[scale {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def remove_warehouse(warehouse: Path) -> None:
+    """The warehouse file, its write-ahead log and its analysts' copy, so that a sync into it starts from nothing: a
+    copy left beside a warehouse built again the same is up to date, and that sync's analytics would skip."""
+    from upstack_pipeline.analytics import analytics_path
+
+    for path in (warehouse, Path(f"{warehouse}.wal"), analytics_path(warehouse)):
+        path.unlink(missing_ok=True)
+
+
 def run_measured(command: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
     """Seconds from start to exit and the process's peak resident set (bytes), from its own rusage."""
     started = time.perf_counter()

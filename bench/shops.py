@@ -24,7 +24,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from upstack_pipeline.analytics import analytics_path
+from scale import remove_warehouse
 
 SHOPS = ("north", "south", "east")
 
@@ -58,9 +58,7 @@ def simulate_shops(root: Path, people: int, days: int) -> dict[str, int]:
 def sync_at_once(root: Path, shops: tuple[str, ...]) -> float:
     """Seconds from starting one `upstack sync --shop` process per shop to the last one's exit."""
     for shop in SHOPS:
-        warehouse = root / shop / "warehouse.duckdb"
-        for path in (warehouse, Path(f"{warehouse}.wal"), analytics_path(warehouse)):
-            path.unlink(missing_ok=True)
+        remove_warehouse(root / shop / "warehouse.duckdb")
     env = {name: value for name, value in os.environ.items()
            if not name.startswith(("UPSTACK_", "KLAVIYO_")) and name != "DAGSTER_HOME"}
     env["UPSTACK_SHOPS_FILE"] = str(root / "shops.yaml")
