@@ -227,17 +227,18 @@ crowded_clusters as (
     having count(distinct email) > getvariable('max_emails_per_browser')
 ),
 email_history as (                              -- per cluster, how many distinct emails so far (null: too few)
-    select
-        *,
-        count(distinct email) over (
-            partition by cluster_id order by event_time
-            range between getvariable('cookie_lifetime') preceding and current row
-        ) as emails_so_far
-    from email_rows semi join crowded_clusters using (cluster_id)
-    qualify row_number() over (partition by cluster_id, event_time order by source_rank, email, event_id) = 1
-    union all by name
-    select *, null::bigint as emails_so_far
-    from email_rows anti join crowded_clusters using (cluster_id)
+    select * from (
+        select
+            *,
+            count(distinct email) over (
+                partition by cluster_id order by event_time
+                range between getvariable('cookie_lifetime') preceding and current row
+            ) as emails_so_far
+        from email_rows semi join crowded_clusters using (cluster_id)
+        union all by name
+        select *, null::bigint as emails_so_far
+        from email_rows anti join crowded_clusters using (cluster_id)
+    )
     qualify row_number() over (partition by cluster_id, event_time order by source_rank, email, event_id) = 1
 ),
 last_email as (                                 -- only clusters with an email can have one before the event
