@@ -1,12 +1,12 @@
 -- Writes one judged batch: accepted first sightings to raw_events (typed once, here), every quarantined line to
 -- quarantined_events with a detail a person can act on, and the per-file outcome counts to temp table
 -- batch_file_counts for the ingested_files ledger.
--- Input: staged_lines (the batch's lines, a registered Arrow stream) and temp table line_verdicts
--- (sql/line_verdicts.sql). Variables: ingested_at, load_id, and event_structure, the schema's fields as json_transform
--- reads them (upstack_pipeline.events.READ_STRUCTURE, made from schemas/raw-event.schema.json): one raw_events column
--- each, matched by name.
+-- Input: staged_lines (the batch's lines, registered Arrow streams: upstack_pipeline.ingestion.staged_lines) and temp
+-- table line_verdicts (sql/line_verdicts.sql). Variables: ingested_at, load_id, and event_structure, the schema's
+-- fields as json_transform reads them (upstack_pipeline.events.READ_STRUCTURE, made from
+-- schemas/raw-event.schema.json): one raw_events column each, matched by name.
 
--- staged_lines is an Arrow stream, whose rows DuckDB cannot count before reading it: taking it for the small side,
+-- staged_lines are Arrow streams, whose rows DuckDB cannot count before reading them: taking them for the small side,
 -- DuckDB would build each join's hash table on the batch's full text (for a 64 MB batch, most of a second per
 -- join, and the batch's memory peak). With build_side_probe_side off, a join's build side is its right side as
 -- written, so every join of staged_lines below has the lines on the left, streamed past the verdicts they need.

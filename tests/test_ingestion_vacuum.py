@@ -8,7 +8,7 @@ import json
 
 from conftest import NOW, make_event, query, write_lines
 from upstack_pipeline.events import ingest_events
-from upstack_pipeline.ingestion import TAIL_VACUUM_GROUPS
+from upstack_pipeline.ingestion import ROW_GROUP_ROWS, TAIL_VACUUM_GROUPS
 from upstack_pipeline.warehouse import VACUUM_STAGE
 
 ROW_GROUPS = """
@@ -41,6 +41,15 @@ def test_an_hourly_run_and_the_next_stage_leave_earlier_runs_row_groups_as_they_
     assert row_groups(settings)[:2] == second == [*first, second[1]]  # not merged, not rewritten
     assert [rows for rows, _ in row_groups(settings)] == [2000, 2000, 2000]
     assert query(settings, "select fingerprint from pipeline_state where stage = ?", [VACUUM_STAGE]) == [("hold",)]
+
+
+def test_a_batch_larger_than_a_row_group_leaves_one_partly_filled_row_group(settings):
+    """A batch that fits in one row group is typed on every core (one row group however it is read: see
+    test_an_hourly_run_...); a larger one is written from one stream, since each stream leaves a partly filled row
+    group of its own."""
+    hourly_run(settings, 0, 2 * ROW_GROUP_ROWS + 1000)
+
+    assert sorted(rows for rows, _ in row_groups(settings)) == [1000, ROW_GROUP_ROWS, ROW_GROUP_ROWS]
 
 
 def test_the_tail_is_merged_once_it_has_enough_row_groups_and_other_tables_deleted_rows_are_reclaimed_then(settings):
