@@ -1,4 +1,4 @@
--- Loads one batch of staged customer export rows (staged_lines, a registered Arrow stream: source_file, line_number,
+-- Loads one batch of staged customer export rows (staged_lines, registered Arrow streams: source_file, line_number,
 -- raw_line holding the row as a JSON object of strings) into customers, upserting by customer_id: the newest file wins,
 -- since each Shopify export is a snapshot. Rows without a customer_id go to quarantined_customers.
 -- Variables: ingested_at, load_id. Leaves per-file counts in temp table batch_file_counts.

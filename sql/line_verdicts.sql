@@ -2,7 +2,7 @@
 -- whether it is the first sighting of its event_id, or a pixel retry). Narrow on purpose: the wide typed rows
 -- are built once, straight into raw_events (sql/raw_events.sql), for accepted first sightings only.
 --
--- Input: staged_lines_in_parts(source_file, line_number, raw_line, invalid_utf8), the batch's lines in as many
+-- Input: staged_lines(source_file, line_number, raw_line, invalid_utf8), the batch's lines in as many
 -- parts as DuckDB has threads (upstack_pipeline.ingestion.staged_lines), read side by side.
 -- Parameters (from upstack_pipeline.events, made from schemas/raw-event.schema.json): $required_fields and
 -- $max_lengths, their longest allowed length; $extracted_paths, the JSON paths of custom_data.items,
@@ -18,7 +18,7 @@
 create or replace temp table line_verdicts as
 with lines as (
     select source_file, line_number, raw_line, invalid_utf8, json_valid(raw_line) as is_json
-    from staged_lines_in_parts
+    from staged_lines
     where not regexp_full_match(raw_line, '\s*')  -- blank lines (a trailing newline) are not events
 ),
 

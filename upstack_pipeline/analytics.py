@@ -39,7 +39,14 @@ from pathlib import Path
 import duckdb
 
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.warehouse import ColumnDoc, TableDoc, new_schema_ddl, read_sql, schema_version
+from upstack_pipeline.warehouse import (
+    ColumnDoc,
+    TableDoc,
+    cursor_on_same_database,
+    new_schema_ddl,
+    read_sql,
+    schema_version,
+)
 
 # In the order they are created: daily_lift reads recovered_orders.
 VIEWS = ("recovered_orders", "daily_lift", "delivery_funnel", "match_rates", "shopper_journey")
@@ -181,7 +188,7 @@ def publish_for_analysts(connection: duckdb.DuckDBPyConnection, warehouse_path: 
     (see the module's docstring)."""
     target = analytics_path(warehouse_path)
     building = target.with_name(target.name + ".building")
-    cursor = connection.cursor()  # its temp tables and views, which shadow the warehouse's, go with it
+    cursor = cursor_on_same_database(connection)  # its temp tables and views, shadowing the warehouse's, go with it
     try:
         sources = _sources(cursor)
         stale = _find_stale(cursor, target, sources)
@@ -210,7 +217,7 @@ def publish_for_analysts(connection: duckdb.DuckDBPyConnection, warehouse_path: 
 
 def stale_days(connection: duckdb.DuckDBPyConnection, copy_path: Path) -> set[date] | None:
     """The days of the copy at `copy_path` that the warehouse's rows have made stale; None: every day."""
-    with connection.cursor() as cursor:
+    with cursor_on_same_database(connection) as cursor:
         stale = _find_stale(cursor, copy_path, _sources(cursor))
         if stale.previous:
             cursor.execute("detach previous")

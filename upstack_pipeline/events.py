@@ -133,9 +133,8 @@ class EventFiles:
         return read_ndjson_lines(data, compressed=landing_file.absolute.name.endswith(".gz"))
 
     def write_batch(self, connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
-        # line_verdicts reads the lines in parts (upstack_pipeline.ingestion.staged_lines), and so does
-        # raw_events.sql a batch that fits in one row group: DuckDB only reads parts side by side when the rows need
-        # not keep their order. Nothing reads line_verdicts in it, and a batch written from one stream keeps it.
+        # line_verdicts and raw_events.sql read the lines in parts (upstack_pipeline.ingestion.staged_lines), which
+        # DuckDB only reads side by side when the rows need not keep their order: nothing reads either table in it.
         connection.execute("set preserve_insertion_order = false")
         connection.execute(read_sql("line_verdicts"), {
             "required_fields": list(REQUIRED_FIELDS),

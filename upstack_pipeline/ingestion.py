@@ -33,6 +33,7 @@ from upstack_pipeline.landing import (
     split_new_and_changed,
 )
 from upstack_pipeline.warehouse import (
+    ROW_GROUP_ROWS,
     VACUUM_STAGE,
     Warehouse,
     frame,
@@ -44,14 +45,13 @@ from upstack_pipeline.warehouse import (
 COUNT_NAMES = ("lines", "ingested_rows", "duplicate_rows", "quarantined_rows")
 STAGED_SCHEMA = {"source_file": pl.String, "line_number": pl.Int64, "raw_line": pl.String, "invalid_utf8": pl.Boolean}
 JSON_LINE = pl.Extension("arrow.json", pl.String)  # a line as DuckDB's JSON type (see staged_lines)
-# raw_events' tail: the partly filled row groups after its last full one (DuckDB's row groups hold 122,880 rows).
+# raw_events' tail: the partly filled row groups after its last full one (of ROW_GROUP_ROWS rows: warehouse.py).
 # Each ingestion run's commit starts a new row group, and a checkpoint's vacuum merges the tail whenever its row
 # groups fit in fewer: every small run would then pay for rewriting (zstd raw_json and all) up to a row group of
 # history, the previous runs' rows, whatever its own size. So checkpoints hold the vacuum (upstack_pipeline.warehouse
 # .apply_vacuum_hold) until the tail holds two row groups' worth (a merge then rewrites at most twice the rows that
 # arrived since the last one) or TAIL_VACUUM_GROUPS row groups: scans stay short, and the other tables' partly deleted
 # row groups (identity's re-resolved events) are reclaimed by the checkpoints after that run.
-ROW_GROUP_ROWS = 122_880
 TAIL_VACUUM_ROWS = 2 * ROW_GROUP_ROWS
 TAIL_VACUUM_GROUPS = 24
 # A batch's commit checkpoints (WRITTEN_ONCE is the checkpoint_threshold the batches run with): DuckDB then writes
@@ -206,18 +206,14 @@ def _write_batch(
 
 @contextmanager
 def staged_lines(connection: duckdb.DuckDBPyConnection, staged: pl.DataFrame) -> Iterator[None]:
-    """For the block: the batch's lines as temp view `staged_lines_in_parts`, one Arrow stream per DuckDB thread,
-    unioned, and as `staged_lines`, what the kind's SQL writes its tables from. Dropped when the block ends; a
-    block that raises leaves them to the rollback and the connection's close (dropping a view in the aborted
-    transaction would raise in its turn, and hide the error).
+    """For the block: the batch's lines as temp view `staged_lines`, one Arrow stream per DuckDB thread, unioned.
+    Dropped when the block ends; a block that raises leaves them to the rollback and the connection's close
+    (dropping a view in the aborted transaction would raise in its turn, and hide the error).
 
-    One stream is read by one thread: parsing and checking a batch's JSON (sql/line_verdicts.sql reads the parts,
-    side by side) ran on one core, and a day's 25,000 lines, less than a row group, took 0.55 s where two streams
-    take 0.37 s. `staged_lines` is one stream in the batch's order for a batch larger than a row group: each stream
-    written from leaves a partly filled row group of its own among the full ones. A batch that fits in one row
-    group is merged into one at its commit however it was read, so its `staged_lines` are the parts, and typing its
-    rows (sql/raw_events.sql) runs on every core too: a day at `bench/scale.py --scale 3` (75,000 lines) wrote
-    raw_events in 0.36 s instead of 0.52 s."""
+    One stream is read by one thread: parsing and checking a batch's JSON (sql/line_verdicts.sql) ran on one core,
+    and a day's 25,000 lines took 0.55 s where two streams take 0.37 s; typing the accepted ones into raw_events
+    (sql/raw_events.sql) is on every core too. Each stream leaves at most one partly filled row group of its own
+    (a batch of less than a row group per stream is merged into one at its commit)."""
     # The lines reach DuckDB typed JSON (Arrow's canonical extension type arrow.json), which DuckDB takes as it is.
     # As VARCHAR, each accepted line was parsed once more by its cast to raw_events.raw_json (JSON): 0.2 s of the
     # 3.4 s of writes of a 640,000-line full sync. No statement relies on a staged line being valid JSON before the
@@ -228,19 +224,10 @@ def staged_lines(connection: duckdb.DuckDBPyConnection, staged: pl.DataFrame) ->
     parts = [f"staged_lines_{number}" for number in range(max(1, -(-staged.height // size)))]
     for number, part in enumerate(parts):
         connection.register(part, ArrowStream(staged.slice(number * size, size)))
-    connection.execute("create or replace temp view staged_lines_in_parts as "
+    connection.execute("create or replace temp view staged_lines as "
                        + " union all ".join(f"select * from {part}" for part in parts))
-    written_in_parts = staged.height <= ROW_GROUP_ROWS
-    if written_in_parts:
-        connection.execute("create or replace temp view staged_lines as select * from staged_lines_in_parts")
-    else:
-        connection.register("staged_lines", ArrowStream(staged))
     yield
-    if written_in_parts:
-        connection.execute("drop view staged_lines")
-    else:
-        connection.unregister("staged_lines")
-    connection.execute("drop view staged_lines_in_parts")
+    connection.execute("drop view staged_lines")
     for part in parts:
         connection.unregister(part)
 
