@@ -74,12 +74,16 @@ def test_the_tail_is_merged_once_it_has_enough_row_groups_and_other_tables_delet
 
     hourly_run(settings, TAIL_VACUUM_GROUPS, 300)  # held again: the merged row group stays as it is
     assert [rows for rows, _ in row_groups(settings)] == [300 * TAIL_VACUUM_GROUPS, 300]
+    # The merging run recorded what a merge leaves (one row group), and the run after it bounded the tail from that
+    # without measuring it (measured: two row groups, the 300 rows after it included).
+    assert (last_measurement(settings)["rows"], last_measurement(settings)["row_groups"]) == (
+        300 * TAIL_VACUUM_GROUPS, 1)
     assert query(settings, "select count(*), count(distinct event_id) from raw_events") == [
         (300 * (TAIL_VACUUM_GROUPS + 1), 300 * (TAIL_VACUUM_GROUPS + 1))]
 
 
 def last_measurement(settings) -> dict:
-    """What the last hold measured of raw_events' tail (pipeline_state.overview for VACUUM_STAGE)."""
+    """The tail of raw_events the last decision recorded (pipeline_state.overview for VACUUM_STAGE)."""
     [(memo,)] = query(settings, "select overview from pipeline_state where stage = ?", [VACUUM_STAGE])
     return json.loads(memo)
 

@@ -56,8 +56,8 @@ TAIL_VACUUM_ROWS = 2 * ROW_GROUP_ROWS
 TAIL_VACUUM_GROUPS = 24
 # A batch's commit checkpoints (WRITTEN_ONCE is the checkpoint_threshold the batches run with): DuckDB then writes
 # its rows once, compressed, into the database file (a commit that checkpoints skips the WAL once the batch is big
-# enough: auto_checkpoint_skip_wal_threshold). Otherwise a batch smaller than a row group, such as an hourly run's or
-# a day's (DuckDB writes larger appends to the file as they go), went to the WAL first, uncompressed (53 MB for a
+# enough: auto_checkpoint_skip_wal_threshold). Otherwise a batch smaller than a row group, such as an hourly run's
+# (DuckDB writes larger appends to the file as they go), went to the WAL first, uncompressed (53 MB for a
 # day's 25,000 lines), and was written again by the next checkpoint: about 0.25 s of the day's 1.6 s. Durability is
 # the same: a run killed before the checkpoint completes leaves neither the rows nor the ledger's entries.
 WRITTEN_ONCE = "0B"
@@ -238,19 +238,19 @@ def decide_vacuum(connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
     next checkpoint (at the run's end, when the run holds the warehouse: Warehouse.held_open).
     Only a cost decision: whichever way a killed run leaves it, the next run decides again.
 
-    Measuring the tail reads the storage of every column of every row group (0.4 s at 20 million events), a cost
-    of the history that an hourly run must not pay. So a hold records what it measured, and the runs after it
-    bound the tail from that and the ledger alone (_tail_bound), measuring again only once the bound could reach a
-    threshold: 6 or 7 of the 24 small runs from one vacuum to the next (more often as the tail nears one), not
-    every run."""
-    held = _held_tail(connection)
-    bound = _tail_bound(connection, held) if held else None
-    if bound and not bound.worth_merging:
-        vacuum, memo = False, held.memo
+    Measuring the tail reads the storage of every column of every row group (1 s at 19 million events), a cost of
+    the history that an hourly run must not pay. So each decision records a tail the runs after it bound from the
+    ledger alone (_tail_bound): a hold the tail it measured, a merge what a merge leaves (at most a row group after
+    the last full one). Only a first run, or one after raw_events changed otherwise, measures. A bound past a
+    threshold merges without measuring first: at most, the merge comes before it was due."""
+    known = _known_tail(connection)
+    bound = _tail_bound(connection, known) if known else None
+    tail = bound or _measured_tail(connection)
+    vacuum = tail.worth_merging
+    if vacuum:
+        memo = RawEventsTail(rows=min(tail.rows, ROW_GROUP_ROWS), row_groups=1, **_layout_marks(connection)).memo
     else:
-        measured = _measured_tail(connection)
-        vacuum = measured.worth_merging
-        memo = None if vacuum else measured.memo
+        memo = known.memo if bound else tail.memo
     connection.execute(
         "insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview) "
         "values (?, (select coalesce(max(load_id), 0) from ingested_files), ?, ?, ?)",
@@ -260,7 +260,7 @@ def decide_vacuum(connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
 
 @dataclass(frozen=True)
 class RawEventsTail:
-    """raw_events' tail (rows, row groups) as measured after load `load_id`, with what identifies that layout:
+    """raw_events' tail (rows, row groups; measured, or at most) after load `load_id`, with what identifies that layout:
     the table's row count and the schema version (a migration may rebuild the table)."""
 
     rows: int
@@ -300,32 +300,29 @@ def _layout_marks(connection: duckdb.DuckDBPyConnection) -> dict:
     return {"load_id": load_id, "table_rows": table_rows, "schema_version": schema_version(connection)}
 
 
-def _held_tail(connection: duckdb.DuckDBPyConnection) -> RawEventsTail | None:
-    """The tail the last hold measured, or None when the last decision was to vacuum (the merge's result is not
-    known without measuring) or recorded no measurement."""
-    row = connection.execute("select fingerprint, overview from pipeline_state where stage = ?",
-                             [VACUUM_STAGE]).fetchone()
-    if not row or row[0] != "hold" or row[1] is None:
-        return None
-    return RawEventsTail(**json.loads(row[1]))
+def _known_tail(connection: duckdb.DuckDBPyConnection) -> RawEventsTail | None:
+    """The tail the last decision recorded (see decide_vacuum), or None when it recorded none."""
+    row = connection.execute("select overview from pipeline_state where stage = ?", [VACUUM_STAGE]).fetchone()
+    return RawEventsTail(**json.loads(row[0])) if row and row[0] is not None else None
 
 
-def _tail_bound(connection: duckdb.DuckDBPyConnection, held: RawEventsTail) -> RawEventsTail | None:
-    """At most how large the tail is now, while only ingestion has changed raw_events: the held tail plus every row
-    the loads since wrote, each load (one commit) in ceil(rows / ROW_GROUP_ROWS) row groups and one more, should its
-    rows land in two partly filled ones. None when raw_events changed otherwise as far as its row count or the
-    schema version shows (rows not in the ledger, a rebuilt table): measure instead. A change that keeps the count
+def _tail_bound(connection: duckdb.DuckDBPyConnection, known: RawEventsTail) -> RawEventsTail | None:
+    """At most how large the tail is now, while only ingestion has changed raw_events: the known tail plus every row
+    the loads since wrote, each load (one commit) in one row group if it fits, else in ceil(rows / ROW_GROUP_ROWS)
+    and one more, should two of its streams (staged_lines) leave partly filled ones after its last full one. None
+    when raw_events changed otherwise as far as its row count or the schema version shows (rows not in the ledger, a
+    rebuilt table): measure instead. A change that keeps the count
     (an analyst's update of a nested column is a delete and an append) can hold the merge past a threshold until
     the bound catches up, a dozen small runs at most: a cost, never a wrong row."""
     new_rows, new_groups = connection.execute("""
-        select coalesce(sum(rows), 0), coalesce(sum(ceil(rows / ?) + 1), 0)::bigint
+        select coalesce(sum(rows), 0), coalesce(sum(if(rows <= $rows, 1, ceil(rows / $rows) + 1)), 0)::bigint
         from (select sum(ingested_rows) as rows from ingested_files
-              where kind = 'events' and load_id > ? group by load_id having sum(ingested_rows) > 0)
-    """, [ROW_GROUP_ROWS, held.load_id]).fetchone()
+              where kind = 'events' and load_id > $load_id group by load_id having sum(ingested_rows) > 0)
+    """, {"rows": ROW_GROUP_ROWS, "load_id": known.load_id}).fetchone()
     now = _layout_marks(connection)
-    if now["table_rows"] != held.table_rows + new_rows or now["schema_version"] != held.schema_version:
+    if now["table_rows"] != known.table_rows + new_rows or now["schema_version"] != known.schema_version:
         return None
-    return RawEventsTail(rows=held.rows + new_rows, row_groups=held.row_groups + new_groups, **now)
+    return RawEventsTail(rows=known.rows + new_rows, row_groups=known.row_groups + new_groups, **now)
 
 
 def _stage(batch: list[LandingFile], file_kind: FileKind) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, str]]:
