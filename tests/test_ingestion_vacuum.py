@@ -82,6 +82,15 @@ def test_the_tail_is_merged_once_it_has_enough_row_groups_and_other_tables_delet
         (300 * (TAIL_VACUUM_GROUPS + 1), 300 * (TAIL_VACUUM_GROUPS + 1))]
 
 
+def test_a_run_larger_than_a_row_group_measures_the_tail_its_bound_overstates_before_merging(settings):
+    hourly_run(settings, 0, 2000)
+    hourly_run(settings, 1, 2 * ROW_GROUP_ROWS + 1000)  # bounded by all its rows: past both thresholds
+
+    assert query(settings, "select fingerprint from pipeline_state where stage = ?", [VACUUM_STAGE]) == [("hold",)]
+    assert last_measurement(settings)["load_id"] == 2  # measured now: full row groups, then a few hundred rows
+    assert last_measurement(settings)["rows"] < ROW_GROUP_ROWS
+
+
 def last_measurement(settings) -> dict:
     """The tail of raw_events the last decision recorded (pipeline_state.overview for VACUUM_STAGE)."""
     [(memo,)] = query(settings, "select overview from pipeline_state where stage = ?", [VACUUM_STAGE])

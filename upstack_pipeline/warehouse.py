@@ -147,7 +147,7 @@ def schema_version(connection: duckdb.DuckDBPyConnection) -> int | None:
 # merges the partly filled row groups of every table, whichever table the connection wrote, so raw_events' tail of
 # small appends is merged (rewritten) by the next checkpoint of any stage. Ingestion decides when that merge is worth
 # its cost (upstack_pipeline.ingestion.decide_vacuum) and every read-write connection follows its word. The row's
-# overview is the tail a hold measured (ingestion.RawEventsTail), from which the next runs bound it.
+# overview is the tail the last decision recorded (ingestion.RawEventsTail), from which the next runs bound it.
 VACUUM_STAGE = "checkpoint_vacuum"
 
 
@@ -164,7 +164,11 @@ def cursor_on_same_database(connection: duckdb.DuckDBPyConnection) -> duckdb.Duc
     warehouse attached: `Warehouse._attach_for_writing`)."""
     database = connection.execute("select current_database()").fetchone()[0]
     cursor = connection.cursor()
-    cursor.execute(f'use "{database}"')
+    try:
+        cursor.execute(f'use "{database}"')
+    except BaseException:
+        cursor.close()
+        raise
     return cursor
 
 
@@ -257,7 +261,7 @@ class Warehouse:
 
     def _attach_for_writing(self) -> duckdb.DuckDBPyConnection:
         """A connection to a database instance of this process named after the file, which has the file attached
-        with ROW_GROUP_SIZE (DuckDB's instance cache: every read-write connection of the process joins the one
+        with row groups of ROW_GROUP_ROWS (DuckDB's instance cache: every read-write connection of the process joins the one
         instance, as it does for a file opened by name). The instance is closed, and the file checkpointed and its
         lock released, with its last connection; its temporary files go where DuckDB puts a file database's."""
         name = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:32]
