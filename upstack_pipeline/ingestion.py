@@ -263,8 +263,8 @@ def decide_vacuum(connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
 
 @dataclass(frozen=True)
 class RawEventsTail:
-    """raw_events' tail (rows, row groups; measured, or at most) after load `load_id`, with what identifies that layout:
-    the table's row count and the schema version (a migration may rebuild the table)."""
+    """raw_events' tail (rows, row groups: measured, or at most) after load `load_id`, with what identifies that
+    layout: the table's row count and the schema version (a migration may rebuild the table)."""
 
     rows: int
     row_groups: int

@@ -261,9 +261,10 @@ class Warehouse:
 
     def _attach_for_writing(self) -> duckdb.DuckDBPyConnection:
         """A connection to a database instance of this process named after the file, which has the file attached
-        with row groups of ROW_GROUP_ROWS (DuckDB's instance cache: every read-write connection of the process joins the one
-        instance, as it does for a file opened by name). The instance is closed, and the file checkpointed and its
-        lock released, with its last connection; its temporary files go where DuckDB puts a file database's."""
+        with row groups of ROW_GROUP_ROWS (DuckDB's instance cache: every read-write connection of the process
+        joins the one instance, as it does for a file opened by name). The instance is closed, and the file
+        checkpointed and its lock released, with its last connection; its temporary files go where DuckDB puts a
+        file database's."""
         name = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:32]
         config = {"temp_directory": f"{self.path}.tmp", **self.config}
         connection = duckdb.connect(f":memory:upstack_{name}", config=config)
