@@ -76,8 +76,8 @@ def test_the_tail_is_merged_once_it_has_enough_row_groups_and_other_tables_delet
     assert [rows for rows, _ in row_groups(settings)] == [300 * TAIL_VACUUM_GROUPS, 300]
     # The merging run recorded what a merge leaves (one row group), and the run after it bounded the tail from that
     # without measuring it (measured: two row groups, the 300 rows after it included).
-    assert (last_measurement(settings)["rows"], last_measurement(settings)["row_groups"]) == (
-        300 * TAIL_VACUUM_GROUPS, 1)
+    recorded = last_measurement(settings)
+    assert (recorded["rows"], recorded["row_groups"]) == (300 * TAIL_VACUUM_GROUPS, 1)
     assert query(settings, "select count(*), count(distinct event_id) from raw_events") == [
         (300 * (TAIL_VACUUM_GROUPS + 1), 300 * (TAIL_VACUUM_GROUPS + 1))]
 
@@ -87,8 +87,9 @@ def test_a_run_larger_than_a_row_group_measures_the_tail_its_bound_overstates_be
     hourly_run(settings, 1, 2 * ROW_GROUP_ROWS + 1000)  # bounded by all its rows: past both thresholds
 
     assert query(settings, "select fingerprint from pipeline_state where stage = ?", [VACUUM_STAGE]) == [("hold",)]
-    assert last_measurement(settings)["load_id"] == 2  # measured now: full row groups, then a few hundred rows
-    assert last_measurement(settings)["rows"] < ROW_GROUP_ROWS
+    recorded = last_measurement(settings)
+    assert recorded["load_id"] == 2  # measured now: full row groups, then a few hundred rows
+    assert recorded["rows"] < ROW_GROUP_ROWS
 
 
 def last_measurement(settings) -> dict:

@@ -251,7 +251,7 @@ def decide_vacuum(connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
     tail = bound or _measured_tail(connection)
     vacuum = tail.worth_merging
     if vacuum:
-        memo = RawEventsTail(rows=min(tail.rows, ROW_GROUP_ROWS), row_groups=1, **_layout_marks(connection)).memo
+        memo = dataclasses.replace(tail, rows=min(tail.rows, ROW_GROUP_ROWS), row_groups=1).memo
     else:
         memo = known.memo if bound else tail.memo
     connection.execute(
