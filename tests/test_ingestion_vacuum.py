@@ -8,7 +8,7 @@ import json
 
 from conftest import NOW, make_event, query, write_lines
 from upstack_pipeline.events import ingest_events
-from upstack_pipeline.ingestion import TAIL_VACUUM_GROUPS
+from upstack_pipeline.ingestion import TAIL_VACUUM_GROUPS, RawEventsTail, _measured_tail, _tail_bound
 from upstack_pipeline.warehouse import ROW_GROUP_ROWS, VACUUM_STAGE
 
 ROW_GROUPS = """
@@ -82,14 +82,32 @@ def test_the_tail_is_merged_once_it_has_enough_row_groups_and_other_tables_delet
         (300 * (TAIL_VACUUM_GROUPS + 1), 300 * (TAIL_VACUUM_GROUPS + 1))]
 
 
-def test_a_run_larger_than_a_row_group_measures_the_tail_its_bound_overstates_before_merging(settings):
+def test_a_run_whose_streams_each_fill_a_row_group_bounds_the_tail_by_their_last_row_groups_unmeasured(settings):
+    """A day's run of a big store: each of its streams writes full row groups, then at most one partly filled, so
+    the earlier rows are behind full row groups and the tail is at most a partly filled row group per stream."""
     hourly_run(settings, 0, 2000)
-    hourly_run(settings, 1, 2 * ROW_GROUP_ROWS + 1000)  # bounded by all its rows: past both thresholds
+    first = last_measurement(settings)
+    threads = query(settings, "select current_setting('threads')::int")[0][0]
+    hourly_run(settings, 1, threads * ROW_GROUP_ROWS + 1000)  # every stream a row group and 1000 / threads rows
+
+    assert query(settings, "select fingerprint from pipeline_state where stage = ?", [VACUUM_STAGE]) == [("hold",)]
+    assert last_measurement(settings) == first  # not measured: the runs after bound the tail from the same record
+    with settings.warehouse().connect() as connection:
+        bound = _tail_bound(connection, RawEventsTail(**first))
+        measured = _measured_tail(connection)
+    assert (bound.rows, bound.row_groups) == (1000, threads)
+    assert measured.rows <= bound.rows and measured.row_groups <= bound.row_groups
+
+
+def test_a_run_larger_than_a_row_group_whose_streams_do_not_fill_one_measures_before_merging(settings):
+    hourly_run(settings, 0, 2000)
+    threads = query(settings, "select current_setting('threads')::int")[0][0]
+    hourly_run(settings, 1, threads * (ROW_GROUP_ROWS - 500))  # bounded by all its rows: past the threshold
 
     assert query(settings, "select fingerprint from pipeline_state where stage = ?", [VACUUM_STAGE]) == [("hold",)]
     recorded = last_measurement(settings)
-    assert recorded["load_id"] == 2  # measured now: full row groups, then a few hundred rows
-    assert recorded["rows"] < ROW_GROUP_ROWS
+    assert recorded["load_id"] == 2  # measured now: full row groups, then fewer rows than the bound's
+    assert recorded["rows"] < 2000 + threads * (ROW_GROUP_ROWS - 500) - ROW_GROUP_ROWS
 
 
 def last_measurement(settings) -> dict:

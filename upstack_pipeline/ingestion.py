@@ -219,17 +219,27 @@ def staged_lines(connection: duckdb.DuckDBPyConnection, staged: pl.DataFrame) ->
     # 3.4 s of writes of a 640,000-line full sync. No statement relies on a staged line being valid JSON before the
     # kind's SQL has judged it (json_valid); a quarantined line keeps its bytes as they came.
     staged = staged.with_columns(pl.col("raw_line").cast(JSON_LINE))
-    threads = int(connection.execute("select current_setting('threads')").fetchall()[0][0])
-    size = max(1, -(-staged.height // threads))  # ceiling: at most `threads` parts
-    parts = [f"staged_lines_{number}" for number in range(max(1, -(-staged.height // size)))]
+    sizes = stream_sizes(staged.height, _threads(connection))
+    parts = [f"staged_lines_{number}" for number in range(len(sizes))]
     for number, part in enumerate(parts):
-        connection.register(part, ArrowStream(staged.slice(number * size, size)))
+        connection.register(part, ArrowStream(staged.slice(sum(sizes[:number]), sizes[number])))
     connection.execute("create or replace temp view staged_lines as "
                        + " union all ".join(f"select * from {part}" for part in parts))
     yield
     connection.execute("drop view staged_lines")
     for part in parts:
         connection.unregister(part)
+
+
+def stream_sizes(lines: int, threads: int) -> list[int]:
+    """How many of a batch's `lines` each of its streams (staged_lines) takes: as many as there are threads, of
+    equal size but the last; one for an empty batch."""
+    size = max(1, -(-lines // threads))  # ceiling
+    return [min(size, lines - start) for start in range(0, lines, size)] or [0]
+
+
+def _threads(connection: duckdb.DuckDBPyConnection) -> int:
+    return int(connection.execute("select current_setting('threads')").fetchall()[0][0])
 
 
 def decide_vacuum(connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
@@ -242,10 +252,11 @@ def decide_vacuum(connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
     the history that an hourly run must not pay. So each decision records a tail the runs after it bound from the
     ledger alone (_tail_bound): a hold the tail it measured, a merge what a merge is meant to leave, a row group at
     most after the last full one. The runs of loads that fit in a row group (hourly runs) then merge when the bound
-    reaches a threshold, unmeasured; a larger load's run measures once its bound does (a day's run of a big store:
-    0.12 s at 1.9 million events), and so does a first run, or one after raw_events changed otherwise. Should a
-    merge leave more (DuckDB merges a few row groups at a time) or not happen (a run killed first), the next merge
-    comes sooner than it was due: a cost, never a wrong row."""
+    reaches a threshold, unmeasured, and a load whose every stream fills a row group (a day's run of a big store,
+    on two cores) bounds the tail by its own streams' last row groups; other loads' runs measure once their bound
+    reaches a threshold (0.12 s at 1.9 million events), and so does a first run, or one after raw_events changed
+    otherwise. Should a merge leave more (DuckDB merges a few row groups at a time) or not happen (a run killed
+    first), the next merge comes sooner than it was due: a cost, never a wrong row."""
     known = _known_tail(connection)
     bound = _tail_bound(connection, known) if known else None
     tail = bound or _measured_tail(connection)
@@ -310,25 +321,41 @@ def _known_tail(connection: duckdb.DuckDBPyConnection) -> RawEventsTail | None:
 
 
 def _tail_bound(connection: duckdb.DuckDBPyConnection, known: RawEventsTail) -> RawEventsTail | None:
-    """At most how large the tail is now, while only ingestion has changed raw_events: the known tail plus every row
-    the loads since wrote, each load (one commit) in one row group if it fits. None, to measure instead, when
-    raw_events changed otherwise as far as its row count or the schema version shows (rows not in the ledger, a
-    rebuilt table), and when the bound reaches a threshold after a load larger than a row group: such a load's
-    streams (staged_lines) leave full row groups and a few partly filled ones, so the bound (all its rows, in
-    ceil(rows / ROW_GROUP_ROWS) row groups and one more) overstates the tail. A change that keeps the count (an
-    analyst's update of a nested column is a delete and an append) can hold the merge past a threshold until the
-    bound catches up, a dozen small runs at most: a cost, never a wrong row."""
-    new_rows, new_groups, all_fit = connection.execute("""
-        select coalesce(sum(rows), 0), coalesce(sum(if(rows <= $rows, 1, ceil(rows / $rows) + 1)), 0)::bigint,
-               coalesce(bool_and(rows <= $rows), true)
-        from (select sum(ingested_rows) as rows from ingested_files
-              where kind = 'events' and load_id > $load_id group by load_id having sum(ingested_rows) > 0)
-    """, {"rows": ROW_GROUP_ROWS, "load_id": known.load_id}).fetchone()
+    """At most how large the tail is now, while only ingestion has changed raw_events, from the known tail and the
+    loads since, each one commit of its batch's streams (staged_lines), in order:
+    - a load whose every stream wrote a row group or more leaves the earlier rows behind full row groups, and at
+      most one partly filled row group per stream: its tail is at most those;
+    - a load that fits in a row group adds one row group (its streams' rows are merged at its commit);
+    - any other load adds all its rows, in ceil(rows / ROW_GROUP_ROWS) row groups and one more: its streams leave
+      full row groups and a few partly filled ones, so this overstates its tail, and a bound past a threshold after
+      one is measured instead (None).
+    Streams are counted as this connection's threads split the load's lines, and a stream's rows are its lines but
+    at most all the load's rejected ones. Also None when raw_events changed otherwise as far as its row count or the
+    schema version shows (rows not in the ledger, a rebuilt table). A change that keeps the count (an analyst's
+    update of a nested column is a delete and an append), or a load under other threads, can hold the merge past a
+    threshold until the bound catches up, a dozen small runs at most: a cost, never a wrong row."""
+    loads = connection.execute("""
+        select sum(ingested_rows), sum(lines) from ingested_files
+        where kind = 'events' and load_id > ? group by load_id having sum(ingested_rows) > 0 order by load_id
+    """, [known.load_id]).fetchall()
     now = _layout_marks(connection)
-    if now["table_rows"] != known.table_rows + new_rows or now["schema_version"] != known.schema_version:
+    if now["table_rows"] != known.table_rows + sum(rows for rows, _ in loads) or (
+            now["schema_version"] != known.schema_version):
         return None
-    bound = RawEventsTail(rows=known.rows + new_rows, row_groups=known.row_groups + new_groups, **now)
-    return bound if all_fit or not bound.worth_merging else None
+    threads = _threads(connection)
+    rows_bound, groups_bound, overstated = known.rows, known.row_groups, False
+    for rows, lines in loads:
+        streams = stream_sizes(lines, threads)
+        if min(streams) - (lines - rows) >= ROW_GROUP_ROWS:
+            rows_bound = min(len(streams) * (ROW_GROUP_ROWS - 1), rows - len(streams) * ROW_GROUP_ROWS)
+            groups_bound, overstated = len(streams), False
+        elif rows <= ROW_GROUP_ROWS:
+            rows_bound, groups_bound = rows_bound + rows, groups_bound + 1
+        else:
+            rows_bound, groups_bound = rows_bound + rows, groups_bound + -(-rows // ROW_GROUP_ROWS) + 1
+            overstated = True
+    bound = RawEventsTail(rows=rows_bound, row_groups=groups_bound, **now)
+    return None if overstated and bound.worth_merging else bound
 
 
 def _stage(batch: list[LandingFile], file_kind: FileKind) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, str]]:
