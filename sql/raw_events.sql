@@ -42,10 +42,9 @@ from (
 -- walked node by node with json_tree, both sides, matched by path. First sightings are never looked at.
 -- The kept line of a retry is taken from this batch's staged lines when it was first seen here (retries mostly
 -- follow within seconds), and only otherwise from raw_events: raw_json is zstd-compressed there, and decompressing
--- it is what a lookup costs. So the kept rows are found first on the cheap columns (event_id, load_id), and raw_json
--- is then read by rowid: only the row groups holding them are decompressed (the last hour's, for a retry of the
--- last hour), not every row group of the history, which an hourly run would otherwise pay whenever a retry
--- crosses a file boundary.
+-- it is what a lookup costs. So raw_json is read by the row id sql/line_verdicts.sql found the kept row at: only
+-- the row groups holding them are decompressed (the last hour's, for a retry of the last hour), not every row
+-- group of the history, which an hourly run would otherwise pay whenever a retry crosses a file boundary.
 -- The quarantine names the first differing path in the kept event's order (then, for keys only the retry has, in
 -- the retry's order): the first differing value, or the container whose type changed.
 update line_verdicts set reason = 'conflicting_duplicate', bad_path = conflict.path
@@ -53,7 +52,7 @@ from (
     -- The accepted lines of the event ids accepted more than once (a few of the batch's), found in the verdicts
     -- first: joined to the staged lines before this filter, every verdict of the batch went into a hash table.
     with repeated as materialized (
-        select source_file, line_number, event_id, is_first_sighting
+        select source_file, line_number, event_id, is_first_sighting, kept_rowid
         from line_verdicts
         where reason is null
             and event_id in (select event_id from line_verdicts where reason is null and not is_first_sighting)
@@ -66,7 +65,7 @@ from (
     ),
 
     retries as (
-        select source_file, line_number, event_id, raw_line from sightings where not is_first_sighting
+        select source_file, line_number, event_id, raw_line, kept_rowid from sightings where not is_first_sighting
     ),
 
     kept as materialized (
@@ -74,12 +73,7 @@ from (
         union all
         select event_id, raw_json::varchar
         from raw_events
-        where rowid in (
-            select rowid
-            from raw_events
-            where load_id < getvariable('load_id')
-                and event_id in (select event_id from retries
-                                 except select event_id from line_verdicts where is_first_sighting))
+        where rowid in (select kept_rowid from retries where kept_rowid is not null)
     ),
 
     pairs as materialized (
