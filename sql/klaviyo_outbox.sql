@@ -61,14 +61,6 @@ where outbox.status = 'pending'
 
 delete from klaviyo_outbox where event_id in (select event_id from withdrawn);
 
--- One join on (event_id, reason) reads resolved_events once; a subquery per reason read it twice.
-delete from klaviyo_skipped using (
-    select event_id, 'unresolved' as reason from touched where match_method is not null
-    union all
-    select event_id, 'native_identified' from touched where not klaviyo_native
-) as decided_again
-where klaviyo_skipped.event_id = decided_again.event_id and klaviyo_skipped.reason = decided_again.reason;
-
 -- The events the last run held back, not touched since: those of the sessions it found active (last_seen only
 -- grows). Their row ids first, from narrow columns, then their rows by row id: only the row groups holding them
 -- are read whole (by event id, every event id of the history is read and compared).
@@ -81,6 +73,29 @@ semi join (
 ) as waiting using (session_id)
 where getvariable('incremental') and resolved_at < getvariable('last_run');
 
+-- The skips of the events looked at, found in one scan of klaviyo_skipped's event ids (each scan reads those of
+-- the whole history): those decided again are deleted by row id, and the others keep their events decided.
+create or replace temp table considered_skips as
+select rowid as skipped_rowid, event_id, reason
+from klaviyo_skipped
+where event_id in (
+    select event_id from touched
+    union all
+    select event_id from resolved_events where rowid in (select held_rowid from held_back)
+);
+
+-- One join on (event_id, reason) reads resolved_events once; a subquery per reason read it twice.
+create or replace temp table skips_decided_again as
+select skipped_rowid
+from considered_skips
+semi join (
+    select event_id, 'unresolved' as reason from touched where match_method is not null
+    union all
+    select event_id, 'native_identified' from touched where not klaviyo_native
+) as decided_again using (event_id, reason);
+
+delete from klaviyo_skipped where rowid in (select skipped_rowid from skips_decided_again);
+
 create or replace temp table undecided as
 with considered as (
     select * from touched
@@ -90,7 +105,8 @@ with considered as (
 select considered.*
 from considered
 anti join klaviyo_outbox as sent on sent.event_id = considered.event_id
-anti join klaviyo_skipped as skipped on skipped.event_id = considered.event_id;
+anti join (select event_id from considered_skips anti join skips_decided_again using (skipped_rowid)) as skipped
+    on skipped.event_id = considered.event_id;
 
 -- The undecided events of idle sessions, and the reasons not to send that the resolution alone gives.
 create or replace temp table candidates as
