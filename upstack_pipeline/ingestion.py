@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -352,7 +353,7 @@ def _tail_bound(connection: duckdb.DuckDBPyConnection, known: RawEventsTail) -> 
         elif rows <= ROW_GROUP_ROWS:
             rows_bound, groups_bound = rows_bound + rows, groups_bound + 1
         else:
-            rows_bound, groups_bound = rows_bound + rows, groups_bound + -(-rows // ROW_GROUP_ROWS) + 1
+            rows_bound, groups_bound = rows_bound + rows, groups_bound + math.ceil(rows / ROW_GROUP_ROWS) + 1
             overstated = True
     bound = RawEventsTail(rows=rows_bound, row_groups=groups_bound, **now)
     return None if overstated and bound.worth_merging else bound
