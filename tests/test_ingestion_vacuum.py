@@ -8,7 +8,13 @@ import json
 
 from conftest import NOW, make_event, query, write_lines
 from upstack_pipeline.events import ingest_events
-from upstack_pipeline.ingestion import TAIL_VACUUM_GROUPS, RawEventsTail, _measured_tail, _tail_bound
+from upstack_pipeline.ingestion import (
+    TAIL_VACUUM_GROUPS,
+    TAIL_VACUUM_ROWS,
+    RawEventsTail,
+    _measured_tail,
+    _tail_bound,
+)
 from upstack_pipeline.warehouse import ROW_GROUP_ROWS, VACUUM_STAGE
 
 ROW_GROUPS = """
@@ -97,6 +103,22 @@ def test_a_run_whose_streams_each_fill_a_row_group_bounds_the_tail_by_their_last
         measured = _measured_tail(connection)
     assert (bound.rows, bound.row_groups) == (1000, threads)
     assert measured.rows <= bound.rows and measured.row_groups <= bound.row_groups
+
+
+def test_a_bound_past_a_threshold_after_a_run_whose_streams_fill_row_groups_is_measured_before_merging(settings):
+    """How full such a run's last row groups are, its rows do not say: bounded at nearly full, they may hold a few
+    rows, and the small run that takes the bound past a threshold measures the tail instead of merging it."""
+    hourly_run(settings, 0, 2000)
+    threads = query(settings, "select current_setting('threads')::int")[0][0]
+    hourly_run(settings, 1, threads * (ROW_GROUP_ROWS + ROW_GROUP_ROWS // 2))  # bounded at threshold - 30,720 rows
+    hourly_run(settings, 2, ROW_GROUP_ROWS - 720)  # one row group more: held on the bound
+    assert last_measurement(settings)["load_id"] == 1
+    hourly_run(settings, 3, 1000)  # past two row groups' worth on the bound
+
+    assert query(settings, "select fingerprint from pipeline_state where stage = ?", [VACUUM_STAGE]) == [("hold",)]
+    recorded = last_measurement(settings)
+    assert recorded["load_id"] == 4  # measured: the last stream's half row group and the two runs after it
+    assert recorded["rows"] < TAIL_VACUUM_ROWS
 
 
 def test_a_run_larger_than_a_row_group_whose_streams_do_not_fill_one_measures_before_merging(settings):

@@ -325,11 +325,14 @@ def _tail_bound(connection: duckdb.DuckDBPyConnection, known: RawEventsTail) -> 
     """At most how large the tail is now, while only ingestion has changed raw_events, from the known tail and the
     loads since, each one commit of its batch's streams (staged_lines), in order:
     - a load whose every stream wrote a row group or more leaves the earlier rows behind full row groups, and at
-      most one partly filled row group per stream: its tail is at most those;
+      most one partly filled row group per stream: its tail is at most those, but how full each is, its rows alone
+      do not say (its rejected lines may fall in any stream);
     - a load that fits in a row group adds one row group (its streams' rows are merged at its commit);
     - any other load adds all its rows, in ceil(rows / ROW_GROUP_ROWS) row groups and one more: its streams leave
-      full row groups and a few partly filled ones, so this overstates its tail, and a bound past a threshold after
-      one is measured instead (None).
+      full row groups and a few partly filled ones.
+    The first and the last overstate the tail: a bound past a threshold after either is measured instead (None).
+    At --scale 1 the full sync's one load was bounded at two nearly full row groups where 838 rows were left, and
+    the next day's run merged on that bound, 0.25 s of checkpoint for nothing.
     Streams are counted as this connection's threads split the load's lines, and a stream's rows are its lines but
     at most all the load's rejected ones. Also None when raw_events changed otherwise as far as its row count or the
     schema version shows (rows not in the ledger, a rebuilt table). A change that keeps the count (an analyst's
@@ -349,7 +352,7 @@ def _tail_bound(connection: duckdb.DuckDBPyConnection, known: RawEventsTail) -> 
         streams = stream_sizes(lines, threads)
         if min(streams) - (lines - rows) >= ROW_GROUP_ROWS:
             rows_bound = min(len(streams) * (ROW_GROUP_ROWS - 1), rows - len(streams) * ROW_GROUP_ROWS)
-            groups_bound, overstated = len(streams), False
+            groups_bound, overstated = len(streams), True
         elif rows <= ROW_GROUP_ROWS:
             rows_bound, groups_bound = rows_bound + rows, groups_bound + 1
         else:
