@@ -1,6 +1,6 @@
 -- The verdict on each staged landing line of one batch: a reason to quarantine it, or accepted (and then
--- whether it is the first sighting of its event_id, or a pixel retry, with the row id of the raw_events row that
--- keeps its event_id when an earlier batch wrote it). Narrow on purpose: the wide typed rows are built once,
+-- whether it is the first sighting of its event_id, or a pixel retry); and, when an earlier batch wrote its
+-- event_id, the row id of the raw_events row that keeps it. Narrow on purpose: the wide typed rows are built once,
 -- straight into raw_events (sql/raw_events.sql), for accepted first sightings only.
 --
 -- Input: staged_lines(source_file, line_number, raw_line, invalid_utf8), the batch's lines in as many

@@ -14,6 +14,7 @@ from upstack_pipeline.ingestion import (
     RawEventsTail,
     _measured_tail,
     _tail_bound,
+    stream_sizes,
 )
 from upstack_pipeline.warehouse import ROW_GROUP_ROWS, VACUUM_STAGE
 
@@ -97,7 +98,9 @@ def test_a_run_whose_streams_each_fill_a_row_group_bounds_the_tail_by_their_last
     hourly_run(settings, 1, threads * ROW_GROUP_ROWS + 1000)  # every stream a row group and 1000 / threads rows
 
     assert query(settings, "select fingerprint from pipeline_state where stage = ?", [VACUUM_STAGE]) == [("hold",)]
-    assert last_measurement(settings) == first  # not measured: the runs after bound the tail from the same record
+    # Not measured: the runs after bound the tail from the same record (with TAIL_VACUUM_GROUPS threads or more,
+    # the streams' last row groups alone reach a threshold, and it is).
+    assert (last_measurement(settings) == first) == (threads < TAIL_VACUUM_GROUPS)
     with settings.warehouse().connect() as connection:
         bound = _tail_bound(connection, RawEventsTail(**first))
         measured = _measured_tail(connection)
@@ -107,23 +110,27 @@ def test_a_run_whose_streams_each_fill_a_row_group_bounds_the_tail_by_their_last
 
 def test_a_bound_past_a_threshold_after_a_run_whose_streams_fill_row_groups_is_measured_before_merging(settings):
     """How full such a run's last row groups are, its rows do not say: bounded at nearly full, they may hold a few
-    rows, and the small run that takes the bound past a threshold measures the tail instead of merging it."""
+    rows, and the small run that takes the bound past a threshold measures the tail instead of merging it. (The
+    bound's row groups, one per stream and one per run, stay under TAIL_VACUUM_GROUPS below 22 threads.)"""
     hourly_run(settings, 0, 2000)
     threads = query(settings, "select current_setting('threads')::int")[0][0]
-    hourly_run(settings, 1, threads * (ROW_GROUP_ROWS + ROW_GROUP_ROWS // 2))  # bounded at threshold - 30,720 rows
+    assert threads + 2 < TAIL_VACUUM_GROUPS, "this test's runs are sized for fewer threads"
+    hourly_run(settings, 1, threads * ROW_GROUP_ROWS + ROW_GROUP_ROWS)  # bounded at a row group's worth of rows
     hourly_run(settings, 2, ROW_GROUP_ROWS - 720)  # one row group more: held on the bound
     assert last_measurement(settings)["load_id"] == 1
     hourly_run(settings, 3, 1000)  # past two row groups' worth on the bound
 
     assert query(settings, "select fingerprint from pipeline_state where stage = ?", [VACUUM_STAGE]) == [("hold",)]
     recorded = last_measurement(settings)
-    assert recorded["load_id"] == 4  # measured: the last stream's half row group and the two runs after it
+    assert recorded["load_id"] == 4  # measured: the streams' last row groups and the two runs after them
     assert recorded["rows"] < TAIL_VACUUM_ROWS
 
 
 def test_a_run_larger_than_a_row_group_whose_streams_do_not_fill_one_measures_before_merging(settings):
+    """(On one thread, a run larger than a row group fills its one stream's: there is no such run.)"""
     hourly_run(settings, 0, 2000)
     threads = query(settings, "select current_setting('threads')::int")[0][0]
+    assert threads >= 2, "a run larger than a row group whose streams do not fill one needs two streams"
     hourly_run(settings, 1, threads * (ROW_GROUP_ROWS - 500))  # bounded by all its rows: past the threshold
 
     assert query(settings, "select fingerprint from pipeline_state where stage = ?", [VACUUM_STAGE]) == [("hold",)]
@@ -156,3 +163,11 @@ def test_runs_after_a_hold_bound_the_tail_from_the_ledger_and_measure_again_when
     again = last_measurement(settings)
     assert (again["load_id"], again["table_rows"]) == (5, 2 * 8000 + 2000)
     assert (again["rows"], again["row_groups"]) == (18_000, len(row_groups(settings)))  # no full row group yet
+
+
+def test_a_batch_is_split_into_one_stream_per_thread_of_equal_size_but_the_last():
+    assert stream_sizes(10, 3) == [4, 4, 2]
+    assert stream_sizes(9, 3) == [3, 3, 3]
+    assert stream_sizes(2, 4) == [1, 1]
+    assert stream_sizes(7, 1) == [7]
+    assert stream_sizes(0, 2) == [0]

@@ -333,8 +333,8 @@ def _tail_bound(connection: duckdb.DuckDBPyConnection, known: RawEventsTail) -> 
     The first and the last overstate the tail: a bound past a threshold after either is measured instead (None).
     At --scale 1 the full sync's one load was bounded at two nearly full row groups where 838 rows were left, and
     the next day's run merged on that bound, 0.25 s of checkpoint for nothing.
-    Streams are counted as this connection's threads split the load's lines, and a stream's rows are its lines but
-    at most all the load's rejected ones. Also None when raw_events changed otherwise as far as its row count or the
+    Streams are counted as this connection's threads split the load's lines (the ledger's, which leave blank lines
+    out), and a stream's rows are its lines but at most all the load's rejected ones. Also None when raw_events changed otherwise as far as its row count or the
     schema version shows (rows not in the ledger, a rebuilt table). A change that keeps the count (an analyst's
     update of a nested column is a delete and an append), or a load under other threads, can hold the merge past a
     threshold until the bound catches up, a dozen small runs at most: a cost, never a wrong row."""
