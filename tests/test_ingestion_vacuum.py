@@ -23,10 +23,11 @@ ROW_GROUPS = """
     where column_id = 0 and column_path = '[0]' group by row_group_id order by row_group_id"""
 
 
-def hourly_run(settings, hour: int, events: int) -> None:
-    """One run's file of new events, ingested, then the next stage's checkpoint (a table of its own written)."""
-    write_lines(settings.events_dir / f"hour-{hour:03d}.ndjson",
-                [json.dumps(make_event(f"h{hour}-{n}")) for n in range(events)])
+def hourly_run(settings, hour: int, events: int, retries: int = 0) -> None:
+    """One run's file of new events (then `retries` of its first ones sent again, at its end), ingested, then the
+    next stage's checkpoint (a table of its own written)."""
+    lines = [json.dumps(make_event(f"h{hour}-{n}")) for n in range(events)]
+    write_lines(settings.events_dir / f"hour-{hour:03d}.ndjson", lines + lines[:retries])
     ingest_events(settings, now=NOW)
     with settings.warehouse().connect() as connection:
         connection.execute("create or replace table next_stage as select ? as hour", [hour])
@@ -124,6 +125,23 @@ def test_a_bound_past_a_threshold_after_a_run_whose_streams_fill_row_groups_is_m
     recorded = last_measurement(settings)
     assert recorded["load_id"] == 4  # measured: the streams' last row groups and the two runs after them
     assert recorded["rows"] < TAIL_VACUUM_ROWS
+
+
+def test_a_run_whose_retries_leave_a_stream_short_of_a_row_group_is_not_bounded_by_its_streams(settings):
+    """A stream's rows are its lines less the run's rejected lines that fall in it: 600 retries at the end of the
+    file leave the last stream 500 rows short of a row group, however many lines each stream has, so the tail is
+    not bounded by the streams' last row groups (that bound would be negative here): past a threshold, it is
+    measured."""
+    hourly_run(settings, 0, 2000)
+    first = last_measurement(settings)
+    threads = query(settings, "select current_setting('threads')::int")[0][0]
+    assert threads >= 2, "a run larger than a row group whose streams do not fill one needs two streams"
+    hourly_run(settings, 1, threads * (ROW_GROUP_ROWS + 100) - 600, retries=600)
+
+    with settings.warehouse().connect() as connection:
+        assert _tail_bound(connection, RawEventsTail(**first)) is None
+    assert last_measurement(settings)["load_id"] == 2
+    assert query(settings, "select sum(duplicate_rows) from ingested_files") == [(600,)]
 
 
 def test_a_run_larger_than_a_row_group_whose_streams_do_not_fill_one_measures_before_merging(settings):
