@@ -33,6 +33,11 @@ def hourly_run(settings, hour: int, events: int, retries: int = 0) -> None:
         connection.execute("create or replace table next_stage as select ? as hour", [hour])
 
 
+def duckdb_threads(settings) -> int:
+    """How many threads DuckDB runs a warehouse connection's statements on: one stream of a batch's lines each."""
+    return query(settings, "select current_setting('threads')::int")[0][0]
+
+
 def row_groups(settings, table: str = "raw_events") -> list[tuple[int, int]]:
     """(rows, first block) of each row group: a row group rewritten by a merge is written to other blocks."""
     return query(settings, ROW_GROUPS.format(table=table))
@@ -58,7 +63,7 @@ def test_a_batch_is_written_in_row_groups_of_the_warehouse_s_size_each_stream_le
     hourly_run(settings, 0, 2 * ROW_GROUP_ROWS + 1000)
 
     sizes = [rows for rows, _ in row_groups(settings)]
-    threads = query(settings, "select current_setting('threads')::int")[0][0]
+    threads = duckdb_threads(settings)
     assert sum(sizes) == 2 * ROW_GROUP_ROWS + 1000
     assert max(sizes) == ROW_GROUP_ROWS
     assert len([rows for rows in sizes if rows < ROW_GROUP_ROWS]) <= threads
@@ -95,7 +100,7 @@ def test_a_run_whose_streams_each_fill_a_row_group_bounds_the_tail_by_their_last
     the earlier rows are behind full row groups and the tail is at most a partly filled row group per stream."""
     hourly_run(settings, 0, 2000)
     first = last_measurement(settings)
-    threads = query(settings, "select current_setting('threads')::int")[0][0]
+    threads = duckdb_threads(settings)
     hourly_run(settings, 1, threads * ROW_GROUP_ROWS + 1000)  # every stream a row group and 1000 / threads rows
 
     assert query(settings, "select fingerprint from pipeline_state where stage = ?", [VACUUM_STAGE]) == [("hold",)]
@@ -114,7 +119,7 @@ def test_a_bound_past_a_threshold_after_a_run_whose_streams_fill_row_groups_is_m
     rows, and the small run that takes the bound past a threshold measures the tail instead of merging it. (The
     bound's row groups, one per stream and one per run, stay under TAIL_VACUUM_GROUPS below 22 threads.)"""
     hourly_run(settings, 0, 2000)
-    threads = query(settings, "select current_setting('threads')::int")[0][0]
+    threads = duckdb_threads(settings)
     assert threads + 2 < TAIL_VACUUM_GROUPS, "this test's runs are sized for fewer threads"
     hourly_run(settings, 1, threads * ROW_GROUP_ROWS + ROW_GROUP_ROWS)  # bounded at a row group's worth of rows
     hourly_run(settings, 2, ROW_GROUP_ROWS - 720)  # one row group more: held on the bound
@@ -134,7 +139,7 @@ def test_a_run_whose_retries_leave_a_stream_short_of_a_row_group_is_not_bounded_
     measured."""
     hourly_run(settings, 0, 2000)
     first = last_measurement(settings)
-    threads = query(settings, "select current_setting('threads')::int")[0][0]
+    threads = duckdb_threads(settings)
     assert threads >= 2, "a run larger than a row group whose streams do not fill one needs two streams"
     hourly_run(settings, 1, threads * (ROW_GROUP_ROWS + 100) - 600, retries=600)
 
@@ -147,7 +152,7 @@ def test_a_run_whose_retries_leave_a_stream_short_of_a_row_group_is_not_bounded_
 def test_a_run_larger_than_a_row_group_whose_streams_do_not_fill_one_measures_before_merging(settings):
     """(On one thread, a run larger than a row group fills its one stream's: there is no such run.)"""
     hourly_run(settings, 0, 2000)
-    threads = query(settings, "select current_setting('threads')::int")[0][0]
+    threads = duckdb_threads(settings)
     assert threads >= 2, "a run larger than a row group whose streams do not fill one needs two streams"
     hourly_run(settings, 1, threads * (ROW_GROUP_ROWS - 500))  # bounded by all its rows: past the threshold
 

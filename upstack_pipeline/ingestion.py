@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import accumulate
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -222,8 +223,8 @@ def staged_lines(connection: duckdb.DuckDBPyConnection, staged: pl.DataFrame) ->
     staged = staged.with_columns(pl.col("raw_line").cast(JSON_LINE))
     sizes = stream_sizes(staged.height, _threads(connection))
     parts = [f"staged_lines_{number}" for number in range(len(sizes))]
-    for number, part in enumerate(parts):
-        connection.register(part, ArrowStream(staged.slice(sum(sizes[:number]), sizes[number])))
+    for part, offset, size in zip(parts, accumulate([0, *sizes]), sizes):
+        connection.register(part, ArrowStream(staged.slice(offset, size)))
     connection.execute("create or replace temp view staged_lines as "
                        + " union all ".join(f"select * from {part}" for part in parts))
     yield
@@ -334,10 +335,11 @@ def _tail_bound(connection: duckdb.DuckDBPyConnection, known: RawEventsTail) -> 
     At --scale 1 the full sync's one load was bounded at two nearly full row groups where 838 rows were left, and
     the next day's run merged on that bound, 0.25 s of checkpoint for nothing.
     Streams are counted as this connection's threads split the load's lines (the ledger's, which leave blank lines
-    out), and a stream's rows are its lines but at most all the load's rejected ones. Also None when raw_events changed otherwise as far as its row count or the
-    schema version shows (rows not in the ledger, a rebuilt table). A change that keeps the count (an analyst's
-    update of a nested column is a delete and an append), or a load under other threads, can hold the merge past a
-    threshold until the bound catches up, a dozen small runs at most: a cost, never a wrong row."""
+    out), and a stream's rows are its lines but at most all the load's rejected ones. Also None when raw_events
+    changed otherwise as far as its row count or the schema version shows (rows not in the ledger, a rebuilt
+    table). A change that keeps the count (an analyst's update of a nested column is a delete and an append), or a
+    load under other threads, can hold the merge past a threshold until the bound catches up, a dozen small runs at
+    most: a cost, never a wrong row."""
     loads = connection.execute("""
         select sum(ingested_rows), sum(lines) from ingested_files
         where kind = 'events' and load_id > ? group by load_id having sum(ingested_rows) > 0 order by load_id
