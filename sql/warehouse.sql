@@ -6,6 +6,13 @@
 --
 -- The comments just above each table and on its columns are what the Dagster UI's catalog shows for it (table_docs
 -- in upstack_pipeline/warehouse.py): write them for the analyst who queries the table.
+--
+-- The values each run looks history rows up by, and nothing else, are stored uncompressed (`using compression
+-- uncompressed`): raw_events', resolved_events' and klaviyo_skipped's event_id, and identity_links' two values.
+-- DuckDB has no index joins, so finding a run's few rows reads such a column whole, several times a run, and DuckDB's
+-- default string compression (DICT_FSST) costs more to decode and to write than the bytes it saves: at the scale
+-- benchmark's size, one more day net of nothing new 3.2 s against 3.5-3.6 s, the full sync 2.7x DuckDB's read_json
+-- against 2.8-2.9x (sql/migrations/0010_uncompressed_lookup_keys.sql).
 
 -- How far each incremental stage has got: the last raw_events/customers load_id it processed.
 create table if not exists pipeline_state (
@@ -58,7 +65,7 @@ create table if not exists changed_files (
 -- One row per storefront event, the first sighting of each event_id: the contract's fields typed, user_data,
 -- custom_data and consent as structs, the line as received, and where and when it was read.
 create table if not exists raw_events (
-    event_id         varchar not null,
+    event_id         varchar using compression uncompressed not null,
     event_name       varchar not null,
     event_time       timestamptz not null,
     shop             varchar not null,
@@ -178,9 +185,9 @@ create table if not exists identity_rejected_values (
 -- link (its four values).
 create table if not exists identity_links (
     left_type      varchar not null,
-    left_value     varchar not null,
+    left_value     varchar using compression uncompressed not null,
     right_type     varchar not null,
-    right_value    varchar not null,
+    right_value    varchar using compression uncompressed not null,
     first_seen     timestamptz not null,
     last_seen      timestamptz not null,
     times_seen     bigint not null,
@@ -270,7 +277,7 @@ create table if not exists identities (
 -- One row per commerce event (ViewContent, AddToCart, InitiateCheckout, Purchase): who is behind it and how we
 -- know, or why nobody.
 create table if not exists resolved_events (
-    event_id                varchar not null,
+    event_id                varchar using compression uncompressed not null,
     event_name              varchar not null,
     event_time              timestamptz not null,
     shop                    varchar not null,
@@ -331,7 +338,7 @@ create table if not exists commerce_metrics (
 
 -- Commerce events that are not sent, and why; with the outbox it accounts for every decided commerce event.
 create table if not exists klaviyo_skipped (
-    event_id    varchar not null,
+    event_id    varchar using compression uncompressed not null,
     event_name  varchar not null,
     reason      varchar not null,           -- disabled_event | no_consent | unresolved | native_identified
                                             -- | profile_creation_disabled | invalid

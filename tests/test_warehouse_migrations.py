@@ -341,6 +341,47 @@ def test_a_new_warehouse_is_created_at_the_latest_version_and_reopening_it_write
     assert path.read_bytes() == created, "opening a current warehouse again wrote to it"
 
 
+# The values runs look history rows up by, stored uncompressed (sql/warehouse.sql says why).
+LOOKUP_VALUES = {"raw_events": ["event_id"], "resolved_events": ["event_id"], "klaviyo_skipped": ["event_id"],
+                 "identity_links": ["left_value", "right_value"]}
+
+
+def stored_compressions(connection: duckdb.DuckDBPyConnection, table: str) -> dict[str, set[str]]:
+    """Each string column of `table` with the compressions its written segments use."""
+    rows = connection.execute(f"""
+        select column_name, list(distinct compression) from pragma_storage_info('{table}')
+        where segment_type = 'VARCHAR' group by column_name""").fetchall()
+    return {column: set(compressions) for column, compressions in rows}
+
+
+def test_the_values_runs_look_rows_up_by_are_stored_uncompressed_in_new_and_upgraded_warehouses(tmp_path):
+    def assert_declared_uncompressed(connection: duckdb.DuckDBPyConnection) -> None:
+        for table, columns in LOOKUP_VALUES.items():
+            ddl = connection.execute("select sql from duckdb_tables() where table_name = ?", [table]).fetchone()[0]
+            for column in columns:
+                assert f"{column} VARCHAR USING COMPRESSION Uncompressed NOT NULL" in ddl, (table, ddl)
+
+    with Warehouse(tmp_path / "new.duckdb").connect() as connection:
+        assert_declared_uncompressed(connection)
+
+    old = tmp_path / "release-1.duckdb"
+    create_release_1_warehouse(old)
+    with duckdb.connect(str(old), read_only=True) as connection:
+        tables = {table: user_tables(connection)[table] for table in LOOKUP_VALUES}
+        before = contents(connection, tables)
+        assert not any("Uncompressed" in stored_compressions(connection, table)[column]
+                       for table, columns in LOOKUP_VALUES.items() for column in columns)
+    with Warehouse(old).connect() as connection:
+        assert_declared_uncompressed(connection)
+        connection.execute("checkpoint")
+        stored = {table: stored_compressions(connection, table) for table in LOOKUP_VALUES}
+        assert contents(connection, tables) == before
+    assert all(stored[table][column] == {"Uncompressed"} for table, columns in LOOKUP_VALUES.items()
+               for column in columns), stored
+    assert stored["identity_links"]["left_type"] != {"Uncompressed"}  # the others keep DuckDB's own choice
+    assert all(before.values())  # the fixture has rows in each table
+
+
 def test_a_warehouse_of_a_newer_release_is_refused_untouched(tmp_path):
     path = tmp_path / "warehouse.duckdb"
     with Warehouse(path).connect():
