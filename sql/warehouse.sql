@@ -11,9 +11,8 @@
 -- uncompressed`): raw_events', resolved_events' and klaviyo_skipped's event_id, and identity_links' two values.
 -- DuckDB has no index joins, so finding a run's few rows reads such a column whole, several times a run, and DuckDB's
 -- default string compression (DICT_FSST) costs more to decode and to write than the bytes it saves: at the scale
--- benchmark's size, one more day net of nothing new 3.2-3.3 s against 3.3-3.6 s, the full sync 2.7-2.8x DuckDB's
--- read_json against 2.8-2.9x, for a warehouse 14% larger (README: speed; sql/migrations/0010_uncompressed_lookup_keys
--- .sql).
+-- benchmark's size, one more day net of nothing new took 3.2-3.3 s against 3.3-3.6 s, for a warehouse 14% larger
+-- (README: speed). Migration 0010_uncompressed_lookup_keys.sql made the change to existing files.
 
 -- How far each incremental stage has got: the last raw_events/customers load_id it processed.
 create table if not exists pipeline_state (
