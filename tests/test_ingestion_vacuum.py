@@ -14,6 +14,7 @@ from upstack_pipeline.ingestion import (
     RawEventsTail,
     _measured_tail,
     _tail_bound,
+    _threads,
     stream_sizes,
 )
 from upstack_pipeline.warehouse import ROW_GROUP_ROWS, VACUUM_STAGE
@@ -34,8 +35,9 @@ def hourly_run(settings, hour: int, events: int, retries: int = 0) -> None:
 
 
 def duckdb_threads(settings) -> int:
-    """How many threads DuckDB runs a warehouse connection's statements on: one stream of a batch's lines each."""
-    return query(settings, "select current_setting('threads')::int")[0][0]
+    """How many streams ingestion splits a batch's lines into: one per thread of a warehouse connection."""
+    with settings.warehouse().connect() as connection:
+        return _threads(connection)
 
 
 def row_groups(settings, table: str = "raw_events") -> list[tuple[int, int]]:
