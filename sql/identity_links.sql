@@ -62,20 +62,26 @@ group by all;
 -- The links the table has, merged with this run's sighting: found in one scan of identity_links, then deleted by
 -- rowid and inserted again as new rows. An UPDATE in place cost more than the scan (on the scale benchmark's day,
 -- 0.1 s for 1,400 links seen again, spread over every row group of the history), and an anti join for the new
--- links was a second scan.
+-- links was a second scan. The scan is filtered on left_value alone first (`known`): DuckDB filters a scan with a
+-- join's keys only when the join has one, and joined on all four values every column of every link was read
+-- (0.07 s against 0.04 s on that day).
 create or replace temp table merged_links as
+with known as materialized (
+    select rowid as known_rowid, *
+    from identity_links
+    semi join (select distinct left_value from links_this_run) as seen using (left_value)
+)
 select
-    identity_links.rowid as known_rowid,
+    known.known_rowid,
     seen.left_type, seen.left_value, seen.right_type, seen.right_value,
-    least(identity_links.first_seen, seen.first_seen) as first_seen,
-    greatest(identity_links.last_seen, seen.last_seen) as last_seen,
-    identity_links.times_seen + seen.times_seen as times_seen,
-    if(seen.first_seen < identity_links.first_seen, seen.first_event_id, identity_links.first_event_id)
-        as first_event_id
-from identity_links
+    least(known.first_seen, seen.first_seen) as first_seen,
+    greatest(known.last_seen, seen.last_seen) as last_seen,
+    known.times_seen + seen.times_seen as times_seen,
+    if(seen.first_seen < known.first_seen, seen.first_event_id, known.first_event_id) as first_event_id
+from known
 join links_this_run as seen
-    on seen.left_type = identity_links.left_type and seen.left_value = identity_links.left_value
-    and seen.right_type = identity_links.right_type and seen.right_value = identity_links.right_value;
+    on seen.left_type = known.left_type and seen.left_value = known.left_value
+    and seen.right_type = known.right_type and seen.right_value = known.right_value;
 
 delete from identity_links where rowid in (select known_rowid from merged_links);
 
