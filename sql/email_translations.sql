@@ -98,17 +98,26 @@ where getvariable('settings_changed')
 
 insert into email_translations select * from translation_changes;
 
--- Emails per cookie, for the cookies browser_links joins (a _kx names a profile, not an email: left out).
+-- Emails per cookie, for the cookies browser_links joins (a _kx names a profile, not an email: left out). Their
+-- links first (`cookie_links`), then the quarantine that usable_identity_links applies: through the view, DuckDB
+-- checked every link of the history against the quarantine before keeping the few of those cookies.
 create or replace temp table linked_cookie_emails as
 with linked_cookies as (
     select anonymous_id from browser_links union select other_anonymous_id from browser_links
+),
+cookie_links as materialized (
+    select left_type, left_value, right_type, right_value
+    from identity_links
+    semi join linked_cookies on linked_cookies.anonymous_id = identity_links.left_value
+    where left_type = 'anonymous_id' and right_type in ('email', 'customer_id', 'phone', 'email_hash', 'phone_hash')
 )
 select distinct link.left_value as anonymous_id,
        if(link.right_type = 'email', link.right_value, translation.email) as email
-from usable_identity_links as link
-semi join linked_cookies on linked_cookies.anonymous_id = link.left_value
+from cookie_links as link
+anti join quarantined_identifiers() as quarantined_cookie
+    on quarantined_cookie.id_type = link.left_type and quarantined_cookie.value = link.left_value
+anti join quarantined_identifiers() as quarantined
+    on quarantined.id_type = link.right_type and quarantined.value = link.right_value
 left join email_translations as translation
     on translation.id_type = link.right_type and translation.id_value = link.right_value
-where link.left_type = 'anonymous_id'
-    and link.right_type in ('email', 'customer_id', 'phone', 'email_hash', 'phone_hash')
-    and if(link.right_type = 'email', link.right_value, translation.email) is not null;
+where if(link.right_type = 'email', link.right_value, translation.email) is not null;

@@ -3,8 +3,8 @@
 -- An identity is anchored on an email or, when nothing ties it to one, a Klaviyo _kx; its upstack_id is derived
 -- from the anchor, so it is the same in every run and never renumbered. Phones, customer ids and a _kx join an
 -- email's identity only when they translate to that one email (table email_translations).
--- Reads: usable_identity_links, usable_identity_observations, customers,
---   evidence (temp), new_resolutions (temp), email_translations, upstack_id (macro)
+-- Reads: usable_identity_links, identity_observations, customers, evidence (temp), new_resolutions (temp),
+--   email_translations, quarantined_identifiers (macro), upstack_id (macro)
 -- Variables: now
 -- Writes: identities
 -- Leaves: touched_anchors (temp), anchor_links (temp)
@@ -34,14 +34,26 @@ with translated as (
     semi join touched_anchors on touched_anchors.anchor_type = 'email' and touched_anchors.anchor = email
     group by email, id_type
 ),
+-- The anchors' observations, found by value alone first, then kept as usable_identity_observations keeps them (not
+-- quarantined): DuckDB filters a table's scan with a join's keys only when the join has one, and through the view it
+-- checked every observation of the history against the quarantine first (0.088 s of CPU against 0.072 s on the
+-- scale benchmark's day).
+candidate_observations as materialized (
+    select id_type, id_value, event_time, first_name, last_name, city, region
+    from identity_observations
+    semi join (select distinct anchor from touched_anchors) as touched
+        on touched.anchor = identity_observations.id_value
+),
 profile as (
     select id_type as anchor_type, id_value as anchor,
            arg_max(first_name, event_time) filter (where first_name is not null) as first_name,
            arg_max(last_name, event_time) filter (where last_name is not null) as last_name,
            arg_max(city, event_time) filter (where city is not null) as city,
            arg_max(region, event_time) filter (where region is not null) as region
-    from usable_identity_observations
+    from candidate_observations as observation
     semi join touched_anchors on touched_anchors.anchor_type = id_type and touched_anchors.anchor = id_value
+    anti join quarantined_identifiers() as quarantined
+        on quarantined.id_type = observation.id_type and quarantined.value = observation.id_value
     group by id_type, id_value
 ),
 seen as (
