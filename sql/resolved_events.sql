@@ -80,14 +80,16 @@ select distinct anonymous_id from (
 -- event id, every event id of the history was read). Their row ids first, from the narrow columns, then their rows
 -- by row id, so that only the row groups holding them are read whole (joined on the cookie, and again on the event
 -- id, every row of the history was read with every column: 1.5 s of an hourly run at 19 million events, for 2,449
--- rows).
+-- rows). Without resolved_at, which nothing below compares: each column read by row id decodes the row groups
+-- holding those rows (a sixth of this read on the scale benchmark's day).
 create or replace temp table affected_rows as
 select rowid as resolved_rowid from resolved_events
 semi join affected_cookies using (anonymous_id)
 where event_time >= getvariable('now') - getvariable('cookie_lifetime');
 
 create or replace temp table previous_resolutions as
-select rowid as resolved_rowid, * from resolved_events where rowid in (select resolved_rowid from affected_rows);
+select rowid as resolved_rowid, * exclude (resolved_at) from resolved_events
+where rowid in (select resolved_rowid from affected_rows);
 
 create or replace temp table targets as
 with new_commerce as (
@@ -386,7 +388,7 @@ on conflict do nothing;
 create or replace temp table changed_resolutions as
 select * from new_resolutions semi join previous_resolutions using (event_id)
 except
-select * exclude (resolved_rowid, resolved_at) from previous_resolutions;
+select * exclude (resolved_rowid) from previous_resolutions;
 
 -- The rows about to be replaced, with the cluster each was counted under (sql/shared_device_guard_scope.sql).
 create or replace temp table replaced_resolutions as
