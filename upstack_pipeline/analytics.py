@@ -388,10 +388,14 @@ def _located_changes(cursor: duckdb.DuckDBPyConnection, previous: dict, sources:
         return False
     columns = _read_columns(cursor)
     within, times = _on_their_days(cursor, "candidate_sessions")
+    # Their rows' ids first, from the two columns that find them, then their rows by row id: identity rewrites a few
+    # events of old days on most runs, so these days may span the history, and every row of them was read with every
+    # column the views read (0.065 s of CPU on the scale benchmark's day, against 0.048 s).
     cursor.execute(f"""
         create temp table resolved_events as
         select {columns['resolved_events']} from {_warehouse_table(cursor, 'resolved_events')}
-        where {within} and hash(session_id) in (select session_key from candidate_sessions)""", times)
+        where rowid in (select rowid from {_warehouse_table(cursor, 'resolved_events')}
+                        where {within} and hash(session_id) in (select session_key from candidate_sessions))""", times)
     for table in ("klaviyo_skipped", "klaviyo_outbox"):
         _slice_of_events(cursor, table, columns[table], "resolved_events")
     _digest_sessions(cursor, "candidate_digests")
