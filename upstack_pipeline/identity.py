@@ -71,6 +71,10 @@ STEPS = (
 # pipeline_state's row holding, as JSON {cluster: events}, the clusters over 0 in sql/shared_device_guard_check.sql,
 # counted under its fingerprint as of its load_id: the overview's number, kept per run instead of recounted.
 GUARD_STAGE = "shared_device_guard"
+# pipeline_state's row holding the overview's counts of resolved_events (events, resolved, by match method, unresolved
+# by reason) and its browsers with the most emails, as `overview` last counted them, brought up to date by each chunk
+# from the rows it wrote and replaced instead of counted again over the history (`_carry_counts`).
+COUNTS_STAGE = "identity_counts"
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,7 @@ def _resolve_chunk(
         )
         connection.execute("insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview) "
                            "values (?, ?, ?, ?, null)", [STAGE, until_load_id, now, fingerprint])
+        _carry_counts(connection, fingerprint)
         # The counts kept for the clusters not counted again, and the new ones over 0.
         connection.execute("""
             insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview)
@@ -254,11 +259,13 @@ class IdentityOverview:
 
 
 def overview(settings: Settings, *, limit: int = 5) -> IdentityOverview:
-    """Counted over the whole history once after each run that changed something, then kept in
-    pipeline_state.overview (with the settings and the limit it was counted under) for the runs that change
-    nothing: only resolve_identities writes these tables, and every run of it that does clears the copy. The
-    shared-device guard's check is the one number not counted here: each run keeps it (GUARD_STAGE), counted again
-    only on the clusters it changed, and it is counted over every cluster only under guards no run has used."""
+    """Put together once after each run that changed something, then kept in pipeline_state.overview (with the
+    settings and the limit it was put together under) for the runs that change nothing: only resolve_identities
+    writes these tables, and every run of it that does clears the copy. The numbers that would read the history are
+    not counted again: each run brings resolved_events' counts and the browsers with the most emails up to date
+    (COUNTS_STAGE), and keeps the shared-device guard's check (GUARD_STAGE), counted again only on the clusters it
+    changed; each is counted whole only when none is kept under this release's settings and SQL (and the browsers
+    after a run that changed a quarantine). The rest is read from small tables."""
     key = {"fingerprint": _fingerprint(settings.identity), "limit": limit}
     with settings.warehouse().connect() as connection:
         kept = connection.execute("select overview from pipeline_state where stage = ?", [STAGE]).fetchone()
@@ -276,32 +283,134 @@ def _count_overview(connection: duckdb.DuckDBPyConnection, guard: IdentitySettin
     def pairs(query: str) -> dict:
         return dict(connection.execute(query).fetchall())
 
-    commerce, resolved, identities = connection.execute("""
-        select (select count(*) from resolved_events),
-               (select count(*) from resolved_events where match_method is not null),
-               (select count(*) from identities)
-    """).fetchone()
+    counts = _kept_counts(connection, fingerprint)
+    if counts is None:
+        counts = {"fingerprint": fingerprint, **_counted_events(connection)}
+    shared = counts.get("largest_shared_browsers")
+    if shared is None or shared["limit"] < limit:
+        shared = {"limit": limit, "rows": connection.execute("""
+            select left_value as anonymous_id, count(distinct right_value) as emails
+            from usable_identity_links where left_type = 'anonymous_id' and right_type = 'email'
+            group by left_value having count(distinct right_value) > 1
+            order by emails desc, anonymous_id limit $limit""", {"limit": limit}).fetchall()}
+    _keep_counts(connection, {**counts, "largest_shared_browsers": shared})
     kept_under, breaches = _guard_breaches(connection)
     over_guard = sum(breaches.values()) if kept_under == fingerprint else _count_guard(connection, guard)
     return IdentityOverview(
-        commerce_events=commerce,
-        resolved_events=resolved,
-        by_match_method=pairs("select match_method, count(*) from resolved_events "
-                              "where match_method is not null group by 1 order by 2 desc"),
-        unresolved_by_reason=pairs("select unresolved_reason, count(*) from resolved_events "
-                                   "where unresolved_reason is not null group by 1 order by 2 desc"),
-        identities=identities,
+        commerce_events=counts["commerce_events"],
+        resolved_events=counts["resolved_events"],
+        by_match_method=counts["by_match_method"],
+        unresolved_by_reason=counts["unresolved_by_reason"],
+        identities=connection.execute("select count(*) from identities").fetchall()[0][0],
         rejected_values=frame(connection.sql(
             "select id_type, value, reason, times_seen from identity_rejected_values "
             "order by times_seen desc, value limit $limit", params={"limit": limit})),
         flags_by_kind=pairs("select flag, count(*) from identity_flags group by 1 order by 2 desc"),
-        largest_shared_browsers=frame(connection.sql("""
-            select left_value as anonymous_id, count(distinct right_value) as emails
-            from usable_identity_links where left_type = 'anonymous_id' and right_type = 'email'
-            group by left_value having count(distinct right_value) > 1
-            order by emails desc, anonymous_id limit $limit""", params={"limit": limit})),
+        largest_shared_browsers=pl.DataFrame([tuple(row) for row in shared["rows"][:limit]],
+                                             schema={"anonymous_id": pl.String, "emails": pl.Int64}, orient="row"),
         history_attributions_over_guard=over_guard,
     )
+
+
+def _counted_events(connection: duckdb.DuckDBPyConnection) -> dict:
+    """The overview's counts of resolved_events, counted over the whole table."""
+    rows = connection.execute("""
+        select match_method, unresolved_reason, count(*) from resolved_events group by all""").fetchall()
+    return _events_counts({"commerce_events": 0, "resolved_events": 0, "by_match_method": {},
+                           "unresolved_by_reason": {}}, rows)
+
+
+def _events_counts(counts: dict, changes: list[tuple[str | None, str | None, int]]) -> dict:
+    """`counts` with `changes` (match method, unresolved reason, rows added: negative for rows taken away) added,
+    each dict of counts without its zeros and in the order of its counts, largest first."""
+    total, resolved = counts["commerce_events"], counts["resolved_events"]
+    by_method, by_reason = dict(counts["by_match_method"]), dict(counts["unresolved_by_reason"])
+    for method, reason, rows in changes:
+        total += rows
+        if method is not None:
+            resolved += rows
+            by_method[method] = by_method.get(method, 0) + rows
+        if reason is not None:
+            by_reason[reason] = by_reason.get(reason, 0) + rows
+
+    def ordered(found: dict) -> dict:
+        return dict(sorted(((key, rows) for key, rows in found.items() if rows), key=lambda item: (-item[1], item[0])))
+
+    return {"commerce_events": total, "resolved_events": resolved, "by_match_method": ordered(by_method),
+            "unresolved_by_reason": ordered(by_reason)}
+
+
+def _kept_counts(connection: duckdb.DuckDBPyConnection, fingerprint: str) -> dict | None:
+    """The counts COUNTS_STAGE keeps, when kept under `fingerprint` and still holding resolved_events' row count (a
+    table changed by hand is counted again); else None."""
+    counts = _kept_counts_row(connection)
+    if counts is None or counts["fingerprint"] != fingerprint or counts["commerce_events"] != connection.execute(
+            "select count(*) from resolved_events").fetchone()[0]:
+        return None
+    return counts
+
+
+def _keep_counts(connection: duckdb.DuckDBPyConnection, counts: dict) -> None:
+    connection.execute("""
+        insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview)
+        select ?, load_id, updated_at, ?, ? from pipeline_state where stage = ?""",
+                       [COUNTS_STAGE, counts["fingerprint"], json.dumps(counts), STAGE])
+
+
+def _carry_counts(connection: duckdb.DuckDBPyConnection, fingerprint: str) -> None:
+    """The counts COUNTS_STAGE keeps, brought up to date with the rows this chunk wrote to resolved_events and the
+    rows it replaced (sql/resolved_events.sql leaves both), and with the browsers whose emails its links added to:
+    an hourly run's overview then reads its few rows instead of counting the history. Counts kept under other
+    settings or SQL are dropped (the next overview counts them), and so is the list of browsers when this chunk
+    changed a quarantine: a quarantined email leaves every browser that showed it, which its links do not say."""
+    counts = _kept_counts_row(connection)
+    if counts is None:
+        return
+    if counts["fingerprint"] != fingerprint:
+        connection.execute("delete from pipeline_state where stage = ?", [COUNTS_STAGE])
+        return
+    changes = connection.execute("""
+        select match_method, unresolved_reason, sum(rows)::bigint from (
+            select match_method, unresolved_reason, 1 as rows
+            from new_resolutions anti join previous_resolutions using (event_id)
+            union all
+            select match_method, unresolved_reason, 1 from changed_resolutions
+            union all
+            select match_method, unresolved_reason, -1
+            from previous_resolutions semi join changed_resolutions using (event_id)
+        )
+        group by all""").fetchall()
+    counts = {**counts, **_events_counts(counts, changes)}
+    shared = counts.get("largest_shared_browsers")
+    if shared is not None and connection.execute("select count(*) from supernode_changes").fetchone()[0]:
+        shared = None
+    elif shared is not None:
+        # A browser's emails only grow while no quarantine changes: the browsers its links touched, counted again,
+        # and the kept ones are still the largest.
+        touched = connection.execute("""
+            with cookie_links as materialized (
+                select left_type, left_value, right_type, right_value
+                from identity_links
+                semi join (select left_value from links_this_run
+                           where left_type = 'anonymous_id' and right_type = 'email') as touched using (left_value)
+                where left_type = 'anonymous_id' and right_type = 'email'
+            )
+            select left_value, count(distinct right_value) from cookie_links as link
+            anti join quarantined_identifiers() as quarantined_cookie
+                on quarantined_cookie.id_type = link.left_type and quarantined_cookie.value = link.left_value
+            anti join quarantined_identifiers() as quarantined
+                on quarantined.id_type = link.right_type and quarantined.value = link.right_value
+            group by left_value
+            having count(distinct right_value) > 1""").fetchall()
+        recounted = {cookie for cookie, _ in touched}
+        rows = [row for row in shared["rows"] if row[0] not in recounted] + [list(row) for row in touched]
+        shared = {"limit": shared["limit"], "rows": sorted(rows, key=lambda row: (-row[1], row[0]))[:shared["limit"]]}
+    _keep_counts(connection, {**counts, "largest_shared_browsers": shared})
+
+
+def _kept_counts_row(connection: duckdb.DuckDBPyConnection) -> dict | None:
+    row = connection.execute("select overview from pipeline_state where stage = ?", [COUNTS_STAGE]).fetchone()
+    return json.loads(row[0]) if row and row[0] is not None else None
 
 
 def _count_guard(connection: duckdb.DuckDBPyConnection, guard: IdentitySettings) -> int:
