@@ -165,9 +165,9 @@ def _resolve_chunk(
             label_steps=label_steps,
             chunks=1,
         )
+        _carry_counts(connection, fingerprint, after_load_id=after_load_id, until_load_id=until_load_id, now=now)
         connection.execute("insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview) "
                            "values (?, ?, ?, ?, null)", [STAGE, until_load_id, now, fingerprint])
-        _carry_counts(connection, fingerprint)
         # The counts kept for the clusters not counted again, and the new ones over 0.
         connection.execute("""
             insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview)
@@ -283,7 +283,13 @@ def _count_overview(connection: duckdb.DuckDBPyConnection, guard: IdentitySettin
     def pairs(query: str) -> dict:
         return dict(connection.execute(query).fetchall())
 
-    counts = _kept_counts(connection, fingerprint)
+    load_id, updated_at, last_fingerprint = connection.execute(
+        "select load_id, updated_at, fingerprint from pipeline_state where stage = ?", [STAGE]).fetchone() or (
+        None, None, None)
+    counts = _kept_counts(connection, load_id, fingerprint) if last_fingerprint == fingerprint else None
+    if counts is not None and counts["commerce_events"] != connection.execute(
+            "select count(*) from resolved_events").fetchall()[0][0]:
+        counts = None  # the table changed otherwise (by hand): counted again
     if counts is None:
         counts = {"fingerprint": fingerprint, **_counted_events(connection)}
     shared = counts.get("largest_shared_browsers")
@@ -293,7 +299,8 @@ def _count_overview(connection: duckdb.DuckDBPyConnection, guard: IdentitySettin
             from usable_identity_links where left_type = 'anonymous_id' and right_type = 'email'
             group by left_value having count(distinct right_value) > 1
             order by emails desc, anonymous_id limit $limit""", {"limit": limit}).fetchall()}
-    _keep_counts(connection, {**counts, "largest_shared_browsers": shared})
+    if load_id is not None:
+        _keep_counts(connection, {**counts, "largest_shared_browsers": shared}, load_id=load_id, updated_at=updated_at)
     kept_under, breaches = _guard_breaches(connection)
     over_guard = sum(breaches.values()) if kept_under == fingerprint else _count_guard(connection, guard)
     return IdentityOverview(
@@ -340,33 +347,34 @@ def _events_counts(counts: dict, changes: list[tuple[str | None, str | None, int
             "unresolved_by_reason": ordered(by_reason)}
 
 
-def _kept_counts(connection: duckdb.DuckDBPyConnection, fingerprint: str) -> dict | None:
-    """The counts COUNTS_STAGE keeps, when kept under `fingerprint` and still holding resolved_events' row count (a
-    table changed by hand is counted again); else None."""
-    counts = _kept_counts_row(connection)
-    if counts is None or counts["fingerprint"] != fingerprint or counts["commerce_events"] != connection.execute(
-            "select count(*) from resolved_events").fetchone()[0]:
+def _kept_counts(connection: duckdb.DuckDBPyConnection, load_id: int | None, fingerprint: str) -> dict | None:
+    """The counts COUNTS_STAGE keeps, when they were kept as of identity's run up to `load_id` under `fingerprint`;
+    else None. (A run of another release in between, which does not bring them up to date, moves identity's marks.)"""
+    row = connection.execute("select load_id, fingerprint, overview from pipeline_state where stage = ?",
+                             [COUNTS_STAGE]).fetchone()
+    if row is None or row[2] is None or (row[0], row[1]) != (load_id, fingerprint):
         return None
-    return counts
+    return json.loads(row[2])
 
 
-def _keep_counts(connection: duckdb.DuckDBPyConnection, counts: dict) -> None:
-    connection.execute("""
-        insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview)
-        select ?, load_id, updated_at, ?, ? from pipeline_state where stage = ?""",
-                       [COUNTS_STAGE, counts["fingerprint"], json.dumps(counts), STAGE])
+def _keep_counts(connection: duckdb.DuckDBPyConnection, counts: dict, *, load_id: int, updated_at: datetime) -> None:
+    connection.execute("insert or replace into pipeline_state (stage, load_id, updated_at, fingerprint, overview) "
+                       "values (?, ?, ?, ?, ?)",
+                       [COUNTS_STAGE, load_id, updated_at, counts["fingerprint"], json.dumps(counts)])
 
 
-def _carry_counts(connection: duckdb.DuckDBPyConnection, fingerprint: str) -> None:
+def _carry_counts(connection: duckdb.DuckDBPyConnection, fingerprint: str, *, after_load_id: int,
+                  until_load_id: int, now: datetime) -> None:
     """The counts COUNTS_STAGE keeps, brought up to date with the rows this chunk wrote to resolved_events and the
     rows it replaced (sql/resolved_events.sql leaves both), and with the browsers whose emails its links added to:
-    an hourly run's overview then reads its few rows instead of counting the history. Counts kept under other
-    settings or SQL are dropped (the next overview counts them), and so is the list of browsers when this chunk
-    changed a quarantine: a quarantined email leaves every browser that showed it, which its links do not say."""
-    counts = _kept_counts_row(connection)
+    an hourly run's overview then reads its few rows instead of counting the history. Called before the chunk
+    records its run: counts not kept as of the run before (up to `after_load_id`, under `fingerprint`: other
+    settings or SQL, or a run of another release in between) are dropped, for the next overview to count. So is
+    the list of browsers when this chunk changed a quarantine: a quarantined email leaves every browser that showed
+    it, which its links do not say."""
+    last = connection.execute("select load_id, fingerprint from pipeline_state where stage = ?", [STAGE]).fetchone()
+    counts = _kept_counts(connection, after_load_id, fingerprint) if last == (after_load_id, fingerprint) else None
     if counts is None:
-        return
-    if counts["fingerprint"] != fingerprint:
         connection.execute("delete from pipeline_state where stage = ?", [COUNTS_STAGE])
         return
     changes = connection.execute("""
@@ -405,12 +413,7 @@ def _carry_counts(connection: duckdb.DuckDBPyConnection, fingerprint: str) -> No
         recounted = {cookie for cookie, _ in touched}
         rows = [row for row in shared["rows"] if row[0] not in recounted] + [list(row) for row in touched]
         shared = {"limit": shared["limit"], "rows": sorted(rows, key=lambda row: (-row[1], row[0]))[:shared["limit"]]}
-    _keep_counts(connection, {**counts, "largest_shared_browsers": shared})
-
-
-def _kept_counts_row(connection: duckdb.DuckDBPyConnection) -> dict | None:
-    row = connection.execute("select overview from pipeline_state where stage = ?", [COUNTS_STAGE]).fetchone()
-    return json.loads(row[0]) if row and row[0] is not None else None
+    _keep_counts(connection, {**counts, "largest_shared_browsers": shared}, load_id=until_load_id, updated_at=now)
 
 
 def _count_guard(connection: duckdb.DuckDBPyConnection, guard: IdentitySettings) -> int:
