@@ -294,11 +294,7 @@ def _count_overview(connection: duckdb.DuckDBPyConnection, guard: IdentitySettin
         counts = {"fingerprint": fingerprint, **_counted_events(connection)}
     shared = counts.get("largest_shared_browsers")
     if shared is None or shared["limit"] < limit:
-        shared = {"limit": limit, "rows": connection.execute("""
-            select left_value as anonymous_id, count(distinct right_value) as emails
-            from usable_identity_links where left_type = 'anonymous_id' and right_type = 'email'
-            group by left_value having count(distinct right_value) > 1
-            order by emails desc, anonymous_id limit $limit""", {"limit": limit}).fetchall()}
+        shared = {"limit": limit, "rows": _shared_browsers(connection, "usable_identity_links", limit=limit)}
     if load_id is not None:
         _keep_counts(connection, {**counts, "largest_shared_browsers": shared}, load_id=load_id, updated_at=updated_at)
     kept_under, breaches = _guard_breaches(connection)
@@ -394,26 +390,34 @@ def _carry_counts(connection: duckdb.DuckDBPyConnection, fingerprint: str, *, af
         shared = None
     elif shared is not None:
         # A browser's emails only grow while no quarantine changes: the browsers its links touched, counted again,
-        # and the kept ones are still the largest.
-        touched = connection.execute("""
-            with cookie_links as materialized (
-                select left_type, left_value, right_type, right_value
-                from identity_links
+        # and the kept ones are still the largest. Their links are found first, then the quarantine applied as
+        # usable_identity_links applies it (through the view, every link of the history was checked first).
+        touched = _shared_browsers(connection, """(
+            with candidate_links as materialized (
+                select * from identity_links
                 semi join (select left_value from links_this_run
                            where left_type = 'anonymous_id' and right_type = 'email') as touched using (left_value)
-                where left_type = 'anonymous_id' and right_type = 'email'
             )
-            select left_value, count(distinct right_value) from cookie_links as link
+            select link.* from candidate_links as link
             anti join quarantined_identifiers() as quarantined_cookie
                 on quarantined_cookie.id_type = link.left_type and quarantined_cookie.value = link.left_value
             anti join quarantined_identifiers() as quarantined
                 on quarantined.id_type = link.right_type and quarantined.value = link.right_value
-            group by left_value
-            having count(distinct right_value) > 1""").fetchall()
+        )""")
         recounted = {cookie for cookie, _ in touched}
-        rows = [row for row in shared["rows"] if row[0] not in recounted] + [list(row) for row in touched]
+        rows = [row for row in shared["rows"] if row[0] not in recounted] + touched
         shared = {"limit": shared["limit"], "rows": sorted(rows, key=lambda row: (-row[1], row[0]))[:shared["limit"]]}
     _keep_counts(connection, {**counts, "largest_shared_browsers": shared}, load_id=until_load_id, updated_at=now)
+
+
+def _shared_browsers(connection: duckdb.DuckDBPyConnection, links: str, *, limit: int | None = None) -> list[list]:
+    """The browsers (cookies) that showed more than one email, each with how many, most first (the first `limit`):
+    from `links`, SQL for identity links without the quarantined ones (usable_identity_links, or a chunk's few)."""
+    return [list(row) for row in connection.execute(f"""
+        select left_value as anonymous_id, count(distinct right_value) as emails
+        from {links} where left_type = 'anonymous_id' and right_type = 'email'
+        group by left_value having count(distinct right_value) > 1
+        order by emails desc, anonymous_id limit $limit""", {"limit": limit}).fetchall()]
 
 
 def _count_guard(connection: duckdb.DuckDBPyConnection, guard: IdentitySettings) -> int:
