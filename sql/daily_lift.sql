@@ -3,7 +3,7 @@
 -- backup flow brought back. A session is abandoned for a metric when it has an event of that metric (a product
 -- viewed, a cart, a checkout) and no Placed Order. Klaviyo identified it natively when it could name any event of the session itself. lift_pct is
 -- upstack_delivered_sessions per 100 klaviyo_native_sessions: the abandoned sessions only the backup flow can
--- reach, for every hundred the native flow reaches.
+-- reach, for every hundred the native flow reaches. The sessions are counted from daily_lift_sessions.
 --
 -- day: UTC day of the session's first event of the metric
 -- metric: Klaviyo's standard name of the metric that starts the abandonment flow (commerce_metrics.klaviyo_metric)
@@ -23,36 +23,7 @@
 -- (utm_campaign = commerce_metrics.backup_utm_campaign)
 -- recovered_revenue: their value
 create or replace view daily_lift as
-with sessions_of_metric as (
-    select resolved.event_name, resolved.session_id,
-           (min(resolved.event_time) at time zone 'UTC')::date as day,
-           max(raw.custom_data.value) as value,
-           bool_or(resolved.match_method is not null) as resolved,
-           bool_or(outbox.unique_id is not null) as sent,
-           bool_or(outbox.status = 'delivered') as delivered,
-           bool_or(outbox.status = 'delivered') and bool_and(outbox.status <> 'delivered' or outbox.backfill)
-               as backfill,
-           bool_or(outbox.status = 'dead_letter') as refused,
-           bool_or(outbox.status in ('pending', 'claimed')) as pending
-    from resolved_events as resolved
-    join raw_events as raw using (event_id)
-    left join klaviyo_outbox as outbox on outbox.unique_id = resolved.event_id
-    where resolved.event_name in (select event_name from commerce_metrics where backup_utm_campaign is not null)
-    group by all
-),
-session_facts as (
-    select session_id, bool_or(klaviyo_native) as klaviyo_native, bool_or(event_name = 'Purchase') as purchased
-    from resolved_events
-    where session_id in (select session_id from sessions_of_metric)
-    group by session_id
-),
-abandoned as (
-    select metric.*, facts.klaviyo_native, not facts.klaviyo_native and metric.resolved as upstack_only
-    from sessions_of_metric as metric
-    join session_facts as facts using (session_id)
-    where not facts.purchased
-),
-lift as (
+with lift as (
     select day, event_name,
            count(*) as abandoned_sessions,
            count(*) filter (where klaviyo_native) as klaviyo_native_sessions,
@@ -64,7 +35,7 @@ lift as (
            count(*) filter (where upstack_only and refused) as upstack_refused_sessions,
            count(*) filter (where upstack_only and pending) as upstack_pending_sessions,
            coalesce(sum(value) filter (where upstack_only and delivered), 0) as cart_value_reached
-    from abandoned
+    from daily_lift_sessions
     group by all
 ),
 recovered as (

@@ -1,7 +1,7 @@
 -- Where each day's commerce events went, per metric, as a funnel from the pixel to Klaviyo: every line the pixel
 -- sent is in exactly one of quarantined, waiting, the skip reasons, pending, delivered or refused. Quarantined lines
 -- count under the event_name and day their JSON gives, or under metric '(unreadable)' and the day they were
--- quarantined.
+-- quarantined. The ingested events are counted per session in delivery_funnel_sessions.
 --
 -- day: UTC day of the event (for an unreadable quarantined line, of its quarantine)
 -- metric: Klaviyo's standard name (commerce_metrics.klaviyo_metric), or '(unreadable)'
@@ -32,29 +32,14 @@ quarantined as (
     left join commerce_metrics as metric using (event_name)
     where metric.event_name is not null or line.event_name is null
 ),
-ingested as (
-    select (raw.event_time at time zone 'UTC')::date as day, metric.klaviyo_metric as metric,
-           skipped.reason, outbox.status
-    from raw_events as raw
-    join commerce_metrics as metric using (event_name)
-    left join klaviyo_skipped as skipped using (event_id)
-    left join klaviyo_outbox as outbox on outbox.unique_id = raw.event_id
-),
 counts as (
     select day, metric, count(*) as quarantined, 0 as ingested, 0 as waiting, 0 as unresolved, 0 as klaviyo_native,
            0 as no_consent, 0 as other_skipped, 0 as pending, 0 as delivered, 0 as refused
     from quarantined group by all
     union all
-    select day, metric, 0, count(*),
-           count(*) filter (where reason is null and status is null),
-           count(*) filter (where reason = 'unresolved'),
-           count(*) filter (where reason = 'native_identified'),
-           count(*) filter (where reason = 'no_consent'),
-           count(*) filter (where reason not in ('unresolved', 'native_identified', 'no_consent')),
-           count(*) filter (where status in ('pending', 'claimed')),
-           count(*) filter (where status = 'delivered'),
-           count(*) filter (where status = 'dead_letter')
-    from ingested group by all
+    select day, metric, 0, ingested, waiting, unresolved, klaviyo_native, no_consent, other_skipped, pending, delivered,
+           refused
+    from delivery_funnel_sessions
 )
 select day, metric,
        sum(quarantined + ingested)::bigint as pixel_events,

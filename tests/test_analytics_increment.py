@@ -48,11 +48,11 @@ def stale(settings) -> analytics._Stale:
 
 
 def copy_tables(settings) -> dict[str, list[tuple]]:
-    """Every table of the copy, views in the order held, the record of sessions sorted, the date of the copy
-    aside."""
+    """Every table of the copy, views in the order held, the rows per session and the record of sessions sorted, the
+    date of the copy aside."""
     with duckdb.connect(str(analytics.analytics_path(settings.warehouse_path)), read_only=True) as copy:
         found = {view: copy.execute(f"select * from {view}").fetchall() for view in analytics.PUBLISHED_VIEWS}
-        for table in ("published_sessions", "published_session_days", "commerce_metrics"):
+        for table in (*analytics.SESSION_VIEWS, "published_sessions", "published_session_days", "commerce_metrics"):
             found[table] = sorted(copy.execute(f"select * from {table}").fetchall(), key=repr)
         found["sources"] = copy.execute("select sources from published").fetchall()
     return found

@@ -2,8 +2,9 @@
 
 The views (`sql/<view>.sql`) are the pipeline's, recreated at the end of every sync so they always match this
 release's tables: `daily_lift` (the one definition of lift), `delivery_funnel`, `match_rates`, `recovered_orders`
-and `shopper_journey` (one row per commerce event, the story `upstack trace` tells). Each file's header says what a
-row is and what each column means; the UI's catalog, the README and `view_docs()` read it there.
+and `shopper_journey` (one row per commerce event, the story `upstack trace` tells); the first three are sums of
+rows per session (`daily_lift_sessions`, `delivery_funnel_sessions`, `match_rates_sessions`). Each file's header
+says what a row is and what each column means; the UI's catalog, the README and `view_docs()` read it there.
 
 `lift_totals` is the lift of `daily_lift` summed over days: the sync summary, the asset metadata and
 `upstack evaluate` print it, so no surface computes a lift of its own.
@@ -12,16 +13,17 @@ Analysts never hold the warehouse: `publish_for_analysts` copies the views' rows
 each sync, swapped in whole, so a notebook left open on it never blocks the pipeline (DuckDB lets one process
 write a file, and a reader holds it too).
 
-Every published view's rows are keyed by a UTC day, and a day's rows depend only on the events of the sessions with
-an event that day. So a sync recomputes only the days it touched: every day of a session that got new raw events
-or whose rows in the event tables the views read changed (by a digest per session the copy keeps in
-`published_sessions`, with each session's days in `published_session_days`), and the days of new quarantine. The
-sessions to digest again are those of the rows identity, mapping and delivery stamped since the copy (each stamps
-its run's time), and the tables' totals must agree, or every session is digested. It runs the views' own SQL over
-the events of those days' sessions (temp tables of the same names shadow the warehouse's on one cursor), and
-writes them, with the record of sessions changed, into a file copy of the previous copy. Nothing touched, the copy
-stays as it is. A copy that is missing, from another release, or from other views or metrics is computed again
-over the whole history.
+Every published view's rows are keyed by a UTC day, and each is computed from rows that depend only on the events
+of one session: the sessions' rows (`*_sessions`, which the copy keeps too, keyed by a hash of the session id) and
+recovered_orders' own rows, one per order. So a sync recomputes only the sessions it changed: those that got new
+raw events or whose rows in the event tables the views read changed (by a digest per session the copy keeps in
+`published_sessions`, with each session's days in `published_session_days`). The sessions to digest again are
+those of the rows identity, mapping and delivery stamped since the copy (each stamps its run's time), and the
+tables' totals must agree, or every session is digested. It runs the views' own SQL over those sessions' events
+(temp tables of the same names shadow the warehouse's on one cursor), puts their rows in place of their previous
+ones, and sums again the days they touched (and the days of new quarantine), all written, with the record of
+sessions changed, into a file copy of the previous copy. Nothing touched, the copy stays as it is. A copy that is
+missing, from another release, or from other views or metrics is computed again over the whole history.
 """
 
 from __future__ import annotations
@@ -48,12 +50,16 @@ from upstack_pipeline.warehouse import (
     schema_version,
 )
 
-# In the order they are created: daily_lift reads recovered_orders.
-VIEWS = ("recovered_orders", "daily_lift", "delivery_funnel", "match_rates", "shopper_journey")
-# What the analysts' copy holds. shopper_journey stays in the warehouse: a row per event with its raw line and the
-# payloads sent (emails, names) is too big and too personal to copy after every sync; `upstack trace` and
-# `upstack sql --warehouse` read it there.
-PUBLISHED_VIEWS = VIEWS[:4]
+# In the order they are created: each after the views it reads (daily_lift reads recovered_orders too).
+VIEWS = ("recovered_orders", "daily_lift_sessions", "daily_lift", "delivery_funnel_sessions", "delivery_funnel",
+         "match_rates_sessions", "match_rates", "shopper_journey")
+# What the analysts' copy holds for analysts. shopper_journey stays in the warehouse: a row per event with its raw
+# line and the payloads sent (emails, names) is too big and too personal to copy after every sync; `upstack trace`
+# and `upstack sql --warehouse` read it there.
+PUBLISHED_VIEWS = ("recovered_orders", "daily_lift", "delivery_funnel", "match_rates")
+# The rows per session three published views sum: the copy keeps them too, with session_key (a hash of the session
+# id, as published_sessions has it) in place of session_id, so a sync recomputes only the sessions it changed.
+SESSION_VIEWS = ("daily_lift_sessions", "delivery_funnel_sessions", "match_rates_sessions")
 # The metric whose lift is the headline: abandoned carts, what backup flows exist for first.
 HEADLINE_METRIC = "Added to Cart"
 # The tables the published views read by event (raw_events and resolved_events by event_id, the outbox and the
@@ -71,9 +77,9 @@ WHOLE_SOURCES = ("quarantined_events", "commerce_metrics")
 STAMPS = {"resolved_events": "resolved_at", "klaviyo_skipped": "skipped_at",
           "klaviyo_outbox": "greatest(created_at, claimed_at, delivered_at)"}
 SESSION_TABLES = ("resolved", "skipped", "outbox")  # their columns in the per-session digests, in that order
-# The layout of the copy's own record (published, published_sessions, published_session_days): a copy of another
-# layout is computed again whole.
-COPY_FORMAT = 2
+# The layout of the copy's own record (published, published_sessions, published_session_days) and of its rows per
+# session: a copy of another layout is computed again whole.
+COPY_FORMAT = 3
 # At most this many runs of consecutive days in a day filter (`_on_their_days`).
 MAX_DAY_RUNS = 16
 
@@ -195,17 +201,14 @@ def publish_for_analysts(connection: duckdb.DuckDBPyConnection, warehouse_path: 
         try:
             if stale.days is not None and not stale.days:
                 return target
-            if stale.days is not None:
-                _shadow_with_slice(cursor)
-            where = "" if stale.days is None else " where day in (select day from touched_days)"
-            for view in PUBLISHED_VIEWS:
-                cursor.execute(f"create temp table computed_{view} as select * from {view}{where}")
-                # A later view reading this one (daily_lift reads recovered_orders) reads the rows just computed.
-                cursor.execute(f"create temp view {view} as select * from computed_{view}")
             building.unlink(missing_ok=True)
             if stale.days is not None:
                 shutil.copyfile(target, building)  # a file copy: what the sync did not touch is not rewritten
-            _write_copy(cursor, building, stale, sources, now, warehouse_path)
+            cursor.execute("attach ? as analytics", [str(building)])
+            try:
+                _write_copy(cursor, stale, sources, now, warehouse_path)
+            finally:
+                cursor.execute("detach analytics")
         finally:
             if stale.previous:
                 cursor.execute("detach previous")
@@ -328,10 +331,14 @@ def _find_stale(cursor: duckdb.DuckDBPyConnection, copy_path: Path, sources: dic
             union
             select day from session_days_now semi join changed_sessions using (session_key)""")
         days = {day for (day,) in cursor.execute("select day from touched_days").fetchall()}
-        # Past half the days, the slices would be most of the history: computing the views whole costs less.
-        every_day = cursor.execute("select count(distinct day) from session_days_now").fetchone()[0]
-        return _Stale(None if 2 * len(days) > every_day else days, previous=True, digests_whole=not located,
-                      days_whole=False)
+        # From half the sessions' days on, the slices would be most of the history: computing it whole costs less.
+        changed, every = cursor.execute("""
+            select (select count(*) from session_days_now semi join changed_sessions using (session_key)),
+                   (select count(*) from session_days_now)""").fetchone()
+        if 2 * changed >= every:
+            _drop_slices(cursor)
+            days = None
+        return _Stale(days, previous=True, digests_whole=not located, days_whole=False)
     except BaseException:
         cursor.execute("detach previous")
         raise
@@ -357,7 +364,8 @@ def _located_changes(cursor: duckdb.DuckDBPyConnection, previous: dict, sources:
     delivered_at, each its run's now) and of the new loads. The stamps only point the way: the copy's per-session
     sums, those sessions' taken out and their new ones put in, must add up to the tables' totals now, or some change
     lies elsewhere (a row deleted, or one written without a stamp, or with a clock set back) and this answers
-    False, leaving nothing behind."""
+    False, leaving nothing behind. True leaves the candidates' events too, as the temp tables resolved_events,
+    klaviyo_skipped and klaviyo_outbox that the views read next."""
     since = {table: previous["stamps"].get(table) for table in STAMPS}
 
     def stamped(table: str, columns: str) -> str:
@@ -399,7 +407,6 @@ def _located_changes(cursor: duckdb.DuckDBPyConnection, previous: dict, sources:
     for table in ("klaviyo_skipped", "klaviyo_outbox"):
         _slice_of_events(cursor, table, columns[table], "resolved_events")
     _digest_sessions(cursor, "candidate_digests")
-    cursor.execute("; ".join(f"drop table temp.main.{table}" for table in EVENT_SOURCES[1:]))
     sums = ", ".join(f"coalesce(sum({table}_{part}), 0)" for table in SESSION_TABLES for part in ("rows", "sum"))
     negated = ", ".join(f"-{table}_{part} as {table}_{part}" for table in SESSION_TABLES for part in ("rows", "sum"))
     moved = cursor.execute(f"""
@@ -411,6 +418,7 @@ def _located_changes(cursor: duckdb.DuckDBPyConnection, previous: dict, sources:
     if [before + change for before, change in zip(expected, moved)] != [
             value for table in STAMPS for value in sources["tables"][table]]:
         cursor.execute("drop table temp.main.candidate_sessions; drop table temp.main.candidate_digests")
+        _drop_slices(cursor)
         return False
     _changed_sessions(cursor, "candidate_digests",
                       "(select * from previous.published_sessions semi join candidate_sessions using (session_key))")
@@ -463,52 +471,96 @@ def _attach_previous(cursor: duckdb.DuckDBPyConnection, copy_path: Path) -> dict
     return None
 
 
-def _write_copy(cursor: duckdb.DuckDBPyConnection, building: Path, stale: _Stale, sources: dict, now: datetime,
+def _write_copy(cursor: duckdb.DuckDBPyConnection, stale: _Stale, sources: dict, now: datetime,
                 warehouse_path: Path) -> None:
-    """The copy at `building` (a file copy of the previous copy when only some days are computed, else a new file):
-    the computed days' rows (computed_<view>) in place of those days', and the record of what they were computed
-    from."""
-    cursor.execute("attach ? as analytics", [str(building)])
-    try:
-        for view in PUBLISHED_VIEWS:
-            if stale.days is None:
-                cursor.execute(f"create or replace table analytics.{view} as select * from computed_{view}")
-            else:
-                # Days are whole in either part, each part in the view's order: ordered by day, then by the row's
-                # place in its part, the copy holds the rows in the order the view gives them.
-                cursor.execute(f"""
-                    create or replace table analytics.{view} as
-                    select * exclude (place) from (
-                        select *, rowid as place from analytics.{view} where day not in (select day from touched_days)
-                        union all
-                        select *, rowid from computed_{view})
-                    order by day, place""")
-        cursor.execute("create or replace table analytics.commerce_metrics as select * from commerce_metrics")
-        cursor.execute("create or replace table analytics.published (published_at timestamptz, warehouse varchar, "
-                       "sources varchar)")
-        cursor.execute("insert into analytics.published values (?, ?, ?)",
-                       [now, str(warehouse_path), json.dumps(sources)])
-        if stale.previous and stale.days is None:
-            # Every day computed into a new file: the record of sessions is the previous copy's, updated below.
-            for table, whole in (("published_sessions", stale.digests_whole),
-                                 ("published_session_days", stale.days_whole)):
-                if not whole:
-                    cursor.execute(f"create table analytics.{table} as select * from previous.{table}")
-        if stale.digests_whole:
-            cursor.execute("create or replace table analytics.published_sessions as select * from session_digests")
+    """The copy attached as `analytics` (a file copy of the previous copy when only some sessions are computed, else
+    a new file): the computed sessions' rows in place of theirs, the computed days' rows in place of those days',
+    and the record of what they were computed from. Every session and day when `stale.days` is None; else the
+    sessions changed (`changed_sessions`) and the days they and new quarantine touched (`touched_days`)."""
+    whole = stale.days is None
+    if not whole:
+        _shadow_with_slice(cursor, sliced_already=not stale.digests_whole)
+    _write_session_rows(cursor, whole=whole)
+    _write_published_views(cursor, whole=whole)
+    _write_record(cursor, stale, sources, now, warehouse_path)
+
+
+def _write_session_rows(cursor: duckdb.DuckDBPyConnection, *, whole: bool) -> None:
+    """The rows per session in the copy: all computed again (`whole`), or the changed sessions' in place of theirs."""
+    for view in SESSION_VIEWS:
+        rows = f"select * exclude (session_id), hash(session_id) as session_key from {view}"
+        if whole:
+            cursor.execute(f"create or replace table analytics.{view} as {rows}")
         else:
-            cursor.execute("delete from analytics.published_sessions "
-                           "where session_key in (select session_key from candidate_sessions)")
-            cursor.execute("insert into analytics.published_sessions select * from candidate_digests")
-        if stale.days_whole:
-            cursor.execute("create or replace table analytics.published_session_days as select * from session_days")
+            cursor.execute(f"delete from analytics.{view} "
+                           f"where session_key in (select session_key from changed_sessions)")
+            cursor.execute(f"insert into analytics.{view} {rows}")
+
+
+def _write_published_views(cursor: duckdb.DuckDBPyConnection, *, whole: bool) -> None:
+    """The published views' rows in the copy: all computed again (`whole`), or those of the touched days, summed
+    from the copy's rows per session (`_write_session_rows` put the changed sessions' in)."""
+    days = "" if whole else " where day in (select day from touched_days)"
+    # From here on, the published views read the copy's rows per session of those days.
+    for view in SESSION_VIEWS:
+        cursor.execute(f"create temp view {view} as select * from analytics.{view}{days}")
+    # recovered_orders' rows of those days: the copy's, but the changed sessions', which are computed again; in the
+    # view's order (sql/recovered_orders.sql). daily_lift reads them.
+    cursor.execute("create temp table computed_recovered_orders as select * from recovered_orders" if whole else """
+        create temp table computed_recovered_orders as
+        select * from (
+            select * from analytics.recovered_orders
+            where day in (select day from touched_days)
+                and hash(session_id) not in (select session_key from changed_sessions)
+            union all
+            select * from recovered_orders)
+        order by day, event_id""")
+    cursor.execute("create temp view recovered_orders as select * from computed_recovered_orders")
+    for view in PUBLISHED_VIEWS[1:]:
+        cursor.execute(f"create temp table computed_{view} as select * from {view}{days}")
+    for view in PUBLISHED_VIEWS:
+        if whole:
+            cursor.execute(f"create or replace table analytics.{view} as select * from computed_{view}")
         else:
-            cursor.execute("""
-                insert into analytics.published_session_days
-                select * from new_session_days as new
-                anti join analytics.published_session_days as known using (session_key, day)""")
-    finally:
-        cursor.execute("detach analytics")
+            # Days are whole in either part, each part in the view's order: ordered by day, then by the row's
+            # place in its part, the copy holds the rows in the order the view gives them.
+            cursor.execute(f"""
+                create or replace table analytics.{view} as
+                select * exclude (place) from (
+                    select *, rowid as place from analytics.{view} where day not in (select day from touched_days)
+                    union all
+                    select *, rowid from computed_{view})
+                order by day, place""")
+
+
+def _write_record(cursor: duckdb.DuckDBPyConnection, stale: _Stale, sources: dict, now: datetime,
+                  warehouse_path: Path) -> None:
+    """What the copy was computed from (`published`, with commerce_metrics), and its record of sessions."""
+    whole = stale.days is None
+    cursor.execute("create or replace table analytics.commerce_metrics as select * from commerce_metrics")
+    cursor.execute("create or replace table analytics.published (published_at timestamptz, warehouse varchar, "
+                   "sources varchar)")
+    cursor.execute("insert into analytics.published values (?, ?, ?)",
+                   [now, str(warehouse_path), json.dumps(sources)])
+    if stale.previous and whole:
+        # Every day computed into a new file: the record of sessions is the previous copy's, updated below.
+        for table, record_whole in (("published_sessions", stale.digests_whole),
+                                    ("published_session_days", stale.days_whole)):
+            if not record_whole:
+                cursor.execute(f"create table analytics.{table} as select * from previous.{table}")
+    if stale.digests_whole:
+        cursor.execute("create or replace table analytics.published_sessions as select * from session_digests")
+    else:
+        cursor.execute("delete from analytics.published_sessions "
+                       "where session_key in (select session_key from candidate_sessions)")
+        cursor.execute("insert into analytics.published_sessions select * from candidate_digests")
+    if stale.days_whole:
+        cursor.execute("create or replace table analytics.published_session_days as select * from session_days")
+    else:
+        cursor.execute("""
+            insert into analytics.published_session_days
+            select * from new_session_days as new
+            anti join analytics.published_session_days as known using (session_key, day)""")
 
 
 def _warehouse_table(cursor: duckdb.DuckDBPyConnection, name: str) -> str:
@@ -517,23 +569,34 @@ def _warehouse_table(cursor: duckdb.DuckDBPyConnection, name: str) -> str:
     return f'"{database}".main.{name}'
 
 
-def _shadow_with_slice(cursor: duckdb.DuckDBPyConnection) -> None:
+def _shadow_with_slice(cursor: duckdb.DuckDBPyConnection, *, sliced_already: bool) -> None:
     """On `cursor`, each event table the views read becomes a temp table of the same name holding only the events
-    of the sessions with an event on a touched day (`slice_sessions`): every row of those days depends on those
-    events alone."""
-    cursor.execute("""
-        create temp table slice_sessions as
-        select distinct session_key from session_days_now semi join touched_days using (day)""")
-    within, times = _on_their_days(cursor, "slice_sessions")
+    of the changed sessions (`changed_sessions`): their rows per session depend on those events alone.
+    `sliced_already`: all but raw_events are, with the other candidates' events, by `_located_changes`."""
+    within, times = _on_their_days(cursor, "changed_sessions")
     columns = _read_columns(cursor)
     cursor.execute(f"""
         create temp table raw_events as
         select {columns["raw_events"]} from {_warehouse_table(cursor, "raw_events")}
-        where {within} and hash(session_id) in (select session_key from slice_sessions)""", times)
+        where {within} and hash(session_id) in (select session_key from changed_sessions)""", times)
+    if sliced_already:
+        # The candidates whose digest did not change lie on any day (identity rewrites old events with the same
+        # values): their events are left out here rather than read from raw_events on those days too.
+        cursor.execute("""
+            delete from resolved_events where hash(session_id) not in (select session_key from changed_sessions);
+            delete from klaviyo_skipped where event_id not in (select event_id from resolved_events);
+            delete from klaviyo_outbox where event_id not in (select event_id from resolved_events)""")
+        return
     # resolved_events holds each event's time as raw_events does: the same runs skip its other days too.
     _slice_of_events(cursor, "resolved_events", columns["resolved_events"], "raw_events", within, times)
     for table in EVENT_SOURCES[2:]:
         _slice_of_events(cursor, table, columns[table], "raw_events")
+
+
+def _drop_slices(cursor: duckdb.DuckDBPyConnection) -> None:
+    """The slices `_located_changes` leaves (if it did), where the warehouse's tables are to be read whole after
+    all."""
+    cursor.execute("; ".join(f"drop table if exists temp.main.{table}" for table in EVENT_SOURCES[1:]))
 
 
 def _slice_of_events(cursor: duckdb.DuckDBPyConnection, table: str, columns: str, events: str,
@@ -576,7 +639,8 @@ def _read_columns(connection: duckdb.DuckDBPyConnection, *, named: bool = True) 
     column read, never a column missed. Of a struct column that the views only ever read fields of
     (`custom_data.value`), only those fields: a slice then copies three numbers and strings of a cart, not its
     items."""
-    sql = "\n".join(line.split("--")[0] for view in PUBLISHED_VIEWS for line in read_sql(view).splitlines())
+    sql = "\n".join(line.split("--")[0] for view in PUBLISHED_VIEWS + SESSION_VIEWS
+                    for line in read_sql(view).splitlines())
     found = connection.execute("""
         select table_name, column_name, data_type like 'STRUCT(%' from duckdb_columns()
         where database_name = current_database() and schema_name = 'main' and table_name in ?
@@ -661,7 +725,8 @@ def overview(views: duckdb.DuckDBPyConnection, warehouse: duckdb.DuckDBPyConnect
         visitors_last_7_days=int(visitors), klaviyo_identified_visitors_last_7_days=int(klaviyo),
         identified_visitors_last_7_days=int(identified), delivered_last_day=delivered, refused_last_day=refused,
         oldest_pending_minutes=float(oldest_pending), pixel_events_in_quiet_window=quiet_events,
-        rows={**{view: views.execute(f"select count(*) from {view}").fetchall()[0][0] for view in PUBLISHED_VIEWS},
+        rows={**{view: views.execute(f"select count(*) from {view}").fetchall()[0][0]
+                 for view in PUBLISHED_VIEWS + SESSION_VIEWS},
               # one row per commerce event, which resolved_events counts without computing the view
               "shopper_journey": warehouse.execute("select count(*) from resolved_events").fetchall()[0][0]},
     )

@@ -8,13 +8,17 @@ from dagster_project.resources import UpstackResource
 from upstack_pipeline.analytics import AnalyticsOverview, refresh
 from upstack_pipeline.settings import AlertSettings
 
-# The tables each view reads (recovered_orders also feeds daily_lift).
+# The tables each view reads (recovered_orders also feeds daily_lift; the *_sessions views are summed by the view
+# they are named after).
 ANALYTICS_VIEWS = {
     "recovered_orders": ["raw_events", "resolved_events", "commerce_metrics"],
-    "daily_lift": ["recovered_orders", "resolved_events", "raw_events", "klaviyo_outbox", "commerce_metrics"],
-    "delivery_funnel": ["raw_events", "quarantined_events", "klaviyo_skipped", "klaviyo_outbox", "commerce_metrics",
-                        "klaviyo_deliveries", "klaviyo_dead_letters"],
-    "match_rates": ["resolved_events"],
+    "daily_lift_sessions": ["resolved_events", "raw_events", "klaviyo_outbox", "commerce_metrics"],
+    "daily_lift": ["daily_lift_sessions", "recovered_orders", "commerce_metrics"],
+    "delivery_funnel_sessions": ["raw_events", "klaviyo_skipped", "klaviyo_outbox", "commerce_metrics",
+                                 "klaviyo_deliveries", "klaviyo_dead_letters"],
+    "delivery_funnel": ["delivery_funnel_sessions", "quarantined_events", "commerce_metrics"],
+    "match_rates_sessions": ["resolved_events"],
+    "match_rates": ["match_rates_sessions"],
     "shopper_journey": ["raw_events", "resolved_events", "klaviyo_outbox", "klaviyo_skipped",
                         "klaviyo_deliveries", "klaviyo_dead_letters"],
 }
