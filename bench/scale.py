@@ -106,11 +106,12 @@ def log(message: str) -> None:
 
 
 def remove_warehouse(warehouse: Path) -> None:
-    """The warehouse file, its write-ahead log and its analysts' copy, so that a sync into it starts from nothing: a
-    copy left beside a warehouse built again the same is up to date, and that sync's analytics would skip."""
-    from upstack_pipeline.analytics import analytics_path
+    """The warehouse file, its write-ahead log, its analysts' copy and the rows per session beside it, so that a
+    sync into it starts from nothing: a copy left beside a warehouse built again the same is up to date, and that
+    sync's analytics would skip."""
+    from upstack_pipeline.analytics import analytics_path, session_rows_path
 
-    for path in (warehouse, Path(f"{warehouse}.wal"), analytics_path(warehouse)):
+    for path in (warehouse, Path(f"{warehouse}.wal"), analytics_path(warehouse), session_rows_path(warehouse)):
         path.unlink(missing_ok=True)
 
 

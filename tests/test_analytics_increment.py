@@ -48,13 +48,16 @@ def stale(settings) -> analytics._Stale:
 
 
 def copy_tables(settings) -> dict[str, list[tuple]]:
-    """Every table of the copy, views in the order held, the rows per session and the record of sessions sorted, the
-    date of the copy aside."""
+    """Every table of the copy, views in the order held, the record of sessions sorted, the date of the copy aside;
+    and the rows per session beside it, sorted."""
     with duckdb.connect(str(analytics.analytics_path(settings.warehouse_path)), read_only=True) as copy:
         found = {view: copy.execute(f"select * from {view}").fetchall() for view in analytics.PUBLISHED_VIEWS}
-        for table in (*analytics.SESSION_VIEWS, "published_sessions", "published_session_days", "commerce_metrics"):
+        for table in ("published_sessions", "published_session_days", "commerce_metrics"):
             found[table] = sorted(copy.execute(f"select * from {table}").fetchall(), key=repr)
         found["sources"] = copy.execute("select sources from published").fetchall()
+    with duckdb.connect(str(analytics.session_rows_path(settings.warehouse_path)), read_only=True) as rows:
+        for table in (*analytics.SESSION_VIEWS, "summed_into"):
+            found[table] = sorted(rows.execute(f"select * from {table}").fetchall(), key=repr)
     return found
 
 
@@ -133,3 +136,32 @@ def test_a_slice_copies_only_the_fields_of_a_struct_the_views_read():
     assert 'struct_pack("order_id" := "custom_data"."order_id", "value" := "custom_data"."value", ' \
            '"currency" := "custom_data"."currency") as "custom_data"' in columns
     assert "items" not in columns
+
+
+@pytest.mark.slow
+def test_rows_per_session_that_match_no_copy_are_computed_again_whole(world, tmp_path):
+    """The rows per session live beside the copy, each naming the sources of the copy they were summed into:
+    removed, damaged, or of another copy (an earlier sync's, put back), they are computed again whole, and the copy
+    still equals one computed from nothing."""
+    rows = analytics.session_rows_path(world.settings.warehouse_path)
+    for number in range(3):
+        analytics.refresh(world.settings, now=world.arrive(number))
+    shutil.copyfile(rows, tmp_path / "earlier.duckdb")
+
+    def damage(how: str) -> None:
+        if how == "removed":
+            rows.unlink()
+        elif how == "damaged":
+            rows.write_bytes(b"not a DuckDB file")
+        else:
+            shutil.copyfile(tmp_path / "earlier.duckdb", rows)
+
+    for number, how in zip(range(3, 6), ("removed", "damaged", "earlier")):
+        now = world.arrive(number)
+        damage(how)
+        analytics.refresh(world.settings, now=now)
+        updated = copy_tables(world.settings)
+        analytics.analytics_path(world.settings.warehouse_path).unlink()
+        rows.unlink()
+        analytics.refresh(world.settings, now=now)
+        assert updated == copy_tables(world.settings), how

@@ -198,6 +198,37 @@ def test_the_day_by_day_copy_knows_every_table_the_published_views_read():
         assert words & tables <= known, f"{view} reads {sorted(words & tables - known)}"
 
 
+def test_a_change_to_one_session_recomputes_its_rows_alone_not_the_other_sessions_of_its_days(settings):
+    """A session whose device clock was a month off has a cart on a day long gone and one today; three other
+    sessions have carts on those days too. When only the skewed session gets a new event, the sync reads that
+    session's events alone (not every session of both days), and the copy still holds what the views give."""
+    today = datetime.combine(NOW.date(), time(9), tzinfo=timezone.utc)
+    month_ago = today - timedelta(days=30)
+
+    def cart(event_id: str, session: str, at: datetime) -> dict:
+        return make_event(event_id, session_id=session, anonymous_id=f"cookie-{session}", event_time=at.isoformat(),
+                          event_source_url=URL)
+
+    first = [cart("skewed-old", "skewed", month_ago), cart("skewed-new", "skewed", today)]
+    for other in range(3):
+        first += [cart(f"old-{other}", f"old-{other}", month_ago + timedelta(minutes=other)),
+                  cart(f"new-{other}", f"new-{other}", today + timedelta(minutes=other))]
+    for run, events in enumerate([first, [cart("skewed-later", "skewed", today + timedelta(hours=1))]]):
+        ingest(settings, events, f"day-{run}.ndjson")
+        resolve_identities(settings, now=NOW)
+        map_events(settings, now=NOW)
+        if run:
+            with duckdb.connect(str(settings.warehouse_path)) as warehouse, warehouse.cursor() as cursor:
+                stale = analytics._find_stale(cursor, analytics.analytics_path(settings.warehouse_path),
+                                              analytics._sources(cursor))
+                analytics._shadow_with_slice(cursor, sliced_already=not stale.digests_whole)
+                sliced = cursor.execute("select distinct session_id from temp.main.raw_events").fetchall()
+                cursor.execute("detach previous")
+            assert stale.days == {month_ago.date(), today.date()} and sliced == [("skewed",)]
+        analytics.refresh(settings, now=NOW)
+        assert copy_rows(settings) == views_over_everything(settings), f"after run {run}"
+
+
 def test_a_day_is_recomputed_with_every_event_of_its_sessions_and_so_is_every_other_day_of_them(settings):
     """Two carts across midnights, arriving a day at a time: the order that ends the second one is a day after the
     cart, so the cart's day changes too; the first one's cart the day before that counts only there."""

@@ -57,8 +57,9 @@ VIEWS = ("recovered_orders", "daily_lift_sessions", "daily_lift", "delivery_funn
 # line and the payloads sent (emails, names) is too big and too personal to copy after every sync; `upstack trace`
 # and `upstack sql --warehouse` read it there.
 PUBLISHED_VIEWS = ("recovered_orders", "daily_lift", "delivery_funnel", "match_rates")
-# The rows per session three published views sum: the copy keeps them too, with session_key (a hash of the session
-# id, as published_sessions has it) in place of session_id, so a sync recomputes only the sessions it changed.
+# The rows per session three published views sum: kept beside the copy (`session_rows_path`), with session_key (a
+# hash of the session id, as published_sessions has it) in place of session_id, so a sync recomputes only the
+# sessions it changed.
 SESSION_VIEWS = ("daily_lift_sessions", "delivery_funnel_sessions", "match_rates_sessions")
 # The metric whose lift is the headline: abandoned carts, what backup flows exist for first.
 HEADLINE_METRIC = "Added to Cart"
@@ -77,9 +78,9 @@ WHOLE_SOURCES = ("quarantined_events", "commerce_metrics")
 STAMPS = {"resolved_events": "resolved_at", "klaviyo_skipped": "skipped_at",
           "klaviyo_outbox": "greatest(created_at, claimed_at, delivered_at)"}
 SESSION_TABLES = ("resolved", "skipped", "outbox")  # their columns in the per-session digests, in that order
-# The layout of the copy's own record (published, published_sessions, published_session_days) and of its rows per
-# session: a copy of another layout is computed again whole.
-COPY_FORMAT = 3
+# The layout of the copy's own record (published, published_sessions, published_session_days): a copy of another
+# layout is computed again whole.
+COPY_FORMAT = 2
 # At most this many runs of consecutive days in a day filter (`_on_their_days`).
 MAX_DAY_RUNS = 16
 
@@ -201,14 +202,24 @@ def publish_for_analysts(connection: duckdb.DuckDBPyConnection, warehouse_path: 
         try:
             if stale.days is not None and not stale.days:
                 return target
-            building.unlink(missing_ok=True)
-            if stale.days is not None:
-                shutil.copyfile(target, building)  # a file copy: what the sync did not touch is not rewritten
-            cursor.execute("attach ? as analytics", [str(building)])
+            _attach_session_rows(cursor, session_rows_path(warehouse_path))
             try:
-                _write_copy(cursor, stale, sources, now, warehouse_path)
+                if stale.days is not None and not _session_rows_match_previous(cursor):
+                    # Rows per session of another copy (a sync stopped between writing them and renaming the copy,
+                    # or their file removed): computed whole again.
+                    _drop_slices(cursor)
+                    stale = replace(stale, days=None)
+                _write_session_rows(cursor, stale, sources)
+                building.unlink(missing_ok=True)
+                if stale.days is not None:
+                    shutil.copyfile(target, building)  # a file copy: what the sync did not touch is not rewritten
+                cursor.execute("attach ? as analytics", [str(building)])
+                try:
+                    _write_copy(cursor, stale, sources, now, warehouse_path)
+                finally:
+                    cursor.execute("detach analytics")
             finally:
-                cursor.execute("detach analytics")
+                cursor.execute("detach session_rows")
         finally:
             if stale.previous:
                 cursor.execute("detach previous")
@@ -229,10 +240,10 @@ def stale_days(connection: duckdb.DuckDBPyConnection, copy_path: Path) -> set[da
 
 @dataclass(frozen=True)
 class _Stale:
-    """What a sync recomputes: `days` (None: every day), and whether the previous copy is attached as `previous`
-    and is one to update (this release's, of the same views and metrics). The copy's record of sessions is then
-    updated by session (`candidate_sessions` replaced by `candidate_digests`, `new_session_days` added) unless
-    `session_digests` and `session_days` hold all of it."""
+    """What a sync recomputes: the rows of the changed sessions and `days` (None: every session and day), and
+    whether the previous copy is attached as `previous` and is one to update (this release's, of the same views
+    and metrics). The copy's record of sessions is then updated by session (`candidate_sessions` replaced by
+    `candidate_digests`, `new_session_days` added) unless `session_digests` and `session_days` hold all of it."""
 
     days: set[date] | None
     previous: bool = False
@@ -293,8 +304,9 @@ def _unchanged(previous: dict, sources: dict) -> bool:
 def _find_stale(cursor: duckdb.DuckDBPyConnection, copy_path: Path, sources: dict) -> _Stale:
     """The days of the copy at `copy_path` whose rows may differ now: every day of a session whose rows changed or
     that got new raw events, and the days of new quarantine; None: every day (no copy, or one from other views or
-    metrics, a later load, or another release; or most days anyway). Leaves them in `touched_days` on `cursor`,
-    with the copy's new record of sessions."""
+    metrics, a later load, or another release; or most sessions' days changed anyway). Leaves them in
+    `touched_days` on `cursor`, the changed sessions in `changed_sessions`, and the copy's new record of
+    sessions."""
     previous = _attach_previous(cursor, copy_path)
     if previous is not None and _unchanged(previous, sources):
         cursor.execute("detach previous")
@@ -471,39 +483,77 @@ def _attach_previous(cursor: duckdb.DuckDBPyConnection, copy_path: Path) -> dict
     return None
 
 
-def _write_copy(cursor: duckdb.DuckDBPyConnection, stale: _Stale, sources: dict, now: datetime,
-                warehouse_path: Path) -> None:
-    """The copy attached as `analytics` (a file copy of the previous copy when only some sessions are computed, else
-    a new file): the computed sessions' rows in place of theirs, the computed days' rows in place of those days',
-    and the record of what they were computed from. Every session and day when `stale.days` is None; else the
-    sessions changed (`changed_sessions`) and the days they and new quarantine touched (`touched_days`)."""
+def session_rows_path(warehouse_path: Path) -> Path:
+    """`<warehouse>.analytics-sessions.duckdb`: the rows per session the published views are summed from. The
+    pipeline's own file (no analyst opens it), so a sync updates it in place instead of copying it with the
+    analysts' copy: at 19 million events it holds 15 million rows (280 MB), which the copy would be copied with on
+    every sync."""
+    return warehouse_path.with_name(warehouse_path.stem + ".analytics-sessions.duckdb")
+
+
+def _attach_session_rows(cursor: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """`path` attached as `session_rows`; a file DuckDB cannot open is removed first (its rows are computed again)."""
+    try:
+        cursor.execute("attach ? as session_rows", [str(path)])
+    except duckdb.Error:
+        for damaged in (path, Path(f"{path}.wal")):
+            damaged.unlink(missing_ok=True)
+        cursor.execute("attach ? as session_rows", [str(path)])
+
+
+def _session_rows_match_previous(cursor: duckdb.DuckDBPyConnection) -> bool:
+    """The rows per session are those the previous copy (attached as `previous`) was summed from: they record that
+    copy's sources."""
+    if not cursor.execute("select 1 from duckdb_tables() "
+                          "where database_name = 'session_rows' and table_name = 'summed_into'").fetchone():
+        return False
+    return cursor.execute("select (select sources from session_rows.summed_into) = "
+                          "(select max(sources) from previous.published)").fetchone()[0] is True
+
+
+def _write_session_rows(cursor: duckdb.DuckDBPyConnection, stale: _Stale, sources: dict) -> None:
+    """The rows per session: all computed again (`stale.days` None), or the changed sessions' (`changed_sessions`)
+    in place of theirs, from slices of their events. In one transaction with the sources of the copy they are about
+    to be summed into (`summed_into`): a sync stopped before that copy is renamed leaves rows that match no copy,
+    which the next sync computes again whole."""
     whole = stale.days is None
     if not whole:
         _shadow_with_slice(cursor, sliced_already=not stale.digests_whole)
-    _write_session_rows(cursor, whole=whole)
-    _write_published_views(cursor, whole=whole)
+    cursor.execute("begin transaction")
+    try:
+        for view in SESSION_VIEWS:
+            rows = f"select * exclude (session_id), hash(session_id) as session_key from {view}"
+            if whole:
+                cursor.execute(f"create or replace table session_rows.{view} as {rows}")
+            else:
+                cursor.execute(f"delete from session_rows.{view} "
+                               f"where session_key in (select session_key from changed_sessions)")
+                cursor.execute(f"insert into session_rows.{view} {rows}")
+        cursor.execute("create or replace table session_rows.summed_into as select ?::varchar as sources",
+                       [json.dumps(sources)])
+        cursor.execute("commit")
+    except BaseException:
+        cursor.execute("rollback")
+        raise
+
+
+def _write_copy(cursor: duckdb.DuckDBPyConnection, stale: _Stale, sources: dict, now: datetime,
+                warehouse_path: Path) -> None:
+    """The copy attached as `analytics` (a file copy of the previous copy when only some days are computed, else a
+    new file): the computed days' rows in place of those days', and the record of what they were computed from.
+    Every day when `stale.days` is None; else the days the changed sessions and new quarantine touched
+    (`touched_days`)."""
+    _write_published_views(cursor, whole=stale.days is None)
     _write_record(cursor, stale, sources, now, warehouse_path)
-
-
-def _write_session_rows(cursor: duckdb.DuckDBPyConnection, *, whole: bool) -> None:
-    """The rows per session in the copy: all computed again (`whole`), or the changed sessions' in place of theirs."""
-    for view in SESSION_VIEWS:
-        rows = f"select * exclude (session_id), hash(session_id) as session_key from {view}"
-        if whole:
-            cursor.execute(f"create or replace table analytics.{view} as {rows}")
-        else:
-            cursor.execute(f"delete from analytics.{view} "
-                           f"where session_key in (select session_key from changed_sessions)")
-            cursor.execute(f"insert into analytics.{view} {rows}")
 
 
 def _write_published_views(cursor: duckdb.DuckDBPyConnection, *, whole: bool) -> None:
     """The published views' rows in the copy: all computed again (`whole`), or those of the touched days, summed
-    from the copy's rows per session (`_write_session_rows` put the changed sessions' in)."""
+    from the rows per session (`_write_session_rows` put the changed sessions' in)."""
     days = "" if whole else " where day in (select day from touched_days)"
-    # From here on, the published views read the copy's rows per session of those days.
+    # From here on, the published views read the rows per session of those days.
     for view in SESSION_VIEWS:
-        cursor.execute(f"create temp view {view} as select * from analytics.{view}{days}")
+        cursor.execute(f"create temp view {view} as select * from session_rows.{view}{days}")
     # recovered_orders' rows of those days: the copy's, but the changed sessions', which are computed again; in the
     # view's order (sql/recovered_orders.sql). daily_lift reads them.
     cursor.execute("create temp table computed_recovered_orders as select * from recovered_orders" if whole else """
@@ -725,8 +775,7 @@ def overview(views: duckdb.DuckDBPyConnection, warehouse: duckdb.DuckDBPyConnect
         visitors_last_7_days=int(visitors), klaviyo_identified_visitors_last_7_days=int(klaviyo),
         identified_visitors_last_7_days=int(identified), delivered_last_day=delivered, refused_last_day=refused,
         oldest_pending_minutes=float(oldest_pending), pixel_events_in_quiet_window=quiet_events,
-        rows={**{view: views.execute(f"select count(*) from {view}").fetchall()[0][0]
-                 for view in PUBLISHED_VIEWS + SESSION_VIEWS},
+        rows={**{view: views.execute(f"select count(*) from {view}").fetchall()[0][0] for view in PUBLISHED_VIEWS},
               # one row per commerce event, which resolved_events counts without computing the view
               "shopper_journey": warehouse.execute("select count(*) from resolved_events").fetchall()[0][0]},
     )
@@ -749,7 +798,21 @@ def refresh(settings: Settings, *, now: datetime) -> AnalyticsOverview:
             finally:
                 views.execute(f'use "{database}"')  # DuckDB detaches no database that is in use
                 views.execute("detach analysts_copy")
-    return replace(state, published=published)
+            counted = _session_row_counts(views, session_rows_path(settings.warehouse_path))
+    return replace(state, published=published, rows={**state.rows, **counted})
+
+
+def _session_row_counts(cursor: duckdb.DuckDBPyConnection, path: Path) -> dict[str, int]:
+    """Each session view's rows as last written (0 for a file removed since: the next sync with something new
+    computes it again)."""
+    if not path.is_file():
+        return dict.fromkeys(SESSION_VIEWS, 0)
+    cursor.execute("attach ? as session_rows (read_only)", [str(path)])
+    try:
+        return {view: cursor.execute(f"select count(*) from session_rows.{view}").fetchone()[0]
+                for view in SESSION_VIEWS}
+    finally:
+        cursor.execute("detach session_rows")
 
 
 def readme_views() -> str:
