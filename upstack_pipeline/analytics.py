@@ -14,16 +14,16 @@ each sync, swapped in whole, so a notebook left open on it never blocks the pipe
 write a file, and a reader holds it too).
 
 Every published view's rows are keyed by a UTC day, and each is computed from rows that depend only on the events
-of one session: the sessions' rows (`*_sessions`, which the copy keeps too, keyed by a hash of the session id) and
-recovered_orders' own rows, one per order. So a sync recomputes only the sessions it changed: those that got new
-raw events or whose rows in the event tables the views read changed (by a digest per session the copy keeps in
-`published_sessions`, with each session's days in `published_session_days`). The sessions to digest again are
-those of the rows identity, mapping and delivery stamped since the copy (each stamps its run's time), and the
-tables' totals must agree, or every session is digested. It runs the views' own SQL over those sessions' events
-(temp tables of the same names shadow the warehouse's on one cursor), puts their rows in place of their previous
-ones, and sums again the days they touched (and the days of new quarantine), all written, with the record of
-sessions changed, into a file copy of the previous copy. Nothing touched, the copy stays as it is. A copy that is
-missing, from another release, or from other views or metrics is computed again over the whole history.
+of one session: the sessions' rows (`*_sessions`, kept beside the copy keyed by a hash of the session id, see
+`session_rows_path`) and recovered_orders' own rows, one per order. So a sync recomputes only the sessions it
+changed: those that got new raw events or whose rows in the event tables the views read changed (by a digest per
+session the copy keeps in `published_sessions`, with each session's days in `published_session_days`). The
+sessions to digest again are those of the rows identity, mapping and delivery stamped since the copy (each stamps
+its run's time), and the tables' totals must agree, or every session is digested. It runs the views' own SQL over
+those sessions' events (temp tables of the same names shadow the warehouse's on one cursor), puts their rows in
+place of their previous ones, and sums again the days they touched (and the days of new quarantine) into a file
+copy of the previous copy, with the record of sessions changed. Nothing touched, the copy stays as it is. A copy
+that is missing, from another release, or from other views or metrics is computed again over the whole history.
 """
 
 from __future__ import annotations
@@ -190,9 +190,9 @@ def lift_totals(connection: duckdb.DuckDBPyConnection, *, metric: str = HEADLINE
 
 def publish_for_analysts(connection: duckdb.DuckDBPyConnection, warehouse_path: Path, *, now: datetime) -> Path:
     """Writes the views' rows (and commerce_metrics) to `<warehouse>.analytics.duckdb`, built aside and renamed
-    over the previous one: a reader of the old file keeps reading it, and never sees half a file. Only the days
-    the warehouse changed since the previous copy are computed, and written into a file copy of the previous copy
-    (see the module's docstring)."""
+    over the previous one: a reader of the old file keeps reading it, and never sees half a file. Only the sessions
+    the warehouse changed since the previous copy are computed again, and the days they touched summed again into a
+    file copy of the previous copy (see the module's docstring)."""
     target = analytics_path(warehouse_path)
     building = target.with_name(target.name + ".building")
     cursor = cursor_on_same_database(connection)  # its temp tables and views, shadowing the warehouse's, go with it
