@@ -5,6 +5,8 @@ Real simulated days, a real DuckDB warehouse and copy, no mocks."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 from datetime import datetime, timedelta, timezone
 
@@ -165,3 +167,28 @@ def test_rows_per_session_that_match_no_copy_are_computed_again_whole(world, tmp
         rows.unlink()
         analytics.refresh(world.settings, now=now)
         assert updated == copy_tables(world.settings), how
+
+
+@pytest.mark.slow
+def test_rows_per_session_held_open_by_another_process_stop_the_sync_with_what_to_do(world):
+    """The rows file is the pipeline's own: a process holding it open (a notebook, by mistake) gets no rows removed
+    from under it; the sync stops and says to close it."""
+    analytics.refresh(world.settings, now=world.arrive(0))
+    rows = analytics.session_rows_path(world.settings.warehouse_path)
+    now = world.arrive(1)
+    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys, time; held = duckdb.connect(sys.argv[1]); "
+                               "print('open', flush=True); time.sleep(60)", str(rows)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(RuntimeError, match="open in another process.*close it there and run again"):
+            analytics.refresh(world.settings, now=now)
+        assert rows.is_file()
+    finally:
+        holder.kill()
+        holder.wait()
+    analytics.refresh(world.settings, now=now)
+    updated = copy_tables(world.settings)
+    analytics.analytics_path(world.settings.warehouse_path).unlink()
+    analytics.refresh(world.settings, now=now)
+    assert updated == copy_tables(world.settings)

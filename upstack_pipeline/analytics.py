@@ -492,10 +492,14 @@ def session_rows_path(warehouse_path: Path) -> Path:
 
 
 def _attach_session_rows(cursor: duckdb.DuckDBPyConnection, path: Path) -> None:
-    """`path` attached as `session_rows`; a file DuckDB cannot open is removed first (its rows are computed again)."""
+    """`path` attached as `session_rows`; a file DuckDB cannot read is removed first (its rows are computed again:
+    they are derived from the warehouse alone)."""
     try:
         cursor.execute("attach ? as session_rows", [str(path)])
-    except duckdb.Error:
+    except duckdb.Error as error:
+        if "lock" in str(error).lower():
+            raise RuntimeError(f"{path} is open in another process ({error}). It is the pipeline's own file, not "
+                               "for analysts (they read the analysts' copy): close it there and run again") from error
         for damaged in (path, Path(f"{path}.wal")):
             damaged.unlink(missing_ok=True)
         cursor.execute("attach ? as session_rows", [str(path)])
