@@ -34,12 +34,16 @@ with lift as (
            count(*) filter (where upstack_only and backfill) as upstack_backfill_sessions,
            count(*) filter (where upstack_only and refused) as upstack_refused_sessions,
            count(*) filter (where upstack_only and pending) as upstack_pending_sessions,
-           coalesce(sum(value) filter (where upstack_only and delivered), 0) as cart_value_reached
+           -- values summed as decimals: the same total in any order of the rows (a copy updated by session holds them
+           -- in another order than one computed whole)
+           coalesce(sum(value::decimal(38, 9)) filter (where upstack_only and delivered), 0)::double
+               as cart_value_reached
     from daily_lift_sessions
     group by all
 ),
 recovered as (
-    select day, metric.event_name, count(*) as recovered_orders, sum(value) as recovered_revenue
+    select day, metric.event_name, count(*) as recovered_orders,
+           sum(value::decimal(38, 9))::double as recovered_revenue
     from recovered_orders
     join commerce_metrics as metric on metric.klaviyo_metric = recovered_orders.metric
     group by all

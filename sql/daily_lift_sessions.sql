@@ -1,7 +1,8 @@
 -- The sessions daily_lift counts: one row per session abandoned for a metric (an event of the metric, no Placed
 -- Order), with who could identify it and what of it reached Klaviyo. daily_lift sums these rows per day and metric.
--- The analysts' copy keeps them too, with a hash of the session id (session_key) in its place, so a sync recomputes
--- the sessions it changed and sums their days again instead of recomputing whole days.
+-- A sync keeps them beside the analysts' copy (<warehouse>.analytics-sessions.duckdb, with a hash of the session id,
+-- session_key, in its place), so it recomputes the sessions it changed and sums their days again instead of
+-- recomputing whole days.
 --
 -- event_name: the metric's event (commerce_metrics.event_name)
 -- session_id: the storefront session (the pixel's session_id)

@@ -1,8 +1,8 @@
 -- Where each session's commerce events went, per UTC day and metric: delivery_funnel's counts of ingested events,
 -- one row per session, day and metric (delivery_funnel sums them per day and adds the quarantined lines, which
--- belong to no session). The analysts' copy keeps these rows too, with a hash of the session id (session_key) in
--- its place, so a sync recomputes the sessions it changed and sums their days again instead of recomputing whole
--- days.
+-- belong to no session). A sync keeps them beside the analysts' copy (<warehouse>.analytics-sessions.duckdb, with a
+-- hash of the session id, session_key, in its place), so it recomputes the sessions it changed and sums their days
+-- again instead of recomputing whole days.
 --
 -- day: UTC day of the events
 -- metric: Klaviyo's standard name (commerce_metrics.klaviyo_metric)

@@ -12,8 +12,8 @@ create or replace view match_rates as
 with visitors as (
     select day, anonymous_id,
            case when bool_or(klaviyo_native) then 'klaviyo_native'
-                else coalesce(arg_min(match_method, first_resolved_at) filter (where match_method is not null),
-                              'unidentified') end as identified_by
+                else coalesce(arg_min(match_method, (first_resolved_at, match_method))
+                                  filter (where match_method is not null), 'unidentified') end as identified_by
     from match_rates_sessions
     group by 1, 2
 )

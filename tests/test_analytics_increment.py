@@ -68,16 +68,19 @@ def test_the_copy_updated_day_by_day_holds_what_a_copy_computed_whole_holds(worl
     """After each day, the copy updated from its previous self (rows, the record of each session's digest and
     days, what it was computed from) equals a copy computed from nothing; the days after the first few digest
     again only the sessions their writers stamped."""
-    located = []
+    located, by_session = [], []
     for number in range(len(world.days)):
         now = world.arrive(number)
-        located.append(number > 0 and not stale(world.settings).digests_whole)
+        found = stale(world.settings)
+        located.append(number > 0 and not found.digests_whole)
+        by_session.append(found.days is not None)
         analytics.refresh(world.settings, now=now)
         updated = copy_tables(world.settings)
         analytics.analytics_path(world.settings.warehouse_path).unlink()
         analytics.refresh(world.settings, now=now)
         assert updated == copy_tables(world.settings), f"after {world.days[number].name}"
     assert all(located[1:])
+    assert all(by_session[3:])  # from the fourth day on, the changed sessions are fewer than half
 
 
 @pytest.mark.slow
@@ -146,20 +149,25 @@ def test_rows_per_session_that_match_no_copy_are_computed_again_whole(world, tmp
     removed, damaged, or of another copy (an earlier sync's, put back), they are computed again whole, and the copy
     still equals one computed from nothing."""
     rows = analytics.session_rows_path(world.settings.warehouse_path)
-    for number in range(3):
+    for number in range(2):
         analytics.refresh(world.settings, now=world.arrive(number))
     shutil.copyfile(rows, tmp_path / "earlier.duckdb")
 
     def damage(how: str) -> None:
         if how == "removed":
             rows.unlink()
-        elif how == "damaged":
+        elif how == "not DuckDB's":
             rows.write_bytes(b"not a DuckDB file")
+        elif how == "corrupted":  # DuckDB's header intact, its first block's bytes not
+            with rows.open("r+b") as file:
+                file.seek(8192 + 100)
+                file.write(b"\xff" * 64)
         else:
             shutil.copyfile(tmp_path / "earlier.duckdb", rows)
 
-    for number, how in zip(range(3, 6), ("removed", "damaged", "earlier")):
+    for number, how in zip(range(2, 6), ("removed", "not DuckDB's", "corrupted", "earlier")):
         now = world.arrive(number)
+        assert stale(world.settings).days is not None  # the copy alone would be updated by session
         damage(how)
         analytics.refresh(world.settings, now=now)
         updated = copy_tables(world.settings)

@@ -78,6 +78,8 @@ def test_a_day_run_restamps_only_the_events_whose_answer_changed_and_mapping_and
     restamped = replace(world, warehouse_path=tmp_path / "restamped.duckdb")
     shutil.copyfile(world.warehouse_path, restamped.warehouse_path)
     shutil.copyfile(analytics.analytics_path(world.warehouse_path), analytics.analytics_path(restamped.warehouse_path))
+    shutil.copyfile(analytics.session_rows_path(world.warehouse_path),
+                    analytics.session_rows_path(restamped.warehouse_path))
     before = {row[0]: row for row in query(world, RESOLVED)}
     targets = []
 

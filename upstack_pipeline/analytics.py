@@ -48,6 +48,7 @@ from upstack_pipeline.warehouse import (
     new_schema_ddl,
     read_sql,
     schema_version,
+    transaction,
 )
 
 # In the order they are created: each after the views it reads (daily_lift reads recovered_orders too).
@@ -78,8 +79,8 @@ WHOLE_SOURCES = ("quarantined_events", "commerce_metrics")
 STAMPS = {"resolved_events": "resolved_at", "klaviyo_skipped": "skipped_at",
           "klaviyo_outbox": "greatest(created_at, claimed_at, delivered_at)"}
 SESSION_TABLES = ("resolved", "skipped", "outbox")  # their columns in the per-session digests, in that order
-# The layout of the copy's own record (published, published_sessions, published_session_days): a copy of another
-# layout is computed again whole.
+# The layout of the copy's own record (published, published_sessions, published_session_days) and of the rows per
+# session beside it (which name the copy's sources they match): a copy of another layout is computed again whole.
 COPY_FORMAT = 2
 # At most this many runs of consecutive days in a day filter (`_on_their_days`).
 MAX_DAY_RUNS = 16
@@ -252,11 +253,13 @@ class _Stale:
 
 
 def _sources(cursor: duckdb.DuckDBPyConnection) -> dict:
-    """What the copy's rows are computed from: the views' SQL and commerce_metrics (a digest of both, and of the
-    copy's format), the last load of raw events and quarantine, each changing event table's rows and the sum of
-    their hashes (of the columns the views name), and the latest time its writer stamped on a row."""
+    """What the copy's rows are computed from: the views' SQL and commerce_metrics (a digest of both, of the copy's
+    format, and of DuckDB's version, whose hash() keys the sessions), the last load of raw events and quarantine,
+    each changing event table's rows and the sum of their hashes (of the columns the views name), and the latest
+    time its writer stamped on a row."""
     metrics = cursor.execute("select * from commerce_metrics order by event_name").fetchall()
-    views = hashlib.sha256(repr(([read_sql(view) for view in VIEWS], metrics, COPY_FORMAT)).encode()).hexdigest()
+    views = hashlib.sha256(repr(([read_sql(view) for view in VIEWS], metrics, COPY_FORMAT, duckdb.__version__))
+                           .encode()).hexdigest()
     load_id = cursor.execute("select coalesce(max(load_id), 0) from ingested_files").fetchone()[0]
     read = _read_columns(cursor, named=False)
     found = cursor.execute("select " + ", ".join(
@@ -497,7 +500,7 @@ def _attach_session_rows(cursor: duckdb.DuckDBPyConnection, path: Path) -> None:
     try:
         cursor.execute("attach ? as session_rows", [str(path)])
     except duckdb.Error as error:
-        if "lock" in str(error).lower():
+        if isinstance(error, duckdb.IOException) and "Could not set lock on file" in str(error):
             raise RuntimeError(f"{path} is open in another process ({error}). It is the pipeline's own file, not "
                                "for analysts (they read the analysts' copy): close it there and run again") from error
         for damaged in (path, Path(f"{path}.wal")):
@@ -523,8 +526,7 @@ def _write_session_rows(cursor: duckdb.DuckDBPyConnection, stale: _Stale, source
     whole = stale.days is None
     if not whole:
         _shadow_with_slice(cursor, sliced_already=not stale.digests_whole)
-    cursor.execute("begin transaction")
-    try:
+    with transaction(cursor):
         for view in SESSION_VIEWS:
             rows = f"select * exclude (session_id), hash(session_id) as session_key from {view}"
             if whole:
@@ -535,10 +537,6 @@ def _write_session_rows(cursor: duckdb.DuckDBPyConnection, stale: _Stale, source
                 cursor.execute(f"insert into session_rows.{view} {rows}")
         cursor.execute("create or replace table session_rows.summed_into as select ?::varchar as sources",
                        [json.dumps(sources)])
-        cursor.execute("commit")
-    except BaseException:
-        cursor.execute("rollback")
-        raise
 
 
 def _write_copy(cursor: duckdb.DuckDBPyConnection, stale: _Stale, sources: dict, now: datetime,
@@ -807,14 +805,18 @@ def refresh(settings: Settings, *, now: datetime) -> AnalyticsOverview:
 
 
 def _session_row_counts(cursor: duckdb.DuckDBPyConnection, path: Path) -> dict[str, int]:
-    """Each session view's rows as last written (0 for a file removed since: the next sync with something new
-    computes it again)."""
-    if not path.is_file():
+    """Each session view's rows as last written, for the run's metadata: 0 for a file removed or unreadable since
+    (the next sync with something new computes it again, or says why it cannot), which is no reason to fail this
+    one."""
+    try:
+        cursor.execute("attach ? as session_rows (read_only)", [str(path)])
+    except duckdb.Error:
         return dict.fromkeys(SESSION_VIEWS, 0)
-    cursor.execute("attach ? as session_rows (read_only)", [str(path)])
     try:
         return {view: cursor.execute(f"select count(*) from session_rows.{view}").fetchone()[0]
                 for view in SESSION_VIEWS}
+    except duckdb.Error:
+        return dict.fromkeys(SESSION_VIEWS, 0)
     finally:
         cursor.execute("detach session_rows")
 
