@@ -33,6 +33,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from functools import lru_cache
@@ -203,8 +205,7 @@ def publish_for_analysts(connection: duckdb.DuckDBPyConnection, warehouse_path: 
         try:
             if stale.days is not None and not stale.days:
                 return target
-            _attach_session_rows(cursor, session_rows_path(warehouse_path))
-            try:
+            with _session_rows_attached(cursor, session_rows_path(warehouse_path)):
                 if stale.days is not None and not _session_rows_match_previous(cursor):
                     # Rows per session of another copy (a sync stopped between writing them and renaming the copy,
                     # or their file removed): computed whole again.
@@ -214,13 +215,8 @@ def publish_for_analysts(connection: duckdb.DuckDBPyConnection, warehouse_path: 
                 building.unlink(missing_ok=True)
                 if stale.days is not None:
                     shutil.copyfile(target, building)  # a file copy: what the sync did not touch is not rewritten
-                cursor.execute("attach ? as analytics", [str(building)])
-                try:
+                with _attached(cursor, building, "analytics"):
                     _write_copy(cursor, stale, sources, now, warehouse_path)
-                finally:
-                    cursor.execute("detach analytics")
-            finally:
-                cursor.execute("detach session_rows")
         finally:
             if stale.previous:
                 cursor.execute("detach previous")
@@ -494,9 +490,20 @@ def session_rows_path(warehouse_path: Path) -> Path:
     return warehouse_path.with_name(warehouse_path.stem + ".analytics-sessions.duckdb")
 
 
-def _attach_session_rows(cursor: duckdb.DuckDBPyConnection, path: Path) -> None:
-    """`path` attached as `session_rows`; a file DuckDB cannot read is removed first (its rows are computed again:
-    they are derived from the warehouse alone)."""
+@contextmanager
+def _attached(cursor: duckdb.DuckDBPyConnection, path: Path, alias: str, *, read_only: bool = False) -> Iterator[None]:
+    """`path` attached to `cursor` as `alias` for the block."""
+    cursor.execute(f"attach ? as {alias}" + (" (read_only)" if read_only else ""), [str(path)])
+    try:
+        yield
+    finally:
+        cursor.execute(f"detach {alias}")
+
+
+@contextmanager
+def _session_rows_attached(cursor: duckdb.DuckDBPyConnection, path: Path) -> Iterator[None]:
+    """`path` attached as `session_rows` for the block; a file DuckDB cannot read is removed first (its rows are
+    computed again: they are derived from the warehouse alone)."""
     try:
         cursor.execute("attach ? as session_rows", [str(path)])
     except duckdb.Error as error:
@@ -506,6 +513,10 @@ def _attach_session_rows(cursor: duckdb.DuckDBPyConnection, path: Path) -> None:
         for damaged in (path, Path(f"{path}.wal")):
             damaged.unlink(missing_ok=True)
         cursor.execute("attach ? as session_rows", [str(path)])
+    try:
+        yield
+    finally:
+        cursor.execute("detach session_rows")
 
 
 def _session_rows_match_previous(cursor: duckdb.DuckDBPyConnection) -> bool:
@@ -809,16 +820,11 @@ def _session_row_counts(cursor: duckdb.DuckDBPyConnection, path: Path) -> dict[s
     (the next sync with something new computes it again, or says why it cannot), which is no reason to fail this
     one."""
     try:
-        cursor.execute("attach ? as session_rows (read_only)", [str(path)])
+        with _attached(cursor, path, "session_rows", read_only=True):
+            return {view: cursor.execute(f"select count(*) from session_rows.{view}").fetchone()[0]
+                    for view in SESSION_VIEWS}
     except duckdb.Error:
         return dict.fromkeys(SESSION_VIEWS, 0)
-    try:
-        return {view: cursor.execute(f"select count(*) from session_rows.{view}").fetchone()[0]
-                for view in SESSION_VIEWS}
-    except duckdb.Error:
-        return dict.fromkeys(SESSION_VIEWS, 0)
-    finally:
-        cursor.execute("detach session_rows")
 
 
 def readme_views() -> str:
