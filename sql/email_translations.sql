@@ -40,12 +40,23 @@ with history as (
     where right_type = 'email'
     group by left_type, left_value
 ),
+-- The logins of the identifiers read from the history (on most runs none or a few), found before their events'
+-- emails, and those emails found by their events: joined as observations, every login of the history was joined
+-- with its email first, and the login of no identifier (a day whose changed quarantine translates none) still
+-- had every email observation of the history read to build the join (0.03 s of the scale benchmark's day).
+history_login_events as materialized (
+    select event_id, id_value from usable_identity_observations as login
+    semi join retranslated on retranslated.id_type = login.id_type and retranslated.id_value = login.id_value
+    where login.id_type = 'customer_id'
+),
 history_logins as (
     select distinct login.id_value, email.id_value as email
-    from usable_identity_observations as login
-    join usable_identity_observations as email on email.event_id = login.event_id and email.id_type = 'email'
-    where login.id_type = 'customer_id'
-        and login.id_value in (select id_value from retranslated where id_type = 'customer_id')
+    from history_login_events as login
+    join (
+        select event_id, id_value from usable_identity_observations as email
+        semi join history_login_events using (event_id)
+        where email.id_type = 'email'
+    ) as email using (event_id)
 ),
 -- This run's usable links to an email, of the identifiers not read from the history.
 run_links as (
