@@ -71,16 +71,11 @@ log = logging.getLogger(__name__)
 # transaction's new rows of a table one of two ways: once they fill a row group, it keeps the row groups its
 # statements already wrote, compressed, on every core; fewer are copied into the table at the commit and compressed
 # again by its checkpoint, on one core. A day's 75,000 raw events at `bench/scale.py --scale 3` cost 0.45 s of the
-# ingestion's commit that way, against 0.02 s merged (and 0.3 s less of CPU in all). Ingestion writes a batch in one
-# stream per core, so a run fills row groups once each core's share of its lines does: with a twelfth of DuckDB's
-# size, a day of `bench/scale.py`'s 100,000 people (25,000 lines, 12,700 a core) is a bulk append, and so are the
-# identity, mapping and analytics writes of that day (the day 0.3 s faster than with row groups of 30,720, its
-# share 2.5x instead of 2.8x). Smaller row groups grow the file: each keeps its own dictionaries of repeated strings
-# (URLs, referrers, cookies), so the warehouse takes 17% more than with 30,720 (347 MB against 297 MB there) and
-# about 30% more than with DuckDB's size; 4,096 took 36% more for no more speed. DuckDB keeps no row group size in
-# the file: each read-write connection attaches the file with it (`Warehouse._attach_for_writing`); other tools'
-# writes use DuckDB's.
-ROW_GROUP_ROWS = 10_240
+# ingestion's commit that way, against 0.02 s merged (and 0.3 s less of CPU in all). A quarter of DuckDB's size
+# makes a day's or a few hours' events a bulk append; a smaller one would grow the file further (this one grew the
+# full sync's warehouse by a tenth). DuckDB keeps no row group size in the file: each read-write connection
+# attaches the file with it (`Warehouse._attach_for_writing`); other tools' writes use DuckDB's.
+ROW_GROUP_ROWS = 30_720
 
 
 class WarehouseError(RuntimeError):
