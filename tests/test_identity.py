@@ -789,11 +789,14 @@ def test_a_phone_that_turns_out_shared_in_a_later_run_stops_naming_earlier_event
                       {"email": "alice@gmail.com", "phone": "(415) 555-0101"}),
                    ev("x-cart", "AddToCart", at(5), "X", "x1", {"phone": "415-555-0101"})])
     assert resolved(settings)["x-cart"][0] == "alice@gmail.com"
+    alice_phones = "select phones from identities where email = 'alice@gmail.com'"
+    assert query(settings, alice_phones) == [(["+14155550101"],)]
 
     run(settings, [ev("y-checkout", "InitiateCheckout", at(5, 8), "Y", "y1",
                       {"email": "bob@gmail.com", "phone": "4155550101"})], file="run2.ndjson")
 
     assert resolved(settings)["x-cart"] == NOBODY
+    assert query(settings, alice_phones) == [([],)]  # a shared phone is nobody's
 
 
 # ------------------------------------------------------------------------------------------------ memory and supernodes
