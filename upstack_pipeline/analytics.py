@@ -804,13 +804,12 @@ def refresh(settings: Settings, *, now: datetime) -> AnalyticsOverview:
         # database instance for a few sums costs more than the sums.
         with warehouse.cursor() as views:
             database = views.execute("select current_database()").fetchone()[0]
-            views.execute("attach ? as analysts_copy (read_only)", [str(published)])
-            try:
+            with _attached(views, published, "analysts_copy", read_only=True):
                 views.execute("use analysts_copy")
-                state = overview(views, warehouse, now=now, quiet_time=settings.alerts.max_quiet_time)
-            finally:
-                views.execute(f'use "{database}"')  # DuckDB detaches no database that is in use
-                views.execute("detach analysts_copy")
+                try:
+                    state = overview(views, warehouse, now=now, quiet_time=settings.alerts.max_quiet_time)
+                finally:
+                    views.execute(f'use "{database}"')  # DuckDB detaches no database that is in use
             counted = _session_row_counts(views, session_rows_path(settings.warehouse_path))
     return replace(state, published=published, rows={**state.rows, **counted})
 
