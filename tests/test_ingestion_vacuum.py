@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from conftest import NOW, make_event, query, write_lines
+from upstack_pipeline.customers import ingest_customers
 from upstack_pipeline.events import ingest_events
 from upstack_pipeline.ingestion import (
     TAIL_VACUUM_GROUPS,
@@ -162,6 +163,24 @@ def test_a_run_larger_than_a_row_group_whose_streams_do_not_fill_one_measures_be
     recorded = last_measurement(settings)
     assert recorded["load_id"] == 2  # measured now: full row groups, then fewer rows than the bound's
     assert recorded["rows"] < 2000 + threads * (ROW_GROUP_ROWS - 500) - ROW_GROUP_ROWS
+
+
+def test_a_first_sync_after_the_customers_export_measures_the_tail_so_the_next_small_run_need_not(settings):
+    """The customers export's run comes first and records raw_events empty. A first sync whose streams each fill a
+    row group would bound the tail at nearly two row groups' worth, leaving the next run, however small, to measure
+    the whole table: it measures instead, reading only the row groups it wrote."""
+    settings.customers_dir.mkdir(parents=True, exist_ok=True)
+    (settings.customers_dir / "customers.csv").write_text("customer_id,email\n1,jane@gmail.com\n")
+    ingest_customers(settings, now=NOW)
+    assert last_measurement(settings)["table_rows"] == 0
+    first_sync = duckdb_threads(settings) * ROW_GROUP_ROWS + 1000
+    hourly_run(settings, 0, first_sync)
+
+    measured = last_measurement(settings)
+    assert (measured["load_id"], measured["table_rows"]) == (2, first_sync)
+    assert measured["rows"] <= 1000
+    hourly_run(settings, 1, 300)
+    assert last_measurement(settings) == measured  # the next run bounds the tail from it, unmeasured
 
 
 def last_measurement(settings) -> dict:
