@@ -7,6 +7,7 @@ of the numbers, never their size: at this size they measure process start more t
 
 from __future__ import annotations
 
+import gzip
 import re
 import subprocess
 import sys
@@ -87,3 +88,19 @@ def test_quick_scale_bench_prints_every_row_with_sane_ratios(tmp_path):
     for cell in rows[memory[0]]:
         peak = re.fullmatch(r"(\d+\.\d\d) GiB, (\d+\.\d+)x", cell)
         assert peak and float(peak.group(1)) > 0 and float(peak.group(2)) > 0, cell
+
+
+def test_an_increment_of_the_last_days_first_hours_takes_those_hours_alone(tmp_path):
+    """`--increment-hours 2`: the increment is the last day's first two hour folders, named so in the table (issue
+    14's held-out day is 1% of its events, a quarter of the benchmark's day)."""
+    completed = subprocess.run([sys.executable, "bench/scale.py", "--quick", "--increment-hours", "2",
+                                "--dir", str(tmp_path)], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    rows = markdown_rows(completed.stdout)
+    increment = re.fullmatch(r"the last day's first 2 hours: 2 files, (\d[\d,]*) events", rows["step"][1])
+    assert increment, rows["step"]
+    last_day = sorted((tmp_path / "simulation" / "events").glob("dt=*"))[-1]
+    lines = sum(1 for hour in sorted(last_day.glob("hour=*"))[:2] for path in hour.rglob("*.ndjson.gz")
+                for _ in gzip.open(path))
+    assert 0 < int(increment.group(1).replace(",", "")) <= lines  # those hours' events, not the whole day's
+    assert "the increment: the last day's first 2 hours net of nothing new, as a share of the full sync" in rows
