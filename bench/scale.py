@@ -18,7 +18,7 @@ is the local emulator at Klaviyo's real limits (10 requests a second, 150 a minu
 syncs were an hour apart; requests, 429s and their spread come from `klaviyo_deliveries`.
 
 Prints a Markdown table: each step's seconds and its multiple of the baseline, the increment's cost share (one more
-day, net of the nothing-new sync) against its share of the events, delivery against the limits' floor, peak memory.
+day, or its first hours, net of the nothing-new sync) against its share of the events, delivery against the limits' floor, peak memory.
 Ratios, not seconds, are the result: absolute seconds on a shared 2-core machine mean little.
 
 The simulator writes one file per hour (events/dt=YYYY-MM-DD/hour=HH/part-0000.ndjson.gz), so a day is 24 files.
@@ -334,6 +334,9 @@ def main() -> int:
         day_files = sorted(path for folder in increment_folders for path in folder.rglob("*.ndjson.gz"))
         if not day_files:
             parser.error(f"{last_folder} has no event files for the increment")
+        if args.increment_hours and len(increment_folders) < args.increment_hours:
+            log(f"the last day has {len(increment_folders)} hour folders, fewer than --increment-hours "
+                f"{args.increment_hours}: the increment takes them all")
 
         run_dir = root / "run"
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -364,7 +367,8 @@ def main() -> int:
           f"writes one per hour); {os.cpu_count()} cores. Baseline: DuckDB `read_json` of the full sync's files, "
           f"{baselines[0]['seconds']:.1f} s before the syncs and {baselines[1]['seconds']:.1f} s after, mean "
           f"{baseline:.1f} s. Each cell: seconds, then the multiple of that baseline.\n")
-    increment = f"the last day's first {len(increment_folders)} hours" if args.increment_hours else "one more day"
+    hours = "first hour" if len(increment_folders) == 1 else f"first {len(increment_folders)} hours"
+    increment = f"the last day's {hours}" if args.increment_hours else "one more day"
     print(table(len(full_folders), (len(full_files), len(day_files)), baseline, baselines, syncs, increment))
     print(f"\n(bench run {total:.0f} s{', simulation reused' if 'reused' in sim else ''})")
     return 0

@@ -100,7 +100,10 @@ def test_an_increment_of_the_last_days_first_hours_takes_those_hours_alone(tmp_p
     increment = re.fullmatch(r"the last day's first 2 hours: 2 files, (\d[\d,]*) events", rows["step"][1])
     assert increment, rows["step"]
     last_day = sorted((tmp_path / "simulation" / "events").glob("dt=*"))[-1]
-    lines = sum(1 for hour in sorted(last_day.glob("hour=*"))[:2] for path in hour.rglob("*.ndjson.gz")
-                for _ in gzip.open(path))
+    lines = 0
+    for hour in sorted(last_day.glob("hour=*"))[:2]:
+        for path in hour.rglob("*.ndjson.gz"):
+            with gzip.open(path) as file:
+                lines += sum(1 for _ in file)
     assert 0 < int(increment.group(1).replace(",", "")) <= lines  # those hours' events, not the whole day's
     assert "the increment: the last day's first 2 hours net of nothing new, as a share of the full sync" in rows
