@@ -18,7 +18,8 @@ is the local emulator at Klaviyo's real limits (10 requests a second, 150 a minu
 syncs were an hour apart; requests, 429s and their spread come from `klaviyo_deliveries`.
 
 Prints a Markdown table: each step's seconds and its multiple of the baseline, the increment's cost share (one more
-day, or its first hours, net of the nothing-new sync) against its share of the events, delivery against the limits' floor, peak memory.
+day, or its first hours, net of the nothing-new sync) against its share of the events, delivery against the limits'
+floor, peak memory.
 Ratios, not seconds, are the result: absolute seconds on a shared 2-core machine mean little.
 
 The simulator writes one file per hour (events/dt=YYYY-MM-DD/hour=HH/part-0000.ndjson.gz), so a day is 24 files.

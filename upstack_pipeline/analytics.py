@@ -34,7 +34,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, timezone
 from functools import lru_cache
@@ -504,19 +504,18 @@ def _attached(cursor: duckdb.DuckDBPyConnection, path: Path, alias: str, *, read
 def _session_rows_attached(cursor: duckdb.DuckDBPyConnection, path: Path) -> Iterator[None]:
     """`path` attached as `session_rows` for the block; a file DuckDB cannot read is removed first (its rows are
     computed again: they are derived from the warehouse alone)."""
-    try:
-        cursor.execute("attach ? as session_rows", [str(path)])
-    except duckdb.Error as error:
-        if isinstance(error, duckdb.IOException) and "Could not set lock on file" in str(error):
-            raise RuntimeError(f"{path} is open in another process ({error}). It is the pipeline's own file, not "
-                               "for analysts (they read the analysts' copy): close it there and run again") from error
-        for damaged in (path, Path(f"{path}.wal")):
-            damaged.unlink(missing_ok=True)
-        cursor.execute("attach ? as session_rows", [str(path)])
-    try:
+    with ExitStack() as attached:  # only the attach is retried: an error inside the block is the caller's
+        try:
+            attached.enter_context(_attached(cursor, path, "session_rows"))
+        except duckdb.Error as error:
+            if isinstance(error, duckdb.IOException) and "Could not set lock on file" in str(error):
+                raise RuntimeError(f"{path} is open in another process ({error}). It is the pipeline's own file, "
+                                   "not for analysts (they read the analysts' copy): close it there and run again"
+                                   ) from error
+            for damaged in (path, Path(f"{path}.wal")):
+                damaged.unlink(missing_ok=True)
+            attached.enter_context(_attached(cursor, path, "session_rows"))
         yield
-    finally:
-        cursor.execute("detach session_rows")
 
 
 def _session_rows_match_previous(cursor: duckdb.DuckDBPyConnection) -> bool:

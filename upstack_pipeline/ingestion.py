@@ -260,8 +260,9 @@ def decide_vacuum(connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
     otherwise. A record made while raw_events was empty (by the customers export's run, which comes first, or a run
     that added no rows) counts as none: every row group is then the loads' since, so measuring costs in proportion
     to what they wrote, where their bound (a first sync's streams fill row groups: on two threads, nearly two row
-    groups' worth) would leave no room and have the next run, however small, measure the whole table. Should a merge leave more (DuckDB merges a few row groups at a time) or not happen (a run killed
-    first), the next merge comes sooner than it was due: a cost, never a wrong row."""
+    groups' worth) would leave no room and have the next run, however small, measure the whole table. Should a
+    merge leave more (DuckDB merges a few row groups at a time) or not happen (a run killed first), the next merge
+    comes sooner than it was due: a cost, never a wrong row."""
     known = _known_tail(connection)
     bound = _tail_bound(connection, known) if known and known.table_rows else None
     tail = bound or _measured_tail(connection)
