@@ -336,16 +336,17 @@ def _find_stale(cursor: duckdb.DuckDBPyConnection, copy_path: Path, sources: dic
             if cursor.execute("select count(*) from changed_sessions where session_key is null").fetchone()[0]:
                 _every_session_day(cursor)
                 return _Stale(None, previous=True)
+        # The changed sessions' days, read once: the days to sum again, and how much of the history they are.
+        cursor.execute("""
+            create temp table changed_session_days as
+            select * from session_days_now semi join changed_sessions using (session_key)""")
         cursor.execute("""
             create temp table touched_days as
-            select day from quarantine_days
-            union
-            select day from session_days_now semi join changed_sessions using (session_key)""")
+            select day from quarantine_days union select day from changed_session_days""")
         days = {day for (day,) in cursor.execute("select day from touched_days").fetchall()}
         # From half the sessions' days on, the slices would be most of the history: computing it whole costs less.
-        changed, every = cursor.execute("""
-            select (select count(*) from session_days_now semi join changed_sessions using (session_key)),
-                   (select count(*) from session_days_now)""").fetchone()
+        changed, every = cursor.execute(
+            "select (select count(*) from changed_session_days), (select count(*) from session_days_now)").fetchone()
         if 2 * changed >= every:
             _drop_slices(cursor)
             days = None
@@ -578,8 +579,9 @@ def _write_published_views(cursor: duckdb.DuckDBPyConnection, *, whole: bool) ->
             select * from recovered_orders)
         order by day, event_id""")
     cursor.execute("create temp view recovered_orders as select * from computed_recovered_orders")
-    for view in PUBLISHED_VIEWS[1:]:
-        cursor.execute(f"create temp table computed_{view} as select * from {view}{days}")
+    for view in PUBLISHED_VIEWS:
+        if view != "recovered_orders":
+            cursor.execute(f"create temp table computed_{view} as select * from {view}{days}")
     for view in PUBLISHED_VIEWS:
         if whole:
             cursor.execute(f"create or replace table analytics.{view} as select * from computed_{view}")
