@@ -336,7 +336,8 @@ def _find_stale(cursor: duckdb.DuckDBPyConnection, copy_path: Path, sources: dic
             if cursor.execute("select count(*) from changed_sessions where session_key is null").fetchone()[0]:
                 _every_session_day(cursor)
                 return _Stale(None, previous=True)
-        # The changed sessions' days, read once: the days to sum again, and how much of the history they are.
+        # The changed sessions' days, read from the copy's record once: the days to sum again, how much of the
+        # history they are, and the days the slices of their events are read on (`_shadow_with_slice`).
         cursor.execute("""
             create temp table changed_session_days as
             select * from session_days_now semi join changed_sessions using (session_key)""")
@@ -637,7 +638,7 @@ def _shadow_with_slice(cursor: duckdb.DuckDBPyConnection, *, sliced_already: boo
     """On `cursor`, each event table the views read becomes a temp table of the same name holding only the events
     of the changed sessions (`changed_sessions`): their rows per session depend on those events alone.
     `sliced_already`: all but raw_events are, with the other candidates' events, by `_located_changes`."""
-    within, times = _on_their_days(cursor, "changed_sessions")
+    within, times = _on_their_days(cursor, "changed_sessions", "changed_session_days")
     columns = _read_columns(cursor)
     cursor.execute(f"""
         create temp table raw_events as
@@ -674,8 +675,9 @@ def _slice_of_events(cursor: duckdb.DuckDBPyConnection, table: str, columns: str
         where {within}""", times or [])
 
 
-def _on_their_days(cursor: duckdb.DuckDBPyConnection, sessions: str) -> tuple[str, list[datetime]]:
-    """SQL: an event_time on a day of the sessions in table `sessions` (by session_days_now), with its parameters.
+def _on_their_days(cursor: duckdb.DuckDBPyConnection, sessions: str,
+                   session_days: str = "session_days_now") -> tuple[str, list[datetime]]:
+    """SQL: an event_time on a day of the sessions in table `sessions` (by `session_days`), with its parameters.
     Those days come in runs of consecutive days. raw_events is written in loads, mostly a day's files at a time,
     so a filter on those runs' times skips the row groups of other days before any session id is hashed.
     resolved_events appends each run's new rows, so its other recent days are skipped too (a backfill's rows, and
@@ -687,7 +689,7 @@ def _on_their_days(cursor: duckdb.DuckDBPyConnection, sessions: str) -> tuple[st
     runs = cursor.execute(f"""
         select min(day), max(day) + 1 from (
             select day, day - row_number() over (order by day)::int as run
-            from (select distinct day from session_days_now semi join {sessions} using (session_key)))
+            from (select distinct day from {session_days} semi join {sessions} using (session_key)))
         group by run
         order by 1""").fetchall()
     while len(runs) > MAX_DAY_RUNS:
