@@ -677,7 +677,8 @@ def _slice_of_events(cursor: duckdb.DuckDBPyConnection, table: str, columns: str
 
 def _on_their_days(cursor: duckdb.DuckDBPyConnection, sessions: str,
                    session_days: str = "session_days_now") -> tuple[str, list[datetime]]:
-    """SQL: an event_time on a day of the sessions in table `sessions` (by `session_days`), with its parameters.
+    """SQL: an event_time on a day of the sessions in table `sessions`, by their days in `session_days` (all of
+    session_days_now, or the part of it those sessions have), with its parameters.
     Those days come in runs of consecutive days. raw_events is written in loads, mostly a day's files at a time,
     so a filter on those runs' times skips the row groups of other days before any session id is hashed.
     resolved_events appends each run's new rows, so its other recent days are skipped too (a backfill's rows, and
