@@ -50,5 +50,14 @@ from browser_clusters as old
 full join new_browser_clusters as new using (anonymous_id)
 where old.browser_cluster_id is distinct from new.browser_cluster_id;
 
-delete from browser_clusters;
-insert into browser_clusters select * from new_browser_clusters;
+-- Only the rows that changed are written: a run changes few clusters, and rewriting the table whole (delete all,
+-- insert all) sent every row through the write-ahead log and the next checkpoint on every run with anything new.
+delete from browser_clusters
+where anonymous_id in (
+    select anonymous_id from browser_clusters
+    anti join new_browser_clusters using (anonymous_id, browser_cluster_id, linked_by)
+);
+
+insert into browser_clusters
+select * from new_browser_clusters
+anti join browser_clusters using (anonymous_id, browser_cluster_id, linked_by);

@@ -71,6 +71,32 @@ def test_a_run_with_nothing_new_skips_every_step_and_leaves_what_doing_them_leav
         (NOW + timedelta(hours=1),)]
 
 
+def test_a_run_writes_only_the_browser_clusters_that_changed(settings):
+    ingest(settings, story("jane", 180) + story("anna", 170), "hour-1.ndjson")
+    resolve_identities(settings, now=NOW)
+    clusters = "select rowid, anonymous_id, browser_cluster_id from browser_clusters order by anonymous_id"
+    before = query(settings, clusters)
+    assert [cookie for _, cookie, _ in before] == ["a-anna", "a-jane", "b-anna", "b-jane"]
+
+    # A shopper on one cookie links no browsers: every cluster's row stays where it was, not deleted and written again.
+    single = [make_event("cart-solo", event_time=(NOW - timedelta(minutes=100)).isoformat(), anonymous_id="a-solo",
+                         session_id="s-solo", event_source_url=URL, user_data={"klaviyo_identified": False})]
+    ingest(settings, single, "hour-2.ndjson")
+    assert resolve_identities(settings, now=NOW + timedelta(hours=1)).events_resolved == 1
+    assert query(settings, clusters) == before
+
+    # Jane's third cookie joins her cluster: its row is added, and Anna's rows stay where they were.
+    third = [make_event("view-jane-3", event_name="ViewContent", event_time=(NOW - timedelta(minutes=90)).isoformat(),
+                        anonymous_id="c-jane", session_id="s-jane", event_source_url=URL,
+                        user_data={"klaviyo_identified": False})]
+    ingest(settings, third, "hour-3.ndjson")
+    resolve_identities(settings, now=NOW + timedelta(hours=2))
+    after = query(settings, clusters)
+    assert [cookie for _, cookie, _ in after] == ["a-anna", "a-jane", "b-anna", "b-jane", "c-jane"]
+    assert len({cluster for _, cookie, cluster in after if cookie.endswith("jane")}) == 1
+    assert [row for row in after if row[1].endswith("anna")] == [row for row in before if row[1].endswith("anna")]
+
+
 def test_new_guards_are_applied_even_with_nothing_new(settings):
     ingest(settings, story("jane", 120), "hour-1.ndjson")
     resolve_identities(settings, now=NOW)
