@@ -44,14 +44,17 @@ import duckdb
 
 import scale
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SQL_DIR = PROJECT_ROOT / "sql"
-STEP_FILES = str(PROJECT_ROOT / "dagster_project" / "defs") + os.sep
-PROJECT_FILES = (str(PROJECT_ROOT / "upstack_pipeline") + os.sep, str(PROJECT_ROOT / "dagster_project") + os.sep)
 DUCKDB_HEADER_BYTES = 3 * 4096  # a DuckDB file's main header and its two database headers, before block 0
 
 
 # ---- inside a sync: every statement timed --------------------------------------------------------------------------
+
+
+def measured_checkout() -> Path:
+    """The checkout whose pipeline the syncs run: this one, or the one PYTHONPATH names (to measure another version)."""
+    import upstack_pipeline
+
+    return Path(upstack_pipeline.__file__).resolve().parent.parent
 
 
 def normalized(sql: str) -> str:
@@ -59,26 +62,28 @@ def normalized(sql: str) -> str:
     return " ".join(re.sub(r"--[^\n]*", " ", sql).split()).rstrip(";").strip()
 
 
-def sql_file_statements(directory: Path = SQL_DIR) -> dict[str, str]:
-    """Each statement of the project's SQL files, normalized, -> `<file>.sql #k` (k from 1)."""
+def sql_file_statements(directory: Path | None = None) -> dict[str, str]:
+    """Each statement of the pipeline's SQL files, normalized, -> `<file>.sql #k` (k from 1)."""
     found = {}
-    for path in sorted(directory.glob("*.sql")):
+    for path in sorted((directory or measured_checkout() / "sql").glob("*.sql")):
         for number, statement in enumerate(duckdb.extract_statements(path.read_text()), start=1):
             found.setdefault(normalized(statement.query), f"{path.name} #{number}")
     return found
 
 
-def caller() -> tuple[str, str]:
+def caller(checkout: Path) -> tuple[str, str]:
     """(the Dagster step, the project's function) that sent the statement being run: the outermost frame in
     dagster_project/defs/ (the asset's function; `<module>` while Dagster loads the definitions), and the innermost
     in the project's packages."""
+    steps = str(checkout / "dagster_project" / "defs") + os.sep
+    packages = (str(checkout / "upstack_pipeline") + os.sep, str(checkout / "dagster_project") + os.sep)
     step = function = ""
     frame = sys._getframe(2)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not function and filename.startswith(PROJECT_FILES):
+        if not function and filename.startswith(packages):
             function = f"{Path(filename).stem}.{frame.f_code.co_name}"
-        if filename.startswith(STEP_FILES):
+        if filename.startswith(steps):
             step = frame.f_code.co_name
         frame = frame.f_back
     if step == "<module>":
@@ -89,12 +94,12 @@ def caller() -> tuple[str, str]:
 class StatementLog:
     """Every statement run on the connections `connect` opened: text, seconds, page faults, step, function."""
 
-    def __init__(self, sql_files: dict[str, str]):
-        self.sql_files = sql_files
+    def __init__(self, sql_files: dict[str, str], checkout: Path):
+        self.sql_files, self.checkout = sql_files, checkout
         self.rows: list[dict] = []
 
     def timed(self, run, sql: str):
-        step, function = caller()
+        step, function = caller(self.checkout)
         faults, started = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         try:
             return run()
@@ -142,7 +147,7 @@ class TimedConnection:
 
 def sync_child(sync_out: Path, log_out: Path) -> int:
     """bench/scale.py's sync child with duckdb.connect returning TimedConnections; the log written to log_out."""
-    log = StatementLog(sql_file_statements())
+    log = StatementLog(sql_file_statements(), measured_checkout())
     connect = duckdb.connect
     duckdb.connect = lambda *args, **kwargs: TimedConnection(connect(*args, **kwargs), log)
     try:
@@ -158,9 +163,7 @@ def code_digest() -> str:
     """A digest of the pipeline's code as the syncs import it (this checkout, or the one PYTHONPATH names): its SQL
     and Python. Identity's and mapping's records of their last run name their SQL, so a warehouse another version
     wrote makes the next run start over (every translation, every event), which is not the increment measured."""
-    import upstack_pipeline
-
-    checkout = Path(upstack_pipeline.__file__).resolve().parent.parent
+    checkout = measured_checkout()
     digest = hashlib.sha256()
     for path in sorted([*(checkout / "sql").rglob("*.sql"), *(checkout / "upstack_pipeline").rglob("*.py"),
                         *(checkout / "dagster_project").rglob("*.py")]):

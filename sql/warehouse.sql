@@ -252,8 +252,11 @@ create table if not exists identity_flags (
 );
 
 -- People: one per email (the strongest identifier), plus one per Klaviyo _kx never tied to an email.
+-- No primary key, for the reason given at resolved_events below: one row per upstack_id all the same, since
+-- sql/identities.sql deletes a touched person's row before writing it again, and fails a run that would leave one of
+-- its people with two rows.
 create table if not exists identities (
-    upstack_id     varchar primary key,     -- derived from the anchor, so it never changes between runs
+    upstack_id     varchar not null,        -- derived from the anchor, so it never changes between runs
     anchor_type    varchar not null,        -- email | kx
     email          varchar,
     kx             varchar,

@@ -20,7 +20,7 @@ STEPS = ["ingestion", "identity_resolution", "klaviyo_mapping", "klaviyo_deliver
 
 
 def test_a_string_of_statements_is_timed_one_statement_at_a_time_and_named_by_its_sql_file():
-    log = statements.StatementLog({statements.normalized("select 42 as answer"): "answer.sql #2"})
+    log = statements.StatementLog({statements.normalized("select 42 as answer"): "answer.sql #2"}, PROJECT_ROOT)
     connection = statements.TimedConnection(duckdb.connect(), log)
     connection.execute("create table t as select range as n from range(5); -- a comment\n"
                        "insert into t values (5)")

@@ -18,6 +18,7 @@ from conftest import NOW, make_event, query, write_events
 from upstack_pipeline.customers import ingest_customers
 from upstack_pipeline.events import ingest_events
 from upstack_pipeline.identity import resolve_identities
+from upstack_pipeline.warehouse import read_sql
 
 # Every story starts ten days ago, on a whole minute, and is written with a -05:00 offset (the offset is honoured).
 BASE = (NOW - timedelta(days=10)).replace(second=0, microsecond=0)
@@ -1054,3 +1055,31 @@ def test_a_run_that_would_leave_an_event_with_two_rows_fails_and_writes_nothing(
     resolve_identities(settings, now=NOW)
     assert query(settings, "select event_id, count(*) from resolved_events group by 1 order by 1") == [
         ("cart-1", 1), ("cart-2", 1)]
+
+
+def test_a_person_is_left_with_one_row_and_a_run_that_would_leave_two_fails(settings):
+    """identities has no key either (sql/warehouse.sql says why): a run replaces each of its people's rows, and its
+    last statement refuses to leave one of them with two rows, as the key did. A second row given to a person by hand
+    is gone once a run touches them."""
+    jane_id = "up_" + hashlib.sha256(b"email:jane@gmail.com").hexdigest()[:20]
+    write_events(settings.events_dir / "hour-1.ndjson", [make_event("cart-1", user_data={"email": "jane@gmail.com"})])
+    ingest_events(settings, now=NOW)
+    resolve_identities(settings, now=NOW)
+    people = "select upstack_id, email, count(*) from identities group by all"
+    assert query(settings, people) == [(jane_id, "jane@gmail.com", 1)]
+
+    with duckdb.connect(str(settings.warehouse_path)) as connection:
+        connection.execute("insert into identities select * from identities")
+        # The run's last statement, where the run's people are those of touched_anchors.
+        macros = duckdb.extract_statements(read_sql("identifier_normalization"))
+        connection.execute(next(macro.query for macro in macros if "temp macro upstack_id(" in macro.query))
+        connection.execute("create temp table touched_anchors as select 'email' as anchor_type, "
+                           "'jane@gmail.com' as anchor")
+        with pytest.raises(duckdb.InvalidInputException, match=rf"identity would leave 1 of its people with two rows "
+                                                               rf"in identities \({jane_id} among them\)"):
+            connection.execute(duckdb.extract_statements(read_sql("identities"))[-1].query)
+
+    write_events(settings.events_dir / "hour-2.ndjson", [make_event("cart-2", user_data={"email": "jane@gmail.com"})])
+    ingest_events(settings, now=NOW)
+    resolve_identities(settings, now=NOW + timedelta(minutes=5))
+    assert query(settings, people) == [(jane_id, "jane@gmail.com", 1)]
