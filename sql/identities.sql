@@ -3,7 +3,7 @@
 -- An identity is anchored on an email or, when nothing ties it to one, a Klaviyo _kx; its upstack_id is derived
 -- from the anchor, so it is the same in every run and never renumbered. Phones, customer ids and a _kx join an
 -- email's identity only when they translate to that one email (table email_translations).
--- Reads: usable_identity_links, identity_observations, customers, evidence (temp), new_resolutions (temp),
+-- Reads: identities, usable_identity_links, identity_observations, customers, evidence (temp), new_resolutions (temp),
 --   email_translations, quarantined_identifiers (macro), upstack_id (macro)
 -- Variables: now
 -- Writes: identities
