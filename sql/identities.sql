@@ -85,11 +85,13 @@ left join translated as phone on phone.email = anchor.anchor and phone.id_type =
 left join translated as customer on customer.email = anchor.anchor and customer.id_type = 'customer_id'
 left join customers on customers.customer_id = customer.id_values[1];
 
--- identities has no key (sql/warehouse.sql says why): a run that would leave one of its people with two rows fails
--- here instead, in its transaction, so nothing of it is written, as the key did. Only the run's people are counted:
--- the others' rows are as an earlier run, checked the same way, left them.
+-- identities has no key (sql/warehouse.sql says why): a chunk that would leave one of its people with two rows fails
+-- here instead, in its transaction, so nothing of the chunk is written, as the key did. Only the chunk's people are
+-- counted: the others' rows are as an earlier chunk, checked the same way, left them. (The delete above removes every
+-- row of a touched person, one written by hand too: only an insert that wrote a person twice is caught here.)
 select error('identity would leave ' || count(*) || ' of its people with two rows in identities ('
-             || min(upstack_id) || ' among them). Nothing of this run was written.')
+             || min(upstack_id) || ' among them): it writes each person it touched once. Nothing of this chunk was '
+             || 'written.')
 from (
     select upstack_id from identities
     where upstack_id in (select upstack_id(anchor_type, anchor) from touched_anchors)

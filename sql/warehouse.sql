@@ -251,10 +251,11 @@ create table if not exists identity_flags (
     primary key (flag, subject)
 );
 
+-- No primary key (since schema version 11), for the reason given at resolved_events below: one row per upstack_id
+-- all the same, since sql/identities.sql deletes a touched person's row before writing it again, and fails an identity
+-- chunk that would leave one of its people with two rows.
+
 -- People: one per email (the strongest identifier), plus one per Klaviyo _kx never tied to an email.
--- No primary key, for the reason given at resolved_events below: one row per upstack_id all the same, since
--- sql/identities.sql deletes a touched person's row before writing it again, and fails a run that would leave one of
--- its people with two rows.
 create table if not exists identities (
     upstack_id     varchar not null,        -- derived from the anchor, so it never changes between runs
     anchor_type    varchar not null,        -- email | kx

@@ -1057,10 +1057,11 @@ def test_a_run_that_would_leave_an_event_with_two_rows_fails_and_writes_nothing(
         ("cart-1", 1), ("cart-2", 1)]
 
 
-def test_a_person_is_left_with_one_row_and_a_run_that_would_leave_two_fails(settings):
-    """identities has no key either (sql/warehouse.sql says why): a run replaces each of its people's rows, and its
-    last statement refuses to leave one of them with two rows, as the key did. A second row given to a person by hand
-    is gone once a run touches them."""
+def test_a_person_keeps_one_row_and_identities_sql_refuses_to_leave_two(settings):
+    """identities has no key either (sql/warehouse.sql says why): a run replaces each of its people's rows whole, so a
+    second row given to a person by hand is gone once a run touches them; and the last statement of identities.sql
+    refuses to leave one of the chunk's people with two rows, as the key did. A real run's delete removes such a
+    row first, so that statement is run here on its own, after it, on a person with two rows."""
     jane_id = "up_" + hashlib.sha256(b"email:jane@gmail.com").hexdigest()[:20]
     write_events(settings.events_dir / "hour-1.ndjson", [make_event("cart-1", user_data={"email": "jane@gmail.com"})])
     ingest_events(settings, now=NOW)
@@ -1070,7 +1071,7 @@ def test_a_person_is_left_with_one_row_and_a_run_that_would_leave_two_fails(sett
 
     with duckdb.connect(str(settings.warehouse_path)) as connection:
         connection.execute("insert into identities select * from identities")
-        # The run's last statement, where the run's people are those of touched_anchors.
+        # The chunk's people are touched_anchors'; upstack_id() is identifier_normalization.sql's macro.
         macros = duckdb.extract_statements(read_sql("identifier_normalization"))
         connection.execute(next(macro.query for macro in macros if "temp macro upstack_id(" in macro.query))
         connection.execute("create temp table touched_anchors as select 'email' as anchor_type, "
