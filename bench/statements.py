@@ -8,12 +8,13 @@ increment (the last day's first `--increment-hours` hours, or with `--increment-
 first file: what any run with something new pays, whatever its size) and runs two syncs as bench/scale.py runs
 them, each a new process delivering to the local Klaviyo emulator: the increment, then one with nothing new.
 
-Inside each sync every DuckDB statement is timed, with the page faults the process took meanwhile (a sync is a new
-process: each page of memory it touches the first time, DuckDB's cache of the blocks it reads included, costs a
-fault), and put down to the step that ran it (the Dagster asset) and to its SQL file (`sql/<name>.sql #k`, its k-th
-statement) or the library function that sent it. Prints, per step, the statements' count, seconds and faults in
-each sync and the step's time outside them (Python, Dagster, commits), then the statements whose time the
-increment adds most (the median over `--trials`), summed over the statements of the same text.
+Inside each sync every statement sent through execute() is timed, and every commit and close, with the page faults
+the process took meanwhile (a sync is a new process: each page of memory it touches the first time, DuckDB's cache
+of the blocks it reads included, costs a fault), and put down to the step that ran it (the Dagster asset) and to its
+SQL file (`sql/<name>.sql #k`, its k-th statement) or the library function that sent it. Prints, per step, the
+statements' count, seconds and faults in each sync and the step's time outside them (Python, Dagster, and DuckDB
+work not sent through execute()), then the statements whose time the increment adds most (the difference of the
+medians over `--trials`), summed over the statements of the same text.
 
 `--reads` runs one more pair under strace (slow: its timings are not reported) and puts the warehouse blocks each
 sync read down to the table columns that held them when it started (DuckDB's `pragma_storage_info`), in MB: how
@@ -27,6 +28,7 @@ much of the history a run reads to find its few rows.
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import os
@@ -63,7 +65,8 @@ def normalized(sql: str) -> str:
 
 
 def sql_file_statements(directory: Path | None = None) -> dict[str, str]:
-    """Each statement of the pipeline's SQL files, normalized, -> `<file>.sql #k` (k from 1)."""
+    """Each statement of the pipeline's SQL files, normalized, -> `<file>.sql #k` (k from 1; a statement found in
+    several files is named after the first)."""
     found = {}
     for path in sorted((directory or measured_checkout() / "sql").glob("*.sql")):
         for number, statement in enumerate(duckdb.extract_statements(path.read_text()), start=1):
@@ -71,19 +74,17 @@ def sql_file_statements(directory: Path | None = None) -> dict[str, str]:
     return found
 
 
-def caller(checkout: Path) -> tuple[str, str]:
-    """(the Dagster step, the project's function) that sent the statement being run: the outermost frame in
-    dagster_project/defs/ (the asset's function; `<module>` while Dagster loads the definitions), and the innermost
-    in the project's packages."""
-    steps = str(checkout / "dagster_project" / "defs") + os.sep
-    packages = (str(checkout / "upstack_pipeline") + os.sep, str(checkout / "dagster_project") + os.sep)
+def caller() -> tuple[str, str]:
+    """(the Dagster step, the project's function) that sent the statement being run: the outermost frame of a module
+    of dagster_project.defs (the asset's function; `<module>` while Dagster loads the definitions), and the innermost
+    of the project's packages (upstack_pipeline's named without the package)."""
     step = function = ""
     frame = sys._getframe(2)
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if not function and filename.startswith(packages):
-            function = f"{Path(filename).stem}.{frame.f_code.co_name}"
-        if filename.startswith(steps):
+        module = frame.f_globals.get("__name__", "")
+        if not function and module.startswith(("upstack_pipeline.", "dagster_project.")):
+            function = f"{module.removeprefix('upstack_pipeline.')}.{frame.f_code.co_name}"
+        if module.startswith("dagster_project.defs."):
             step = frame.f_code.co_name
         frame = frame.f_back
     if step == "<module>":
@@ -94,12 +95,12 @@ def caller(checkout: Path) -> tuple[str, str]:
 class StatementLog:
     """Every statement run on the connections `connect` opened: text, seconds, page faults, step, function."""
 
-    def __init__(self, sql_files: dict[str, str], checkout: Path):
-        self.sql_files, self.checkout = sql_files, checkout
+    def __init__(self, sql_files: dict[str, str]):
+        self.sql_files = sql_files
         self.rows: list[dict] = []
 
     def timed(self, run, sql: str):
-        step, function = caller(self.checkout)
+        step, function = caller()
         faults, started = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         try:
             return run()
@@ -112,7 +113,8 @@ class StatementLog:
 
 class TimedConnection:
     """A DuckDB connection whose execute() times each statement: a string of several is run one statement at a time
-    (as DuckDB runs them), so that each SQL file's statements are told apart. Everything else is the connection's."""
+    (as DuckDB runs them), so that each SQL file's statements are told apart. Its commits and closes are timed too;
+    everything else is the connection's own, untimed (relations from sql(), register(), begin())."""
 
     def __init__(self, connection: duckdb.DuckDBPyConnection, log: StatementLog):
         self._connection, self._log = connection, log
@@ -124,13 +126,13 @@ class TimedConnection:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._connection.close()
+        self.close()
 
     def cursor(self) -> "TimedConnection":
         return TimedConnection(self._connection.cursor(), self._log)
 
     def close(self) -> None:
-        self._log.timed(self._connection.close, "(closing the connection: its checkpoint, if it is the last)")
+        self._log.timed(self._connection.close, "(closing a connection: the checkpoint, if it is the warehouse's last)")
 
     def commit(self) -> "TimedConnection":
         self._log.timed(self._connection.commit, "(commit)")
@@ -147,7 +149,7 @@ class TimedConnection:
 
 def sync_child(sync_out: Path, log_out: Path) -> int:
     """bench/scale.py's sync child with duckdb.connect returning TimedConnections; the log written to log_out."""
-    log = StatementLog(sql_file_statements(), measured_checkout())
+    log = StatementLog(sql_file_statements())
     connect = duckdb.connect
     duckdb.connect = lambda *args, **kwargs: TimedConnection(connect(*args, **kwargs), log)
     try:
@@ -208,9 +210,7 @@ def add_increment(trial: Path, simulation: Path, hours: int | None, lines: int |
         for folder in hour_folders[:hours]:
             shutil.copytree(folder, target / folder.name)
         return
-    import gzip
-
-    first = sorted(hour_folders[0].iterdir())[0]
+    first = sorted(hour_folders[0].glob("[!.]*.ndjson.gz"))[0]
     with gzip.open(first, "rt") as source:
         head = [line for _, line in zip(range(lines), source)]
     (target / hour_folders[0].name).mkdir(parents=True)
@@ -265,7 +265,8 @@ def by_statement(run: dict) -> dict[tuple[str, str, str], float]:
 
 
 def added_by_statement(trials: list[dict[str, dict]]) -> list[tuple[float, float, float, tuple[str, str, str]]]:
-    """(median seconds the increment adds, its median seconds, the nothing-new sync's, key), most added first."""
+    """(what the increment adds: the difference of the two medians, the increment's median seconds, the
+    nothing-new sync's, key), most added first."""
     increments = [by_statement(trial["increment"]) for trial in trials]
     nothings = [by_statement(trial["nothing new"]) for trial in trials]
     keys = set().union(*increments, *nothings)
@@ -297,7 +298,8 @@ def report(trials: list[dict[str, dict]], top: int) -> str:
     lines += [f"| whole sync, process start to exit | | {whole[0]:.3f} / {whole[1]:.3f} | | |",
               "", "Each cell: with the increment / with nothing new (medians over the trials).", "",
               f"The {top} statements the increment adds most time to (seconds, medians over the trials):", "",
-              "| added | increment | nothing new | step | source | statement |", "| --- | --- | --- | --- | --- | --- |"]
+              "| added | increment | nothing new | step | source | statement |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for added, with_increment, without, (step, source, text) in added_by_statement(trials)[:top]:
         lines.append(f"| {added:.3f} | {with_increment:.3f} | {without:.3f} | `{step}` | {source} | "
                      f"`{text[:90].replace('|', '/')}` |")
@@ -309,31 +311,31 @@ def report(trials: list[dict[str, dict]], top: int) -> str:
 
 def block_owners(warehouse: Path) -> dict:
     """The file's block size, and each block id -> the `table.column`s with a segment in it (several small segments
-    may share a block)."""
+    may share a block; a segment may span more blocks than its first)."""
     owners: dict[int, set[str]] = defaultdict(set)
     with duckdb.connect(str(warehouse), read_only=True) as connection:
         block_size = connection.execute("select block_size from pragma_database_size()").fetchone()[0]
         for (table,) in connection.execute("select table_name from duckdb_tables()").fetchall():
-            for column, block in connection.execute(
-                    f"select column_name, block_id from pragma_storage_info('{table}') where block_id >= 0"
-                    ).fetchall():
-                owners[block].add(f"{table}.{column}")
+            for column, block, more in connection.execute(
+                    f"select column_name, block_id, additional_block_ids from pragma_storage_info('{table}') "
+                    "where block_id >= 0").fetchall():
+                for owned in (block, *(more or ())):
+                    owners[owned].add(f"{table}.{column}")
     return {"block_size": block_size, "owners": owners}
 
 
-OPENED = re.compile(r'^\d+\s+openat\(.*?"([^"]+)".*\)\s+=\s+(\d+)')
-READ = re.compile(r"^\d+\s+pread64\((\d+),.*,\s*(\d+),\s*(\d+)\)\s+=\s+(\d+)")
+# A read as `strace -y` prints it: the descriptor with its path, the buffer, the size asked, the offset.
+READ = re.compile(r"^pread64\(\d+<([^>]+)>,.*,\s*(\d+),\s*(\d+)\)\s+=\s+(\d+)")
+NOT_A_SEGMENT = "(no column's segment when the sync started: metadata, indexes, or written by the sync)"
 
 
-def blocks_read(strace_log: str, warehouse_name: str, block_size: int) -> list[int]:
-    """The blocks of the warehouse file each pread of an strace log read (one entry per read)."""
-    descriptors: dict[str, str] = {}
+def blocks_read(trace: str, warehouse_name: str, block_size: int) -> list[int]:
+    """The blocks of the warehouse file each pread of a trace read (one entry per block per read). The trace is one
+    thread's (`strace -ff -y`: each line whole, each descriptor with its file's path), or several's joined."""
     found = []
-    for line in strace_log.splitlines():
-        if opened := OPENED.match(line):
-            descriptors[opened.group(2)] = opened.group(1)
-        elif (read := READ.match(line)) and Path(descriptors.get(read.group(1), "")).name == warehouse_name:
-            offset, size = int(read.group(3)), int(read.group(4))
+    for line in trace.splitlines():
+        if (read := READ.match(line)) and Path(read.group(1)).name == warehouse_name:
+            offset, size = int(read.group(3)), int(read.group(2))
             if offset >= DUCKDB_HEADER_BYTES:
                 first = (offset - DUCKDB_HEADER_BYTES) // block_size
                 last = (offset + size - 1 - DUCKDB_HEADER_BYTES) // block_size
@@ -342,12 +344,12 @@ def blocks_read(strace_log: str, warehouse_name: str, block_size: int) -> list[i
 
 
 def reads_by_column(blocks: list[int], owners: dict[int, set[str]], block_size: int) -> dict[str, float]:
-    """MB read per `table.column` (a block shared by several columns counts for each; blocks the file did not hold
-    when the sync started, written by it, as `(written since)`; a block a checkpoint of the sync freed and wrote
-    again is put down to the column that held it before)."""
+    """MB read per `table.column`: a block shared by several columns counts for each (so these do not add up to
+    what was read); a block that held no column's segment when the sync started, as NOT_A_SEGMENT; a block a
+    checkpoint of the sync freed and wrote again, as the column that held it before."""
     found: dict[str, float] = defaultdict(float)
     for block in blocks:
-        for column in owners.get(block, {"(written since)"}):
+        for column in owners.get(block, {NOT_A_SEGMENT}):
             found[column] += block_size / 2**20
     return dict(found)
 
@@ -358,18 +360,21 @@ def reads_report(full: Path, simulation: Path, args: argparse.Namespace, scratch
     traces = scratch / "traces"
     shutil.rmtree(traces, ignore_errors=True)
     traces.mkdir()
-    wrapper = scratch / "strace-each.sh"  # one trace file per process, in the order they ran
-    wrapper.write_text(f'#!/bin/sh\nexec strace -f -o "{traces}/$(date +%s%N).txt" '
-                       '-e trace=openat,pread64 "$@"\n')
+    wrapper = scratch / "strace-each.sh"  # a folder per process, named in the order they ran; a file per thread
+    wrapper.write_text(f'#!/bin/sh\nfolder="{traces}/$(date +%s%N)"\nmkdir "$folder"\n'
+                       'exec strace -ff -y -o "$folder/thread" -e trace=pread64 "$@"\n')
     wrapper.chmod(0o755)
     layouts: dict[str, dict] = {}
     trial_pair(full, simulation, args, scratch, prefix=(str(wrapper),), layouts=layouts)
-    increment, nothing = [
-        reads_by_column(blocks_read(path.read_text(errors="replace"), "warehouse.duckdb", layout["block_size"]),
-                        layout["owners"], layout["block_size"])
-        for path, layout in zip(sorted(traces.iterdir()), (layouts["increment"], layouts["nothing new"]))]
-    lines = [f"Warehouse reads: {sum(increment.values()):.0f} MB with the increment, {sum(nothing.values()):.0f} MB "
-             "with nothing new. The columns read most more with the increment:", "",
+    reads = []
+    for folder, layout in zip(sorted(traces.iterdir()), (layouts["increment"], layouts["nothing new"])):
+        trace = "\n".join(path.read_text(errors="replace") for path in sorted(folder.iterdir()))
+        blocks = blocks_read(trace, "warehouse.duckdb", layout["block_size"])
+        reads.append((len(blocks) * layout["block_size"] / 2**20,
+                      reads_by_column(blocks, layout["owners"], layout["block_size"])))
+    (total, increment), (total_nothing, nothing) = reads
+    lines = [f"Warehouse reads: {total:.0f} MB with the increment, {total_nothing:.0f} MB with nothing new. The "
+             "columns read most more with the increment (a block two columns share counts for both):", "",
              "| column | MB added | MB with the increment | MB with nothing new |", "| --- | --- | --- | --- |"]
     for column in sorted(increment, key=lambda name: nothing.get(name, 0) - increment[name])[:args.top]:
         lines.append(f"| {column} | {increment[column] - nothing.get(column, 0):.1f} | {increment[column]:.1f} | "
@@ -393,6 +398,8 @@ def main() -> int:
         return sync_child(*args.child)
     if args.dir is None or not (args.dir / "simulation" / "events").is_dir():
         parser.error("--dir must be a folder bench/scale.py --dir kept: run bench/scale.py --dir DIR first")
+    if args.trials < 1 or not 1 <= args.increment_hours <= 24 or (args.increment_lines or 1) < 1:
+        parser.error("--trials and --increment-lines must be at least 1, --increment-hours 1 to 24")
     if args.increment_lines is not None:
         args.increment_hours = None
     simulation = args.dir / "simulation"

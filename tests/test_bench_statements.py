@@ -20,7 +20,7 @@ STEPS = ["ingestion", "identity_resolution", "klaviyo_mapping", "klaviyo_deliver
 
 
 def test_a_string_of_statements_is_timed_one_statement_at_a_time_and_named_by_its_sql_file():
-    log = statements.StatementLog({statements.normalized("select 42 as answer"): "answer.sql #2"}, PROJECT_ROOT)
+    log = statements.StatementLog({statements.normalized("select 42 as answer"): "answer.sql #2"})
     connection = statements.TimedConnection(duckdb.connect(), log)
     connection.execute("create table t as select range as n from range(5); -- a comment\n"
                        "insert into t values (5)")
@@ -31,9 +31,8 @@ def test_a_string_of_statements_is_timed_one_statement_at_a_time_and_named_by_it
 
     assert [row["text"] for row in log.rows] == [
         "create table t as select range as n from range(5)", "insert into t values (5)", "select count(*) from t",
-        "select ?::int + 1", "select 42 as answer", "(closing the connection: its checkpoint, if it is the last)"]
+        "select ?::int + 1", "select 42 as answer", "(closing a connection: the checkpoint, if it is the warehouse's last)"]
     assert log.rows[4]["source"] == "answer.sql #2"
-    assert all(row["seconds"] >= 0 and row["faults"] >= 0 for row in log.rows)
     # Sent from this test, not from one of the pipeline's steps.
     assert {row["step"] for row in log.rows} == {"(outside the steps)"}
 
@@ -57,24 +56,24 @@ def test_the_blocks_a_sync_read_are_put_down_to_the_columns_that_held_them(tmp_p
     assert len(key_blocks) > 2 and layout["block_size"] == 262144
 
     offset = statements.DUCKDB_HEADER_BYTES + key_blocks[1] * layout["block_size"]
-    strace_log = "\n".join([
-        f'101 openat(AT_FDCWD, "{warehouse}", O_RDWR|O_CLOEXEC) = 7',
-        f'101 openat(AT_FDCWD, "{tmp_path}/other.duckdb", O_RDONLY) = 8',
-        f'102 pread64(7, "\\1\\2"..., 262144, {offset}) = 262144',
-        f'102 pread64(8, "\\1\\2"..., 262144, {offset}) = 262144',  # another file: not the warehouse's
-        '102 pread64(7, "\\1\\2"..., 4096, 0) = 4096',  # its header: no block
+    trace = "\n".join([  # one thread's, as `strace -ff -y -e trace=pread64` writes it
+        f'pread64(7<{warehouse}>, "\\1\\2"..., 262144, {offset}) = 262144',
+        f'pread64(8<{tmp_path}/other.duckdb>, "\\1\\2"..., 262144, {offset}) = 262144',  # not the warehouse
+        f'pread64(7<{warehouse}>, "\\1\\2"..., 4096, 0) = 4096',  # its header: no block
+        f'pread64(7<{warehouse}>, "\\1\\2"..., 524288, {offset}) = 524288',  # two blocks in one read
     ])
-    blocks = statements.blocks_read(strace_log, "warehouse.duckdb", layout["block_size"])
-    assert blocks == [key_blocks[1]]
-    assert statements.reads_by_column(blocks, layout["owners"], layout["block_size"]) == {"wide.key": 0.25}
-    assert statements.reads_by_column([10**6], layout["owners"], layout["block_size"]) == {"(written since)": 0.25}
+    blocks = statements.blocks_read(trace, "warehouse.duckdb", layout["block_size"])
+    assert blocks == [key_blocks[1], key_blocks[1], key_blocks[1] + 1]
+    assert statements.reads_by_column(blocks[:1], layout["owners"], layout["block_size"]) == {"wide.key": 0.25}
+    assert statements.reads_by_column([10**6], layout["owners"], layout["block_size"]) == {
+        statements.NOT_A_SEGMENT: 0.25}
 
 
 @pytest.mark.slow  # a simulated world and three whole syncs in processes of their own
 def test_twenty_new_lines_show_what_a_run_with_something_new_pays(tmp_path):
     scale.simulation(tmp_path, people=300, days=3, seed=14)
     completed = subprocess.run([sys.executable, "bench/statements.py", "--dir", str(tmp_path), "--trials", "1",
-                                "--increment-lines", "20", "--top", "10"],
+                                "--increment-lines", "20", "--top", "1000"],
                                capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
     rows = {match.group(1): match.group(2).split(" | ")
@@ -83,8 +82,8 @@ def test_twenty_new_lines_show_what_a_run_with_something_new_pays(tmp_path):
     counts = {step: [int(count) for count in rows[step][0].split(" / ")] for step in STEPS}
     # Identity runs its SQL for 20 new lines, and stops after its fingerprint check with nothing new.
     assert counts["identity_resolution"][0] > counts["identity_resolution"][1] > 0, counts
-    added = re.findall(r"^\| (\d+\.\d{3}) \| \d+\.\d{3} \| \d+\.\d{3} \| `([^`]+)` \| ([^|]*) \|", completed.stdout,
-                       re.MULTILINE)
-    assert len(added) == 10, completed.stdout
+    added = re.findall(r"^\| (-?\d+\.\d{3}) \| \d+\.\d{3} \| \d+\.\d{3} \| `([^`]+)` \| ([^|]*) \|",
+                       completed.stdout, re.MULTILINE)
+    assert len(added) > 100, completed.stdout  # every statement either sync ran
     assert any(source.strip() == "line_verdicts.sql #1" and step == "ingestion" for _, step, source in added), added
     assert (tmp_path / "statements" / "full" / "warehouse.duckdb").is_file()  # kept for the next run
