@@ -2,8 +2,8 @@
 
 bench/scale.py says how much one more day costs over a sync with nothing new; this says where. Over a simulation
 bench/scale.py kept (`--dir DIR`, its `simulation/` folder), it syncs every day but the last once, keeping that
-warehouse in DIR/statements/full (reused while the simulation and the pipeline's code are the same: to compare two
-versions, give each a DIR of its own holding the same simulation). Then each trial copies the snapshot, adds the
+warehouse in DIR/statements/full-<digest of the pipeline's code> (reused while the simulation is the same; the
+snapshots of versions a run does not measure are removed). Then each trial copies the snapshot, adds the
 increment (the last day's first `--increment-hours` hours, or with `--increment-lines N` the first N lines of its
 first file: what any run with something new pays, whatever its size) and runs two syncs as bench/scale.py runs
 them, each a new process delivering to the local Klaviyo emulator: the increment, then one with nothing new.
@@ -16,13 +16,17 @@ statements' count, seconds and faults in each sync and the step's time outside t
 work not sent through execute()), then the statements whose time the increment adds most (the difference of the
 medians over `--trials`), summed over the statements of the same text.
 
+`--against CHECKOUT` measures another checkout's pipeline in the same trials, each trial running this checkout's pair
+and then the other's (the machine drifts between trials, so versions are compared alternated), and ends with a table
+of both: the whole syncs, their difference and each step's seconds in statements.
+
 `--reads` runs one more pair under strace (slow: its timings are not reported) and puts the warehouse blocks each
 sync read down to the table columns that held them when it started (DuckDB's `pragma_storage_info`), in MB: how
 much of the history a run reads to find its few rows.
 
     .venv/bin/python bench/scale.py --scale 3 --dir /tmp/scale3          # once: keeps the simulation
     .venv/bin/python bench/statements.py --dir /tmp/scale3 [--increment-hours 3 | --increment-lines 20]
-                                         [--trials 3] [--top 30] [--reads] [--rebuild]
+                                         [--trials 3] [--top 30] [--against OTHER_CHECKOUT] [--reads] [--rebuild]
 """
 
 from __future__ import annotations
@@ -161,11 +165,10 @@ def sync_child(sync_out: Path, log_out: Path) -> int:
 # ---- the trials ----------------------------------------------------------------------------------------------------
 
 
-def code_digest() -> str:
-    """A digest of the pipeline's code as the syncs import it (this checkout, or the one PYTHONPATH names): its SQL
-    and Python. Identity's and mapping's records of their last run name their SQL, so a warehouse another version
-    wrote makes the next run start over (every translation, every event), which is not the increment measured."""
-    checkout = measured_checkout()
+def code_digest(checkout: Path) -> str:
+    """A digest of a checkout's pipeline: its SQL and Python. Identity's and mapping's records of their last run name
+    their SQL, so a warehouse another version wrote makes the next run start over (every translation, every event),
+    which is not the increment measured."""
     digest = hashlib.sha256()
     for path in sorted([*(checkout / "sql").rglob("*.sql"), *(checkout / "upstack_pipeline").rglob("*.py"),
                         *(checkout / "dagster_project").rglob("*.py")]):
@@ -173,12 +176,13 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def snapshot(root: Path, simulation: Path, rebuild: bool) -> Path:
-    """DIR/statements/full: the landing folder of every day but the last and the warehouse its sync left, built
-    again when the simulation or the pipeline's code differs from what built it."""
-    full, record = root / "full", root / "full.json"
+def snapshot(root: Path, simulation: Path, rebuild: bool, checkout: Path, pythonpath: str | None) -> Path:
+    """DIR/statements/full-<code>: the landing folder of every day but the last and the warehouse the checkout's sync
+    left, built again when the simulation differs from what built it (one per version of the pipeline's code)."""
+    full = root / f"full-{code_digest(checkout)[:12]}"
+    record = full.with_name(full.name + ".json")
     wanted = json.dumps({"simulation": json.loads((simulation.parent / "simulation.json").read_text()),
-                         "code": code_digest()})
+                         "checkout": str(checkout)})
     if not rebuild and full.is_dir() and record.is_file() and record.read_text() == wanted:
         scale.log(f"reusing the full sync in {full}")
         return full
@@ -190,16 +194,29 @@ def snapshot(root: Path, simulation: Path, rebuild: bool) -> Path:
     if (simulation / "customers").is_dir():
         shutil.copytree(simulation / "customers", full / "landing" / "customers")
     scale.log(f"full sync of {len(days) - 1} days into {full}")
-    seconds, _, _ = sync(full, "full", [scale.SCRIPT, "--sync-child", str(full / "sync-full.json")])
+    seconds, _, _ = sync(full, "full", [scale.SCRIPT, "--sync-child", str(full / "sync-full.json")],
+                         pythonpath=pythonpath)
     scale.log(f"full sync: {seconds:.1f} s")
     record.write_text(wanted)
     return full
 
 
-def sync(root: Path, label: str, child: list[str], prefix: tuple[str, ...] = ()) -> tuple[float, int, str]:
+def sync(root: Path, label: str, child: list[str], prefix: tuple[str, ...] = (),
+         pythonpath: str | None = None) -> tuple[float, int, str]:
+    """A sync in a process of its own against a fresh emulator; with `pythonpath`, another checkout's pipeline."""
     with scale.Emulator(root / f"emulator-{label}.log") as base_url:
         env = scale.sync_environment(root / "landing", root / "warehouse.duckdb", base_url)
+        if pythonpath is not None:
+            env["PYTHONPATH"] = pythonpath
         return scale.run_measured([*prefix, sys.executable, *child], env=env)
+
+
+def prune_snapshots(root: Path, kept: list[Path]) -> None:
+    """Removes the snapshots of versions this run does not measure: each holds a whole warehouse."""
+    for folder in root.glob("full-*"):
+        if folder.is_dir() and folder not in kept:
+            shutil.rmtree(folder)
+            folder.with_name(folder.name + ".json").unlink(missing_ok=True)
 
 
 def add_increment(trial: Path, simulation: Path, hours: int | None, lines: int | None) -> None:
@@ -219,10 +236,11 @@ def add_increment(trial: Path, simulation: Path, hours: int | None, lines: int |
 
 
 def trial_pair(full: Path, simulation: Path, args: argparse.Namespace, scratch: Path,
-               prefix: tuple[str, ...] = (), layouts: dict | None = None) -> dict[str, dict]:
+               prefix: tuple[str, ...] = (), layouts: dict | None = None,
+               pythonpath: str | None = None) -> dict[str, dict]:
     """One trial: the increment's sync and then the nothing-new sync on a fresh copy of the snapshot, each with
     its statement log (with `prefix`, e.g. strace, before each process; with `layouts`, the warehouse's blocks
-    as each sync found them)."""
+    as each sync found them; with `pythonpath`, another checkout's pipeline)."""
     trial = scratch / "trial"
     shutil.rmtree(trial, ignore_errors=True)
     shutil.copytree(full, trial)
@@ -234,7 +252,7 @@ def trial_pair(full: Path, simulation: Path, args: argparse.Namespace, scratch: 
         if layouts is not None:
             layouts[label] = block_owners(trial / "warehouse.duckdb")
         seconds, _, _ = sync(trial, label, [os.path.abspath(__file__), "--child", str(trial / "sync.json"), str(out)],
-                             prefix)
+                             prefix, pythonpath)
         steps = json.loads((trial / "sync.json").read_text())["steps"]
         logs[label] = {"statements": json.loads(out.read_text()), "steps": steps, "seconds": seconds}
     return logs
@@ -303,6 +321,23 @@ def report(trials: list[dict[str, dict]], top: int) -> str:
     for added, with_increment, without, (step, source, text) in added_by_statement(trials)[:top]:
         lines.append(f"| {added:.3f} | {with_increment:.3f} | {without:.3f} | `{step}` | {source} | "
                      f"`{text[:90].replace('|', '/')}` |")
+    return "\n".join(lines)
+
+
+def comparison(versions: dict[str, list[dict[str, dict]]]) -> str:
+    """Per version (trials alternated between them): the increment's whole sync, the nothing-new one, their
+    difference, and each step's seconds in statements with the increment, medians over the trials."""
+    steps = list(dict.fromkeys(step for trials in versions.values() for trial in trials
+                               for step in trial["increment"]["steps"]))
+    lines = ["| version | increment | nothing new | net | " + " | ".join(f"`{step}`" for step in steps) + " |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in steps) + " |"]
+    for label, trials in versions.items():
+        whole = [statistics.median(trial[run]["seconds"] for trial in trials) for run in ("increment", "nothing new")]
+        net = statistics.median(trial["increment"]["seconds"] - trial["nothing new"]["seconds"] for trial in trials)
+        in_steps = [statistics.median(step_totals(trial["increment"]).get(step, {}).get("seconds", 0.0)
+                                      for trial in trials) for step in steps]
+        lines.append(f"| {label} | {whole[0]:.3f} | {whole[1]:.3f} | {net:.3f} | "
+                     + " | ".join(f"{seconds:.3f}" for seconds in in_steps) + " |")
     return "\n".join(lines)
 
 
@@ -392,6 +427,7 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--reads", action="store_true", help="also what each sync read of the warehouse (strace)")
     parser.add_argument("--rebuild", action="store_true", help="sync the full snapshot again")
+    parser.add_argument("--against", type=Path, help="another checkout, measured in the same trials, alternated")
     parser.add_argument("--child", type=Path, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -400,25 +436,40 @@ def main() -> int:
         parser.error("--dir must be a folder bench/scale.py --dir kept: run bench/scale.py --dir DIR first")
     if args.trials < 1 or not 1 <= args.increment_hours <= 24 or (args.increment_lines or 1) < 1:
         parser.error("--trials and --increment-lines must be at least 1, --increment-hours 1 to 24")
+    if args.against is not None and not (args.against / "upstack_pipeline").is_dir():
+        parser.error(f"--against must be a checkout of upstack-flows (with upstack_pipeline/): {args.against}")
     if args.increment_lines is not None:
         args.increment_hours = None
     simulation = args.dir / "simulation"
-    full = snapshot(args.dir / "statements", simulation, args.rebuild)
+    versions = {str(measured_checkout()): (measured_checkout(), None)}
+    if args.against is not None:
+        versions[str(args.against.resolve())] = (args.against.resolve(), str(args.against.resolve()))
+    root = args.dir / "statements"
+    snapshots = {label: snapshot(root, simulation, args.rebuild, checkout, pythonpath)
+                 for label, (checkout, pythonpath) in versions.items()}
+    prune_snapshots(root, list(snapshots.values()))
     with tempfile.TemporaryDirectory(prefix="upstack-statements-", dir=args.dir) as scratch:
-        trials = []
+        trials: dict[str, list[dict[str, dict]]] = {label: [] for label in versions}
         for number in range(1, args.trials + 1):
-            trials.append(trial_pair(full, simulation, args, Path(scratch)))
-            scale.log(f"trial {number}: " + ", ".join(
-                f"{label} {trial['seconds']:.2f} s, {sum(row['seconds'] for row in trial['statements']):.2f} s in "
-                "statements" for label, trial in trials[-1].items()))
+            for label, (_, pythonpath) in versions.items():  # alternated: the machine drifts between trials
+                trials[label].append(trial_pair(snapshots[label], simulation, args, Path(scratch),
+                                                pythonpath=pythonpath))
+                scale.log(f"trial {number}, {label}: " + ", ".join(
+                    f"{run} {trial['seconds']:.2f} s, {sum(row['seconds'] for row in trial['statements']):.2f} s "
+                    "in statements" for run, trial in trials[label][-1].items()))
         increment_label = (f"the last day's first {args.increment_hours} hours" if args.increment_lines is None
                            else f"the first {args.increment_lines} lines of the last day's first file")
-        print(f"Statements of a sync with {increment_label}, and of the sync with nothing new after it "
-              f"({args.trials} trials):\n")
-        print(report(trials, args.top))
+        for label in versions:
+            heading = f" ({label})" if args.against is not None else ""
+            print(f"Statements of a sync with {increment_label}, and of the sync with nothing new after it "
+                  f"({args.trials} trials){heading}:\n")
+            print(report(trials[label], args.top) + "\n")
+        if args.against is not None:
+            print("Each version's syncs, alternated (seconds, medians over the trials; the steps' seconds in "
+                  "statements with the increment):\n")
+            print(comparison(trials) + "\n")
         if args.reads:
-            print()
-            print(reads_report(full, simulation, args, Path(scratch)))
+            print(reads_report(snapshots[str(measured_checkout())], simulation, args, Path(scratch)))
     return 0
 
 

@@ -4,6 +4,7 @@ the warehouse blocks a sync read down to the right columns; and it still runs en
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,8 @@ def test_a_string_of_statements_is_timed_one_statement_at_a_time_and_named_by_it
 
     assert [row["text"] for row in log.rows] == [
         "create table t as select range as n from range(5)", "insert into t values (5)", "select count(*) from t",
-        "select ?::int + 1", "select 42 as answer", "(closing a connection: the checkpoint, if it is the warehouse's last)"]
+        "select ?::int + 1", "select 42 as answer",
+        "(closing a connection: the checkpoint, if it is the warehouse's last)"]
     assert log.rows[4]["source"] == "answer.sql #2"
     # Sent from this test, not from one of the pipeline's steps.
     assert {row["step"] for row in log.rows} == {"(outside the steps)"}
@@ -69,21 +71,33 @@ def test_the_blocks_a_sync_read_are_put_down_to_the_columns_that_held_them(tmp_p
         statements.NOT_A_SEGMENT: 0.25}
 
 
-@pytest.mark.slow  # a simulated world and three whole syncs in processes of their own
-def test_twenty_new_lines_show_what_a_run_with_something_new_pays(tmp_path):
+@pytest.mark.slow  # a simulated world and five whole syncs in processes of their own
+def test_twenty_new_lines_show_what_a_run_with_something_new_pays_in_each_version_compared(tmp_path):
     scale.simulation(tmp_path, people=300, days=3, seed=14)
+    other = tmp_path / "other-checkout"  # the same code elsewhere: run from there through PYTHONPATH
+    for folder in ("upstack_pipeline", "dagster_project", "sql", "schemas"):
+        shutil.copytree(PROJECT_ROOT / folder, other / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT_ROOT / "pyproject.toml", other)  # Dagster finds its project by it
     completed = subprocess.run([sys.executable, "bench/statements.py", "--dir", str(tmp_path), "--trials", "1",
-                                "--increment-lines", "20", "--top", "1000"],
+                                "--increment-lines", "20", "--top", "1000", "--against", str(other)],
                                capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
+    ours, theirs = completed.stdout.split(f"trials) ({other}):")
+    assert f"trials) ({PROJECT_ROOT}):" in ours
+    # The other checkout's syncs ran its own modules: their statements are put down to its steps too.
+    assert re.search(r"^\| `identity_resolution` \| [1-9]\d* / [1-9]\d* \|", theirs, re.MULTILINE), theirs
+    comparison = re.findall(r"^\| (\S+) \| (\d+\.\d{3}) \| (\d+\.\d{3}) \| (-?\d+\.\d{3}) \|", theirs, re.MULTILINE)
+    assert [label for label, *_ in comparison] == [str(PROJECT_ROOT), str(other)], theirs
+    assert all(float(increment) > 0 and float(nothing) > 0 for _, increment, nothing, _ in comparison)
+    # Same code, so one snapshot serves both.
+    assert len(list((tmp_path / "statements").glob("full-*/warehouse.duckdb"))) == 1
     rows = {match.group(1): match.group(2).split(" | ")
-            for match in re.finditer(r"^\| `([^`]+)` \| (.*) \|$", completed.stdout, re.MULTILINE)}
+            for match in re.finditer(r"^\| `([^`]+)` \| (.*) \|$", ours, re.MULTILINE)}
     assert set(STEPS) <= set(rows), completed.stdout
     counts = {step: [int(count) for count in rows[step][0].split(" / ")] for step in STEPS}
     # Identity runs its SQL for 20 new lines, and stops after its fingerprint check with nothing new.
     assert counts["identity_resolution"][0] > counts["identity_resolution"][1] > 0, counts
     added = re.findall(r"^\| (-?\d+\.\d{3}) \| \d+\.\d{3} \| \d+\.\d{3} \| `([^`]+)` \| ([^|]*) \|",
-                       completed.stdout, re.MULTILINE)
+                       ours, re.MULTILINE)
     assert len(added) > 100, completed.stdout  # every statement either sync ran
     assert any(source.strip() == "line_verdicts.sql #1" and step == "ingestion" for _, step, source in added), added
-    assert (tmp_path / "statements" / "full" / "warehouse.duckdb").is_file()  # kept for the next run
