@@ -156,6 +156,25 @@ def simulation(root: Path, people: int, days: int, seed: int) -> tuple[Path, dic
     return folder, kept
 
 
+def split_days(sim_dir: Path, increment_hours: int | None) -> tuple[list[Path], list[Path]]:
+    """(the full sync's day folders: every day but the last; the increment's folders: the last day, or its first
+    `increment_hours` hour folders)."""
+    day_folders = sorted(path for path in (sim_dir / "events").glob("dt=*") if path.is_dir())
+    last_day = day_folders[-1]
+    increment = (sorted(path for path in last_day.glob("hour=*") if path.is_dir())[:increment_hours]
+                 if increment_hours else [last_day])
+    return day_folders[:-1], increment
+
+
+def land(sim_dir: Path, folders: list[Path], landing: Path, *, customers: bool = False) -> None:
+    """Copies a simulation's day or hour folders into a landing folder, at the same place under events/ (and with
+    `customers`, its customers export)."""
+    for folder in folders:
+        shutil.copytree(folder, landing / "events" / folder.relative_to(sim_dir / "events"))
+    if customers and (sim_dir / "customers").is_dir():
+        shutil.copytree(sim_dir / "customers", landing / "customers")
+
+
 def read_json_baseline(run_dir: Path, files: list[Path]) -> dict:
     files_list, out, database = run_dir / "baseline-files.json", run_dir / "baseline.json", run_dir / "baseline.duckdb"
     files_list.write_text(json.dumps([str(path) for path in files]))
@@ -327,14 +346,11 @@ def main() -> int:
         root.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         sim_dir, sim = simulation(root, people, days, args.seed)
-        day_folders = sorted(path for path in (sim_dir / "events").glob("dt=*") if path.is_dir())
-        full_folders, last_folder = day_folders[:-1], day_folders[-1]
+        full_folders, increment_folders = split_days(sim_dir, args.increment_hours)
         full_files = sorted(path for folder in full_folders for path in folder.rglob("*.ndjson.gz"))
-        increment_folders = (sorted(path for path in last_folder.glob("hour=*") if path.is_dir())
-                             [:args.increment_hours] if args.increment_hours else [last_folder])
         day_files = sorted(path for folder in increment_folders for path in folder.rglob("*.ndjson.gz"))
         if not day_files:
-            parser.error(f"{last_folder} has no event files for the increment")
+            parser.error(f"the last day of {sim_dir} has no event files for the increment")
         if args.increment_hours and len(increment_folders) < args.increment_hours:
             log(f"the last day has {len(increment_folders)} hour folders, fewer than --increment-hours "
                 f"{args.increment_hours}: the increment takes them all")
@@ -343,17 +359,13 @@ def main() -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
         landing, warehouse = run_dir / "landing", run_dir / "warehouse.duckdb"
         (landing / "events").mkdir(parents=True)
-        for folder in full_folders:
-            shutil.copytree(folder, landing / "events" / folder.name)
-        if (sim_dir / "customers").is_dir():
-            shutil.copytree(sim_dir / "customers", landing / "customers")
+        land(sim_dir, full_folders, landing, customers=True)
 
         log(f"baseline: DuckDB read_json of {len(full_files)} files")
         baselines = [read_json_baseline(run_dir, full_files)]
         log(f"baseline: {baselines[0]['seconds']:.1f} s for {baselines[0]['rows']:,} rows")
         syncs = [measured_sync(run_dir, landing, warehouse, "full")]
-        for folder in increment_folders:
-            shutil.copytree(folder, landing / "events" / folder.relative_to(sim_dir / "events"))
+        land(sim_dir, increment_folders, landing)
         syncs.append(measured_sync(run_dir, landing, warehouse, "next-day"))
         syncs.append(measured_sync(run_dir, landing, warehouse, "nothing-new"))
         baselines.append(read_json_baseline(run_dir, full_files))

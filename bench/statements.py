@@ -188,12 +188,9 @@ def snapshot(root: Path, simulation: Path, rebuild: bool, checkout: Path, python
         return full
     shutil.rmtree(full, ignore_errors=True)
     record.unlink(missing_ok=True)
-    days = sorted(path for path in (simulation / "events").glob("dt=*") if path.is_dir())
-    for day in days[:-1]:
-        shutil.copytree(day, full / "landing" / "events" / day.name)
-    if (simulation / "customers").is_dir():
-        shutil.copytree(simulation / "customers", full / "landing" / "customers")
-    scale.log(f"full sync of {len(days) - 1} days into {full}")
+    days, _ = scale.split_days(simulation, None)
+    scale.land(simulation, days, full / "landing", customers=True)
+    scale.log(f"full sync of {len(days)} days into {full}")
     seconds, _, _ = sync(full, "full", [scale.SCRIPT, "--sync-child", str(full / "sync-full.json")],
                          pythonpath=pythonpath)
     scale.log(f"full sync: {seconds:.1f} s")
@@ -220,18 +217,17 @@ def prune_snapshots(root: Path, kept: list[Path]) -> None:
 
 
 def add_increment(trial: Path, simulation: Path, hours: int | None, lines: int | None) -> None:
-    last_day = sorted(path for path in (simulation / "events").glob("dt=*") if path.is_dir())[-1]
-    target = trial / "landing" / "events" / last_day.name
-    hour_folders = sorted(path for path in last_day.glob("hour=*") if path.is_dir())
+    """The last day's first `hours` hours, or the first `lines` lines of its first file, into the trial's landing."""
     if lines is None:
-        for folder in hour_folders[:hours]:
-            shutil.copytree(folder, target / folder.name)
+        scale.land(simulation, scale.split_days(simulation, hours)[1], trial / "landing")
         return
-    first = sorted(hour_folders[0].glob("[!.]*.ndjson.gz"))[0]
+    _, (first_hour,) = scale.split_days(simulation, 1)
+    first = sorted(first_hour.glob("[!.]*.ndjson.gz"))[0]
     with gzip.open(first, "rt") as source:
         head = [line for _, line in zip(range(lines), source)]
-    (target / hour_folders[0].name).mkdir(parents=True)
-    with gzip.open(target / hour_folders[0].name / first.name, "wt") as out:
+    target = trial / "landing" / "events" / first.relative_to(simulation / "events")
+    target.parent.mkdir(parents=True)
+    with gzip.open(target, "wt") as out:
         out.writelines(head)
 
 
@@ -441,7 +437,8 @@ def main() -> int:
     if args.increment_lines is not None:
         args.increment_hours = None
     simulation = args.dir / "simulation"
-    versions = {str(measured_checkout()): (measured_checkout(), None)}
+    this_checkout = measured_checkout()
+    versions = {str(this_checkout): (this_checkout, None)}
     if args.against is not None:
         versions[str(args.against.resolve())] = (args.against.resolve(), str(args.against.resolve()))
     root = args.dir / "statements"
@@ -469,7 +466,7 @@ def main() -> int:
                   "statements with the increment):\n")
             print(comparison(trials) + "\n")
         if args.reads:
-            print(reads_report(snapshots[str(measured_checkout())], simulation, args, Path(scratch)))
+            print(reads_report(snapshots[str(this_checkout)], simulation, args, Path(scratch)))
     return 0
 
 
