@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -114,6 +115,11 @@ def sync(settings: Settings):
 
     yield run
     instance_context.__exit__(None, None, None)
+
+
+def upstack_id(anchor_type: str, anchor: str) -> str:
+    """sql/identifier_normalization.sql's upstack_id macro."""
+    return "up_" + hashlib.sha256(f"{anchor_type}:{anchor}".encode()).hexdigest()[:20]
 
 
 def query(settings: Settings, sql: str, parameters: list | None = None) -> list[tuple]:

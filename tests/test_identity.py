@@ -14,7 +14,7 @@ from datetime import timedelta, timezone
 import duckdb
 import pytest
 
-from conftest import NOW, make_event, query, write_events
+from conftest import NOW, make_event, query, upstack_id, write_events
 from upstack_pipeline.customers import ingest_customers
 from upstack_pipeline.events import ingest_events
 from upstack_pipeline.identity import resolve_identities
@@ -1062,7 +1062,7 @@ def test_a_person_keeps_one_row_and_identities_sql_refuses_to_leave_two(settings
     second row given to a person by hand is gone once a run touches them; and the last statement of identities.sql
     refuses to leave one of the chunk's people with two rows, as the key did. A real run's delete removes such a
     row first, so that statement is run here on its own, after it, on a person with two rows."""
-    jane_id = "up_" + hashlib.sha256(b"email:jane@gmail.com").hexdigest()[:20]
+    jane_id = upstack_id("email", "jane@gmail.com")
     write_events(settings.events_dir / "hour-1.ndjson", [make_event("cart-1", user_data={"email": "jane@gmail.com"})])
     ingest_events(settings, now=NOW)
     resolve_identities(settings, now=NOW)

@@ -7,7 +7,6 @@ own ingestion into a real DuckDB warehouse; no mocks."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NOW, query, write_events
+from conftest import NOW, query, upstack_id, write_events
 from test_identity_steps import CUSTOMERS, FIRST_HOUR, SECOND_HOUR, SHOP_URL, ev, minutes
 from upstack_pipeline.customers import ingest_customers
 from upstack_pipeline.events import ingest_events
@@ -76,11 +75,6 @@ def land(settings: Settings, name: str, what: Path | list[dict]) -> None:
 
 def tables(settings: Settings) -> dict[str, list[str]]:
     return {table: sorted(map(repr, query(settings, f"select * from {table}"))) for table in EVERY_TABLE}
-
-
-def upstack_id(anchor_type: str, anchor: str) -> str:
-    """sql/identifier_normalization.sql's upstack_id macro."""
-    return "up_" + hashlib.sha256(f"{anchor_type}:{anchor}".encode()).hexdigest()[:20]
 
 
 def watermark(settings: Settings) -> int:

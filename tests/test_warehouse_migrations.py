@@ -4,7 +4,6 @@ is refused untouched; a failed or killed upgrade leaves the file as the older re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from conftest import NOW, make_event, query, write_events
+from conftest import NOW, make_event, query, upstack_id, write_events
 from upstack_pipeline.warehouse import (
     MIGRATIONS, SCHEMA_VERSION, VERSION_TABLE, Migration, Warehouse, WarehouseError, WarehouseMigrationError,
     WarehouseOutOfMemoryError, WarehouseTooNewError, schema_version,
@@ -23,8 +22,8 @@ from upstack_pipeline.warehouse import (
 
 RELEASE_1_SCHEMA = Path(__file__).parent / "fixtures" / "warehouse_release_1.sql"
 DAY0 = NOW - timedelta(days=3)  # when the first release synced; well within a cookie's lifetime of today
-JANE_ID = "up_" + hashlib.sha256(b"email:jane@gmail.com").hexdigest()[:20]
-KIM_ID = "up_" + hashlib.sha256(b"kx:KX-KIM").hexdigest()[:20]
+JANE_ID = upstack_id("email", "jane@gmail.com")
+KIM_ID = upstack_id("kx", "KX-KIM")
 JANE_CART_AT = (DAY0 - timedelta(minutes=20)).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
 KIM_VIEW_AT = (DAY0 - timedelta(minutes=40)).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
 
