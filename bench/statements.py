@@ -117,8 +117,9 @@ class StatementLog:
 
 class TimedConnection:
     """A DuckDB connection whose execute() times each statement: a string of several is run one statement at a time
-    (as DuckDB runs them), so that each SQL file's statements are told apart. Its commits and closes are timed too;
-    everything else is the connection's own, untimed (relations from sql(), register(), begin())."""
+    (as DuckDB runs them, its parameters bound to the last), so that each SQL file's statements are told apart. Its
+    commits and closes are timed too; everything else is the connection's own, untimed (relations from sql(),
+    register(), begin())."""
 
     def __init__(self, connection: duckdb.DuckDBPyConnection, log: StatementLog):
         self._connection, self._log = connection, log
@@ -143,11 +144,15 @@ class TimedConnection:
         return self
 
     def execute(self, sql, parameters=None) -> "TimedConnection":
-        if parameters is not None or not isinstance(sql, str):
+        if not isinstance(sql, str):
             self._log.timed(lambda: self._connection.execute(sql, parameters), str(sql))
             return self
-        for statement in duckdb.extract_statements(sql):
-            self._log.timed(lambda: self._connection.execute(statement), statement.query)
+        statements = duckdb.extract_statements(sql)
+        for number, statement in enumerate(statements):
+            if parameters is not None and number == len(statements) - 1:  # DuckDB binds them to the last one
+                self._log.timed(lambda: self._connection.execute(statement.query, parameters), statement.query)
+            else:
+                self._log.timed(lambda: self._connection.execute(statement), statement.query)
         return self
 
 

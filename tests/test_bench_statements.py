@@ -28,11 +28,12 @@ def test_a_string_of_statements_is_timed_one_statement_at_a_time_and_named_by_it
     assert connection.execute("select count(*) from t").fetchone() == (6,)
     assert connection.cursor().execute("select ?::int + 1", [1]).fetchone() == (2,)
     assert connection.execute("-- the file's comment\nselect 42\n  as answer;").fetchone() == (42,)
+    assert connection.execute("set threads = 1; select $n * 2", {"n": 21}).fetchone() == (42,)
     connection.close()
 
     assert [row["text"] for row in log.rows] == [
         "create table t as select range as n from range(5)", "insert into t values (5)", "select count(*) from t",
-        "select ?::int + 1", "select 42 as answer",
+        "select ?::int + 1", "select 42 as answer", "set threads = 1", "select $n * 2",
         "(closing a connection: the checkpoint, if it is the warehouse's last)"]
     assert log.rows[4]["source"] == "answer.sql #2"
     # Sent from this test, not from one of the pipeline's steps.
