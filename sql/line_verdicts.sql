@@ -16,6 +16,12 @@
 -- $leading_item_elements, the position of each check's element among them; $now, the ingestion clock; $max_skew, how
 -- far ahead of it an event_time may be.
 
+-- Each join below has its small side on the right, as written: the batch's ids, then the loads they were kept in,
+-- whose hash table DuckDB turns into a filter on raw_events' load_id, which its zone maps skip row groups by. Left
+-- to choose, DuckDB built that join on raw_events' side instead and read every event id of the history.
+-- (sql/raw_events.sql runs next with the same setting, and resets it.)
+set disabled_optimizers = 'build_side_probe_side';
+
 create or replace temp table line_verdicts as
 with lines as (
     select source_file, line_number, raw_line, invalid_utf8, json_valid(raw_line) as is_json
@@ -118,14 +124,25 @@ judged as materialized (  -- read twice below: parse each line once
 ),
 
 -- This batch's event_ids kept by an earlier batch, and the row keeping each: sql/raw_events.sql compares a retry
--- with that row, read by its row id, so this is the batch's one scan of the history's event ids (a scan reads
--- them all: 0.03 s at 1.8 million events, 0.34 s at 19 million). Probing raw_events with the batch's ids, not the
--- other way round, keeps the hash table the size of the batch: a day's increment must not cost a table of the
--- history.
+-- with that row, read by its row id. Probing with the batch's ids, not the other way round, keeps each hash table the
+-- size of the batch: a day's increment must not cost a table of the history. The history's event ids are not read
+-- whole: their hashes are (raw_event_id_hashes, 8 bytes a row), and raw_events' event ids only in the loads holding
+-- a match, whose row groups raw_events' zone maps on load_id pick out (it is written in load order). Most batches
+-- match none. Reading every event id cost 0.08 s a run at 1.8 million events, 0.6 s at 19 million.
+accepted_ids as materialized (
+    select distinct event_id from judged where reason is null
+),
+
+kept_loads as (
+    select distinct load_id from raw_event_id_hashes
+    semi join (select event_id_hash(event_id) as id_hash from accepted_ids) as batch using (id_hash)
+),
+
 kept_before as (
     select event_id, min(rowid) as kept_rowid
     from raw_events
-    where event_id in (select event_id from judged where reason is null)
+    semi join kept_loads using (load_id)
+    semi join accepted_ids using (event_id)
     group by event_id
 )
 

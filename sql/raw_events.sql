@@ -1,6 +1,6 @@
--- Writes one judged batch: accepted first sightings to raw_events (typed once, here), every quarantined line to
--- quarantined_events with a detail a person can act on, and the per-file outcome counts to temp table
--- batch_file_counts for the ingested_files ledger.
+-- Writes one judged batch: accepted first sightings to raw_events (typed once, here) and their event ids' hashes to
+-- raw_event_id_hashes, every quarantined line to quarantined_events with a detail a person can act on, and the
+-- per-file outcome counts to temp table batch_file_counts for the ingested_files ledger.
 -- Input: staged_lines (the batch's lines, registered Arrow streams: upstack_pipeline.ingestion.staged_lines) and temp
 -- table line_verdicts (sql/line_verdicts.sql). Variables: ingested_at, load_id, and event_structure, the schema's
 -- fields as json_transform reads them (upstack_pipeline.events.READ_STRUCTURE, made from
@@ -31,6 +31,9 @@ from (
     from staged_lines as staged
     join (select * from line_verdicts where is_first_sighting) as verdict using (source_file, line_number)
 );
+
+insert into raw_event_id_hashes
+select event_id_hash(event_id), getvariable('load_id') from line_verdicts where is_first_sighting;
 
 -- A second sighting of an event_id (in this batch or an earlier one) is a pixel retry when it is the same JSON
 -- value as the kept one, and a conflicting_duplicate only when a value differs: another payload under an id already

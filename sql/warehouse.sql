@@ -102,6 +102,21 @@ create table if not exists raw_events (
     load_id          bigint not null
 );
 
+-- The key raw_event_id_hashes holds an event_id by: the upper 64 bits of its MD5 as DuckDB's md5_number reads it,
+-- which no release of DuckDB or of this project changes (DuckDB's own hash() may differ between its releases, and
+-- every stored key would then miss).
+create macro if not exists event_id_hash(event_id) as (md5_number(event_id) >> 64)::ubigint;
+
+-- One row per raw_events row: a hash of its event_id and its load. How ingestion finds the few event ids of a batch
+-- that an earlier batch kept (a pixel's retries) without reading every event id of the history: it scans these 8
+-- bytes a row, then reads raw_events' event ids only in the loads that hold a match. Written with raw_events, in
+-- the same transaction; rebuilt from it when the two tables' rows differ in number (rows written into raw_events by
+-- hand).
+create table if not exists raw_event_id_hashes (
+    id_hash  ubigint not null,              -- event_id_hash(event_id)
+    load_id  bigint not null                -- the row's raw_events.load_id
+);
+
 -- One row per landing line that is not a usable event, with what is wrong with it: never dropped silently.
 create table if not exists quarantined_events (
     source_file    varchar not null,

@@ -113,7 +113,7 @@ def test_lineage_follows_the_order_the_sql_runs_in():
         steps.setdefault(graph.get(key).assets_def.op.name, set()).add(key.to_user_string())
     assert steps == {
         "ingestion": {"warehouse_schema_version", "ingested_files", "changed_files", "raw_events",
-                      "quarantined_events", "customers", "quarantined_customers"},
+                      "raw_event_id_hashes", "quarantined_events", "customers", "quarantined_customers"},
         "identity_resolution": {"identity_observations", "identity_rejected_values", "identity_links",
                                 "browser_links", "email_translations", "browser_clusters", "resolved_events",
                                 "identities", "identity_flags", "pipeline_state"},

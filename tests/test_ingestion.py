@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -136,6 +137,50 @@ def test_pixel_retries_are_kept_once_within_and_across_files_and_runs(settings):
         ("e3", "events/h15.ndjson", 2), ("e4", "events/h16.ndjson", 2)]
     assert query(settings, "select path, duplicate_rows from ingested_files order by path") == [
         ("events/h14.ndjson", 1), ("events/h15.ndjson", 1), ("events/h16.ndjson", 1)]
+
+
+def test_every_kept_row_has_its_event_ids_hash_and_a_retry_runs_later_is_found_through_it(settings):
+    write_events(settings.events_dir / "h14.ndjson", [make_event("e1"), make_event("e2")])
+    ingest(settings)
+    write_events(settings.events_dir / "h15.ndjson", [make_event("x1")])
+    ingest(settings)
+    write_events(settings.events_dir / "h16.ndjson", [make_event("e1"), make_event("e5")])
+
+    third = ingest(settings)
+
+    assert (third.ingested_rows, third.duplicate_rows) == (1, 1)
+    assert query(settings, "select count(*) from raw_events where event_id = 'e1'") == [(1,)]
+    # One hash per kept row, with the row's load: the key is MD5's, computed here without DuckDB.
+    kept = query(settings, "select event_id, load_id from raw_events")
+    assert sorted(query(settings, "select id_hash, load_id from raw_event_id_hashes")) == sorted(
+        (md5_key(event_id), load_id) for event_id, load_id in kept)
+
+
+def test_rows_written_into_raw_events_by_hand_get_their_hashes_before_a_batch_is_judged(settings):
+    """raw_event_id_hashes only knows the rows ingestion wrote: a row an analyst restored into raw_events is hashed by
+    the next ingestion before it judges its batch, so a retry of that row is not written a second time."""
+    write_events(settings.events_dir / "h14.ndjson", [make_event("e1")])
+    ingest(settings)
+    with settings.warehouse().connect() as connection:
+        connection.execute("""insert into raw_events select * replace ('restored' as event_id,
+                              replace(raw_json::varchar, '"e1"', '"restored"')::json as raw_json)
+                              from raw_events""")
+    retry = query(settings, "select raw_json::varchar from raw_events where event_id = 'restored'")[0][0]
+    write_lines(settings.events_dir / "h15.ndjson", [retry, json.dumps(make_event("e2"))])
+
+    report = ingest(settings)
+
+    assert (report.ingested_rows, report.duplicate_rows, report.quarantined_rows) == (1, 1, 0)
+    assert query(settings, "select event_id, count(*) from raw_events group by all order by all") == [
+        ("e1", 1), ("e2", 1), ("restored", 1)]
+    assert sorted(query(settings, "select id_hash from raw_event_id_hashes")) == sorted(
+        (md5_key(event_id),) for (event_id,) in query(settings, "select event_id from raw_events"))
+
+
+def md5_key(event_id: str) -> int:
+    """The warehouse's event_id_hash: the upper half of the MD5 digest read as DuckDB's md5_number reads it
+    (little-endian). A stored key computed otherwise would never match again."""
+    return int.from_bytes(hashlib.md5(event_id.encode()).digest()[8:], "little")
 
 
 def test_a_file_changed_after_ingestion_is_reported_not_reread(settings):

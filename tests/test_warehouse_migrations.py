@@ -15,6 +15,7 @@ import duckdb
 import pytest
 
 from conftest import NOW, make_event, query, upstack_id, write_events
+from upstack_pipeline.events import ingest_events
 from upstack_pipeline.warehouse import (
     MIGRATIONS, SCHEMA_VERSION, VERSION_TABLE, Migration, Warehouse, WarehouseError, WarehouseMigrationError,
     WarehouseOutOfMemoryError, WarehouseTooNewError, schema_version,
@@ -224,7 +225,7 @@ def contents(connection: duckdb.DuckDBPyConnection, tables: dict[str, list[str]]
 
 def schema(connection: duckdb.DuckDBPyConnection) -> dict[str, list[tuple]]:
     """What makes two warehouses the same shape: tables and views with their columns in order (type, nullability,
-    default), the constraints, and the view definitions."""
+    default), the constraints, and the view and macro definitions."""
     return {
         "columns": connection.execute("""
             select table_name, column_index, column_name, data_type, is_nullable, column_default
@@ -237,6 +238,11 @@ def schema(connection: duckdb.DuckDBPyConnection) -> dict[str, list[tuple]]:
         "views": connection.execute("""
             select view_name, sql from duckdb_views()
             where database_name = current_database() and schema_name = 'main' and not internal
+            order by all""").fetchall(),
+        "macros": connection.execute("""
+            select function_name, parameters, macro_definition from duckdb_functions()
+            where database_name = current_database() and schema_name = 'main' and not internal
+                and function_type = 'macro'
             order by all""").fetchall(),
     }
 
@@ -310,6 +316,24 @@ def test_cart_events_queued_without_a_cart_link_are_mapped_again_after_the_upgra
                                        "event->>'$.properties.upstack_checkout_url_source' from klaviyo_outbox "
                                        "where event_id = 'jane-cart'")
     assert (link, source) == ("https://acme.myshopify.com/cart", "cart_page")
+
+
+def test_the_upgrade_hashes_every_event_id_the_older_release_kept_so_its_retries_are_still_found(settings):
+    create_release_1_warehouse(settings.warehouse_path)
+    with Warehouse(settings.warehouse_path).connect() as connection:
+        hashes = connection.execute("select id_hash, load_id from raw_event_id_hashes order by all").fetchall()
+        kept = connection.execute("select event_id_hash(event_id), load_id from raw_events order by all").fetchall()
+    assert len(hashes) == 3 and hashes == kept
+
+    # The first release kept jane-cart as a stub line: the pixel sending the event again is a duplicate of it (with
+    # another payload, so quarantined as one), not a second row.
+    write_events(settings.events_dir / "dt=2026-12-01" / "part-0000.ndjson", [make_event("jane-cart")])
+    report = ingest_events(settings, now=NOW)
+
+    assert (report.ingested_rows, report.quarantined_rows) == (0, 1)
+    assert query(settings, "select count(*) from raw_events where event_id = 'jane-cart'") == [(1,)]
+    assert query(settings, "select reason from quarantined_events where event_id = 'jane-cart' "
+                           "and source_file like 'events/dt=2026-12-01/%'") == [("conflicting_duplicate",)]
 
 
 @pytest.mark.parametrize("built_by", ["3a63024", "d016ccf"])

@@ -19,7 +19,7 @@ import duckdb
 import polars as pl
 from isal import igzip, igzip_lib
 
-from upstack_pipeline.ingestion import IngestReport, UnreadableFileError, ingest_new_files
+from upstack_pipeline.ingestion import IngestReport, UnreadableFileError, event_id_hashes_cover, ingest_new_files
 from upstack_pipeline.landing import LandingFile, check_landing_folder, ignored_files
 from upstack_pipeline.settings import Settings
 from upstack_pipeline.warehouse import read_sql, set_variables
@@ -135,6 +135,8 @@ class EventFiles:
     def write_batch(self, connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
         # line_verdicts and raw_events.sql read the lines in parts (upstack_pipeline.ingestion.staged_lines), which
         # DuckDB only reads side by side when the rows need not keep their order: nothing reads either table in it.
+        if not event_id_hashes_cover(connection):  # the batch is judged against every kept event id
+            connection.execute(read_sql("raw_event_id_hashes"))
         connection.execute("set preserve_insertion_order = false")
         connection.execute(read_sql("line_verdicts"), {
             "required_fields": list(REQUIRED_FIELDS),

@@ -30,6 +30,8 @@ INGESTION_TABLES = {
     "ingested_files": [],
     "changed_files": ["ingested_files"],
     "raw_events": [],
+    # The duplicate check's hashes of raw_events' event ids (sql/warehouse.sql), written with raw_events' rows.
+    "raw_event_id_hashes": ["raw_events"],
     "quarantined_events": [],
     "customers": [],
     "quarantined_customers": [],
@@ -65,6 +67,7 @@ def ingestion(context: dg.AssetExecutionContext, upstack: UpstackResource):
         **tables["ingested_files"], "files_read_this_run": events.files_read + customers.files_read})
     yield dg.MaterializeResult(asset_key="changed_files", metadata={
         **tables["changed_files"], "found_this_run": len(events.changed_files) + len(customers.changed_files)})
+    yield dg.MaterializeResult(asset_key="raw_event_id_hashes", metadata=tables["raw_event_id_hashes"])
     yield dg.MaterializeResult(asset_key=VERSION_TABLE, metadata=tables[VERSION_TABLE])
     yield from landing_check_results(warehouse, now)
 
