@@ -4,7 +4,8 @@
 -- straight into raw_events (sql/raw_events.sql), for accepted first sightings only.
 --
 -- Input: staged_lines(source_file, line_number, raw_line, invalid_utf8), the batch's lines in as many
--- parts as DuckDB has threads (upstack_pipeline.ingestion.staged_lines), read side by side.
+-- parts as DuckDB has threads (upstack_pipeline.ingestion.staged_lines), read side by side; and the kept events,
+-- raw_events, looked up through raw_event_id_hashes (macro event_id_hash).
 -- Parameters (from upstack_pipeline.events, made from schemas/raw-event.schema.json): $required_fields and
 -- $max_lengths, their longest allowed length; $extracted_paths, the JSON paths of custom_data.items,
 -- custom_data.discount_codes and then of each of $required_fields, in that order;

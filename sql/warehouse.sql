@@ -102,16 +102,18 @@ create table if not exists raw_events (
     load_id          bigint not null
 );
 
--- The key raw_event_id_hashes holds an event_id by: the upper 64 bits of its MD5 as DuckDB's md5_number reads it,
--- which no release of DuckDB or of this project changes (DuckDB's own hash() may differ between its releases, and
--- every stored key would then miss).
+-- The key raw_event_id_hashes holds an event_id by: the upper 64 bits of its MD5 as DuckDB's md5_number reads it.
+-- The warehouse's one stored macro (the others are temp macros of the SQL that uses them), because the stored keys
+-- depend on it; MD5 because DuckDB's own hash() may differ between its releases, and every stored key would then
+-- miss (tests/test_ingestion.py computes the key without DuckDB).
 create macro if not exists event_id_hash(event_id) as (md5_number(event_id) >> 64)::ubigint;
 
--- One row per raw_events row: a hash of its event_id and its load. How ingestion finds the few event ids of a batch
--- that an earlier batch kept (a pixel's retries) without reading every event id of the history: it scans these 8
--- bytes a row, then reads raw_events' event ids only in the loads that hold a match. Written with raw_events, in
--- the same transaction; rebuilt from it when the two tables' rows differ in number (rows written into raw_events by
--- hand).
+-- Internal to ingestion. One row per raw_events row: a hash of its event_id and its load. How ingestion finds the
+-- few event ids of a batch that an earlier batch kept (a pixel's retries) without reading every event id of the
+-- history: it scans these 8 bytes a row, then reads raw_events' event ids only in the loads that hold a match.
+-- Written with raw_events, in the same transaction; rebuilt from it when the two tables' row counts differ (rows
+-- added to raw_events by hand). After changing raw_events' event ids or loads by hand otherwise, delete its rows:
+-- the next ingestion rebuilds it.
 create table if not exists raw_event_id_hashes (
     id_hash  ubigint not null,              -- event_id_hash(event_id)
     load_id  bigint not null                -- the row's raw_events.load_id

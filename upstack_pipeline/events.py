@@ -133,10 +133,10 @@ class EventFiles:
         return read_ndjson_lines(data, compressed=landing_file.absolute.name.endswith(".gz"))
 
     def write_batch(self, connection: duckdb.DuckDBPyConnection, now: datetime) -> None:
-        # line_verdicts and raw_events.sql read the lines in parts (upstack_pipeline.ingestion.staged_lines), which
-        # DuckDB only reads side by side when the rows need not keep their order: nothing reads either table in it.
         if not event_id_hashes_cover(connection):  # the batch is judged against every kept event id
             connection.execute(read_sql("raw_event_id_hashes"))
+        # line_verdicts and raw_events.sql read the lines in parts (upstack_pipeline.ingestion.staged_lines), which
+        # DuckDB only reads side by side when the rows need not keep their order: nothing reads either table in it.
         connection.execute("set preserve_insertion_order = false")
         connection.execute(read_sql("line_verdicts"), {
             "required_fields": list(REQUIRED_FIELDS),

@@ -490,10 +490,11 @@ def landing_health(warehouse: Warehouse, *, now: datetime) -> LandingHealth:
     event_id has the same hash, so only the loads raw_event_id_hashes names for this run's hashes are read (this run's
     own among them), as sql/line_verdicts.sql reads them; all of raw_events when the hashes do not cover it."""
     with warehouse.connect() as connection:
-        loads = "" if not event_id_hashes_cover(connection) else """
+        loads = """
             and other.load_id in (
                 select load_id from raw_event_id_hashes
-                semi join (select event_id_hash(event_id) as id_hash from this_run) as run using (id_hash))"""
+                semi join (select event_id_hash(event_id) as id_hash from this_run) as run using (id_hash))
+        """ if event_id_hashes_cover(connection) else ""
         return LandingHealth(*connection.execute(f"""
             with this_run as materialized (
                 select event_id, rowid as row from raw_events where ingested_at = $now
@@ -509,7 +510,8 @@ def landing_health(warehouse: Warehouse, *, now: datetime) -> LandingHealth:
 
 
 def event_id_hashes_cover(connection: duckdb.DuckDBPyConnection) -> bool:
-    """Whether raw_event_id_hashes has a row per raw_events row, as ingestion writes them: DuckDB counts both from
-    its metadata, without a scan. They differ only after rows were written into raw_events by hand."""
+    """Whether raw_event_id_hashes has as many rows as raw_events, as ingestion writes them (a row each): DuckDB counts
+    both from its metadata, without a scan. They differ only after rows were added to raw_events by hand; other hand
+    edits of its event ids or loads need the hashes deleted (sql/warehouse.sql says so)."""
     return connection.execute(
         "select (select count(*) from raw_events) = (select count(*) from raw_event_id_hashes)").fetchone()[0]
