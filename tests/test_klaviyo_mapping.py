@@ -240,6 +240,28 @@ def test_rerunning_adds_nothing_twice(settings):
     assert query(settings, "select count(*) from klaviyo_outbox") == [(1,)]
 
 
+def test_an_event_added_to_raw_events_by_hand_is_mapped_from_its_row_all_the_same(settings):
+    """Mapping finds its candidates' raw rows in the loads ingestion's event id hashes name (raw_event_id_hashes); an
+    event added to raw_events by hand, in a load of its own, has no hash until the next ingestion, and is found by
+    reading every event id instead."""
+    write_events(settings.events_dir / "history.ndjson", shopper_history())
+    write_events(settings.events_dir / "hour.ndjson", [returning("view", "ViewContent", 0, {"items": [MUG]})])
+    ingest_events(settings, now=NOW)
+    with settings.warehouse().connect() as connection:  # restored from a copy, with its ledger entry
+        [(load,)] = connection.execute("select max(load_id) + 1 from ingested_files").fetchall()
+        connection.execute("insert into ingested_files select * replace ('events/restored.ndjson' as path, "
+                           "? as load_id) from ingested_files where path = 'events/hour.ndjson'", [load])
+        connection.execute("insert into raw_events select * replace ('restored' as event_id, ? as load_id, "
+                           "'events/restored.ndjson' as source_file) from raw_events where event_id = 'view'", [load])
+
+    resolve_identities(settings, now=NOW)
+    map_events(settings, now=NOW)
+
+    sent = outbox(settings)
+    assert {"view", "restored"} <= set(sent)
+    assert sent["restored"][2]["properties"]["ProductName"] == sent["view"][2]["properties"]["ProductName"] == "Mug"
+
+
 def test_profiles_keyed_by_kx_and_the_profile_toggles(settings):
     clicked = make_event("kx-view", event_name="ViewContent", anonymous_id="phone", session_id="phone-1",
                          event_time=at(0), event_source_url="https://acme.myshopify.com/?_kx=KX123",

@@ -9,7 +9,8 @@ import duckdb
 
 from conftest import NOW, make_event, write_events
 from upstack_pipeline.events import ingest_events
-from upstack_pipeline.ingestion import event_id_hashes_cover, landing_health
+from upstack_pipeline.ingestion import landing_health
+from upstack_pipeline.warehouse import event_id_hashes_cover
 
 
 def test_a_run_that_repeats_a_kept_event_id_is_caught_by_that_run(settings):

@@ -19,10 +19,10 @@ import duckdb
 import polars as pl
 from isal import igzip, igzip_lib
 
-from upstack_pipeline.ingestion import IngestReport, UnreadableFileError, event_id_hashes_cover, ingest_new_files
+from upstack_pipeline.ingestion import IngestReport, UnreadableFileError, ingest_new_files
 from upstack_pipeline.landing import LandingFile, check_landing_folder, ignored_files
 from upstack_pipeline.settings import Settings
-from upstack_pipeline.warehouse import read_sql, set_variables
+from upstack_pipeline.warehouse import event_id_hashes_cover, read_sql, set_variables
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "raw-event.schema.json"
 SCHEMA: dict = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))

@@ -38,6 +38,7 @@ from upstack_pipeline.warehouse import (
     ROW_GROUP_ROWS,
     VACUUM_STAGE,
     Warehouse,
+    event_id_hashes_cover,
     frame,
     schema_version,
     set_variables,
@@ -508,10 +509,3 @@ def landing_health(warehouse: Warehouse, *, now: datetime) -> LandingHealth:
                  where other.rowid < this_run.row{loads})  -- kept first, so this one repeats it
         """, {"now": now}).fetchone())
 
-
-def event_id_hashes_cover(connection: duckdb.DuckDBPyConnection) -> bool:
-    """Whether raw_event_id_hashes has as many rows as raw_events, as ingestion writes them (a row each): DuckDB counts
-    both from its metadata, without a scan. They differ only after rows were added to raw_events by hand; other hand
-    edits of its event ids or loads need the hashes deleted (sql/warehouse.sql says so)."""
-    return connection.execute(
-        "select (select count(*) from raw_events) = (select count(*) from raw_event_id_hashes)").fetchone()[0]

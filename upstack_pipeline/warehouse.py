@@ -422,6 +422,13 @@ def table_docs() -> dict[str, TableDoc]:
     return docs
 
 
+def event_id_hashes_cover(connection: duckdb.DuckDBPyConnection) -> bool:
+    """Whether raw_event_id_hashes has as many rows as raw_events, as ingestion writes them (a row each): DuckDB counts
+    both from its metadata, without a scan. They differ only after rows were added to raw_events by hand; other hand
+    edits of its event ids or loads need the hashes deleted (sql/warehouse.sql says so)."""
+    return connection.execute(
+        "select (select count(*) from raw_events) = (select count(*) from raw_event_id_hashes)").fetchone()[0]
+
 def frame(relation: duckdb.DuckDBPyRelation) -> pl.DataFrame:
     """A query's rows as a polars frame, read through the Arrow C stream interface: the relation's own `.pl()`
     imports pyarrow (0.06-0.1 s), a fixed cost of every run that shows an operator a preview."""

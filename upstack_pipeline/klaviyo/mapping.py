@@ -28,7 +28,7 @@ import duckdb
 from upstack_pipeline.klaviyo import limits
 from upstack_pipeline.klaviyo.flows import BACKUP_FLOWS
 from upstack_pipeline.settings import ORDER_LINE_METRIC, PIXEL_TO_KLAVIYO_METRIC, DestinationSettings, Settings
-from upstack_pipeline.warehouse import read_sql, schema_version, set_variables, transaction
+from upstack_pipeline.warehouse import event_id_hashes_cover, read_sql, schema_version, set_variables, transaction
 
 SKIP_REASONS = ("disabled_event", "no_consent", "unresolved", "native_identified", "profile_creation_disabled",
                 "invalid")
@@ -76,7 +76,8 @@ def map_events(settings: Settings, *, now: datetime) -> MappingRun:
 def _decide(connection: duckdb.DuckDBPyConnection, *, incremental: bool, last_run: datetime,
             now: datetime) -> tuple[int, int]:
     """Runs the mapping SQL: (events decided, events judged against Klaviyo's limits)."""
-    set_variables(connection, {"incremental": incremental, "last_run": last_run})
+    set_variables(connection, {"incremental": incremental, "last_run": last_run,
+                               "event_id_hashes_cover": event_id_hashes_cover(connection)})
     connection.execute(read_sql("klaviyo_outbox"))
     reviewed = _review_rows_near_the_limits(connection, now)
     return connection.execute("select count(*) from candidates").fetchone()[0], reviewed
