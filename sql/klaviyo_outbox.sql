@@ -8,11 +8,11 @@
 -- alone, by an earlier run on the same resolution. upstack_pipeline/klaviyo/mapping.py says when that holds;
 -- otherwise every event is looked at.
 --
--- Variables: now, incremental, last_run, event_id_hashes_cover (upstack_pipeline.warehouse), send_mode, metric_names (a map from the pixel's event name to our metric's),
--- order_line_metric_name, enabled_events, create_profiles, update_profiles, respect_consent, max_event_age,
--- hold_back, and Klaviyo's limits from upstack_pipeline/klaviyo/limits.py (max_string_bytes,
--- max_profile_strings_bytes, max_properties, max_metric_name_chars, earliest_event_time, latest_event_time,
--- profile_identifiers).
+-- Variables: now, incremental, last_run, event_id_hashes_cover (upstack_pipeline.warehouse), send_mode, metric_names
+-- (a map from the pixel's event name to our metric's), order_line_metric_name, enabled_events, create_profiles,
+-- update_profiles, respect_consent, max_event_age, hold_back, and Klaviyo's limits from
+-- upstack_pipeline/klaviyo/limits.py (max_string_bytes, max_profile_strings_bytes, max_properties,
+-- max_metric_name_chars, earliest_event_time, latest_event_time, profile_identifiers).
 --
 -- Leaves `mapped` behind: the rows beyond a cheap bound of Klaviyo's limits (`needs_review`) are not inserted
 -- here; upstack_pipeline/klaviyo/mapping.py judges them with the exact checks the emulator runs.

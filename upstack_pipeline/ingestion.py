@@ -508,4 +508,3 @@ def landing_health(warehouse: Warehouse, *, now: datetime) -> LandingHealth:
                  join raw_events as other using (event_id)
                  where other.rowid < this_run.row{loads})  -- kept first, so this one repeats it
         """, {"now": now}).fetchone())
-
