@@ -1,6 +1,6 @@
-"""Delivery spends Klaviyo's whole allowance (issue 14): the pacer's burst and ceilings, how many requests stay in
-flight, the emulator's cheaper validation (the same verdicts as the SDK's own parsing), and a burst at the real
-limits against the real emulator with no 429."""
+"""Delivery spends Klaviyo's whole allowance (issue 14): the pacer's burst and ceilings, the emulator's cheaper
+validation (the same verdicts as the SDK's own parsing), and bursts at the real limits against the real emulator
+with no 429, also through a network that stalls."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from pathlib import Path
 import pydantic
 import pytest
 
+from stalling_network import StallingNetwork
 from klaviyo_contract import _dropped_keys
 from test_klaviyo_contract import (broken_bodies, only_event, valid_bulk_body, valid_profile_import_body,
                                    valid_single_body, SCHEMA_OF)
-from upstack_pipeline.klaviyo.client import Attempt, KlaviyoClient, RatePacer, allowance_seconds
-from upstack_pipeline.klaviyo.delivery import deliver, in_flight_limit
+from upstack_pipeline.klaviyo.client import KlaviyoClient, RatePacer, allowance_seconds
+from upstack_pipeline.klaviyo.delivery import deliver
 from upstack_pipeline.sandbox.klaviyo_emulator import ApiError, KlaviyoEmulator, _validate_with_sdk, sdk_models
 from upstack_pipeline.settings import Settings
 from upstack_pipeline.warehouse import Warehouse
@@ -45,7 +46,7 @@ def test_the_pacer_spends_the_burst_then_holds_the_steady_rate_and_never_exceeds
     pacer = RatePacer(10, 150, clock=time.clock, sleep=time.sleep)
     sends = []
     for _ in range(400):
-        pacer.wait_turn()
+        pacer.answered(pacer.wait_turn())  # answered at once: the pace is the limits' alone
         sends.append(time.now)
 
     assert sends[:10] == [0.0] * 10  # a second's allowance leaves at once
@@ -74,20 +75,16 @@ def test_the_floor_is_the_first_150_requests_at_10_a_second_then_150_a_minute():
     assert allowance_seconds(450) == pytest.approx(135.0)
 
 
-def attempts(*latencies_ms: float) -> list[Attempt]:
-    return [Attempt("/api/event-bulk-create-jobs", 202, 1000, 1, latency, None, f"r{i}", 0.0)
-            for i, latency in enumerate(latencies_ms)]
-
-
-def test_in_flight_a_whole_burst_at_least_and_enough_to_cover_the_round_trip():
-    pacer = RatePacer(10, 150)
-    assert in_flight_limit(pacer, []) == 10  # nothing measured yet: the burst the limits allow at once
-    assert in_flight_limit(pacer, attempts(80, 120, 95)) == 10  # fast answers: a burst is plenty
-    # 2.5 s round trips at 10 a second: 25 in flight, one more for the answer being settled.
-    assert in_flight_limit(pacer, attempts(*[2500] * 10)) == 26
-    # One fast answer among slow ones: the slow ones waited behind our own requests; the fast one is the trip.
-    assert in_flight_limit(pacer, attempts(*[4000] * 9, 300)) == 10
-    assert in_flight_limit(pacer, attempts(*[60_000] * 10)) == 150  # never more than a minute's allowance
+def test_a_request_counts_until_a_second_after_its_answer_came():
+    """Klaviyo may have counted a request as late as its answer came: the next second's burst waits for that."""
+    time = SimulatedTime()
+    pacer = RatePacer(10, 150, clock=time.clock, sleep=time.sleep)
+    trips = [pacer.wait_turn() for _ in range(10)]
+    time.now = 0.4  # the answers took 0.4 s
+    for trip in trips:
+        pacer.answered(trip)
+    pacer.answered(pacer.wait_turn())
+    assert time.now == pytest.approx(1.4)
 
 
 # --- the emulator's one-pass validation gives the SDK's verdicts ------------------------------------------------
@@ -197,6 +194,24 @@ def test_a_burst_at_klaviyos_real_limits_goes_at_the_allowed_pace_and_meets_no_4
     assert arrivals[9] - arrivals[0] < 1  # the first second's ten went in the first second
     span = arrivals[-1] - arrivals[0]
     assert 2.0 <= span <= 1.5 * allowance_seconds(25)  # the limits' pace: not faster, not much slower
+
+
+def test_a_network_stall_that_delays_a_burst_does_not_bring_the_next_into_its_window(tmp_path):
+    """Klaviyo counts a request when it arrives, which its sender cannot see. A pacer counting departures (with a
+    0.1 s margin) met 429s here: the stall holds the second second's burst until 1.6 s, so Klaviyo's window runs
+    from 1.6 s, and a third burst sent 1.1 s after the second arrived inside it."""
+    now = datetime.now(timezone.utc)
+    settings = Settings(landing_dir=tmp_path, warehouse_path=tmp_path / "warehouse.duckdb", klaviyo_api_key=KEY)
+    bench_delivery().fill_outbox(Warehouse(settings.warehouse_path), 400, now)
+    with KlaviyoEmulator(api_key=KEY) as emulator, StallingNetwork(emulator.port, stall=(0.5, 1.6)) as network:
+        with KlaviyoClient(network.base_url, KEY) as client:
+            run = deliver(settings, now=now, client=client, events_per_request=10)
+
+    received = emulator.requests()
+    assert run.delivered == 400 and len(received) == run.requests == 40
+    assert [request["status"] for request in received] == [202] * 40
+    arrivals = sorted(request["at"] for request in received)
+    assert arrivals[-1] - arrivals[0] <= 1.5 * allowance_seconds(40) + 0.6  # the stall's cost, not more
 
 
 @pytest.mark.slow  # two processes: the bench and its emulator

@@ -1,8 +1,9 @@
 """A small Klaviyo API client: paced under Klaviyo's rate limits, retrying only what is safe to retry.
 
 Klaviyo's bulk endpoints allow 10 requests a second and 150 a minute per account, in fixed windows. The client
-keeps a sliding log of its own sends, which keeps any fixed window under the limit too, and spends the whole
-allowance: a second's 10 leave at once (the burst), the first minute's 150 in about 15 seconds. It still honours
+keeps a sliding log of its own requests, each counted from the moment it leaves until a window's length after its
+answer (`RatePacer`), which keeps any window Klaviyo draws under the limit too, and spends the allowance: a second's
+10 leave at once (the burst), the first minute's 150 in about 15 seconds plus the answers' time. It still honours
 a 429's Retry-After (another process may share the account). 429, 5xx, timeouts and dropped connections are
 retried with jittered exponential backoff: every event carries a unique_id, so a request that did arrive before the
 connection dropped is harmless to send again. Other 4xx are the request's fault and are never retried.
@@ -11,11 +12,11 @@ The API key is sent in a header and never logged, returned or stored.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -95,43 +96,82 @@ def allowance_seconds(requests: int, per_second: int = REQUESTS_PER_SECOND,
     return 60 * minutes + (rest + 1) / per_second
 
 
-class RatePacer:
-    """At most `per_second` sends in any second and `per_minute` in any minute (shared by threads), and no wait
-    beyond that: a turn is given the moment both windows have room, so a burst leaves at once.
+class Trip:
+    """One request's trip, as the pacer counts it: it left, and (once answered) when its answer came."""
 
-    `clock` and `sleep` are the time it paces by (a test passes a simulated one)."""
+    __slots__ = ("answered_at",)
+
+    def __init__(self):
+        self.answered_at: float | None = None  # None: still in flight
+
+
+class RatePacer:
+    """At most `per_second` requests in any second and `per_minute` in any minute, as Klaviyo counts them, and no
+    wait beyond that: a turn is given the moment both windows have room, so a burst leaves at once.
+
+    Klaviyo counts a request when it arrives, a moment this process never sees: somewhere between the request
+    leaving and its answer coming back. So a request counts in a window from the moment it leaves until a window's
+    length after its answer came (`answered`). Then no window Klaviyo can draw holds more than the limit, however
+    long the trip: a slow network, a new connection's handshake or a busy machine delays the next send, never
+    causes a 429. (Counting from departures with a margin did not hold: on a busy machine trips differed by more
+    than any margin the delivery target left room for.)
+
+    `clock` and `sleep` are the time it paces by (a test passes a simulated one). Threads share a pacer."""
 
     def __init__(self, per_second: int, per_minute: int, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
         self.per_second, self.per_minute = per_second, per_minute
-        # Longer than Klaviyo's windows: it counts arrivals, we count departures, and two requests' trips differ.
-        # On a busy machine they differed by more than 50 ms (a 1.05 s window met 429s in bursts); 0.1 s held.
-        self.windows = ((1.1, per_second), (60.5, per_minute))
-        self.sent: deque[float] = deque()
+        self.windows = ((1.0, per_second), (60.0, per_minute))
+        self.trips: list[Trip] = []
         self.clock = clock
         self.sleep = sleep
         self.lock = threading.Lock()
+        self.answer_came = threading.Condition(self.lock)
         self.blocked_until = 0.0
 
-    def wait_turn(self) -> None:
-        while True:
-            with self.lock:
+    def wait_turn(self) -> Trip:
+        """Waits for room in both windows and returns the request's trip: pass it to `answered` however the
+        request ends (an answer, a timeout, an error), or its window never ends."""
+        with self.answer_came:
+            while True:
                 now = self.clock()
-                while self.sent and now - self.sent[0] >= 60.5:
-                    self.sent.popleft()
-                delay = max(0.0, self.blocked_until - now)
-                for span, limit in self.windows:
-                    recent = [moment for moment in self.sent if now - moment < span]
-                    if len(recent) >= limit:
-                        delay = max(delay, recent[-limit] + span - now)
+                delay = self._delay(now)
                 if delay <= 0:
-                    self.sent.append(now)
-                    return
-            self.sleep(delay)
+                    trip = Trip()
+                    self.trips.append(trip)
+                    return trip
+                if delay == math.inf:
+                    self.answer_came.wait()  # only an answer in flight can make room
+                    continue
+                self.answer_came.release()
+                try:
+                    self.sleep(delay)
+                finally:
+                    self.answer_came.acquire()
+
+    def answered(self, trip: Trip) -> None:
+        with self.answer_came:
+            trip.answered_at = self.clock()
+            self.answer_came.notify_all()
 
     def block_for(self, seconds: float) -> None:
         with self.lock:
             self.blocked_until = max(self.blocked_until, self.clock() + seconds)
+
+    def _delay(self, now: float) -> float:
+        """Seconds until both windows have room (infinite while that waits on answers in flight)."""
+        longest = max(span for span, _ in self.windows)
+        self.trips = [trip for trip in self.trips if trip.answered_at is None or now - trip.answered_at < longest]
+        delay = self.blocked_until - now
+        for span, limit in self.windows:
+            counted = [trip.answered_at for trip in self.trips
+                       if trip.answered_at is None or now - trip.answered_at < span]
+            if len(counted) < limit:
+                continue
+            answers = sorted(moment for moment in counted if moment is not None)
+            must_end = len(counted) - limit + 1  # trips whose window must end before one more may leave
+            delay = max(delay, answers[must_end - 1] + span - now if len(answers) >= must_end else math.inf)
+        return delay
 
 
 class KlaviyoClient:
@@ -209,7 +249,7 @@ class KlaviyoClient:
         attempt = 0
         while True:
             attempt += 1
-            self.pacer.wait_turn()
+            trip = self.pacer.wait_turn()
             started, sent_at = time.monotonic(), time.time()
             status, body, error, retry_after, never_sent, not_json = None, None, None, None, False, False
             try:
@@ -223,6 +263,8 @@ class KlaviyoClient:
                 never_sent = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol))
             except ValueError:
                 body, not_json = None, True  # Klaviyo answers errors in JSON:API; something else answered
+            finally:
+                self.pacer.answered(trip)  # however the request ended: its window must close
             self.on_attempt(Attempt(path, status, events, len(payload or b""), (time.monotonic() - started) * 1000,
                                     error or _error_summary(status, body), request_id, sent_at))
             if status in (401, 403):

@@ -19,7 +19,6 @@ and every delivery run creates it, so any synced warehouse has it.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -28,8 +27,7 @@ from datetime import datetime, timezone
 from typing import NamedTuple
 
 from upstack_pipeline import faults
-from upstack_pipeline.klaviyo.client import (Attempt, KlaviyoClient, KlaviyoDestinationError, Outcome, RatePacer,
-                                             probe)
+from upstack_pipeline.klaviyo.client import Attempt, KlaviyoClient, KlaviyoDestinationError, Outcome, probe
 from upstack_pipeline.klaviyo.limits import MAX_BULK_REQUEST_BYTES, MAX_EVENTS_PER_BULK_REQUEST
 from upstack_pipeline.klaviyo.mapping import OutboxRow, bulk_create_body, profile_import_body
 from upstack_pipeline.settings import Settings
@@ -99,8 +97,9 @@ def deliver(
     events_per_request: int = MAX_EVENTS_PER_BULK_REQUEST,
     concurrency: int | None = None,
 ) -> DeliveryRun:
-    """Sends every pending row. Up to `concurrency` requests are in flight, by default as many as spend Klaviyo's
-    whole allowance (`in_flight_limit`); the warehouse is written from this thread only, as answers come back."""
+    """Sends every pending row. Up to `concurrency` requests are in flight, by default a second's allowance (the
+    pacer lets no more go: a request counts until a second after its answer); the warehouse is written from this
+    thread only, as answers come back."""
     if not settings.klaviyo_api_key and client is None:
         return DeliveryRun(configured=False)
     run = DeliveryRun(configured=True)
@@ -143,18 +142,6 @@ def deliver(
     return run
 
 
-def in_flight_limit(pacer: RatePacer, attempts: list[Attempt]) -> int:
-    """How many requests to keep in flight: Klaviyo lets `per_second` leave at once, so at least a whole burst;
-    and, by Little's law, `per_second` requests a second that each take `latency` seconds to answer need
-    per_second x latency in flight, plus one so that an answer being settled does not idle the allowance. Never
-    more than a minute's allowance.
-
-    latency: the fastest of the last second's worth of answers, the round trip without the wait behind our own
-    requests. The slowest would include that wait, and grow the more we sent: a busy server would get ever more."""
-    latency = min((attempt.latency_ms for attempt in attempts[-pacer.per_second:]), default=0.0) / 1000
-    return min(pacer.per_minute, max(pacer.per_second, math.ceil(pacer.per_second * latency) + 1))
-
-
 def _send_all(connection, client: KlaviyoClient, requests: int, run: DeliveryRun, now: datetime,
               concurrency: int | None) -> None:
     """Sends the planned requests (`_plan_requests`) as the pacer lets them go. A request's answer settles its rows
@@ -194,16 +181,13 @@ def _send_all(connection, client: KlaviyoClient, requests: int, run: DeliveryRun
 
     # Claimed in one statement before anything is sent: a killed run leaves them claimed, the next run resends.
     connection.execute("update klaviyo_outbox set status = 'claimed', claimed_at = ? where status = 'pending'", [now])
-    def limit() -> int:
-        return concurrency or in_flight_limit(client.pacer, run.attempts)
-
-    # Threads start only as requests are submitted: the pool's size is a bound, the limit above the number used.
-    with ThreadPoolExecutor(max_workers=concurrency or client.pacer.per_minute) as pool:
+    limit = concurrency or client.pacer.per_second
+    with ThreadPoolExecutor(max_workers=limit) as pool:
         try:
             for request, events, backfill, body in _bodies(connection, requests):
                 counts[request] = (events, backfill)
                 in_flight[pool.submit(client.post, BULK_EVENTS_PATH, body, events=events)] = request
-                while len(in_flight) >= limit():
+                while len(in_flight) >= limit:
                     settle(wait(in_flight, return_when=FIRST_COMPLETED).done)
             while in_flight:
                 settle(wait(in_flight, return_when=FIRST_COMPLETED).done)
