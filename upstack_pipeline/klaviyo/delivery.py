@@ -41,7 +41,7 @@ _ENVELOPE_BYTES = 64 * 1024
 # Request bodies are fetched from DuckDB ten at a time (a second's allowance): the first burst leaves at once, few
 # bodies are held in memory whatever the size of the outbox, and turning a fetch into Python strings holds the GIL
 # for a few milliseconds only. A fetch of 150 held it for tens: a request the pacer had just let go waited behind
-# it, arrived late and close to the next second's, and Klaviyo's fixed windows answered 429.
+# it and arrived late (then a 429 from Klaviyo's fixed windows; now the next second's burst waits for its answer).
 _BODIES_AT_ONCE = 10
 
 
