@@ -130,7 +130,7 @@ def test_checking_in_processes_answers_as_checking_in_a_thread():
 def test_a_burst_through_the_emulators_command_with_its_check_processes_meets_no_429(tmp_path):
     """Klaviyo's real limits, 40 requests of 100 events: four bursts of ten, nothing refused, nothing twice. The
     emulator in a process of its own, as the benchmarks run it (and as Klaviyo is): in this one its event loop would
-    take turns with the client's threads for the GIL and stamp arrivals late."""
+    take turns with the client's threads for the GIL."""
     settings = Settings(landing_dir=tmp_path, warehouse_path=tmp_path / "warehouse.duckdb", klaviyo_api_key=KEY)
     fill(settings.warehouse(), 4000, profiles=500)
     emulator = subprocess.Popen(

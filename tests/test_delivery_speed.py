@@ -207,6 +207,7 @@ def test_a_network_stall_that_delays_a_burst_does_not_bring_the_next_into_its_wi
         with KlaviyoClient(network.base_url, KEY) as client:
             run = deliver(settings, now=now, client=client, events_per_request=10)
 
+    assert network.held > 0  # the stall did hold requests back
     received = emulator.requests()
     assert run.delivered == 400 and len(received) == run.requests == 40
     assert [request["status"] for request in received] == [202] * 40

@@ -111,10 +111,14 @@ class RatePacer:
 
     Klaviyo counts a request when it arrives, a moment this process never sees: somewhere between the request
     leaving and its answer coming back. So a request counts in a window from the moment it leaves until a window's
-    length after its answer came (`answered`). Then no window Klaviyo can draw holds more than the limit, however
-    long the trip: a slow network, a new connection's handshake or a busy machine delays the next send, never
-    causes a 429. (Counting from departures with a margin did not hold: on a busy machine trips differed by more
-    than any margin the delivery target left room for.)
+    length after its answer came (`answered`). Then no window Klaviyo can draw holds more of this pacer's requests
+    than the limit, however long their trips took: a slow network, a new connection's handshake or a busy machine
+    delays the next send, never causes a 429. (Counting from departures with a margin did not hold: on a busy
+    machine trips differed by more than any margin the delivery target left room for.) The price is the answers'
+    time: a burst every second plus the time its answers take, a minute's allowance every minute plus one answer's.
+    A request that got no answer (a timeout, a connection dropped once it was sent) counts from when it gave up;
+    should it still arrive later, Klaviyo may answer a 429, honoured as any other (Retry-After), as are those caused
+    by another process spending the same account.
 
     `clock` and `sleep` are the time it paces by (a test passes a simulated one). Threads share a pacer."""
 
@@ -161,16 +165,14 @@ class RatePacer:
     def _delay(self, now: float) -> float:
         """Seconds until both windows have room (infinite while that waits on answers in flight)."""
         longest = max(span for span, _ in self.windows)
-        self.trips = [trip for trip in self.trips if trip.answered_at is None or now - trip.answered_at < longest]
+        self.trips = [trip for trip in self.trips if trip.answered_at is None or trip.answered_at + longest > now]
         delay = self.blocked_until - now
         for span, limit in self.windows:
-            counted = [trip.answered_at for trip in self.trips
-                       if trip.answered_at is None or now - trip.answered_at < span]
-            if len(counted) < limit:
-                continue
-            answers = sorted(moment for moment in counted if moment is not None)
-            must_end = len(counted) - limit + 1  # trips whose window must end before one more may leave
-            delay = max(delay, answers[must_end - 1] + span - now if len(answers) >= must_end else math.inf)
+            # When each trip counted in this window stops counting: a window's length after its answer.
+            ends = sorted(math.inf if trip.answered_at is None else trip.answered_at + span for trip in self.trips)
+            ends = [end for end in ends if end > now]
+            if len(ends) >= limit:
+                delay = max(delay, ends[len(ends) - limit] - now)  # once all but limit - 1 have stopped
         return delay
 
 
