@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import duckdb
+import pytest
 
 from test_identity_chunks import CLOCK, arrivals, land
 from test_identity_steps import ev
@@ -79,6 +80,7 @@ def translated(rows: set[tuple]) -> set[tuple[str, str]]:
     return {(id_type, id_value) for id_type, id_value, email, _ in rows if email is not None}
 
 
+@pytest.mark.slow  # a simulated world, synced run after run
 def test_the_translations_kept_run_after_run_are_what_the_whole_history_gives(tmp_path):
     settings = Settings(landing_dir=tmp_path / "landing", warehouse_path=tmp_path / "warehouse.duckdb")
     settings.events_dir.mkdir(parents=True)

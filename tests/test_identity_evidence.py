@@ -6,6 +6,7 @@ export, clustered browsers, a supernode quarantined by a later load), in the run
 from __future__ import annotations
 
 import duckdb
+import pytest
 
 from test_identity_chunks import CLOCK, arrivals, land
 from upstack_pipeline.identity import resolve_identities
@@ -46,6 +47,7 @@ where observation.id_type in ('email', 'email_hash')
 """
 
 
+@pytest.mark.slow  # a simulated world, synced run after run
 def test_the_evidence_read_from_the_targets_cookies_is_what_the_whole_history_gives(tmp_path):
     settings = Settings(landing_dir=tmp_path / "landing", warehouse_path=tmp_path / "warehouse.duckdb")
     settings.events_dir.mkdir(parents=True)

@@ -12,6 +12,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import duckdb
+import pytest
 
 from conftest import make_event, query, simulated_store, write_events
 from test_incremental import plain
@@ -44,6 +45,7 @@ def typed(event_id: str, when: datetime, cookie: str, email: str) -> dict:
                       custom_data={"items": [{"id": "p1", "name": "Mug", "price": 9.0}]})
 
 
+@pytest.mark.slow  # a simulated world, synced run after run
 def test_the_kept_counts_are_what_counting_the_whole_history_gives_after_every_run(settings, tmp_path):
     world, days = simulated_store(settings, tmp_path, visitors=200, days=6, seed=11, end=END)
     limit = 50  # every shared browser of this world, so that one leaving the list is seen

@@ -11,6 +11,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import duckdb
+import pytest
 
 from conftest import make_event, query, simulated_store, write_events
 from upstack_pipeline import analytics
@@ -38,6 +39,7 @@ def copy_tables(settings) -> dict[str, list]:
     return found
 
 
+@pytest.mark.slow  # a simulated world, synced run after run
 def test_a_day_run_restamps_only_the_events_whose_answer_changed_and_mapping_and_analytics_follow(
         settings, tmp_path):
     world, days = simulated_store(settings, tmp_path, visitors=200, days=6, seed=11, end=END)

@@ -9,6 +9,7 @@ from dataclasses import replace
 from datetime import datetime, time, timedelta, timezone
 
 import duckdb
+import pytest
 
 from conftest import NOW, make_event, query, simulated_store, write_events
 from upstack_pipeline import analytics
@@ -175,6 +176,7 @@ def views_over_everything(settings) -> dict[str, list[tuple]]:
         return {view: warehouse.execute(f"select * from {view}").fetchall() for view in analytics.PUBLISHED_VIEWS}
 
 
+@pytest.mark.slow  # a simulated world, synced run after run
 def test_the_copy_recomputed_day_by_day_holds_exactly_the_rows_the_views_give_over_the_whole_history(settings,
                                                                                                     tmp_path):
     """Twelve simulated days arriving one at a time, with deliveries settling, refusals and a skip record decided

@@ -8,6 +8,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import duckdb
+import pytest
 
 from conftest import query
 from upstack_pipeline.customers import ingest_customers
@@ -25,6 +26,7 @@ def decisions(settings) -> tuple[list, list]:
     return sorted(map(repr, query(settings, OUTBOX))), sorted(map(repr, query(settings, SKIPPED)))
 
 
+@pytest.mark.slow  # a simulated world, synced run after run
 def test_each_hourly_run_decides_what_looking_at_every_event_decides(settings, tmp_path):
     """Eight simulated days arriving one at a time, each synced ten minutes after its midnight (sessions of the
     late evening still active, held back to the next run), with deliveries settling and a skip record deleted by
