@@ -12,8 +12,10 @@ second, then 150 a minute), their ratio (issue 14: at most 1.2x), and how many a
 the whole step's seconds against the same floor (what issue 14 counts: the time before the first request and after
 the last answer too) and the machine's load. A short run, e.g. `--events 83000` (a full sync's 83 requests),
 measures the burst; `--repeat N` runs it N times, each with a fresh outbox and emulator, for the spread.
+`--answer-seconds S` has the emulator answer each request S seconds after it arrived, as a distant Klaviyo would:
+the client counts a request until a second after its answer (`RatePacer`), so slow answers slow the bursts.
 
-    .venv/bin/python bench/delivery.py [--events 450000] [--repeat 1]
+    .venv/bin/python bench/delivery.py [--events 450000] [--repeat 1] [--answer-seconds 0]
 """
 
 from __future__ import annotations
@@ -63,8 +65,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=450_000)
     parser.add_argument("--repeat", type=int, default=1, help="runs, each with a fresh outbox and emulator")
+    parser.add_argument("--answer-seconds", type=float, default=0.0,
+                        help="the emulator answers each request this much later, as a distant Klaviyo would")
     args = parser.parse_args()
-    ratios = [run_once(args.events) for _ in range(args.repeat)]
+    ratios = [run_once(args.events, args.answer_seconds) for _ in range(args.repeat)]
     if args.repeat > 1:
         print(f"over {args.repeat} runs, the whole step against the floor: "
               + ", ".join(f"{step:.2f}x" for step, _ in ratios)
@@ -72,9 +76,9 @@ def main() -> None:
               + ", ".join(str(throttled) for _, throttled in ratios))
 
 
-def run_once(events: int) -> tuple[float, int]:
-    """One delivery of `events` fresh outbox rows to a fresh emulator; prints its report and returns the whole
-    step against the floor and the 429 count."""
+def run_once(events: int, answer_seconds: float = 0.0) -> tuple[float, int]:
+    """One delivery of `events` fresh outbox rows to a fresh emulator answering `answer_seconds` late; prints its
+    report and returns the whole step against the floor and the 429 count."""
     now = datetime.now(timezone.utc)
     with tempfile.TemporaryDirectory() as scratch:
         settings = Settings(landing_dir=Path(scratch), warehouse_path=Path(scratch) / "warehouse.duckdb",
@@ -82,7 +86,8 @@ def run_once(events: int) -> tuple[float, int]:
         fill_outbox(Warehouse(settings.warehouse_path), events, now)
         # The emulator in a process of its own, as Klaviyo is: in this one it would compete for the GIL.
         emulator = subprocess.Popen(
-            [sys.executable, "-m", "upstack_pipeline.sandbox.klaviyo_emulator", "--port", "0", "--api-key", KEY],
+            [sys.executable, "-m", "upstack_pipeline.sandbox.klaviyo_emulator", "--port", "0", "--api-key", KEY,
+             "--answer-seconds", str(answer_seconds)],
             stdout=subprocess.PIPE, text=True)
         try:
             base_url = emulator.stdout.readline().strip()

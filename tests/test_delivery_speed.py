@@ -216,6 +216,19 @@ def test_a_network_stall_that_delays_a_burst_does_not_bring_the_next_into_its_wi
 
 
 @pytest.mark.slow  # two processes: the bench and its emulator
+def test_the_delivery_bench_measures_the_pacer_at_slow_answers():
+    """Every answer 0.4 s late: the next second's burst leaves a second after the first's answers, so 15 requests
+    (two bursts) take at least 1.8 s from the first request to the last answer (counting departures, 1.5 s), and
+    meet no 429."""
+    completed = subprocess.run([sys.executable, "bench/delivery.py", "--events", "15000", "--answer-seconds", "0.4"],
+                               cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    last = completed.stdout.strip().splitlines()[-1]
+    seconds = float(last.split(" requests in ")[1].split(" s;")[0])
+    assert last.startswith("15 requests in ") and 1.75 <= seconds <= 4 and last.endswith("; 0 answered 429")
+
+
+@pytest.mark.slow  # two processes: the bench and its emulator
 def test_the_delivery_bench_reports_the_run_against_the_limits_floor():
     completed = subprocess.run([sys.executable, "bench/delivery.py", "--events", "5000"], cwd=PROJECT_ROOT,
                                capture_output=True, text=True, timeout=120)

@@ -379,6 +379,24 @@ def test_the_command_serves_until_sigterm_and_reads_the_key_from_the_environment
             process.wait()
 
 
+def test_the_command_answers_late_when_told_to_as_a_distant_klaviyo_would():
+    process = subprocess.Popen([sys.executable, "-m", "upstack_pipeline.sandbox.klaviyo_emulator", "--port", "0",
+                                "--api-key", KEY, "--check-processes", "0", "--answer-seconds", "0.5"],
+                               cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base_url = process.stdout.readline().strip()
+        started = time.monotonic()
+        response = httpx.get(f"{base_url}/api/accounts", headers=HEADERS, timeout=10)
+        assert response.status_code == 200 and time.monotonic() - started >= 0.5
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        assert "answering 0.5 s late" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_the_command_needs_a_key(monkeypatch, capsys):
     from upstack_pipeline.sandbox.klaviyo_emulator import main
 

@@ -1049,6 +1049,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-rate-limits", action="store_true", help="serve without Klaviyo's rate limits")
     parser.add_argument("--check-processes", type=int, default=os.cpu_count() or 1,
                         help="processes that check Bulk Create Events bodies (default: one per core; 0: in this one)")
+    parser.add_argument("--answer-seconds", type=float, default=0.0,
+                        help="answer every request this much later, once it arrived and was counted (as a distant "
+                             "Klaviyo would): what the client's pacing costs at real answer times")
     args = parser.parse_args(argv)
     api_key = args.api_key or os.environ.get("KLAVIYO_API_KEY")
     if not api_key:
@@ -1062,11 +1065,14 @@ def main(argv: list[str] | None = None) -> int:
             previous[signum] = signal.signal(signum, lambda *_: stopping.set())
     rate_limits = None if args.no_rate_limits else RateLimits()
     try:
+        faults = Faults(slow_rate=1.0, slow_seconds=args.answer_seconds) if args.answer_seconds > 0 else Faults()
         with KlaviyoEmulator(api_key=api_key, rate_limits=rate_limits, host=args.host, port=args.port,
-                             check_processes=args.check_processes) as emulator:
+                             check_processes=args.check_processes, faults=faults) as emulator:
             print(emulator.base_url, flush=True)
             limits_text = (f"{rate_limits.per_second}/s, {rate_limits.per_minute}/min" if rate_limits
                            else "no rate limits")
+            if args.answer_seconds > 0:
+                limits_text += f"; answering {args.answer_seconds:g} s late"
             print(f"Klaviyo emulator serving at {emulator.base_url} ({limits_text}); Ctrl-C stops it.",
                   file=sys.stderr, flush=True)
             while not stopping.wait(0.5):
