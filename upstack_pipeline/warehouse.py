@@ -429,6 +429,7 @@ def event_id_hashes_cover(connection: duckdb.DuckDBPyConnection) -> bool:
     return connection.execute(
         "select (select count(*) from raw_events) = (select count(*) from raw_event_id_hashes)").fetchone()[0]
 
+
 def frame(relation: duckdb.DuckDBPyRelation) -> pl.DataFrame:
     """A query's rows as a polars frame, read through the Arrow C stream interface: the relation's own `.pl()`
     imports pyarrow (0.06-0.1 s), a fixed cost of every run that shows an operator a preview."""

@@ -124,7 +124,7 @@ class RatePacer:
 
     def __init__(self, per_second: int, per_minute: int, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
-        self.per_second, self.per_minute = per_second, per_minute
+        self.per_second = per_second  # delivery keeps as many requests in flight
         self.windows = ((1.0, per_second), (60.0, per_minute))
         self.trips: list[Trip] = []
         self.clock = clock
