@@ -344,8 +344,8 @@ def acceptance(syncs: list[dict], baseline: float, increment: str) -> str:
     floor = delivery_floor(full)
     if floor > 0:
         delivery_ratio = full["delivery"]["spread"] / floor
-        delivery = (f"{delivery_ratio:.2f}x, {throttled} answered 429: "
-                    f"{verdict(delivery_ratio <= 1.2 and throttled == 0)}")
+        delivery = (f"{delivery_ratio:.2f}x for its {full['delivery']['requests']} requests, {throttled} answered "
+                    f"429: {verdict(delivery_ratio <= 1.2 and throttled == 0)}")
     else:
         delivery = (f"not measured here: the full sync's requests ({full['delivery']['requests']}) fit in one "
                     f"burst (the floor is 0 s), {throttled} answered 429 in the three syncs; bench/delivery.py "

@@ -102,7 +102,7 @@ def test_quick_scale_bench_prints_every_row_with_sane_ratios(tmp_path):
     delivery = targets.group(5)
     assert re.fullmatch(r"not measured here: the full sync's requests \(\d+\) fit in one burst \(the floor is 0 s\), 0 "
                         r"answered 429 in the three syncs; bench/delivery\.py --events 83000 sends the issue's 83 "
-                        r"requests|\d+\.\d\dx, 0 answered 429: (met|not met)", delivery), delivery
+                        r"requests|\d+\.\d\dx for its \d+ requests, 0 answered 429: (met|not met)", delivery), delivery
 
     read_json_peak = re.search(r"read_json`: (\d+\.\d\d) GiB", memory[0])
     assert read_json_peak and float(read_json_peak.group(1)) > 0, memory[0]
