@@ -127,6 +127,7 @@ def test_checking_in_processes_answers_as_checking_in_a_thread():
     assert len(expected_events) == 3
 
 
+@pytest.mark.slow  # the emulator's command and its check processes, seconds of real time
 def test_a_burst_through_the_emulators_command_with_its_check_processes_meets_no_429(tmp_path):
     """Klaviyo's real limits, 40 requests of 100 events: four bursts of ten, nothing refused, nothing twice. The
     emulator in a process of its own, as the benchmarks run it (and as Klaviyo is): in this one its event loop would

@@ -196,6 +196,7 @@ def test_a_burst_at_klaviyos_real_limits_goes_at_the_allowed_pace_and_meets_no_4
     assert 2.0 <= span <= 1.5 * allowance_seconds(25)  # the limits' pace: not faster, not much slower
 
 
+@pytest.mark.slow  # waits out Klaviyo's one-second windows and the stall in real time
 def test_a_network_stall_that_delays_a_burst_does_not_bring_the_next_into_its_window(tmp_path):
     """Klaviyo counts a request when it arrives, which its sender cannot see. A pacer counting departures (with a
     0.1 s margin) met 429s here: the stall holds the second second's burst until 1.6 s, so Klaviyo's window runs

@@ -19,6 +19,9 @@ from upstack_pipeline.identity import GUARD_STAGE, overview, resolve_identities
 from upstack_pipeline.settings import Settings
 from upstack_pipeline.warehouse import read_sql, set_variables
 
+# Seconds: simulated traffic synced run after run; the module's other tests read the warehouse those runs leave.
+pytestmark = pytest.mark.slow
+
 
 def kept(settings: Settings) -> dict[str, int]:
     return json.loads(query(settings, "select overview from pipeline_state where stage = ?", [GUARD_STAGE])[0][0])

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import NOW, make_event, query, write_lines
 from upstack_pipeline.customers import ingest_customers
 from upstack_pipeline.events import ingest_events
@@ -59,6 +61,7 @@ def test_an_hourly_run_and_the_next_stage_leave_earlier_runs_row_groups_as_they_
     assert query(settings, "select fingerprint from pipeline_state where stage = ?", [VACUUM_STAGE]) == [("hold",)]
 
 
+@pytest.mark.slow  # ingests whole row groups of events (ROW_GROUP_ROWS), seconds a test
 def test_a_batch_is_written_in_row_groups_of_the_warehouse_s_size_each_stream_leaving_one_partly_filled(settings):
     """Row groups of ROW_GROUP_ROWS (a read-write connection attaches the file so: DuckDB's would be four times as
     large), so that a batch of a row group or more is merged at its commit, written as its statements went; each
@@ -72,6 +75,7 @@ def test_a_batch_is_written_in_row_groups_of_the_warehouse_s_size_each_stream_le
     assert len([rows for rows in sizes if rows < ROW_GROUP_ROWS]) <= threads
 
 
+@pytest.mark.slow  # ingests whole row groups of events (ROW_GROUP_ROWS), seconds a test
 def test_the_tail_is_merged_once_it_has_enough_row_groups_and_other_tables_deleted_rows_are_reclaimed_then(settings):
     with settings.warehouse().connect() as connection:  # another stage's table, half of it deleted while held
         connection.execute(f"create table other_stage as select range as i from range({2 * ROW_GROUP_ROWS + 4240})")
@@ -98,6 +102,7 @@ def test_the_tail_is_merged_once_it_has_enough_row_groups_and_other_tables_delet
         (300 * (TAIL_VACUUM_GROUPS + 1), 300 * (TAIL_VACUUM_GROUPS + 1))]
 
 
+@pytest.mark.slow  # ingests whole row groups of events (ROW_GROUP_ROWS), seconds a test
 def test_a_run_whose_streams_each_fill_a_row_group_bounds_the_tail_by_their_last_row_groups_unmeasured(settings):
     """A day's run of a big store: each of its streams writes full row groups, then at most one partly filled, so
     the earlier rows are behind full row groups and the tail is at most a partly filled row group per stream."""
@@ -117,6 +122,7 @@ def test_a_run_whose_streams_each_fill_a_row_group_bounds_the_tail_by_their_last
     assert measured.rows <= bound.rows and measured.row_groups <= bound.row_groups
 
 
+@pytest.mark.slow  # ingests whole row groups of events (ROW_GROUP_ROWS), seconds a test
 def test_a_bound_past_a_threshold_after_a_run_whose_streams_fill_row_groups_is_measured_before_merging(settings):
     """How full such a run's last row groups are, its rows do not say: bounded at nearly full, they may hold a few
     rows, and the small run that takes the bound past a threshold measures the tail instead of merging it. (The
@@ -135,6 +141,7 @@ def test_a_bound_past_a_threshold_after_a_run_whose_streams_fill_row_groups_is_m
     assert recorded["rows"] < TAIL_VACUUM_ROWS
 
 
+@pytest.mark.slow  # ingests whole row groups of events (ROW_GROUP_ROWS), seconds a test
 def test_a_run_whose_retries_leave_a_stream_short_of_a_row_group_is_not_bounded_by_its_streams(settings):
     """A stream's rows are its lines less the run's rejected lines that fall in it: 600 retries at the end of the
     file leave the last stream 500 rows short of a row group, however many lines each stream has, so the tail is
@@ -152,6 +159,7 @@ def test_a_run_whose_retries_leave_a_stream_short_of_a_row_group_is_not_bounded_
     assert query(settings, "select sum(duplicate_rows) from ingested_files") == [(600,)]
 
 
+@pytest.mark.slow  # ingests whole row groups of events (ROW_GROUP_ROWS), seconds a test
 def test_a_run_larger_than_a_row_group_whose_streams_do_not_fill_one_measures_before_merging(settings):
     """(On one thread, a run larger than a row group fills its one stream's: there is no such run.)"""
     hourly_run(settings, 0, 2000)
@@ -165,6 +173,7 @@ def test_a_run_larger_than_a_row_group_whose_streams_do_not_fill_one_measures_be
     assert recorded["rows"] < 2000 + threads * (ROW_GROUP_ROWS - 500) - ROW_GROUP_ROWS
 
 
+@pytest.mark.slow  # ingests whole row groups of events (ROW_GROUP_ROWS), seconds a test
 def test_a_first_sync_after_the_customers_export_measures_the_tail_so_the_next_small_run_need_not(settings):
     """The customers export's run comes first and records raw_events empty. A first sync whose streams each fill two
     row groups was bounded from that record at nearly two row groups' worth per two streams, and the next run, a
@@ -193,6 +202,7 @@ def last_measurement(settings) -> dict:
     return json.loads(memo)
 
 
+@pytest.mark.slow  # ingests whole row groups of events (ROW_GROUP_ROWS), seconds a test
 def test_runs_after_a_hold_bound_the_tail_from_the_ledger_and_measure_again_when_raw_events_changed_otherwise(
         settings):
     hourly_run(settings, 0, 2000)

@@ -712,6 +712,7 @@ def test_reporting_from_landing_urls_finds_exactly_the_backup_orders(backup_run:
                for session_id, hits in sessions.items() if session_id not in from_backup for _, event, _ in hits)
 
 
+@pytest.mark.slow  # simulates a world of its own
 def test_without_clicks_backup_emails_bring_no_one_back(tmp_path: Path) -> None:
     """The clicks add visits to the world and change nothing before the first of them."""
     world = {**BACKUP_WORLD, "visitors": 400}
