@@ -202,7 +202,6 @@ def last_measurement(settings) -> dict:
     return json.loads(memo)
 
 
-@pytest.mark.slow  # ingests whole row groups of events (ROW_GROUP_ROWS), seconds a test
 def test_runs_after_a_hold_bound_the_tail_from_the_ledger_and_measure_again_when_raw_events_changed_otherwise(
         settings):
     hourly_run(settings, 0, 2000)
