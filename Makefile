@@ -25,7 +25,7 @@ demo: $(INSTALLED)
 test: $(INSTALLED)
 	$(BIN)/pytest -n 2 --dist loadfile
 
-# The unit and journey tests in about a minute: every test but those marked slow (pyproject.toml), on both cores as
+# The unit and journey tests in about a minute and a half: every test but those marked slow (pyproject.toml), on both cores as
 # `make test` runs them all (a file's tests share one worker: their module fixtures are built once).
 test-fast: $(INSTALLED)
 	$(BIN)/pytest -m "not slow" -n 2 --dist loadfile

@@ -342,6 +342,11 @@ def full_ratio(run: dict) -> float:
     return less_delivery(run["syncs"][0]) / run["baseline"]
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run the table shows: with --repeat, the one whose full sync is the median (of an even number, the lower)."""
+    return sorted(runs, key=full_ratio)[(len(runs) - 1) // 2]
+
+
 def acceptance(runs: list[dict], increment: str) -> str:
     """Issue 14's three targets as the runs measured them, each met or not (by the median over several runs, whose
     range is given too): what a reader of the table wants to know first. Each is judged by the figure it prints."""
@@ -463,8 +468,7 @@ def main() -> int:
                 shutil.rmtree(root / "run", ignore_errors=True)
         total = time.perf_counter() - started
 
-    # The table is one run's: with --repeat, the one whose full sync is the median (of an even number, the lower).
-    shown = sorted(runs, key=full_ratio)[(len(runs) - 1) // 2]
+    shown = median_run(runs)
     baselines, baseline, syncs = shown["baselines"], shown["baseline"], shown["syncs"]
     which = "" if len(runs) == 1 else f" The table is the run of the {len(runs)} at the median full sync."
     print(f"Scale benchmark: {sim['people']:,} people over {days} days (seed {sim['seed']}, ending "

@@ -112,11 +112,10 @@ def test_quick_scale_bench_prints_every_row_with_sane_ratios(tmp_path):
         assert peak and float(peak.group(1)) > 0 and float(peak.group(2)) > 0, cell
 
 
-def test_an_increment_of_the_last_days_first_hours_takes_those_hours_alone_and_repeated_runs_give_medians(tmp_path):
+def test_an_increment_of_the_last_days_first_hours_takes_those_hours_alone(tmp_path):
     """`--increment-hours 2`: the increment is the last day's first two hour folders, named so in the table (issue
-    14's held-out day is 1% of its events, a quarter of the benchmark's day). `--repeat 2`: the targets are judged by
-    the median of the two runs, given with their range, and the table is one of them."""
-    completed = subprocess.run([sys.executable, "bench/scale.py", "--quick", "--increment-hours", "2", "--repeat", "2",
+    14's held-out day is 1% of its events, a quarter of the benchmark's day)."""
+    completed = subprocess.run([sys.executable, "bench/scale.py", "--quick", "--increment-hours", "2",
                                 "--dir", str(tmp_path)], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
     rows = markdown_rows(completed.stdout)
@@ -130,21 +129,3 @@ def test_an_increment_of_the_last_days_first_hours_takes_those_hours_alone_and_r
                 lines += sum(1 for _ in file)
     assert 0 < int(increment.group(1).replace(",", "")) <= lines  # those hours' events, not the whole day's
     assert "the increment: the last day's first 2 hours net of nothing new, as a share of the full sync" in rows
-
-    assert "The table is the run of the 2 at the median full sync." in completed.stdout
-    assert completed.stderr.count("baseline: DuckDB read_json of") == 2, completed.stderr[-2000:]
-    targets = re.search(
-        r"^Issue 14's targets over these 2 runs \(the median, then the range\):\n"
-        r"- the full sync less delivery, at most 3x `read_json`: "
-        r"(\d+\.\d\d)x, from (\d+\.\d\d)x to (\d+\.\d\d)x: (met|not met)\n"
-        r"- the last day's first 2 hours net of nothing new, at most 2x its share of the events: "
-        r"(-?\d+\.\d\d)x, from (-?\d+\.\d\d)x to (-?\d+\.\d\d)x \(",
-        completed.stdout, flags=re.MULTILINE)
-    assert targets, completed.stdout
-    median, low, high = (float(targets.group(k)) for k in (1, 2, 3))
-    assert low <= median <= high and targets.group(4) == ("met" if median <= 3 else "not met"), targets.group(0)
-    assert abs(median - (low + high) / 2) <= 0.011, targets.group(0)  # two runs: their mean
-    shown = float(SECONDS_AND_RATIO.match(rows["whole sync less the `klaviyo_delivery` step"][0]).group(2))
-    assert abs(shown - low) <= 0.051, (shown, targets.group(0))  # of two, the lower is the median's run
-    day_median, day_low, day_high = (float(targets.group(k)) for k in (5, 6, 7))
-    assert day_low <= day_median <= day_high, targets.group(0)

@@ -84,3 +84,10 @@ def test_several_runs_are_judged_by_their_median_and_show_their_range(scale):
         "- one more day net of nothing new, at most 2x its share of the events: 1.33x, from -0.28x to 1.47x "
         "(1.43x, from -0.29x to 1.56x without delivery): met",
     ]
+
+
+def test_the_table_shows_the_run_at_the_median_full_sync_and_of_two_the_lower(scale):
+    runs = [run(28.0, 1.6), run(34.0, -0.4), run(32.0, 2.0)]
+    assert scale.median_run(runs) is runs[2]
+    assert scale.median_run(runs[:2]) is runs[0]
+    assert scale.median_run(runs[1:2]) is runs[1]
