@@ -362,11 +362,12 @@ def acceptance(runs: list[dict], increment: str) -> str:
         delivery = (f"its {requests} requests fit in one burst (the floor is 0 s, no ratio), {throttled} answered 429"
                     + ("" if throttled == 0 else ": not met"))
     heading = "in this run" if len(runs) == 1 else f"over these {len(runs)} runs (the median, then the range)"
+    full_ratios = [full_ratio(run) for run in runs]
     day = [share["cost"] / share["events"] for share in shares]
     return "\n".join([
         f"Issue 14's targets {heading}:",
-        f"- the full sync less delivery, at most 3x `read_json`: {figure([full_ratio(run) for run in runs])}: "
-        f"{verdict(median([full_ratio(run) for run in runs]) <= 3)}",
+        f"- the full sync less delivery, at most 3x `read_json`: {figure(full_ratios)}: "
+        f"{verdict(median(full_ratios) <= 3)}",
         f"- {increment} net of nothing new, at most 2x its share of the events: {figure(day)} "
         f"({figure([share['cost_less_delivery'] / share['events'] for share in shares])} without delivery): "
         f"{verdict(median(day) <= 2)}",
