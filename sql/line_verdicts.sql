@@ -139,10 +139,16 @@ kept_loads as (
     semi join (select event_id_hash(event_id) as id_hash from accepted_ids) as batch using (id_hash)
 ),
 
+-- The loads' rows first, on their own: given both semi joins in one FROM, DuckDB's join order put the batch's ids
+-- first whenever the batch was the smaller side (a run of a few lines) and read every event id of the history for
+-- them, 72 MB at 1.8 million events.
+rows_of_kept_loads as materialized (
+    select event_id, rowid as kept_rowid from raw_events semi join kept_loads using (load_id)
+),
+
 kept_before as (
-    select event_id, min(rowid) as kept_rowid
-    from raw_events
-    semi join kept_loads using (load_id)
+    select event_id, min(kept_rowid) as kept_rowid
+    from rows_of_kept_loads
     semi join accepted_ids using (event_id)
     group by event_id
 )

@@ -3,6 +3,7 @@ many batches before, and the fixed costs an hourly run must not pay (issue 14)."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -10,8 +11,12 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import polars as pl
+
 from conftest import NOW, make_event, query, write_lines
-from upstack_pipeline.events import ingest_events
+from upstack_pipeline.events import EventFiles, ingest_events, read_ndjson_lines
+from upstack_pipeline.ingestion import STAGED_SCHEMA, staged_lines
+from upstack_pipeline.warehouse import read_sql
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -79,3 +84,40 @@ def test_ingesting_does_not_import_pyarrow(settings):
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["1", "False"]
+
+
+def test_a_few_lines_read_raw_events_only_in_the_loads_that_kept_their_event_ids(settings, tmp_path):
+    """Judging a batch reads the history's event ids only in the loads raw_event_id_hashes names for its ids: none
+    for new events. Left to DuckDB's join order, a batch of a few lines read every event id of the history."""
+    def event_id(name: str) -> str:  # spread as a pixel's are, so no row group's min and max leave one out
+        return hashlib.sha256(name.encode()).hexdigest()
+
+    loads = 6
+    for load in range(1, loads + 1):  # one file a batch: each load its own row group
+        write_lines(settings.events_dir / f"{load}.ndjson",
+                    [json.dumps(make_event(event_id(f"load-{load}-{line}"))) for line in range(40)])
+    ingest_events(replace(settings, ingest_batch_bytes=1), now=NOW)
+    assert query(settings, "select count(distinct row_group_id) from pragma_storage_info('raw_events')") == [(loads,)]
+
+    def raw_events_row_groups_read(names: list[str]) -> int:
+        lines = "\n".join(json.dumps(make_event(event_id(name))) for name in names).encode()
+        staged = read_ndjson_lines(lines, compressed=False).with_columns(source_file=pl.lit("events/new.ndjson"))
+        profile = tmp_path / "line_verdicts.json"
+        with settings.warehouse().connect() as connection, staged_lines(connection, staged.select(
+                pl.col(name).cast(dtype) for name, dtype in STAGED_SCHEMA.items())):
+            connection.execute(f"pragma enable_profiling = 'json'; set profiling_output = '{profile}'")
+            connection.execute(read_sql("line_verdicts"), EventFiles(settings.max_clock_skew).verdict_parameters(NOW))
+            connection.execute("pragma disable_profiling; reset disabled_optimizers")
+            kept = connection.execute("select event_id from line_verdicts where kept_rowid is not null").fetchall()
+        assert kept == [(event_id(name),) for name in names if name.startswith("load-")]
+
+        def scans(node: dict) -> list[dict]:
+            own = [node] if node.get("extra_info", {}).get("Table", "").endswith(".raw_events") else []
+            return own + [scan for child in node.get("children", []) for scan in scans(child)]
+
+        return sum(scan["row_groups_scanned"]
+                   for node in json.loads(profile.read_text())["operator"] for scan in scans(node))
+
+    # New events: no load to look in (DuckDB may start the scan, a row group, before it finds that out).
+    assert raw_events_row_groups_read(["new-1", "new-2", "new-3"]) <= 1
+    assert raw_events_row_groups_read(["new-4", "load-3-7"]) == 1  # a retry of the third load's: its row group

@@ -138,7 +138,14 @@ class EventFiles:
         # line_verdicts and raw_events.sql read the lines in parts (upstack_pipeline.ingestion.staged_lines), which
         # DuckDB only reads side by side when the rows need not keep their order: nothing reads either table in it.
         connection.execute("set preserve_insertion_order = false")
-        connection.execute(read_sql("line_verdicts"), {
+        connection.execute(read_sql("line_verdicts"), self.verdict_parameters(now))
+        set_variables(connection, {"event_structure": json.dumps(READ_STRUCTURE)})
+        connection.execute(read_sql("raw_events"))
+        connection.execute("reset preserve_insertion_order")
+
+    def verdict_parameters(self, now: datetime) -> dict:
+        """sql/line_verdicts.sql's parameters: the event contract's fields and their JSON types, and the clock."""
+        return {
             "required_fields": list(REQUIRED_FIELDS),
             "extracted_paths": ["$.custom_data.items", "$.custom_data.discount_codes"]
             + [_json_path(name) for name in REQUIRED_FIELDS],
@@ -153,10 +160,7 @@ class EventFiles:
             **leading_item_checks(LEADING_ITEMS),
             "now": now,
             "max_skew": self.max_clock_skew,
-        })
-        set_variables(connection, {"event_structure": json.dumps(READ_STRUCTURE)})
-        connection.execute(read_sql("raw_events"))
-        connection.execute("reset preserve_insertion_order")
+        }
 
 
 def read_ndjson_lines(data: bytes, *, compressed: bool) -> pl.DataFrame:
