@@ -141,7 +141,10 @@ kept_loads as (
 
 -- The loads' rows first, on their own: given both semi joins in one FROM, DuckDB's join order put the batch's ids
 -- first whenever the batch was the smaller side (a run of a few lines) and read every event id of the history for
--- them, 72 MB at 1.8 million events.
+-- them, 72 MB at 1.8 million events; with the join order as written (optimizer join_order off), it still did.
+-- Materialized, so that DuckDB plans it apart rather than inlining it into one join again. It holds the event ids of
+-- the loads that kept any of the batch's: a retry's load (one batch of the history), or for a batch re-sending old
+-- events, the loads that have them: about 6 MB per 100,000 events.
 rows_of_kept_loads as materialized (
     select event_id, rowid as kept_rowid from raw_events semi join kept_loads using (load_id)
 ),

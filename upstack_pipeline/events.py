@@ -143,8 +143,9 @@ class EventFiles:
         connection.execute(read_sql("raw_events"))
         connection.execute("reset preserve_insertion_order")
 
-    def verdict_parameters(self, now: datetime) -> dict:
-        """sql/line_verdicts.sql's parameters: the event contract's fields and their JSON types, and the clock."""
+    def verdict_parameters(self, now: datetime) -> dict[str, object]:
+        """The parameters sql/line_verdicts.sql takes (its header says what each is), from the event contract, the
+        ingestion clock `now` and the clock skew allowed."""
         return {
             "required_fields": list(REQUIRED_FIELDS),
             "extracted_paths": ["$.custom_data.items", "$.custom_data.discount_codes"]
