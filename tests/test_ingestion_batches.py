@@ -11,11 +11,9 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import polars as pl
-
 from conftest import NOW, make_event, query, write_lines
 from upstack_pipeline.events import EventFiles, ingest_events, read_ndjson_lines
-from upstack_pipeline.ingestion import STAGED_SCHEMA, staged_lines
+from upstack_pipeline.ingestion import staged_lines, staged_rows
 from upstack_pipeline.warehouse import read_sql
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,10 +99,9 @@ def test_a_few_lines_read_raw_events_only_in_the_loads_that_kept_their_event_ids
 
     def raw_events_row_groups_read(names: list[str]) -> int:
         lines = "\n".join(json.dumps(make_event(event_id(name))) for name in names).encode()
-        staged = read_ndjson_lines(lines, compressed=False).with_columns(source_file=pl.lit("events/new.ndjson"))
+        staged = staged_rows(read_ndjson_lines(lines, compressed=False), "events/new.ndjson")
         profile = tmp_path / "line_verdicts.json"
-        with settings.warehouse().connect() as connection, staged_lines(connection, staged.select(
-                pl.col(name).cast(dtype) for name, dtype in STAGED_SCHEMA.items())):
+        with settings.warehouse().connect() as connection, staged_lines(connection, staged):
             connection.execute(f"pragma enable_profiling = 'json'; set profiling_output = '{profile}'")
             try:
                 connection.execute(read_sql("line_verdicts"),

@@ -404,8 +404,13 @@ def _stage_file(
         lines = file_kind.read_lines(landing_file, data)
     except UnreadableFileError as error:
         return fingerprint, None, str(error)
-    return fingerprint, lines.with_columns(source_file=pl.lit(landing_file.path)).select(
-        pl.col(name).cast(dtype) for name, dtype in STAGED_SCHEMA.items()), None
+    return fingerprint, staged_rows(lines, landing_file.path), None
+
+
+def staged_rows(lines: pl.DataFrame, source_file: str) -> pl.DataFrame:
+    """A file's lines (FileKind.read_lines) as rows of a batch's staged lines: named by their file, in STAGED_SCHEMA."""
+    return lines.with_columns(source_file=pl.lit(source_file)).select(
+        pl.col(name).cast(dtype) for name, dtype in STAGED_SCHEMA.items())
 
 
 def _known_files(connection: duckdb.DuckDBPyConnection, kind: str) -> dict[str, KnownFile]:
